@@ -1,0 +1,53 @@
+# multiloop: build, run, test.
+#   make          build build/multiloop/core.so
+#   make run      build and start examples/echo.lua on 127.0.0.1:7000
+#   make test     run the specs (prints "N passed, N failed" last)
+#   make deps     install the Debian packages the project needs
+# `run` and `test` call `deps` only when a package is missing.
+
+LUA      ?= lua5.4
+PACKAGES := lua5.4 liblua5.4-dev libuv1-dev pkg-config lua-busted lua-socket
+SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
+
+SRC      := $(wildcard src/*.c)
+HDR      := $(wildcard src/*.h)
+BUILD    ?= build
+MODULE   := $(BUILD)/multiloop/core.so
+
+# Recursively expanded, so pkg-config runs after `deps` has installed it.
+OPTFLAGS ?= -O2 -g
+CFLAGS_ALL = -std=gnu11 -fPIC -pthread -Wall -Wextra -Werror $(OPTFLAGS) \
+             $(shell pkg-config --cflags lua5.4 libuv) $(CFLAGS)
+LIBS_ALL   = $(shell pkg-config --libs libuv) -pthread $(LIBS)
+
+# The spec environment: our Lua modules first, then the build output.
+export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;
+export LUA_CPATH := ./$(BUILD)/?.so;;
+
+.PHONY: all build run test deps check-deps clean
+
+all: build
+build: $(MODULE)
+
+$(MODULE): $(SRC) $(HDR) Makefile | check-deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -shared -o $@ $(SRC) $(LIBS_ALL)
+
+check-deps:
+	@missing=""; for p in $(PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then echo "missing:$$missing"; $(MAKE) --no-print-directory deps; fi
+
+deps:
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PACKAGES)
+
+run: build
+	$(LUA) examples/echo.lua
+
+test: build
+	@LUA=$(LUA) sh spec/run.sh spec/*_spec.lua
+
+clean:
+	rm -rf $(BUILD)

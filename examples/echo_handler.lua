@@ -1,0 +1,19 @@
+-- examples/echo_handler.lua: sends every byte back. Loaded in each worker.
+--
+-- A handler is a module that returns connect(conn), or a table with
+-- connect and an optional init(worker) that runs once per worker.
+local handler = {}
+
+function handler.init(worker)
+  -- worker.id (1..worker.count) and worker.config are available here.
+end
+
+function handler.connect(conn)
+  conn:on_data(function(data)
+    conn:write(data)
+  end)
+  -- No on_end: when the client half-closes, the connection closes as soon
+  -- as everything written to it has been sent.
+end
+
+return handler

@@ -1,0 +1,206 @@
+--- multiloop: a TCP server for Lua that uses every core.
+--
+-- This file is the friendly face of the C module `multiloop.core`: it checks
+-- every option up front (naming the option that is wrong), fills in defaults,
+-- turns the handler into something a worker can load on its own (a module
+-- name, a file path, or the bytecode of a function with no upvalues), and
+-- wraps the core server in an object with start/stop/run/address.
+--
+-- Nothing here runs in the workers: each worker has its own Lua state, in
+-- which the handler is loaded from scratch.
+
+local core = require("multiloop.core")
+
+local M = {
+  _VERSION = "multiloop 0.1.0",
+  _UV_VERSION = core.uv_version,
+}
+
+local MAX_WORKERS = 1024
+
+-- Option checkers: each returns the value to use, or raises with a message
+-- that names the option. Ordered: required, important, alphabetical.
+local function fail(name, what, got)
+  error(("multiloop.server: option '%s' %s (got %s)"):format(
+    name, what, type(got) == "string" and ("'" .. got .. "'") or tostring(got)), 0)
+end
+
+local function integer_in(name, v, lo, hi)
+  if math.type(v) ~= "integer" and not (type(v) == "number" and v == math.floor(v)) then
+    fail(name, ("must be an integer from %d to %d"):format(lo, hi), v)
+  end
+  v = math.tointeger(v)
+  if v == nil or v < lo or v > hi then
+    fail(name, ("must be an integer from %d to %d"):format(lo, hi), v)
+  end
+  return v
+end
+
+local function is_ipv4(s)
+  local a, b, c, d = s:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  if not a then return false end
+  for _, part in ipairs { a, b, c, d } do
+    if #part > 3 or tonumber(part) > 255 then return false end
+  end
+  return true
+end
+
+local function is_ipv6(s)
+  return s:find(":", 1, true) ~= nil and s:match("^[%x:%.]+$") ~= nil
+end
+
+-- How a worker will load the handler: kind and payload.
+local function check_handler(h)
+  if type(h) == "string" then
+    if h == "" then fail("handler", "must not be empty", h) end
+    if h:find("/", 1, true) or h:match("%.lua$") then
+      local f, err = io.open(h, "r")
+      if not f then fail("handler", "must be a readable file: " .. err, h) end
+      f:close()
+      return "path", h
+    end
+    if not h:match("^[%w_][%w_%.%-]*$") then
+      fail("handler", "must be a module name, a path to a .lua file, or a function", h)
+    end
+    return "module", h
+  elseif type(h) == "function" then
+    if debug.getinfo(h, "S").what == "C" then
+      fail("handler", "must be a Lua function, not a C function", h)
+    end
+    -- Only _ENV may be captured: each worker binds it to its own globals.
+    for i = 1, math.huge do
+      local name = debug.getupvalue(h, i)
+      if name == nil then break end
+      if name ~= "_ENV" then
+        fail("handler", ("must be a function with no upvalues, but it captures '%s' "
+          .. "(pass data through config, or use a module)"):format(name), h)
+      end
+    end
+    return "bytecode", string.dump(h)
+  end
+  fail("handler", "must be a module name, a path to a .lua file, or a function", h)
+end
+
+local checks = {
+  handler = function(v) return v end,      -- checked by check_handler
+  port = function(v) return integer_in("port", v, 0, 65535) end,
+  host = function(v)
+    if type(v) ~= "string" or not (is_ipv4(v) or is_ipv6(v)) then
+      fail("host", "must be an IPv4 or IPv6 address such as '127.0.0.1' or '::1'", v)
+    end
+    return v
+  end,
+  workers = function(v) return integer_in("workers", v, 1, MAX_WORKERS) end,
+  backlog = function(v) return integer_in("backlog", v, 1, 65535) end,
+  config = function(v) return v end,       -- copied (and checked) by the core
+}
+
+local defaults = {
+  host = "127.0.0.1",
+  backlog = 511,
+}
+
+local Server = {}
+Server.__index = Server
+Server.__name = "multiloop.server"
+
+local function check_server(self, method)
+  if getmetatable(self) ~= Server then
+    error(("multiloop.server: %s must be called as server:%s()"):format(method, method), 3)
+  end
+  return self
+end
+
+--- Creates a server; nothing runs until start() or run().
+function M.server(opts)
+  if type(opts) ~= "table" then
+    error("multiloop.server: expected a table of options (got " .. type(opts) .. ")", 2)
+  end
+  for k in pairs(opts) do
+    if checks[k] == nil then
+      error(("multiloop.server: unknown option '%s'"):format(tostring(k)), 2)
+    end
+  end
+  local ok, err = pcall(function()
+    if opts.handler == nil then
+      error("multiloop.server: option 'handler' is required "
+        .. "(a module name, a path to a .lua file, or a function)", 0)
+    end
+    if opts.port == nil then
+      error("multiloop.server: option 'port' is required (0 picks a free port)", 0)
+    end
+  end)
+  if not ok then error(err, 2) end
+
+  local o = {}
+  ok, err = pcall(function()
+    for k, check in pairs(checks) do
+      local v = opts[k]
+      if v == nil then v = defaults[k] end
+      if v ~= nil then o[k] = check(v) end
+    end
+    o.workers = o.workers or core.parallelism()
+    o.handler_kind, o.handler = check_handler(opts.handler)
+  end)
+  if not ok then error(err, 2) end
+  o.package_path, o.package_cpath = package.path, package.cpath
+
+  local made, c = pcall(core.new, o)
+  if not made then
+    error("multiloop.server: option 'config': " .. tostring(c), 2)
+  end
+  return setmetatable({
+    _core = c,
+    host = o.host,
+    port = o.port,
+    workers = o.workers,
+    handler = type(opts.handler) == "string" and opts.handler or "function",
+  }, Server)
+end
+
+--- Starts the acceptor and the workers. Returns the server once the socket
+-- listens and every worker has loaded the handler; raises otherwise, with
+-- nothing left running.
+function Server:start()
+  check_server(self, "start")
+  if self._core:running() then
+    error("multiloop.server: start: the server is already running", 2)
+  end
+  local ok, err = self._core:start()
+  if not ok then error("multiloop.server: start: " .. err, 2) end
+  return self
+end
+
+--- Stops accepting, closes every connection, joins every thread. Idempotent.
+function Server:stop()
+  check_server(self, "stop")
+  return self._core:stop()
+end
+
+--- The address the server listens on: ip, port; or nil, "not running".
+function Server:address()
+  check_server(self, "address")
+  return self._core:address()
+end
+
+--- Starts, blocks until SIGINT or SIGTERM, stops. Returns the signal's name.
+function Server:run()
+  check_server(self, "run")
+  if not self._core:running() then self:start() end
+  local sig = core.wait_signal()
+  self:stop()
+  return sig
+end
+
+function Server:__close()
+  self:stop()
+end
+
+function Server:__tostring()
+  local host, port = self._core:address()
+  return ("multiloop.server{host=%s, port=%s, workers=%d, handler=%s, %s}"):format(
+    host or self.host, port or self.port, self.workers, self.handler,
+    host and "running" or "stopped")
+end
+
+return M

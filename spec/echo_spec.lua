@@ -1,0 +1,117 @@
+-- Echo over real sockets: worker counts, spreading, concurrency, big
+-- payloads, half-close. The server runs in this process; clients are LuaSocket.
+local helper = require("spec.helper")
+local socket = require("socket")
+
+for _, workers in ipairs { 1, 2, 4 } do
+  describe(("echo with %d worker(s)"):format(workers), function()
+    local server, port
+    before_each(function()
+      server, port = helper.server{ workers = workers, handler = "examples.echo_handler" }
+    end)
+    after_each(function() server:stop() end)
+
+    it("returns what a client sends", function()
+      local c = helper.connect(port)
+      finally(function() c:close() end)
+      assert.are.equal("ping\n", helper.echo(c, "ping\n"))
+      assert.are.equal("pong\n", helper.echo(c, "pong\n"))
+    end)
+
+    it("is binary-safe (NUL bytes, every byte value)", function()
+      local c = helper.connect(port)
+      finally(function() c:close() end)
+      local bytes = {}
+      for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end
+      local msg = table.concat(bytes) .. "\0\0tail\0"
+      assert.are.equal(msg, helper.echo(c, msg))
+    end)
+
+    it("serves 200 concurrent clients", function()
+      local clients = {}
+      finally(function() for _, c in ipairs(clients) do c:close() end end)
+      for i = 1, 200 do clients[i] = helper.connect(port) end
+      for i, c in ipairs(clients) do assert(c:send(("client %d\n"):format(i))) end
+      for i, c in ipairs(clients) do
+        assert.are.equal(("client %d"):format(i), helper.line(c))
+      end
+    end)
+  end)
+end
+
+describe("echo", function()
+  local server, port
+  after_each(function() if server then server:stop() end end)
+
+  it("spreads connections round-robin over every worker", function()
+    server, port = helper.server{ workers = 4, handler = "spec.fixtures.whoami" }
+    local seen = {}
+    for i = 1, 8 do
+      local c = helper.connect(port)
+      seen[i] = helper.line(c)
+      c:close()
+    end
+    assert.are.same({
+      "worker 1 of 4", "worker 2 of 4", "worker 3 of 4", "worker 4 of 4",
+      "worker 1 of 4", "worker 2 of 4", "worker 3 of 4", "worker 4 of 4",
+    }, seen)
+  end)
+
+  it("echoes an 8 MiB payload byte for byte", function()
+    server, port = helper.server{ workers = 2, handler = "examples.echo_handler" }
+    local c = helper.connect(port)
+    finally(function() c:close() end)
+    local chunk = {}
+    for i = 0, 1023 do chunk[#chunk + 1] = string.char(i % 256, (i * 7) % 256) end
+    local payload = string.rep(table.concat(chunk), 4096)        -- 8 MiB
+    assert.are.equal(8 * 1024 * 1024, #payload)
+    -- Send and read at once, as a real client would, so neither side's
+    -- socket buffers fill up and stall the other.
+    c:settimeout(0)
+    local sent, got, parts = 0, 0, {}
+    local deadline = socket.gettime() + 30
+    while got < #payload do
+      assert(socket.gettime() < deadline, "timed out echoing 8 MiB")
+      if sent < #payload then
+        local n, err, partial = c:send(payload, sent + 1, math.min(sent + 65536, #payload))
+        sent = n or (partial > 0 and partial or sent)
+        assert(n or err == "timeout", err)
+      end
+      local data, err, partial = c:receive(65536)
+      data = data or partial
+      if #data > 0 then parts[#parts + 1] = data; got = got + #data end
+      assert(data ~= "" or err == "timeout", err)
+      if (not data or data == "") and sent >= #payload then socket.select({ c }, nil, 0.1) end
+    end
+    assert.are.equal(#payload, got)
+    assert.is_true(table.concat(parts) == payload, "the echoed bytes differ")
+  end)
+
+  it("handles a half-close: the client still gets everything, then EOF", function()
+    server, port = helper.server{ workers = 2, handler = "examples.echo_handler" }
+    local c = helper.connect(port)
+    finally(function() c:close() end)
+    local msg = string.rep("half-close ", 10000)
+    assert(c:send(msg))
+    assert(c:shutdown("send"))
+    assert.are.equal(msg, helper.all(c))
+    -- and the server has closed its side: the next read is EOF at once
+    local data, err = c:receive(1)
+    assert.is_nil(data)
+    assert.are.equal("closed", err)
+  end)
+
+  it("listens on IPv6 loopback and reports the peer's address", function()
+    server, port = helper.server{ host = "::1", workers = 1, handler = function(conn)
+      local ip, p = conn:peer()
+      conn:write(("%s %d\n"):format(ip, p))
+      conn:close()
+    end }
+    local host = server:address()
+    assert.are.equal("::1", host)
+    local c = helper.connect(port, "::1")
+    finally(function() c:close() end)
+    local _, myport = c:getsockname()
+    assert.are.equal(("::1 %d"):format(myport), helper.line(c))
+  end)
+end)

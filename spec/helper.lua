@@ -1,0 +1,120 @@
+-- spec/helper.lua: clients and process probes shared by the specs.
+-- Every client call has a timeout, so a server that never answers fails a
+-- test instead of hanging it.
+local socket = require("socket")
+
+local M = { TIMEOUT = 5 }
+
+function M.connect(port, host)
+  local c = assert(socket.tcp())
+  if host and host:find(":", 1, true) then c = assert(socket.tcp6()) end
+  c:settimeout(M.TIMEOUT)
+  assert(c:connect(host or "127.0.0.1", port))
+  return c
+end
+
+-- One line from c, or a test failure naming why ("timeout": no answer).
+function M.line(c)
+  local s, err = c:receive("*l")
+  assert(s, err)
+  return s
+end
+
+-- Everything until the server closes.
+function M.all(c)
+  local s, err, partial = c:receive("*a")
+  if s then return s end
+  assert(err == "closed", err)
+  return partial
+end
+
+-- Sends msg and reads back exactly #msg bytes.
+function M.echo(c, msg)
+  assert(c:send(msg))
+  local got, err = c:receive(#msg)
+  assert(got, err)
+  return got
+end
+
+-- A server for the specs: loopback, port 0, started.
+function M.server(opts)
+  local multiloop = require("multiloop")
+  opts.host = opts.host or "127.0.0.1"
+  opts.port = opts.port or 0
+  local s = multiloop.server(opts)
+  s:start()
+  local _, port = s:address()
+  return s, port
+end
+
+-- The calling process: its pid, how many fds it has open and its threads.
+function M.pid()
+  local f = assert(io.open("/proc/self/stat"))
+  local pid = f:read("*n")
+  f:close()
+  return pid
+end
+
+function M.fd_count()
+  local p = assert(io.popen("ls /proc/" .. M.pid() .. "/fd | wc -l"))
+  local n = p:read("*n")
+  p:close()
+  return n
+end
+
+function M.thread_count()
+  for line in io.lines("/proc/self/status") do
+    local n = line:match("^Threads:%s+(%d+)")
+    if n then return tonumber(n) end
+  end
+end
+
+-- Sleeps for ms without busy-waiting.
+function M.sleep(ms) socket.sleep(ms / 1000) end
+
+-- Polls fn() until it returns true or ms pass; returns its last result.
+function M.eventually(fn, ms)
+  local deadline = socket.gettime() + (ms or 2000) / 1000
+  repeat
+    local v = fn()
+    if v then return v end
+    socket.sleep(0.01)
+  until socket.gettime() > deadline
+  return fn()
+end
+
+-- Starts `lua5.4 spec/fixtures/serve.lua ARGS` as a child process whose stderr
+-- goes to a file. Returns an object with pid, port, lines(), signal(), wait().
+function M.spawn(args)
+  local errfile = os.tmpname()
+  local cmd = ("sh -c 'echo $$; exec %s spec/fixtures/serve.lua %s 2>%s'"):format(
+    os.getenv("LUA") or "lua5.4", args, errfile)
+  local p = assert(io.popen(cmd, "r"))
+  local child = { errfile = errfile, pipe = p }
+  child.pid = tonumber(p:read("*l"))
+  local ready = p:read("*l") or ""
+  child.port = tonumber(ready:match("port (%d+)"))
+  function child.signal(sig) os.execute(("kill -%s %d"):format(sig, child.pid)) end
+  function child.wait()             -- the rest of stdout, exit status
+    local rest = p:read("*a")
+    local _, _, code = p:close()
+    return rest, code
+  end
+  function child.stderr()
+    local f = io.open(errfile)
+    local s = f and f:read("*a") or ""
+    if f then f:close() end
+    return s
+  end
+  function child.kill()             -- clean-up for a test that failed midway
+    if not child.waited then
+      child.signal("KILL")
+      pcall(p.close, p)
+    end
+    os.remove(errfile)
+  end
+  assert(child.port, "the child server did not start: " .. ready .. child.stderr())
+  return child
+end
+
+return M

@@ -1,0 +1,393 @@
+/*
+ * conn.c: a client connection inside a worker, and its Lua object.
+ *
+ * Runs only on the worker thread that accepted the connection. The C struct,
+ * uv_tcp_t included, lives inside a full userdata ("multiloop.conn"); its
+ * Lua callbacks live in the userdata's user values. While the handle is open
+ * a registry ref pins the userdata, so the garbage collector cannot free the
+ * memory libuv is using; the close callback drops the ref, and the object
+ * then lives on in the "closed" state for as long as Lua code holds it.
+ *
+ * Reads use the worker's one read buffer; the bytes are copied into a Lua
+ * string inside the protected call. A write first tries the socket
+ * (uv_try_write); only what the kernel did not take is queued, and a queued
+ * write pins the Lua string itself (a registry ref) instead of copying it.
+ *
+ * Lifecycle: the connection closes when the peer has ended and our side is
+ * shut down, when conn:close() is called (after queued writes flush), on a
+ * read or write error (reason: the libuv error name), on a Lua error in a
+ * callback (reason "error"), or when the worker stops (reason "stopped").
+ */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <arpa/inet.h>
+
+#include "multiloop.h"
+
+#define CONN_MT "multiloop.conn"
+
+enum { ON_DATA = 1, ON_END, ON_CLOSE, N_USER_VALUES = ON_CLOSE };
+
+struct multiloop_conn_s {
+  uv_tcp_t tcp;
+  uv_shutdown_t shutdown_req;
+  multiloop_worker_t *w;
+  multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
+  lua_Integer id;
+  int ref;                             /* pins the userdata while the handle is open */
+  unsigned callbacks;                  /* bit n set: user value n is a function */
+  unsigned closing : 1;                /* uv_close called, or never opened */
+  unsigned read_ended : 1;             /* the peer sent EOF */
+  unsigned shutdown_requested : 1;
+  unsigned shut_down : 1;              /* our FIN is out */
+  unsigned close_when_flushed : 1;     /* conn:close() with writes queued */
+  const char *reason;                  /* for on_close: NULL or a static string */
+};
+
+typedef struct {
+  uv_write_t req;
+  int ref;                             /* the Lua string being written */
+} write_req;
+
+#define HAS(c, slot) ((c)->callbacks & (1u << (slot)))
+
+/* --- calling into Lua ------------------------------------------------------ */
+
+typedef struct {
+  multiloop_conn_t *c;
+  int slot;
+  const char *data;
+  size_t len;
+} call_ev;
+
+/* Protected: calls the callback in `slot` with the data (on_data) or the
+ * reason (on_close) or nothing (on_end). */
+static int call_body(lua_State *L) {
+  call_ev *ev = lua_touserdata(L, 1);
+  int nargs = 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ev->c->ref);
+  if (lua_getiuservalue(L, -1, ev->slot) != LUA_TFUNCTION) return 0;
+  if (ev->slot == ON_DATA) {
+    lua_pushlstring(L, ev->data, ev->len);
+    nargs = 1;
+  } else if (ev->slot == ON_CLOSE) {
+    if (ev->c->reason) lua_pushstring(L, ev->c->reason);
+    else lua_pushnil(L);
+    nargs = 1;
+  }
+  lua_call(L, nargs, 0);
+  return 0;
+}
+
+static const char *const slot_names[] = { "", "on_data", "on_end", "on_close" };
+
+static int call(multiloop_conn_t *c, int slot, const char *data, size_t len) {
+  call_ev ev = { c, slot, data, len };
+  return multiloop_enter(c->w, call_body, &ev, &c->id, slot_names[slot]);
+}
+
+/* --- closing --------------------------------------------------------------- */
+
+static void close_cb(uv_handle_t *h) {
+  multiloop_conn_t *c = h->data;
+  lua_State *L = c->w->L;
+  if (HAS(c, ON_CLOSE)) call(c, ON_CLOSE, NULL, 0);
+  luaL_unref(L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
+}
+
+/* Closes at once; pending writes are cancelled (their callbacks free them). */
+static void conn_close(multiloop_conn_t *c, const char *reason) {
+  multiloop_worker_t *w = c->w;
+  if (c->closing) return;
+  c->closing = 1;
+  c->reason = reason;
+  if (c->prev) c->prev->next = c->next;
+  else if (w->conns == c) w->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->prev = c->next = NULL;
+  uv_close((uv_handle_t *)&c->tcp, close_cb);
+}
+
+void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason) {
+  while (w->conns) conn_close(w->conns, reason);
+}
+
+static void shutdown_cb(uv_shutdown_t *req, int status) {
+  multiloop_conn_t *c = req->handle->data;
+  if (status == UV_ECANCELED) return;       /* closed meanwhile */
+  if (status < 0) {
+    conn_close(c, uv_err_name(status));
+    return;
+  }
+  c->shut_down = 1;
+  if (c->close_when_flushed || c->read_ended) conn_close(c, NULL);
+}
+
+/* Half-closes once every queued write has gone out. */
+static void conn_shutdown(multiloop_conn_t *c) {
+  int rc;
+  if (c->closing || c->shutdown_requested) return;
+  c->shutdown_requested = 1;
+  rc = uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, shutdown_cb);
+  if (rc != 0) conn_close(c, uv_err_name(rc));
+}
+
+/* --- reading --------------------------------------------------------------- */
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  multiloop_conn_t *c = h->data;
+  (void)suggested;
+  *buf = uv_buf_init(c->w->read_buffer, MULTILOOP_READ_BUFFER_SIZE);
+}
+
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  multiloop_conn_t *c = s->data;
+  if (nread > 0) {
+    if (HAS(c, ON_DATA) && call(c, ON_DATA, buf->base, (size_t)nread) != LUA_OK)
+      conn_close(c, "error");
+  } else if (nread == UV_EOF) {
+    c->read_ended = 1;
+    uv_read_stop(s);
+    if (!HAS(c, ON_END)) {
+      conn_shutdown(c);                       /* closes once writes flush */
+      if (c->shut_down) conn_close(c, NULL);
+    } else if (call(c, ON_END, NULL, 0) != LUA_OK) {
+      conn_close(c, "error");
+    } else if (c->shut_down) {
+      conn_close(c, NULL);                    /* both directions are done */
+    }
+  } else if (nread < 0) {
+    conn_close(c, uv_err_name((int)nread));
+  }
+}
+
+/* --- accepting ------------------------------------------------------------- */
+
+typedef struct {
+  multiloop_worker_t *w;
+  multiloop_conn_t *c;
+  lua_Integer id;
+  int taken;                           /* the pending fd was consumed */
+} accept_ev;
+
+/* Protected: makes the object, accepts the pending fd into it, calls connect. */
+static int accept_body(lua_State *L) {
+  accept_ev *ev = lua_touserdata(L, 1);
+  multiloop_worker_t *w = ev->w;
+  multiloop_conn_t *c = lua_newuserdatauv(L, sizeof *c, N_USER_VALUES);
+  memset(c, 0, sizeof *c);
+  c->closing = 1;                          /* closed until the fd is ours */
+  c->ref = LUA_NOREF;
+  c->w = w;
+  luaL_setmetatable(L, CONN_MT);
+  lua_pushvalue(L, -1);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pinned before libuv sees it */
+  uv_tcp_init(&w->loop, &c->tcp);
+  c->tcp.data = c;
+  ev->taken = 1;
+  if (uv_accept((uv_stream_t *)&w->pipe, (uv_stream_t *)&c->tcp) != 0) {
+    c->closing = 0;
+    conn_close(c, "accept");
+    return 0;
+  }
+  c->closing = 0;
+  c->id = ev->id = (lua_Integer)atomic_fetch_add(&w->rt->next_conn_id, 1) + 1;
+  c->next = w->conns;
+  if (w->conns) w->conns->prev = c;
+  w->conns = c;
+  ev->c = c;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
+  lua_getfield(L, -1, "connect");
+  lua_pushvalue(L, -3);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/* Accepts one pending connection from the worker's pipe. Returns 0 when it
+ * could not even take the fd (out of memory); the caller stops then. */
+int multiloop_conn_accept(multiloop_worker_t *w) {
+  accept_ev ev = { w, NULL, 0, 0 };
+  int rc = multiloop_enter(w, accept_body, &ev, &ev.id, "connect");
+  multiloop_conn_t *c = ev.c;
+  if (c == NULL) return ev.taken;
+  if (rc != LUA_OK) conn_close(c, "error");
+  else if (!c->closing && !c->read_ended)
+    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+  return 1;
+}
+
+/* --- writing --------------------------------------------------------------- */
+
+static void write_cb(uv_write_t *req, int status) {
+  write_req *wr = (write_req *)req;
+  multiloop_conn_t *c = req->handle->data;
+  luaL_unref(c->w->L, LUA_REGISTRYINDEX, wr->ref);
+  free(wr);
+  if (status < 0 && status != UV_ECANCELED) conn_close(c, uv_err_name(status));
+}
+
+static int fail(lua_State *L, const char *op, int err) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s", op, uv_strerror(err));
+  lua_pushstring(L, uv_err_name(err));
+  return 3;
+}
+
+static multiloop_conn_t *check_conn(lua_State *L) {
+  return luaL_checkudata(L, 1, CONN_MT);
+}
+
+static int closed(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "closed");
+  return 2;
+}
+
+static int conn_write(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
+  write_req *wr;
+  int rc;
+
+  luaL_argcheck(L, len <= INT_MAX, 2, "string too long for one write (2 GiB at most)");
+  if (c->closing || c->shutdown_requested) return closed(L);
+  if (c->tcp.write_queue_size == 0 && len > 0) {  /* the cheap way first */
+    int n = uv_try_write((uv_stream_t *)&c->tcp, &buf, 1);
+    if (n == (int)len || (n < 0 && n != UV_EAGAIN)) {
+      if (n < 0) {
+        conn_close(c, uv_err_name(n));
+        return fail(L, "write", n);
+      }
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    if (n > 0) {
+      buf.base += n;
+      buf.len -= (unsigned)n;
+    }
+  }
+  if (len == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushvalue(L, 2);
+  rc = luaL_ref(L, LUA_REGISTRYINDEX);          /* may raise: nothing to undo yet */
+  wr = malloc(sizeof *wr);
+  if (wr == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, rc);
+    return fail(L, "write", UV_ENOMEM);
+  }
+  wr->ref = rc;
+  rc = uv_write(&wr->req, (uv_stream_t *)&c->tcp, &buf, 1, write_cb);
+  if (rc != 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
+    free(wr);
+    conn_close(c, uv_err_name(rc));
+    return fail(L, "write", rc);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* --- the other methods ----------------------------------------------------- */
+
+static int set_callback(lua_State *L, int slot) {
+  multiloop_conn_t *c = check_conn(L);
+  luaL_argexpected(L, lua_isnoneornil(L, 2) || lua_isfunction(L, 2), 2,
+                   "function or nil");
+  if (lua_isnoneornil(L, 2)) c->callbacks &= ~(1u << slot);
+  else c->callbacks |= 1u << slot;
+  lua_settop(L, 2);
+  lua_setiuservalue(L, 1, slot);
+  return 1;                                 /* the conn, for chaining */
+}
+
+static int conn_on_data(lua_State *L) { return set_callback(L, ON_DATA); }
+static int conn_on_end(lua_State *L) { return set_callback(L, ON_END); }
+static int conn_on_close(lua_State *L) { return set_callback(L, ON_CLOSE); }
+
+static int conn_shutdown_method(lua_State *L) {
+  conn_shutdown(check_conn(L));
+  return 0;
+}
+
+static int conn_close_method(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  if (c->closing) return 0;
+  if (c->tcp.write_queue_size > 0) {        /* flush first: drop no queued data */
+    c->close_when_flushed = 1;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    if (c->shutdown_requested) return 0;   /* shutdown_cb will close */
+    conn_shutdown(c);
+  } else {
+    conn_close(c, NULL);
+  }
+  return 0;
+}
+
+static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss, rc;
+  char ip[INET6_ADDRSTRLEN];
+  if (c->closing) return closed(L);
+  rc = peer ? uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len)
+            : uv_tcp_getsockname(&c->tcp, (struct sockaddr *)&ss, &len);
+  if (rc != 0) return fail(L, peer ? "peer" : "address", rc);
+  uv_ip_name((struct sockaddr *)&ss, ip, sizeof ip);
+  lua_pushstring(L, ip);
+  lua_pushinteger(L, ss.ss_family == AF_INET6
+                         ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                         : ntohs(((struct sockaddr_in *)&ss)->sin_port));
+  return 2;
+}
+
+static int conn_peer(lua_State *L) { return push_address(L, check_conn(L), 1); }
+static int conn_address(lua_State *L) { return push_address(L, check_conn(L), 0); }
+
+static int conn_index(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  const char *key;
+  lua_pushvalue(L, 2);
+  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;  /* a method */
+  key = lua_tostring(L, 2);
+  if (key == NULL) return 1;
+  if (strcmp(key, "id") == 0) lua_pushinteger(L, c->id);
+  else if (strcmp(key, "worker") == 0)
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->w->worker_ref);
+  else lua_pushnil(L);
+  return 1;
+}
+
+static int conn_tostring(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  lua_pushfstring(L, "multiloop.conn %I (worker %d%s)", c->id, c->w->id,
+                  c->closing ? ", closed" : "");
+  return 1;
+}
+
+static const luaL_Reg conn_methods[] = {
+  { "on_data", conn_on_data },
+  { "on_end", conn_on_end },
+  { "on_close", conn_on_close },
+  { "write", conn_write },
+  { "shutdown", conn_shutdown_method },
+  { "close", conn_close_method },
+  { "peer", conn_peer },
+  { "address", conn_address },
+  { NULL, NULL }
+};
+
+/* Creates the connection metatable in a worker's state. */
+void multiloop_conn_register(lua_State *L) {
+  luaL_newmetatable(L, CONN_MT);
+  luaL_newlib(L, conn_methods);
+  lua_pushcclosure(L, conn_index, 1);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, conn_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+}

@@ -1,0 +1,125 @@
+/*
+ * multiloop.h: the types every part of the core shares, and who owns what.
+ *
+ * Threads:
+ *   - the main thread runs the Lua state that created the server (server.c);
+ *   - one acceptor thread owns the listening socket and its own uv loop (acceptor.c);
+ *   - N worker threads each own a uv loop and a lua_State (worker.c, conn.c).
+ * Nothing Lua-shaped crosses a thread. The main thread writes multiloop_config_t
+ * before any thread starts and frees it after every thread is joined; the other
+ * threads only read it. Connections cross as file descriptors over a socketpair
+ * opened as IPC pipes on both ends (the libuv multi-echo-server hand-off).
+ */
+#ifndef MULTILOOP_H
+#define MULTILOOP_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <uv.h>
+
+#define MULTILOOP_READ_BUFFER_SIZE (64 * 1024)
+
+typedef enum {
+  MULTILOOP_HANDLER_MODULE,   /* a module name, require()d in each worker */
+  MULTILOOP_HANDLER_PATH,     /* a path to a .lua file, run in each worker */
+  MULTILOOP_HANDLER_BYTECODE  /* string.dump of a function with no upvalues */
+} multiloop_handler_kind;
+
+/* Plain, immutable data: written by the main thread before start, read by all. */
+typedef struct {
+  char *host;
+  int port;
+  int backlog;
+  int nworkers;
+  multiloop_handler_kind handler_kind;
+  char *handler;              /* module name, path, or bytecode */
+  size_t handler_len;
+  char *config;               /* the user's config, encoded by copy.c */
+  size_t config_len;
+  char *package_path;
+  char *package_cpath;
+} multiloop_config_t;
+
+typedef struct multiloop_runtime_s multiloop_runtime_t;
+typedef struct multiloop_worker_s multiloop_worker_t;
+typedef struct multiloop_conn_s multiloop_conn_t;
+
+struct multiloop_worker_s {
+  int id;                              /* 1..nworkers */
+  const multiloop_config_t *cfg;
+  multiloop_runtime_t *rt;
+  uv_thread_t thread;
+  int thread_started;
+  uv_file pipe_fd;                     /* worker end of the hand-off socketpair */
+
+  /* Only the worker thread touches these. */
+  uv_loop_t loop;
+  lua_State *L;
+  uv_pipe_t pipe;
+  uv_async_t stop_async;
+  char *read_buffer;                   /* one per loop, shared by every read */
+  multiloop_conn_t *conns;             /* open connections, to close them at stop */
+  int handler_ref;                     /* registry: the handler table */
+  int worker_ref;                      /* registry: the `worker` table */
+  int stopping;
+
+  /* Start handshake: written by the worker before it posts rt->ready. */
+  int failed;
+  char *error;                         /* malloc'd message when failed */
+};
+
+typedef struct {
+  uv_thread_t thread;
+  int thread_started;
+  uv_loop_t loop;
+  uv_tcp_t listener;
+  uv_async_t stop_async;
+  uv_pipe_t *pipes;                    /* acceptor ends, one per worker */
+  uv_file *pipe_fds;
+  int next;                            /* round-robin cursor */
+
+  /* Start handshake: written by the acceptor before it posts rt->ready. */
+  int failed;
+  char *error;
+  char bound_host[64];
+  int bound_port;
+} multiloop_acceptor_t;
+
+/* Everything that exists between start() and stop(). */
+struct multiloop_runtime_s {
+  const multiloop_config_t *cfg;
+  uv_sem_t ready;                      /* each thread posts once it is up or has failed */
+  atomic_uint_fast64_t next_conn_id;
+  multiloop_acceptor_t acceptor;
+  multiloop_worker_t *workers;
+};
+
+/* enter.c: the one door from a libuv callback into Lua. */
+int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
+                    const lua_Integer *conn_id, const char *what);
+int multiloop_traceback(lua_State *L);
+
+/* copy.c: Lua values as plain bytes, to cross a thread. */
+int multiloop_copy_encode(lua_State *L, int idx, const char *root, char **out,
+                          size_t *outlen);
+void multiloop_copy_decode(lua_State *L, const char *data, size_t len);
+
+/* acceptor.c */
+int multiloop_acceptor_start(multiloop_runtime_t *rt);
+void multiloop_acceptor_stop(multiloop_runtime_t *rt);
+
+/* worker.c */
+int multiloop_worker_start(multiloop_worker_t *w);
+void multiloop_worker_request_stop(multiloop_worker_t *w);
+void multiloop_worker_join(multiloop_worker_t *w);
+
+/* conn.c: runs only on a worker thread. */
+void multiloop_conn_register(lua_State *L);
+int multiloop_conn_accept(multiloop_worker_t *w);
+void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
+
+#endif

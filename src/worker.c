@@ -1,0 +1,182 @@
+/*
+ * worker.c: a worker thread, its uv loop and its lua_State.
+ *
+ * The worker builds its own Lua state (standard libraries, the creating
+ * state's package.path/cpath, the connection metatable), loads the user's
+ * handler, calls its optional init(worker), and then serves connections that
+ * the acceptor sends over the worker's end of an IPC socketpair.
+ *
+ * Threads: multiloop_worker_start, _request_stop and _join are called by the
+ * main thread; everything else runs on the worker thread, which alone uses the
+ * loop and the Lua state and closes both: the loop runs dry first (every
+ * handle closed, uv_loop_close returns 0), then lua_close.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+#include "multiloop.h"
+
+/* Protected (run by lua_pcall): prepares the state and loads the handler. */
+static int load_handler(lua_State *L) {
+  multiloop_worker_t *w = lua_touserdata(L, 1);
+  const multiloop_config_t *cfg = w->cfg;
+  int worker, handler;
+
+  luaL_openlibs(L);
+  lua_getglobal(L, "package");
+  lua_pushstring(L, cfg->package_path);
+  lua_setfield(L, -2, "path");
+  lua_pushstring(L, cfg->package_cpath);
+  lua_setfield(L, -2, "cpath");
+  lua_pop(L, 1);
+  multiloop_conn_register(L);
+
+  lua_createtable(L, 0, 3);                        /* the `worker` table */
+  lua_pushinteger(L, w->id);
+  lua_setfield(L, -2, "id");
+  lua_pushinteger(L, cfg->nworkers);
+  lua_setfield(L, -2, "count");
+  multiloop_copy_decode(L, cfg->config, cfg->config_len);
+  lua_setfield(L, -2, "config");
+  worker = lua_gettop(L);
+
+  switch (cfg->handler_kind) {
+    case MULTILOOP_HANDLER_MODULE:
+      lua_getglobal(L, "require");
+      lua_pushstring(L, cfg->handler);
+      lua_call(L, 1, 1);
+      break;
+    case MULTILOOP_HANDLER_PATH:
+      if (luaL_loadfilex(L, cfg->handler, NULL) != LUA_OK) lua_error(L);
+      lua_call(L, 0, 1);
+      break;
+    case MULTILOOP_HANDLER_BYTECODE:
+      if (luaL_loadbufferx(L, cfg->handler, cfg->handler_len, "=handler", "b") != LUA_OK)
+        lua_error(L);
+      break;
+  }
+  if (lua_isfunction(L, -1)) {                     /* connect(conn) alone */
+    lua_createtable(L, 0, 1);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "connect");
+  } else if (!lua_istable(L, -1)) {
+    return luaL_error(L, "the handler must be a function or a table with a "
+                         "connect function (got %s)", luaL_typename(L, -1));
+  }
+  handler = lua_gettop(L);
+  if (lua_getfield(L, handler, "connect") != LUA_TFUNCTION)
+    return luaL_error(L, "the handler's connect must be a function (got %s)",
+                      luaL_typename(L, -1));
+  switch (lua_getfield(L, handler, "init")) {
+    case LUA_TNIL: break;
+    case LUA_TFUNCTION:
+      lua_pushvalue(L, worker);
+      lua_call(L, 1, 0);
+      break;
+    default:
+      return luaL_error(L, "the handler's init must be a function (got %s)",
+                        luaL_typename(L, -1));
+  }
+  lua_settop(L, handler);
+  w->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  w->worker_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+static void pipe_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  multiloop_worker_t *w = h->data;
+  (void)suggested;
+  *buf = uv_buf_init(w->read_buffer, MULTILOOP_READ_BUFFER_SIZE);
+}
+
+/* A byte on the pipe carries a connection (or several, when reads coalesce). */
+static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) {
+  multiloop_worker_t *w = pipe->data;
+  (void)buf;
+  if (nread < 0) {                                 /* the acceptor has gone */
+    uv_read_stop(pipe);
+    return;
+  }
+  while (uv_pipe_pending_count(&w->pipe) > 0 && !w->stopping)
+    if (!multiloop_conn_accept(w)) break;       /* out of memory: retry on the next byte */
+}
+
+static void stop_cb(uv_async_t *async) {
+  multiloop_worker_t *w = async->data;
+  w->stopping = 1;
+  multiloop_conn_close_all(w, "stopped");
+  uv_close((uv_handle_t *)&w->pipe, NULL);
+  uv_close((uv_handle_t *)&w->stop_async, NULL);
+}
+
+static void fail(multiloop_worker_t *w, const char *msg) {
+  w->failed = 1;
+  w->error = strdup(msg ? msg : "(no message)");
+}
+
+static void worker_main(void *arg) {
+  multiloop_worker_t *w = arg;
+  int rc;
+
+  uv_loop_init(&w->loop);
+  w->read_buffer = malloc(MULTILOOP_READ_BUFFER_SIZE);
+  w->L = luaL_newstate();
+  w->handler_ref = w->worker_ref = LUA_NOREF;
+  if (w->read_buffer == NULL || w->L == NULL) {
+    fail(w, "not enough memory");
+  } else {
+    lua_pushcfunction(w->L, load_handler);
+    lua_pushlightuserdata(w->L, w);
+    if (lua_pcall(w->L, 1, 0, 0) != LUA_OK) fail(w, lua_tostring(w->L, -1));
+    lua_settop(w->L, 0);
+  }
+  if (!w->failed) {
+    uv_pipe_init(&w->loop, &w->pipe, 1);
+    w->pipe.data = w;
+    if ((rc = uv_pipe_open(&w->pipe, w->pipe_fd)) != 0) {
+      fail(w, uv_strerror(rc));
+      uv_close((uv_handle_t *)&w->pipe, NULL);
+    } else {
+      w->pipe_fd = -1;                             /* the pipe owns it now */
+      uv_read_start((uv_stream_t *)&w->pipe, pipe_alloc_cb, pipe_read_cb);
+      uv_async_init(&w->loop, &w->stop_async, stop_cb);
+      w->stop_async.data = w;
+    }
+  }
+  if (w->failed && w->pipe_fd >= 0) {
+    close(w->pipe_fd);
+    w->pipe_fd = -1;
+  }
+  uv_sem_post(&w->rt->ready);                      /* up, or failed for good */
+
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+  if ((rc = uv_loop_close(&w->loop)) != 0)
+    fprintf(stderr, "multiloop: worker %d: loop closed with handles open: %s\n",
+            w->id, uv_err_name(rc));
+  if (w->L) lua_close(w->L);
+  w->L = NULL;
+  free(w->read_buffer);
+  w->read_buffer = NULL;
+}
+
+/* Main thread. Starts the thread; the caller waits on rt->ready for it. */
+int multiloop_worker_start(multiloop_worker_t *w) {
+  int rc = uv_thread_create(&w->thread, worker_main, w);
+  if (rc == 0) w->thread_started = 1;
+  return rc;
+}
+
+/* Main thread. Asks a running worker to close everything and end. */
+void multiloop_worker_request_stop(multiloop_worker_t *w) {
+  if (w->thread_started && !w->failed) uv_async_send(&w->stop_async);
+}
+
+void multiloop_worker_join(multiloop_worker_t *w) {
+  if (!w->thread_started) return;
+  uv_thread_join(&w->thread);
+  w->thread_started = 0;
+}
