@@ -198,9 +198,10 @@ end
 
 function Server:__tostring()
   local host, port = self._core:address()
-  return ("multiloop.server{host=%s, port=%s, workers=%d, handler=%s, %s}"):format(
-    host or self.host, port or self.port, self.workers, self.handler,
-    host and "running" or "stopped")
+  if not host then host, port = self.host, self.port end
+  return ("multiloop.server{host=%s, port=%d, workers=%d, handler=%s, %s}"):format(
+    host, port, self.workers, self.handler,
+    self._core:running() and "running" or "stopped")
 end
 
 return M
