@@ -16,7 +16,10 @@ MODULE   := $(BUILD)/multiloop/core.so
 
 # Recursively expanded, so pkg-config runs after `deps` has installed it.
 OPTFLAGS ?= -O2 -g
-CFLAGS_ALL = -std=gnu11 -fPIC -pthread -Wall -Wextra -Werror $(OPTFLAGS) \
+WARNINGS  := -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes \
+             -Wwrite-strings -Wcast-qual -Wundef -Werror
+# Only luaopen_multiloop_core is exported; everything else stays hidden.
+CFLAGS_ALL = -std=gnu11 -fPIC -pthread -fvisibility=hidden $(WARNINGS) $(OPTFLAGS) \
              $(shell pkg-config --cflags lua5.4 libuv) $(CFLAGS)
 LIBS_ALL   = $(shell pkg-config --libs libuv) -pthread $(LIBS)
 

@@ -21,6 +21,7 @@
 typedef struct {
   uv_write_t req;
   uv_tcp_t tcp;
+  char byte;                              /* IPC needs a byte to carry the fd */
 } handoff;
 
 static void handoff_free_cb(uv_handle_t *h) { free(h->data); }
@@ -37,7 +38,7 @@ static void connection_cb(uv_stream_t *listener, int status) {
   multiloop_runtime_t *rt = listener->data;
   multiloop_acceptor_t *a = &rt->acceptor;
   handoff *ho;
-  uv_buf_t byte = uv_buf_init("c", 1);   /* IPC needs at least one byte to carry the fd */
+  uv_buf_t byte;
   int rc;
 
   if (status < 0) return;
@@ -46,6 +47,8 @@ static void connection_cb(uv_stream_t *listener, int status) {
   uv_tcp_init(&a->loop, &ho->tcp);
   ho->tcp.data = ho;
   ho->req.data = ho;
+  ho->byte = 'c';
+  byte = uv_buf_init(&ho->byte, 1);
   if (uv_accept(listener, (uv_stream_t *)&ho->tcp) != 0) {
     uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
     return;

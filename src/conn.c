@@ -249,7 +249,7 @@ static int conn_write(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
-  uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
+  uv_buf_t buf = uv_buf_init((char *)(uintptr_t)data, (unsigned)len);  /* libuv only reads it */
   write_req *wr;
   int rc;
 

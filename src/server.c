@@ -291,7 +291,9 @@ static const luaL_Reg module_funcs[] = {
   { NULL, NULL }
 };
 
-int luaopen_multiloop_core(lua_State *L) {
+LUAMOD_API int luaopen_multiloop_core(lua_State *L);
+
+__attribute__((visibility("default"))) int luaopen_multiloop_core(lua_State *L) {
   /* A peer that goes away must be an EPIPE from write, not a dead process
    * (LuaSocket does the same). Leave a handler someone else installed. */
   struct sigaction sa;
