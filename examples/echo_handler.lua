@@ -10,8 +10,12 @@ end
 
 function handler.connect(conn)
   conn:on_data(function(data)
-    conn:write(data)
+    -- write() returns false once this connection has write_high_water bytes
+    -- queued: a client that sends and never reads. Stop reading from it until
+    -- the queue drains, so it cannot make the server buffer without bound.
+    if not conn:write(data) then conn:pause() end
   end)
+  conn:on_drain(function() conn:resume() end)
   -- No on_end: when the client half-closes, the connection closes as soon
   -- as everything written to it has been sent.
 end

@@ -147,7 +147,7 @@ describe("start() failures", function()
     finally(function() first:stop() end)
     local _, port = first:address()
     local err = start_error(opts{ port = port })
-    assert.matches(("multiloop.server: start: listen 127.0.0.1 port %d: address already in use (EADDRINUSE)"):format(port), err, 1, true)
+    assert.matches(("multiloop.server: start: bind 127.0.0.1 port %d: address already in use (EADDRINUSE)"):format(port), err, 1, true)
   end)
 
   it("refuses to start a running server", function()

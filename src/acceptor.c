@@ -5,69 +5,190 @@
  * uv_write2 (SCM_RIGHTS); the acceptor closes its copy once the write is done,
  * so the worker's copy is then the only one.
  *
- * Threads: multiloop_acceptor_start and _stop are called by the main thread;
- * everything else runs on the acceptor thread. A hand-off in flight owns one
- * malloc'd `handoff` (the write request and the acceptor's uv_tcp_t), freed in
- * the close callback of that uv_tcp_t, also when stop cancels the write.
+ * We run the accept path ourselves (a uv_poll_t on the listening socket and
+ * accept4 in batches) instead of uv_listen, because libuv 1.44 accepts in a
+ * loop inside one callback and its EMFILE spare-fd trick is process-global and
+ * not thread-safe. Owning it lets the acceptor simply stop polling:
+ *   - at max_connections, until a worker closes a connection and rings
+ *     resume_async (pending clients wait in the kernel backlog);
+ *   - on EMFILE/ENFILE, retrying on a short timer, logged once per episode.
+ *
+ * Threads: multiloop_acceptor_start and _stop are called by the main thread,
+ * multiloop_acceptor_released by workers; everything else runs on the
+ * acceptor thread. A hand-off in flight owns one malloc'd `handoff` (the write
+ * request and the acceptor's uv_tcp_t), freed in the close callback of that
+ * uv_tcp_t, also when stop cancels the write.
  */
+#define _GNU_SOURCE             /* accept4 */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <sys/socket.h>
 
 #include "multiloop.h"
+
+#define ACCEPT_BATCH 64          /* accepts per wake-up before yielding to the loop */
+#define FD_RETRY_MS 100          /* retry interval after EMFILE/ENFILE */
 
 typedef struct {
   uv_write_t req;
   uv_tcp_t tcp;
-  char byte;                              /* IPC needs a byte to carry the fd */
+  multiloop_runtime_t *rt;
+  char byte;                     /* IPC needs a byte to carry the fd */
 } handoff;
+
+static void accept_cb(uv_poll_t *poll, int status, int events);
+
+/* Polls the listening socket exactly when nothing holds accepting back. */
+static void update_polling(multiloop_acceptor_t *a) {
+  int want = !a->stopping && !a->paused_for_limit && !a->paused_for_fds;
+  if (want && !a->polling) uv_poll_start(&a->listener, UV_READABLE, accept_cb);
+  else if (!want && a->polling) uv_poll_stop(&a->listener);
+  a->polling = want;
+}
+
+/* --- hand-off -------------------------------------------------------------- */
 
 static void handoff_free_cb(uv_handle_t *h) { free(h->data); }
 
 static void handoff_write_cb(uv_write_t *req, int status) {
   handoff *ho = req->data;
   /* On failure (a worker gone, or stop cancelled it) the client is closed:
-   * its only copy of the fd is ours. */
-  (void)status;
+   * its only copy of the fd is ours, and its slot is free again. */
+  if (status < 0) multiloop_acceptor_released(ho->rt);
   uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
 }
 
-static void connection_cb(uv_stream_t *listener, int status) {
-  multiloop_runtime_t *rt = listener->data;
+static void hand_off(multiloop_runtime_t *rt, uv_os_sock_t fd) {
   multiloop_acceptor_t *a = &rt->acceptor;
-  handoff *ho;
+  handoff *ho = malloc(sizeof *ho);
   uv_buf_t byte;
-  int rc;
-
-  if (status < 0) return;
-  ho = malloc(sizeof *ho);
-  if (ho == NULL) return;                 /* it waits in the backlog; we are called again */
-  uv_tcp_init(&a->loop, &ho->tcp);
-  ho->tcp.data = ho;
-  ho->req.data = ho;
+  if (ho == NULL) {
+    close(fd);
+    multiloop_acceptor_released(rt);
+    return;
+  }
+  ho->rt = rt;
   ho->byte = 'c';
-  byte = uv_buf_init(&ho->byte, 1);
-  if (uv_accept(listener, (uv_stream_t *)&ho->tcp) != 0) {
+  ho->req.data = ho;
+  ho->tcp.data = ho;
+  uv_tcp_init(&a->loop, &ho->tcp);
+  if (uv_tcp_open(&ho->tcp, fd) != 0) {
+    close(fd);
+    multiloop_acceptor_released(rt);
     uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
     return;
   }
-  rc = uv_write2(&ho->req, (uv_stream_t *)&a->pipes[a->next], &byte, 1,
-                 (uv_stream_t *)&ho->tcp, handoff_write_cb);
+  byte = uv_buf_init(&ho->byte, 1);
+  if (uv_write2(&ho->req, (uv_stream_t *)&a->pipes[a->next], &byte, 1,
+                (uv_stream_t *)&ho->tcp, handoff_write_cb) != 0) {
+    multiloop_acceptor_released(rt);
+    uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
+  }
   a->next = (a->next + 1) % rt->cfg->nworkers;
-  if (rc != 0) uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
+}
+
+/* --- accepting ------------------------------------------------------------- */
+
+static void retry_cb(uv_timer_t *t) {
+  multiloop_acceptor_t *a = t->data;
+  a->paused_for_fds = 0;
+  update_polling(a);
+}
+
+/* Out of fds: stop polling (level-triggered epoll would spin on the pending
+ * connection) and retry on a timer. One log line per episode. */
+static void pause_for_fds(multiloop_runtime_t *rt, int err) {
+  multiloop_acceptor_t *a = &rt->acceptor;
+  if (a->fd_failures++ == 0) {
+    fprintf(stderr, "multiloop: acceptor: accept failed: %s (%s); accepting paused, "
+                    "retrying every %d ms\n", uv_strerror(err), uv_err_name(err), FD_RETRY_MS);
+    fflush(stderr);
+  }
+  a->paused_for_fds = 1;
+  update_polling(a);
+  uv_timer_start(&a->retry_timer, retry_cb, FD_RETRY_MS, 0);
+}
+
+/* At max_connections: stop polling until a worker releases a slot. The flag
+ * is raised before the count is checked again, and workers decrement before
+ * they read the flag, so one of the two always sees the other. */
+static int pause_for_limit(multiloop_runtime_t *rt) {
+  multiloop_acceptor_t *a = &rt->acceptor;
+  atomic_store(&rt->accept_waiting, 1);
+  if (atomic_load(&rt->active) < rt->cfg->max_connections) {
+    atomic_store(&rt->accept_waiting, 0);
+    return 0;
+  }
+  a->paused_for_limit = 1;
+  update_polling(a);
+  return 1;
+}
+
+static void resume_cb(uv_async_t *async) {
+  multiloop_runtime_t *rt = async->data;
+  multiloop_acceptor_t *a = &rt->acceptor;
+  if (!a->paused_for_limit || atomic_load(&rt->active) >= rt->cfg->max_connections)
+    return;
+  atomic_store(&rt->accept_waiting, 0);
+  a->paused_for_limit = 0;
+  update_polling(a);
+}
+
+static void accept_cb(uv_poll_t *poll, int status, int events) {
+  multiloop_runtime_t *rt = poll->data;
+  multiloop_acceptor_t *a = &rt->acceptor;
+  int max = rt->cfg->max_connections, n;
+  (void)events;
+  if (status < 0) return;
+  for (n = 0; n < ACCEPT_BATCH; n++) {
+    uv_os_sock_t fd;
+    if (max > 0 && atomic_load(&rt->active) >= max && pause_for_limit(rt)) return;
+    fd = accept4(a->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      int err = errno;
+      if (err == EAGAIN || err == EWOULDBLOCK) return;
+      if (err == EINTR || err == ECONNABORTED) continue;
+      atomic_fetch_add(&rt->accept_errors, 1);
+      if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+        pause_for_fds(rt, uv_translate_sys_error(err));
+      }
+      return;
+    }
+    if (a->fd_failures > 0) {
+      fprintf(stderr, "multiloop: acceptor: accepting again after %lu failed attempts\n",
+              a->fd_failures);
+      fflush(stderr);
+      a->fd_failures = 0;
+    }
+    atomic_fetch_add(&rt->active, 1);
+    hand_off(rt, fd);
+  }
+}
+
+/* Any thread: a connection closed (or never reached a worker). */
+void multiloop_acceptor_released(multiloop_runtime_t *rt) {
+  atomic_fetch_sub(&rt->active, 1);
+  if (atomic_load(&rt->accept_waiting)) uv_async_send(&rt->acceptor.resume_async);
+}
+
+/* --- start and stop -------------------------------------------------------- */
+
+static void close_if_open(uv_handle_t *h) {
+  if (h->loop != NULL && !uv_is_closing(h)) uv_close(h, NULL);
 }
 
 static void close_all(multiloop_acceptor_t *a, int nworkers) {
   int i;
-  if (!uv_is_closing((uv_handle_t *)&a->listener))
-    uv_close((uv_handle_t *)&a->listener, NULL);
-  for (i = 0; i < nworkers; i++)
-    if (!uv_is_closing((uv_handle_t *)&a->pipes[i]))
-      uv_close((uv_handle_t *)&a->pipes[i], NULL);
-  if (!uv_is_closing((uv_handle_t *)&a->stop_async))
-    uv_close((uv_handle_t *)&a->stop_async, NULL);
+  a->stopping = 1;
+  close_if_open((uv_handle_t *)&a->listener);
+  close_if_open((uv_handle_t *)&a->retry_timer);
+  for (i = 0; i < nworkers; i++) close_if_open((uv_handle_t *)&a->pipes[i]);
+  close_if_open((uv_handle_t *)&a->stop_async);
+  close_if_open((uv_handle_t *)&a->resume_async);
 }
 
 static void stop_cb(uv_async_t *async) {
@@ -76,58 +197,74 @@ static void stop_cb(uv_async_t *async) {
 }
 
 static int parse_address(const char *host, int port, struct sockaddr_storage *ss) {
+  memset(ss, 0, sizeof *ss);
   if (strchr(host, ':') != NULL)
     return uv_ip6_addr(host, port, (struct sockaddr_in6 *)ss);
   return uv_ip4_addr(host, port, (struct sockaddr_in *)ss);
 }
 
-/* Sets up the loop, the pipes and the listener; returns 0 or a uv error, with
- * a.error set to a message naming the step that failed. */
-static int listen_on(multiloop_runtime_t *rt) {
+/* Creates, binds and listens on the socket; returns 0 or a uv error, with
+ * a->error naming the step that failed. */
+static int open_listener(multiloop_runtime_t *rt) {
   multiloop_acceptor_t *a = &rt->acceptor;
   const multiloop_config_t *cfg = rt->cfg;
   struct sockaddr_storage ss;
-  int namelen = sizeof ss, rc, i;
-  const char *step;
+  socklen_t len;
+  int rc, on = 1;
+  const char *step = "address";
+  char msg[512];
 
-  for (i = 0; i < cfg->nworkers; i++) {
-    if ((rc = uv_pipe_open(&a->pipes[i], a->pipe_fds[i])) != 0) {
-      step = "open hand-off pipe";
-      goto fail;
-    }
-    a->pipe_fds[i] = -1;                  /* the pipe handle owns it now */
-  }
-  step = "address";
   if ((rc = parse_address(cfg->host, cfg->port, &ss)) != 0) goto fail;
+  len = ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+  step = "socket";
+  a->listen_fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (a->listen_fd < 0) goto fail_errno;
   step = "bind";
-  if ((rc = uv_tcp_bind(&a->listener, (struct sockaddr *)&ss, 0)) != 0) goto fail;
+  if (setsockopt(a->listen_fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) != 0) goto fail_errno;
+  if (bind(a->listen_fd, (struct sockaddr *)&ss, len) != 0) goto fail_errno;
   step = "listen";
-  if ((rc = uv_listen((uv_stream_t *)&a->listener, cfg->backlog, connection_cb)) != 0)
-    goto fail;
-  step = "getsockname";
-  if ((rc = uv_tcp_getsockname(&a->listener, (struct sockaddr *)&ss, &namelen)) != 0)
-    goto fail;
-  if (ss.ss_family == AF_INET6) {
-    uv_ip6_name((struct sockaddr_in6 *)&ss, a->bound_host, sizeof a->bound_host);
-    a->bound_port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-  } else {
-    uv_ip4_name((struct sockaddr_in *)&ss, a->bound_host, sizeof a->bound_host);
-    a->bound_port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-  }
+  if (listen(a->listen_fd, cfg->backlog) != 0) goto fail_errno;
+  len = sizeof ss;
+  if (getsockname(a->listen_fd, (struct sockaddr *)&ss, &len) != 0) goto fail_errno;
+  uv_ip_name((struct sockaddr *)&ss, a->bound_host, sizeof a->bound_host);
+  a->bound_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                 : ((struct sockaddr_in *)&ss)->sin_port);
   return 0;
 
+fail_errno:
+  rc = uv_translate_sys_error(errno);
 fail:
-  {
-    char msg[512];
-    if (strcmp(step, "address") == 0)
-      snprintf(msg, sizeof msg, "invalid host '%s': %s (%s)", cfg->host,
-               uv_strerror(rc), uv_err_name(rc));
-    else
-      snprintf(msg, sizeof msg, "%s %s port %d: %s (%s)", step, cfg->host,
-               cfg->port, uv_strerror(rc), uv_err_name(rc));
-    a->error = strdup(msg);
-  }
+  if (strcmp(step, "address") == 0)
+    snprintf(msg, sizeof msg, "invalid host '%s': %s (%s)", cfg->host, uv_strerror(rc),
+             uv_err_name(rc));
+  else
+    snprintf(msg, sizeof msg, "%s %s port %d: %s (%s)", step, cfg->host, cfg->port,
+             uv_strerror(rc), uv_err_name(rc));
+  a->error = strdup(msg);
   return rc;
+}
+
+static int setup(multiloop_runtime_t *rt) {
+  multiloop_acceptor_t *a = &rt->acceptor;
+  int i, rc;
+  for (i = 0; i < rt->cfg->nworkers; i++) {
+    uv_pipe_init(&a->loop, &a->pipes[i], 1);
+    if ((rc = uv_pipe_open(&a->pipes[i], a->pipe_fds[i])) != 0) {
+      char msg[128];
+      snprintf(msg, sizeof msg, "acceptor: hand-off pipe: %s", uv_strerror(rc));
+      a->error = strdup(msg);
+      return rc;
+    }
+    a->pipe_fds[i] = -1;                   /* the pipe handle owns it now */
+  }
+  if ((rc = open_listener(rt)) != 0) return rc;
+  if ((rc = uv_poll_init_socket(&a->loop, &a->listener, a->listen_fd)) != 0) {
+    a->error = strdup(uv_strerror(rc));
+    return rc;
+  }
+  a->listener.data = rt;
+  update_polling(a);
+  return 0;
 }
 
 static void acceptor_main(void *arg) {
@@ -135,13 +272,14 @@ static void acceptor_main(void *arg) {
   multiloop_acceptor_t *a = &rt->acceptor;
   int i, rc;
 
+  a->listen_fd = -1;
   uv_loop_init(&a->loop);
   uv_async_init(&a->loop, &a->stop_async, stop_cb);
-  a->stop_async.data = rt;
-  uv_tcp_init(&a->loop, &a->listener);
-  a->listener.data = rt;
-  for (i = 0; i < rt->cfg->nworkers; i++) uv_pipe_init(&a->loop, &a->pipes[i], 1);
-  if (listen_on(rt) != 0) {
+  uv_async_init(&a->loop, &a->resume_async, resume_cb);
+  a->stop_async.data = a->resume_async.data = rt;
+  uv_timer_init(&a->loop, &a->retry_timer);
+  a->retry_timer.data = a;
+  if (setup(rt) != 0) {
     a->failed = 1;
     close_all(a, rt->cfg->nworkers);
     for (i = 0; i < rt->cfg->nworkers; i++)
@@ -149,6 +287,7 @@ static void acceptor_main(void *arg) {
   }
   uv_sem_post(&rt->ready);                /* after this, `a` belongs to this thread */
   uv_run(&a->loop, UV_RUN_DEFAULT);
+  if (a->listen_fd >= 0) close(a->listen_fd);   /* uv_poll does not close it */
   rc = uv_loop_close(&a->loop);
   if (rc != 0)
     fprintf(stderr, "multiloop: acceptor: loop closed with handles open: %s\n",

@@ -13,10 +13,16 @@
  * (uv_try_write); only what the kernel did not take is queued, and a queued
  * write pins the Lua string itself (a registry ref) instead of copying it.
  *
+ * Backpressure: write() returns false once the bytes queued in libuv pass the
+ * server's write_high_water; on_drain runs when they fall to write_low_water.
+ * pause()/resume() stop and restart reading. Idle timeouts live in idle.c.
+ *
  * Lifecycle: the connection closes when the peer has ended and our side is
  * shut down, when conn:close() is called (after queued writes flush), on a
  * read or write error (reason: the libuv error name), on a Lua error in a
- * callback (reason "error"), or when the worker stops (reason "stopped").
+ * callback (reason "error"), when idle too long without on_timeout (reason
+ * "timeout"), or when the worker stops (reason "stopped"). Every connection
+ * the acceptor counted is released to it in the close callback.
  */
 #include <limits.h>
 #include <stdlib.h>
@@ -27,13 +33,14 @@
 
 #define CONN_MT "multiloop.conn"
 
-enum { ON_DATA = 1, ON_END, ON_CLOSE, N_USER_VALUES = ON_CLOSE };
+enum { ON_DATA = 1, ON_END, ON_CLOSE, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
 
 struct multiloop_conn_s {
   uv_tcp_t tcp;
   uv_shutdown_t shutdown_req;
   multiloop_worker_t *w;
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
+  multiloop_idle_t idle;               /* its place in the worker's idle lists */
   lua_Integer id;
   int ref;                             /* pins the userdata while the handle is open */
   unsigned callbacks;                  /* bit n set: user value n is a function */
@@ -42,12 +49,16 @@ struct multiloop_conn_s {
   unsigned shutdown_requested : 1;
   unsigned shut_down : 1;              /* our FIN is out */
   unsigned close_when_flushed : 1;     /* conn:close() with writes queued */
+  unsigned paused : 1;                 /* conn:pause() */
+  unsigned need_drain : 1;             /* write() returned false: on_drain is due */
+  unsigned counted : 1;                /* holds one of the acceptor's slots */
   const char *reason;                  /* for on_close: NULL or a static string */
 };
 
 typedef struct {
   uv_write_t req;
   int ref;                             /* the Lua string being written */
+  int cb_ref;                          /* conn:write's callback, or LUA_NOREF */
 } write_req;
 
 #define HAS(c, slot) ((c)->callbacks & (1u << (slot)))
@@ -56,34 +67,49 @@ typedef struct {
 
 typedef struct {
   multiloop_conn_t *c;
-  int slot;
-  const char *data;
+  int slot;                            /* a user value, or 0 to call `ref` */
+  int ref;
+  const char *data;                    /* the argument, NULL for none ... */
   size_t len;
+  int nil_arg;                         /* ... or nil when this is set */
 } call_ev;
 
-/* Protected: calls the callback in `slot` with the data (on_data) or the
- * reason (on_close) or nothing (on_end). */
+/* Protected: calls the callback in user value `slot` (or the registry `ref`)
+ * with one argument (data, a reason, nil) or none. */
 static int call_body(lua_State *L) {
   call_ev *ev = lua_touserdata(L, 1);
   int nargs = 0;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ev->c->ref);
-  if (lua_getiuservalue(L, -1, ev->slot) != LUA_TFUNCTION) return 0;
-  if (ev->slot == ON_DATA) {
+  if (ev->slot == 0) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ev->ref);
+  } else {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ev->c->ref);
+    lua_getiuservalue(L, -1, ev->slot);
+  }
+  if (!lua_isfunction(L, -1)) return 0;
+  if (ev->data) {
     lua_pushlstring(L, ev->data, ev->len);
     nargs = 1;
-  } else if (ev->slot == ON_CLOSE) {
-    if (ev->c->reason) lua_pushstring(L, ev->c->reason);
-    else lua_pushnil(L);
+  } else if (ev->nil_arg) {
+    lua_pushnil(L);
     nargs = 1;
   }
   lua_call(L, nargs, 0);
   return 0;
 }
 
-static const char *const slot_names[] = { "", "on_data", "on_end", "on_close" };
+static const char *const slot_names[] = { "write callback", "on_data", "on_end",
+                                          "on_close", "on_drain", "on_timeout" };
 
+/* Calls the callback in `slot` with `data`, or with no argument (data NULL). */
 static int call(multiloop_conn_t *c, int slot, const char *data, size_t len) {
-  call_ev ev = { c, slot, data, len };
+  call_ev ev = { c, slot, LUA_NOREF, data, len, 0 };
+  return multiloop_enter(c->w, call_body, &ev, &c->id, slot_names[slot]);
+}
+
+/* Calls the callback in `slot`, or the registry `ref` when slot is 0, with
+ * `reason` or nil. */
+static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *reason) {
+  call_ev ev = { c, slot, ref, reason, reason ? strlen(reason) : 0, reason == NULL };
   return multiloop_enter(c->w, call_body, &ev, &c->id, slot_names[slot]);
 }
 
@@ -92,7 +118,8 @@ static int call(multiloop_conn_t *c, int slot, const char *data, size_t len) {
 static void close_cb(uv_handle_t *h) {
   multiloop_conn_t *c = h->data;
   lua_State *L = c->w->L;
-  if (HAS(c, ON_CLOSE)) call(c, ON_CLOSE, NULL, 0);
+  if (c->counted) multiloop_acceptor_released(c->w->rt);
+  if (HAS(c, ON_CLOSE)) call_with_reason(c, ON_CLOSE, LUA_NOREF, c->reason);
   luaL_unref(L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
 }
 
@@ -106,6 +133,7 @@ static void conn_close(multiloop_conn_t *c, const char *reason) {
   else if (w->conns == c) w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
+  multiloop_idle_remove(w, &c->idle);
   uv_close((uv_handle_t *)&c->tcp, close_cb);
 }
 
@@ -144,6 +172,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   multiloop_conn_t *c = s->data;
   if (nread > 0) {
+    multiloop_idle_touch(c->w, &c->idle);
     if (HAS(c, ON_DATA) && call(c, ON_DATA, buf->base, (size_t)nread) != LUA_OK)
       conn_close(c, "error");
   } else if (nread == UV_EOF) {
@@ -160,6 +189,24 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   } else if (nread < 0) {
     conn_close(c, uv_err_name((int)nread));
   }
+}
+
+/* Idle for `ms`: on_timeout if set (the timeout starts again: it fires once
+ * per idle period), otherwise close with reason "timeout". */
+void multiloop_conn_idle(multiloop_idle_t *n, uint64_t ms) {
+  multiloop_conn_t *c = (multiloop_conn_t *)((char *)n - offsetof(multiloop_conn_t, idle));
+  if (c->closing) return;
+  if (!HAS(c, ON_TIMEOUT)) {
+    conn_close(c, "timeout");
+    return;
+  }
+  multiloop_idle_set(c->w, &c->idle, ms);
+  if (call(c, ON_TIMEOUT, NULL, 0) != LUA_OK) conn_close(c, "error");
+}
+
+static void start_reading(multiloop_conn_t *c) {
+  if (!c->closing && !c->paused && !c->read_ended && !c->close_when_flushed)
+    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
 }
 
 /* --- accepting ------------------------------------------------------------- */
@@ -185,6 +232,7 @@ static int accept_body(lua_State *L) {
   c->ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pinned before libuv sees it */
   uv_tcp_init(&w->loop, &c->tcp);
   c->tcp.data = c;
+  c->counted = 1;                          /* the acceptor counted this fd */
   ev->taken = 1;
   if (uv_accept((uv_stream_t *)&w->pipe, (uv_stream_t *)&c->tcp) != 0) {
     c->closing = 0;
@@ -197,6 +245,10 @@ static int accept_body(lua_State *L) {
   if (w->conns) w->conns->prev = c;
   w->conns = c;
   ev->c = c;
+  if (w->cfg->nodelay) uv_tcp_nodelay(&c->tcp, 1);
+  if (w->cfg->keepalive) uv_tcp_keepalive(&c->tcp, 1, w->cfg->keepalive);
+  if (multiloop_idle_set(w, &c->idle, w->cfg->idle_timeout) != 0)
+    return luaL_error(L, "not enough memory");
 
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
   lua_getfield(L, -1, "connect");
@@ -213,8 +265,7 @@ int multiloop_conn_accept(multiloop_worker_t *w) {
   multiloop_conn_t *c = ev.c;
   if (c == NULL) return ev.taken;
   if (rc != LUA_OK) conn_close(c, "error");
-  else if (!c->closing && !c->read_ended)
-    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+  else start_reading(c);
   return 1;
 }
 
@@ -223,9 +274,24 @@ int multiloop_conn_accept(multiloop_worker_t *w) {
 static void write_cb(uv_write_t *req, int status) {
   write_req *wr = (write_req *)req;
   multiloop_conn_t *c = req->handle->data;
-  luaL_unref(c->w->L, LUA_REGISTRYINDEX, wr->ref);
+  lua_State *L = c->w->L;
+  int cb_ref = wr->cb_ref, rc = LUA_OK;
+  luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
   free(wr);
-  if (status < 0 && status != UV_ECANCELED) conn_close(c, uv_err_name(status));
+  if (status == 0) multiloop_idle_touch(c->w, &c->idle);
+  if (cb_ref != LUA_NOREF) {
+    rc = call_with_reason(c, 0, cb_ref, status < 0 ? uv_err_name(status) : NULL);
+    luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
+  }
+  if (status < 0 && status != UV_ECANCELED) {
+    conn_close(c, uv_err_name(status));
+  } else if (rc != LUA_OK) {
+    conn_close(c, "error");
+  } else if (c->need_drain && !c->closing &&
+             c->tcp.write_queue_size <= c->w->cfg->write_low_water) {
+    c->need_drain = 0;
+    if (HAS(c, ON_DRAIN) && call(c, ON_DRAIN, NULL, 0) != LUA_OK) conn_close(c, "error");
+  }
 }
 
 static int fail(lua_State *L, const char *op, int err) {
@@ -245,52 +311,70 @@ static int closed(lua_State *L) {
   return 2;
 }
 
+/* true while the queue is under the high-water mark; false (and on_drain
+ * later) once over it. */
+static int push_write_result(lua_State *L, multiloop_conn_t *c) {
+  int under = c->tcp.write_queue_size < c->w->cfg->write_high_water;
+  if (!under) c->need_drain = 1;
+  lua_pushboolean(L, under);
+  return 1;
+}
+
+/* conn:write(data [, fn(err)]). Without a callback the socket is tried first
+ * and only the rest is queued. With one, the write is always queued (uv_write
+ * still writes at once when it can), so the callback never runs before
+ * write() returns. */
 static int conn_write(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
+  int has_cb = !lua_isnoneornil(L, 3);
   uv_buf_t buf = uv_buf_init((char *)(uintptr_t)data, (unsigned)len);  /* libuv only reads it */
   write_req *wr;
-  int rc;
+  int ref, cb_ref = LUA_NOREF, rc;
 
   luaL_argcheck(L, len <= INT_MAX, 2, "string too long for one write (2 GiB at most)");
+  luaL_argexpected(L, !has_cb || lua_isfunction(L, 3), 3, "function or nil");
   if (c->closing || c->shutdown_requested) return closed(L);
-  if (c->tcp.write_queue_size == 0 && len > 0) {  /* the cheap way first */
-    int n = uv_try_write((uv_stream_t *)&c->tcp, &buf, 1);
-    if (n == (int)len || (n < 0 && n != UV_EAGAIN)) {
-      if (n < 0) {
+  if (!has_cb) {
+    if (len == 0) return push_write_result(L, c);
+    if (c->tcp.write_queue_size == 0) {      /* the cheap way first */
+      int n = uv_try_write((uv_stream_t *)&c->tcp, &buf, 1);
+      if (n < 0 && n != UV_EAGAIN) {
         conn_close(c, uv_err_name(n));
         return fail(L, "write", n);
       }
-      lua_pushboolean(L, 1);
-      return 1;
+      if (n > 0) multiloop_idle_touch(c->w, &c->idle);
+      if (n == (int)len) return push_write_result(L, c);
+      if (n > 0) {
+        buf.base += n;
+        buf.len -= (unsigned)n;
+      }
     }
-    if (n > 0) {
-      buf.base += n;
-      buf.len -= (unsigned)n;
-    }
-  }
-  if (len == 0) {
-    lua_pushboolean(L, 1);
-    return 1;
   }
   lua_pushvalue(L, 2);
-  rc = luaL_ref(L, LUA_REGISTRYINDEX);          /* may raise: nothing to undo yet */
+  ref = luaL_ref(L, LUA_REGISTRYINDEX);      /* may raise: nothing to undo yet */
+  if (has_cb) {
+    lua_pushvalue(L, 3);
+    cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   wr = malloc(sizeof *wr);
   if (wr == NULL) {
-    luaL_unref(L, LUA_REGISTRYINDEX, rc);
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
     return fail(L, "write", UV_ENOMEM);
   }
-  wr->ref = rc;
+  wr->ref = ref;
+  wr->cb_ref = cb_ref;
   rc = uv_write(&wr->req, (uv_stream_t *)&c->tcp, &buf, 1, write_cb);
   if (rc != 0) {
-    luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
     free(wr);
     conn_close(c, uv_err_name(rc));
     return fail(L, "write", rc);
   }
-  lua_pushboolean(L, 1);
-  return 1;
+  return push_write_result(L, c);
 }
 
 /* --- the other methods ----------------------------------------------------- */
@@ -309,6 +393,76 @@ static int set_callback(lua_State *L, int slot) {
 static int conn_on_data(lua_State *L) { return set_callback(L, ON_DATA); }
 static int conn_on_end(lua_State *L) { return set_callback(L, ON_END); }
 static int conn_on_close(lua_State *L) { return set_callback(L, ON_CLOSE); }
+static int conn_on_drain(lua_State *L) { return set_callback(L, ON_DRAIN); }
+static int conn_on_timeout(lua_State *L) { return set_callback(L, ON_TIMEOUT); }
+
+static int conn_pause(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  if (!c->closing && !c->paused) {
+    c->paused = 1;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+  }
+  return 0;
+}
+
+static int conn_resume(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  if (c->paused) {
+    c->paused = 0;
+    start_reading(c);
+  }
+  return 0;
+}
+
+static int conn_buffered(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  lua_pushinteger(L, c->closing ? 0 : (lua_Integer)c->tcp.write_queue_size);
+  return 1;
+}
+
+static lua_Integer check_ms(lua_State *L, int arg) {
+  lua_Integer ms = luaL_checkinteger(L, arg);
+  luaL_argcheck(L, ms >= 0, arg, "milliseconds must not be negative");
+  return ms;
+}
+
+/* conn:set_timeout(ms): idle timeout for this connection, 0 for none. */
+static int conn_set_timeout(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  lua_Integer ms = check_ms(L, 2);
+  if (c->closing) return 0;
+  if (multiloop_idle_set(c->w, &c->idle, (uint64_t)ms) != 0)
+    return luaL_error(L, "not enough memory");
+  return 0;
+}
+
+static int conn_set_nodelay(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  int rc;
+  luaL_checktype(L, 2, LUA_TBOOLEAN);
+  if (c->closing) return closed(L);
+  if ((rc = uv_tcp_nodelay(&c->tcp, lua_toboolean(L, 2))) != 0)
+    return fail(L, "set_nodelay", rc);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* conn:set_keepalive(on [, ms]): TCP keepalive probes after ms idle (the
+ * kernel counts whole seconds: rounded up, at least 1). */
+static int conn_set_keepalive(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  lua_Integer ms;
+  int on, rc;
+  luaL_checktype(L, 2, LUA_TBOOLEAN);
+  on = lua_toboolean(L, 2);
+  ms = lua_isnoneornil(L, 3) ? 60000 : check_ms(L, 3);
+  luaL_argcheck(L, ms <= (lua_Integer)INT_MAX * 1000, 3, "keepalive delay too large");
+  if (c->closing) return closed(L);
+  rc = uv_tcp_keepalive(&c->tcp, on, on ? (unsigned)((ms + 999) / 1000 > 0 ? (ms + 999) / 1000 : 1) : 0);
+  if (rc != 0) return fail(L, "set_keepalive", rc);
+  lua_pushboolean(L, 1);
+  return 1;
+}
 
 static int conn_shutdown_method(lua_State *L) {
   conn_shutdown(check_conn(L));
@@ -373,6 +527,14 @@ static const luaL_Reg conn_methods[] = {
   { "on_data", conn_on_data },
   { "on_end", conn_on_end },
   { "on_close", conn_on_close },
+  { "on_drain", conn_on_drain },
+  { "on_timeout", conn_on_timeout },
+  { "pause", conn_pause },
+  { "resume", conn_resume },
+  { "buffered", conn_buffered },
+  { "set_timeout", conn_set_timeout },
+  { "set_nodelay", conn_set_nodelay },
+  { "set_keepalive", conn_set_keepalive },
   { "write", conn_write },
   { "shutdown", conn_shutdown_method },
   { "close", conn_close_method },

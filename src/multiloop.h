@@ -21,6 +21,10 @@
 #include <lua.h>
 #include <uv.h>
 
+/* Everything declared here is internal: hidden even when a build (luarocks'
+ * builtin one) does not pass -fvisibility=hidden. */
+#pragma GCC visibility push(hidden)
+
 #define MULTILOOP_READ_BUFFER_SIZE (64 * 1024)
 
 typedef enum {
@@ -42,9 +46,24 @@ typedef struct {
   size_t config_len;
   char *package_path;
   char *package_cpath;
+  /* Connections (conn.c) */
+  int max_connections;        /* 0: unlimited */
+  uint64_t idle_timeout;      /* ms, 0: none */
+  size_t write_high_water;    /* write() returns false above this many queued bytes */
+  size_t write_low_water;     /* on_drain runs when the queue falls to this */
+  int nodelay;                /* TCP_NODELAY on accepted connections */
+  unsigned keepalive;         /* seconds, 0: off */
 } multiloop_config_t;
 
 typedef struct multiloop_runtime_s multiloop_runtime_t;
+typedef struct multiloop_idle_list_s multiloop_idle_list_t;
+
+/* A connection's place in its worker's idle lists (idle.c). */
+typedef struct multiloop_idle_s {
+  multiloop_idle_list_t *list;         /* NULL: no timeout */
+  struct multiloop_idle_s *prev, *next;
+  uint64_t last;                       /* loop time of the last activity, ms */
+} multiloop_idle_t;
 typedef struct multiloop_worker_s multiloop_worker_t;
 typedef struct multiloop_conn_s multiloop_conn_t;
 
@@ -63,6 +82,9 @@ struct multiloop_worker_s {
   uv_async_t stop_async;
   char *read_buffer;                   /* one per loop, shared by every read */
   multiloop_conn_t *conns;             /* open connections, to close them at stop */
+  uv_timer_t idle_timer;               /* one timer for every idle timeout */
+  uint64_t idle_due;
+  multiloop_idle_list_t *idle_lists;
   int handler_ref;                     /* registry: the handler table */
   int worker_ref;                      /* registry: the `worker` table */
   int stopping;
@@ -76,11 +98,19 @@ typedef struct {
   uv_thread_t thread;
   int thread_started;
   uv_loop_t loop;
-  uv_tcp_t listener;
+  uv_os_sock_t listen_fd;
+  uv_poll_t listener;                  /* we accept ourselves: see acceptor.c */
+  uv_timer_t retry_timer;              /* after EMFILE/ENFILE */
   uv_async_t stop_async;
+  uv_async_t resume_async;             /* a worker freed a slot under max_connections */
   uv_pipe_t *pipes;                    /* acceptor ends, one per worker */
   uv_file *pipe_fds;
   int next;                            /* round-robin cursor */
+  int polling;
+  int paused_for_limit;
+  int paused_for_fds;
+  int stopping;
+  unsigned long fd_failures;           /* in the current EMFILE episode */
 
   /* Start handshake: written by the acceptor before it posts rt->ready. */
   int failed;
@@ -94,6 +124,9 @@ struct multiloop_runtime_s {
   const multiloop_config_t *cfg;
   uv_sem_t ready;                      /* each thread posts once it is up or has failed */
   atomic_uint_fast64_t next_conn_id;
+  atomic_int active;                   /* accepted and not yet closed */
+  atomic_int accept_waiting;           /* the acceptor paused at max_connections */
+  atomic_uint_fast64_t accept_errors;
   multiloop_acceptor_t acceptor;
   multiloop_worker_t *workers;
 };
@@ -111,15 +144,26 @@ void multiloop_copy_decode(lua_State *L, const char *data, size_t len);
 /* acceptor.c */
 int multiloop_acceptor_start(multiloop_runtime_t *rt);
 void multiloop_acceptor_stop(multiloop_runtime_t *rt);
+void multiloop_acceptor_released(multiloop_runtime_t *rt);  /* any thread */
 
 /* worker.c */
 int multiloop_worker_start(multiloop_worker_t *w);
 void multiloop_worker_request_stop(multiloop_worker_t *w);
 void multiloop_worker_join(multiloop_worker_t *w);
 
+/* idle.c: runs only on a worker thread. */
+void multiloop_idle_init(multiloop_worker_t *w);
+void multiloop_idle_close(multiloop_worker_t *w);
+int multiloop_idle_set(multiloop_worker_t *w, multiloop_idle_t *n, uint64_t ms);
+void multiloop_idle_touch(multiloop_worker_t *w, multiloop_idle_t *n);
+void multiloop_idle_remove(multiloop_worker_t *w, multiloop_idle_t *n);
+
 /* conn.c: runs only on a worker thread. */
+void multiloop_conn_idle(multiloop_idle_t *n, uint64_t ms);
 void multiloop_conn_register(lua_State *L);
 int multiloop_conn_accept(multiloop_worker_t *w);
 void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
+
+#pragma GCC visibility pop
 
 #endif

@@ -167,6 +167,14 @@ static int core_new(lua_State *L) {
   s->cfg.port = int_field(L, 1, "port");
   s->cfg.backlog = int_field(L, 1, "backlog");
   s->cfg.nworkers = int_field(L, 1, "workers");
+  s->cfg.max_connections = int_field(L, 1, "max_connections");
+  s->cfg.idle_timeout = (uint64_t)int_field(L, 1, "idle_timeout");
+  s->cfg.write_high_water = (size_t)int_field(L, 1, "write_high_water");
+  s->cfg.write_low_water = (size_t)int_field(L, 1, "write_low_water");
+  s->cfg.keepalive = (unsigned)int_field(L, 1, "keepalive_seconds");
+  lua_getfield(L, 1, "nodelay");
+  s->cfg.nodelay = lua_toboolean(L, -1);
+  lua_pop(L, 1);
   luaL_argcheck(L, s->cfg.nworkers >= 1, 1, "workers must be at least 1");
   lua_getfield(L, 1, "handler_kind");
   kind = luaL_checkstring(L, -1);

@@ -109,6 +109,7 @@ static void stop_cb(uv_async_t *async) {
   multiloop_worker_t *w = async->data;
   w->stopping = 1;
   multiloop_conn_close_all(w, "stopped");
+  multiloop_idle_close(w);
   uv_close((uv_handle_t *)&w->pipe, NULL);
   uv_close((uv_handle_t *)&w->stop_async, NULL);
 }
@@ -145,6 +146,7 @@ static void worker_main(void *arg) {
       uv_read_start((uv_stream_t *)&w->pipe, pipe_alloc_cb, pipe_read_cb);
       uv_async_init(&w->loop, &w->stop_async, stop_cb);
       w->stop_async.data = w;
+      multiloop_idle_init(w);
     }
   }
   if (w->failed && w->pipe_fd >= 0) {

@@ -17,6 +17,8 @@ local M = {
 }
 
 local MAX_WORKERS = 1024
+local MAX_MS = 0x7fffffff                  -- about 24.8 days
+local MAX_BYTES = 0x7fffffff
 
 -- Option checkers: each returns the value to use, or raises with a message
 -- that names the option. Ordered: required, important, alphabetical.
@@ -93,11 +95,28 @@ local checks = {
   workers = function(v) return integer_in("workers", v, 1, MAX_WORKERS) end,
   backlog = function(v) return integer_in("backlog", v, 1, 65535) end,
   config = function(v) return v end,       -- copied (and checked) by the core
+  idle_timeout = function(v) return integer_in("idle_timeout", v, 0, MAX_MS) end,
+  keepalive = function(v)
+    if v == false then return 0 end
+    return integer_in("keepalive", v, 0, MAX_MS)
+  end,
+  max_connections = function(v) return integer_in("max_connections", v, 0, 0x7fffffff) end,
+  nodelay = function(v)
+    if type(v) ~= "boolean" then fail("nodelay", "must be a boolean", v) end
+    return v
+  end,
+  write_high_water = function(v) return integer_in("write_high_water", v, 1, MAX_BYTES) end,
+  write_low_water = function(v) return integer_in("write_low_water", v, 0, MAX_BYTES) end,
 }
 
 local defaults = {
   host = "127.0.0.1",
   backlog = 511,
+  idle_timeout = 0,
+  keepalive = 0,
+  max_connections = 0,
+  nodelay = true,
+  write_high_water = 1024 * 1024,
 }
 
 local Server = {}
@@ -140,6 +159,13 @@ function M.server(opts)
       if v ~= nil then o[k] = check(v) end
     end
     o.workers = o.workers or core.parallelism()
+    o.write_low_water = o.write_low_water or o.write_high_water // 4
+    if o.write_low_water >= o.write_high_water then
+      fail("write_low_water", ("must be below write_high_water (%d)"):format(o.write_high_water),
+        o.write_low_water)
+    end
+    -- The kernel counts keepalive in whole seconds.
+    o.keepalive_seconds = o.keepalive > 0 and math.max(1, (o.keepalive + 999) // 1000) or 0
     o.handler_kind, o.handler = check_handler(opts.handler)
   end)
   if not ok then error(err, 2) end
