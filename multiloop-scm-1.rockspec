@@ -32,6 +32,7 @@ build = {
             "src/conn.c",
             "src/copy.c",
             "src/enter.c",
+            "src/idle.c",
             "src/server.c",
             "src/worker.c",
          },

@@ -83,12 +83,13 @@ function M.eventually(fn, ms)
   return fn()
 end
 
--- Starts `lua5.4 spec/fixtures/serve.lua ARGS` as a child process whose stderr
--- goes to a file. Returns an object with pid, port, lines(), signal(), wait().
-function M.spawn(args)
+-- Starts `[PREFIX] lua5.4 spec/fixtures/serve.lua ARGS` as a child process
+-- whose stderr goes to a file; PREFIX must exec in place (prlimit does).
+-- Returns an object with pid, port, signal(), wait(), stderr(), cpu_seconds().
+function M.spawn(args, prefix)
   local errfile = os.tmpname()
-  local cmd = ("sh -c 'echo $$; exec %s spec/fixtures/serve.lua %s 2>%s'"):format(
-    os.getenv("LUA") or "lua5.4", args, errfile)
+  local cmd = ("sh -c 'echo $$; exec %s %s spec/fixtures/serve.lua %s 2>%s'"):format(
+    prefix or "", os.getenv("LUA") or "lua5.4", args, errfile)
   local p = assert(io.popen(cmd, "r"))
   local child = { errfile = errfile, pipe = p }
   child.pid = tonumber(p:read("*l"))
@@ -105,6 +106,14 @@ function M.spawn(args)
     local s = f and f:read("*a") or ""
     if f then f:close() end
     return s
+  end
+  function child.cpu_seconds()      -- user + system time so far
+    local f = assert(io.open("/proc/" .. child.pid .. "/stat"))
+    local stat = f:read("*a")
+    f:close()
+    local fields = {}
+    for field in stat:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = field end
+    return (tonumber(fields[12]) + tonumber(fields[13])) / 100   -- utime, stime (USER_HZ)
   end
   function child.kill()             -- clean-up for a test that failed midway
     if not child.waited then

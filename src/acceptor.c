@@ -11,7 +11,8 @@
  * not thread-safe. Owning it lets the acceptor simply stop polling:
  *   - at max_connections, until a worker closes a connection and rings
  *     resume_async (pending clients wait in the kernel backlog);
- *   - on EMFILE/ENFILE, retrying on a short timer, logged once per episode.
+ *   - on EMFILE/ENFILE, retrying on a short timer, logged once per episode
+ *     (an episode ends when the backlog is drained).
  *
  * Threads: multiloop_acceptor_start and _stop are called by the main thread,
  * multiloop_acceptor_released by workers; everything else runs on the
@@ -150,19 +151,24 @@ static void accept_cb(uv_poll_t *poll, int status, int events) {
     fd = accept4(a->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       int err = errno;
-      if (err == EAGAIN || err == EWOULDBLOCK) return;
+      if (err == EAGAIN || err == EWOULDBLOCK) {
+        /* The backlog is drained: an EMFILE episode, if any, is over. While
+         * fds stay scarce a hand-off frees one now and then and an accept
+         * succeeds; that alone does not end the episode. */
+        if (a->fd_failures > 0) {
+          fprintf(stderr, "multiloop: acceptor: accepting again after %lu failed attempts\n",
+                  a->fd_failures);
+          fflush(stderr);
+          a->fd_failures = 0;
+        }
+        return;
+      }
       if (err == EINTR || err == ECONNABORTED) continue;
       atomic_fetch_add(&rt->accept_errors, 1);
       if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
         pause_for_fds(rt, uv_translate_sys_error(err));
       }
       return;
-    }
-    if (a->fd_failures > 0) {
-      fprintf(stderr, "multiloop: acceptor: accepting again after %lu failed attempts\n",
-              a->fd_failures);
-      fflush(stderr);
-      a->fd_failures = 0;
     }
     atomic_fetch_add(&rt->active, 1);
     hand_off(rt, fd);

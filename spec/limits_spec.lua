@@ -1,0 +1,97 @@
+-- max_connections holds extra clients in the kernel backlog; running out of
+-- file descriptors pauses accepting (no spinning) and recovers.
+local helper = require("spec.helper")
+local socket = require("socket")
+
+describe("max_connections", function()
+  local server, port
+  after_each(function() if server then server:stop() end end)
+
+  it("holds the extra client in the backlog until a slot frees", function()
+    server, port = helper.server{ workers = 2, max_connections = 2, handler = "examples.echo_handler" }
+    local c1 = helper.connect(port)
+    local c2 = helper.connect(port)
+    finally(function() c1:close(); c2:close() end)
+    assert.are.equal("one\n", helper.echo(c1, "one\n"))
+    assert.are.equal("two\n", helper.echo(c2, "two\n"))
+    local c3 = helper.connect(port)        -- the kernel completes the handshake
+    finally(function() c3:close() end)
+    assert(c3:send("three\n"))
+    c3:settimeout(0.3)
+    local data, err = c3:receive("*l")
+    assert.is_nil(data)
+    assert.are.equal("timeout", err)       -- not served, and not dropped
+    c1:close()
+    c3:settimeout(helper.TIMEOUT)
+    assert.are.equal("three", helper.line(c3))
+    assert.are.equal("two\n", helper.echo(c2, "two\n"))
+  end)
+
+  it("counts a slot free again after every kind of close", function()
+    server, port = helper.server{ workers = 1, max_connections = 1, handler = function(conn)
+      conn:on_data(function(data)
+        if data == "error\n" then error("closing by error") end
+        if data == "close\n" then conn:close() end
+        conn:write(data)
+      end)
+    end }
+    for _, how in ipairs { "client", "close", "error", "reset" } do
+      local c = helper.connect(port)
+      assert.are.equal("hi\n", helper.echo(c, "hi\n"))
+      if how == "client" then
+        c:close()
+      elseif how == "reset" then
+        c:setoption("linger", { on = true, timeout = 0 })
+        c:close()
+      else
+        assert(c:send(how .. "\n"))
+        helper.all(c)
+        c:close()
+      end
+    end
+    local c = helper.connect(port)
+    finally(function() c:close() end)
+    assert.are.equal("last\n", helper.echo(c, "last\n"))
+  end)
+end)
+
+describe("file descriptor exhaustion", function()
+  it("pauses accepting without spinning, logs once, and recovers", function()
+    local child = helper.spawn("examples.echo_handler 1", "prlimit --nofile=128")
+    finally(child.kill)
+    local clients = {}
+    finally(function() for _, c in ipairs(clients) do c:close() end end)
+    for i = 1, 300 do
+      local c = socket.tcp()
+      c:settimeout(2)
+      assert(c:connect("127.0.0.1", child.port))
+      clients[i] = c
+    end
+    helper.sleep(300)                       -- let the server hit the limit
+    local cpu0, t0 = child.cpu_seconds(), socket.gettime()
+    helper.sleep(1000)
+    local cpu = (child.cpu_seconds() - cpu0) / (socket.gettime() - t0)
+    assert.is_true(cpu < 0.25, ("the saturated server used %.0f%% of a core"):format(cpu * 100))
+    for _, c in ipairs(clients) do c:close() end
+    clients = {}
+    local t = socket.gettime()
+    local fresh = helper.eventually(function()
+      local c = socket.tcp()
+      c:settimeout(2)
+      if not c:connect("127.0.0.1", child.port) then c:close(); return nil end
+      return c
+    end, 2000)
+    finally(function() fresh:close() end)
+    assert.are.equal("fresh\n", helper.echo(fresh, "fresh\n"))
+    assert.is_true(socket.gettime() - t < 2, "the fresh client waited over 2 s")
+    local log = child.stderr()
+    local _, pauses = log:gsub("accept failed: too many open files %(EMFILE%); accepting paused", "")
+    assert.are.equal(1, pauses, log)
+    assert.matches("accepting again after %d+ failed attempts", log)
+    child.signal("TERM")
+    local out, code = child.wait()
+    child.waited = true
+    assert.are.equal("stopped on SIGTERM\n", out)
+    assert.are.equal(0, code)
+  end)
+end)
