@@ -26,6 +26,7 @@ build = {
    type = "builtin",
    modules = {
       ["multiloop"] = "lua/multiloop/init.lua",
+      ["multiloop.shared"] = "lua/multiloop/shared.lua",
       ["multiloop.core"] = {
          sources = {
             "src/acceptor.c",
@@ -34,6 +35,7 @@ build = {
             "src/enter.c",
             "src/idle.c",
             "src/server.c",
+            "src/shared.c",
             "src/worker.c",
          },
          libraries = { "uv", "pthread" },

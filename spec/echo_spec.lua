@@ -13,14 +13,14 @@ for _, workers in ipairs { 1, 2, 4 } do
 
     it("returns what a client sends", function()
       local c = helper.connect(port)
-      finally(function() c:close() end)
+      helper.defer(function() c:close() end)
       assert.are.equal("ping\n", helper.echo(c, "ping\n"))
       assert.are.equal("pong\n", helper.echo(c, "pong\n"))
     end)
 
     it("is binary-safe (NUL bytes, every byte value)", function()
       local c = helper.connect(port)
-      finally(function() c:close() end)
+      helper.defer(function() c:close() end)
       local bytes = {}
       for i = 0, 255 do bytes[#bytes + 1] = string.char(i) end
       local msg = table.concat(bytes) .. "\0\0tail\0"
@@ -29,7 +29,7 @@ for _, workers in ipairs { 1, 2, 4 } do
 
     it("serves 200 concurrent clients", function()
       local clients = {}
-      finally(function() for _, c in ipairs(clients) do c:close() end end)
+      helper.defer(function() for _, c in ipairs(clients) do c:close() end end)
       for i = 1, 200 do clients[i] = helper.connect(port) end
       for i, c in ipairs(clients) do assert(c:send(("client %d\n"):format(i))) end
       for i, c in ipairs(clients) do
@@ -60,7 +60,7 @@ describe("echo", function()
   it("echoes an 8 MiB payload byte for byte", function()
     server, port = helper.server{ workers = 2, handler = "examples.echo_handler" }
     local c = helper.connect(port)
-    finally(function() c:close() end)
+    helper.defer(function() c:close() end)
     local chunk = {}
     for i = 0, 1023 do chunk[#chunk + 1] = string.char(i % 256, (i * 7) % 256) end
     local payload = string.rep(table.concat(chunk), 4096)        -- 8 MiB
@@ -90,7 +90,7 @@ describe("echo", function()
   it("handles a half-close: the client still gets everything, then EOF", function()
     server, port = helper.server{ workers = 2, handler = "examples.echo_handler" }
     local c = helper.connect(port)
-    finally(function() c:close() end)
+    helper.defer(function() c:close() end)
     local msg = string.rep("half-close ", 10000)
     assert(c:send(msg))
     assert(c:shutdown("send"))
@@ -110,7 +110,7 @@ describe("echo", function()
     local host = server:address()
     assert.are.equal("::1", host)
     local c = helper.connect(port, "::1")
-    finally(function() c:close() end)
+    helper.defer(function() c:close() end)
     local _, myport = c:getsockname()
     assert.are.equal(("::1 %d"):format(myport), helper.line(c))
   end)

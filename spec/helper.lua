@@ -5,6 +5,19 @@ local socket = require("socket")
 
 local M = { TIMEOUT = 5 }
 
+-- busted's finally() keeps only the last function it was given, so a test
+-- that needs several clean-ups (a client, a child process) would leak all
+-- but one when it fails. defer(fn) stacks them; they run, last first, when
+-- the test ends, whatever its outcome.
+local deferred = {}
+function M.defer(fn) deferred[#deferred + 1] = fn end
+require("busted").subscribe({ "test", "end" }, function()
+  local fns = deferred
+  deferred = {}
+  for i = #fns, 1, -1 do pcall(fns[i]) end
+  return nil, true
+end)
+
 function M.connect(port, host)
   local c = assert(socket.tcp())
   if host and host:find(":", 1, true) then c = assert(socket.tcp6()) end
@@ -56,7 +69,7 @@ function M.pid()
 end
 
 function M.fd_count()
-  local p = assert(io.popen("ls /proc/" .. M.pid() .. "/fd | wc -l"))
+  local p = assert(io.popen("env -u LD_PRELOAD ls /proc/" .. M.pid() .. "/fd | env -u LD_PRELOAD wc -l"))
   local n = p:read("*n")
   p:close()
   return n

@@ -75,7 +75,7 @@ describe("lifecycle", function()
     -- The handler reports over a second connection made before the stop,
     -- which the stop closes too: so the report goes to a file instead.
     local path = os.tmpname()
-    finally(function() os.remove(path) end)
+    helper.defer(function() os.remove(path) end)
     local s, port = helper.server{ workers = 1, config = { path = path }, handler = function(conn)
       conn:on_close(function(err)
         local f = io.open(conn.worker.config.path, "a")
@@ -133,7 +133,7 @@ describe("server:run()", function()
   for _, sig in ipairs { "TERM", "INT" } do
     it("serves until SIG" .. sig .. ", then stops and returns", function()
       local child = helper.spawn("examples.echo_handler 2")
-      finally(child.kill)
+      helper.defer(child.kill)
       local c = helper.connect(child.port)
       assert.are.equal("alive", helper.echo(c, "alive"))
       child.signal(sig)

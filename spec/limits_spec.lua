@@ -11,11 +11,11 @@ describe("max_connections", function()
     server, port = helper.server{ workers = 2, max_connections = 2, handler = "examples.echo_handler" }
     local c1 = helper.connect(port)
     local c2 = helper.connect(port)
-    finally(function() c1:close(); c2:close() end)
+    helper.defer(function() c1:close(); c2:close() end)
     assert.are.equal("one\n", helper.echo(c1, "one\n"))
     assert.are.equal("two\n", helper.echo(c2, "two\n"))
     local c3 = helper.connect(port)        -- the kernel completes the handshake
-    finally(function() c3:close() end)
+    helper.defer(function() c3:close() end)
     assert(c3:send("three\n"))
     c3:settimeout(0.3)
     local data, err = c3:receive("*l")
@@ -50,7 +50,7 @@ describe("max_connections", function()
       end
     end
     local c = helper.connect(port)
-    finally(function() c:close() end)
+    helper.defer(function() c:close() end)
     assert.are.equal("last\n", helper.echo(c, "last\n"))
   end)
 end)
@@ -58,9 +58,9 @@ end)
 describe("file descriptor exhaustion", function()
   it("pauses accepting without spinning, logs once, and recovers", function()
     local child = helper.spawn("examples.echo_handler 1", "prlimit --nofile=128")
-    finally(child.kill)
+    helper.defer(child.kill)
     local clients = {}
-    finally(function() for _, c in ipairs(clients) do c:close() end end)
+    helper.defer(function() for _, c in ipairs(clients) do c:close() end end)
     for i = 1, 300 do
       local c = socket.tcp()
       c:settimeout(2)
@@ -81,10 +81,13 @@ describe("file descriptor exhaustion", function()
       if not c:connect("127.0.0.1", child.port) then c:close(); return nil end
       return c
     end, 2000)
-    finally(function() fresh:close() end)
+    helper.defer(function() fresh:close() end)
     assert.are.equal("fresh\n", helper.echo(fresh, "fresh\n"))
     assert.is_true(socket.gettime() - t < 2, "the fresh client waited over 2 s")
-    local log = child.stderr()
+    local log = helper.eventually(function()       -- after a quiet second
+      local text = child.stderr()
+      return text:find("accepting again", 1, true) and text
+    end, 3000) or child.stderr()
     local _, pauses = log:gsub("accept failed: too many open files %(EMFILE%); accepting paused", "")
     assert.are.equal(1, pauses, log)
     assert.matches("accepting again after %d+ failed attempts", log)

@@ -56,6 +56,12 @@ describe("multiloop.server options", function()
     { opts{ config = { list = { 1, { co = coroutine.create(print) } } } }, "multiloop.server: option 'config': config.list[2].co: cannot copy a thread" },
     { opts{ config = { [print] = 1 } }, "multiloop.server: option 'config': config[function]: cannot copy a function used as a table key" },
     { opts{ config = io.stdout }, "multiloop.server: option 'config': config: cannot copy a userdata" },
+    { opts{ idle_timeout = -1 }, "multiloop.server: option 'idle_timeout' must be an integer from 0 to 2147483647 (got -1)" },
+    { opts{ max_connections = -1 }, "multiloop.server: option 'max_connections' must be an integer from 0 to 2147483647 (got -1)" },
+    { opts{ keepalive = true }, "multiloop.server: option 'keepalive' must be an integer from 0 to 2147483647 (got true)" },
+    { opts{ nodelay = 1 }, "multiloop.server: option 'nodelay' must be a boolean (got 1)" },
+    { opts{ write_high_water = 0 }, "multiloop.server: option 'write_high_water' must be an integer from 1 to 2147483647 (got 0)" },
+    { opts{ write_high_water = 1000, write_low_water = 1000 }, "multiloop.server: option 'write_low_water' must be below write_high_water (1000) (got 1000)" },
   }
   for _, case in ipairs(cases) do
     it("rejects: " .. case[2]:gsub("^multiloop%.server: ", ""), function()
@@ -144,7 +150,7 @@ describe("start() failures", function()
   it("reports a port already in use with the system's message", function()
     local first = multiloop.server(opts{})
     first:start()
-    finally(function() first:stop() end)
+    helper.defer(function() first:stop() end)
     local _, port = first:address()
     local err = start_error(opts{ port = port })
     assert.matches(("multiloop.server: start: bind 127.0.0.1 port %d: address already in use (EADDRINUSE)"):format(port), err, 1, true)
@@ -153,7 +159,7 @@ describe("start() failures", function()
   it("refuses to start a running server", function()
     local s = multiloop.server(opts{})
     s:start()
-    finally(function() s:stop() end)
+    helper.defer(function() s:stop() end)
     assert.matches("multiloop.server: start: the server is already running", error_of(function() s:start() end), 1, true)
   end)
 

@@ -9,7 +9,7 @@ describe("idle timeouts", function()
 
   it("close a silent client with reason 'timeout' and spare an active one", function()
     local path = os.tmpname()
-    finally(function() os.remove(path) end)
+    helper.defer(function() os.remove(path) end)
     server, port = helper.server{ workers = 1, idle_timeout = 300, config = { path = path },
                                   handler = function(conn)
       conn:on_data(function(data) conn:write(data) end)
@@ -18,9 +18,9 @@ describe("idle timeouts", function()
       end)
     end }
     local silent = helper.connect(port)
-    finally(function() silent:close() end)
+    helper.defer(function() silent:close() end)
     local active = helper.connect(port)
-    finally(function() active:close() end)
+    helper.defer(function() active:close() end)
     local t0 = socket.gettime()
     -- keep `active` busy for 900 ms: three timeouts' worth
     while socket.gettime() - t0 < 0.9 do
@@ -46,7 +46,7 @@ describe("idle timeouts", function()
       end)
     end }
     local c = helper.connect(port)
-    finally(function() c:close() end)
+    helper.defer(function() c:close() end)
     assert.are.equal("idle 1", helper.line(c))
     assert.are.equal("idle 2", helper.line(c))
     assert.are.equal("idle 3", helper.line(c))
@@ -66,7 +66,7 @@ describe("idle timeouts", function()
       end)
     end }
     local c = helper.connect(port)
-    finally(function() c:close() end)
+    helper.defer(function() c:close() end)
     assert(c:send("0"))
     assert.are.equal("timeout 0", helper.line(c))
     helper.sleep(300)                        -- past the server's 100 ms
@@ -77,9 +77,9 @@ describe("idle timeouts", function()
   it("a client dribbling a byte every 200 ms does not slow other clients down", function()
     server, port = helper.server{ workers = 1, handler = "examples.echo_handler" }
     local dribbler = helper.connect(port)
-    finally(function() dribbler:close() end)
+    helper.defer(function() dribbler:close() end)
     local other = helper.connect(port)
-    finally(function() other:close() end)
+    helper.defer(function() other:close() end)
     local times = {}
     for i = 1, 5 do
       assert(dribbler:send("d"))

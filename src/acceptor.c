@@ -12,7 +12,7 @@
  *   - at max_connections, until a worker closes a connection and rings
  *     resume_async (pending clients wait in the kernel backlog);
  *   - on EMFILE/ENFILE, retrying on a short timer, logged once per episode
- *     (an episode ends when the backlog is drained).
+ *     (an episode ends after a quiet second: see quiet_cb).
  *
  * Threads: multiloop_acceptor_start and _stop are called by the main thread,
  * multiloop_acceptor_released by workers; everything else runs on the
@@ -33,6 +33,7 @@
 
 #define ACCEPT_BATCH 64          /* accepts per wake-up before yielding to the loop */
 #define FD_RETRY_MS 100          /* retry interval after EMFILE/ENFILE */
+#define FD_QUIET_MS 1000         /* no failure for this long ends an episode */
 
 typedef struct {
   uv_write_t req;
@@ -110,8 +111,20 @@ static void pause_for_fds(multiloop_runtime_t *rt, int err) {
     fflush(stderr);
   }
   a->paused_for_fds = 1;
+  uv_timer_stop(&a->quiet_timer);
   update_polling(a);
   uv_timer_start(&a->retry_timer, retry_cb, FD_RETRY_MS, 0);
+}
+
+/* An EMFILE episode ends after FD_QUIET_MS of accepting without a failure:
+ * while the process stays at its limit a hand-off frees an fd now and then,
+ * and one lucky accept must not read as a recovery. */
+static void quiet_cb(uv_timer_t *t) {
+  multiloop_acceptor_t *a = t->data;
+  fprintf(stderr, "multiloop: acceptor: accepting again after %lu failed attempts\n",
+          a->fd_failures);
+  fflush(stderr);
+  a->fd_failures = 0;
 }
 
 /* At max_connections: stop polling until a worker releases a slot. The flag
@@ -151,18 +164,7 @@ static void accept_cb(uv_poll_t *poll, int status, int events) {
     fd = accept4(a->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       int err = errno;
-      if (err == EAGAIN || err == EWOULDBLOCK) {
-        /* The backlog is drained: an EMFILE episode, if any, is over. While
-         * fds stay scarce a hand-off frees one now and then and an accept
-         * succeeds; that alone does not end the episode. */
-        if (a->fd_failures > 0) {
-          fprintf(stderr, "multiloop: acceptor: accepting again after %lu failed attempts\n",
-                  a->fd_failures);
-          fflush(stderr);
-          a->fd_failures = 0;
-        }
-        return;
-      }
+      if (err == EAGAIN || err == EWOULDBLOCK) return;
       if (err == EINTR || err == ECONNABORTED) continue;
       atomic_fetch_add(&rt->accept_errors, 1);
       if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
@@ -170,6 +172,8 @@ static void accept_cb(uv_poll_t *poll, int status, int events) {
       }
       return;
     }
+    if (a->fd_failures > 0 && !uv_is_active((uv_handle_t *)&a->quiet_timer))
+      uv_timer_start(&a->quiet_timer, quiet_cb, FD_QUIET_MS, 0);
     atomic_fetch_add(&rt->active, 1);
     hand_off(rt, fd);
   }
@@ -178,7 +182,11 @@ static void accept_cb(uv_poll_t *poll, int status, int events) {
 /* Any thread: a connection closed (or never reached a worker). */
 void multiloop_acceptor_released(multiloop_runtime_t *rt) {
   atomic_fetch_sub(&rt->active, 1);
-  if (atomic_load(&rt->accept_waiting)) uv_async_send(&rt->acceptor.resume_async);
+  if (!atomic_load(&rt->accept_waiting)) return;       /* the usual, lock-free case */
+  /* The acceptor may be closing its loop (stop): ring only while it is open. */
+  uv_mutex_lock(&rt->resume_lock);
+  if (rt->resume_open) uv_async_send(&rt->acceptor.resume_async);
+  uv_mutex_unlock(&rt->resume_lock);
 }
 
 /* --- start and stop -------------------------------------------------------- */
@@ -187,11 +195,16 @@ static void close_if_open(uv_handle_t *h) {
   if (h->loop != NULL && !uv_is_closing(h)) uv_close(h, NULL);
 }
 
-static void close_all(multiloop_acceptor_t *a, int nworkers) {
-  int i;
+static void close_all(multiloop_runtime_t *rt) {
+  multiloop_acceptor_t *a = &rt->acceptor;
+  int i, nworkers = rt->cfg->nworkers;
   a->stopping = 1;
+  uv_mutex_lock(&rt->resume_lock);
+  rt->resume_open = 0;
+  uv_mutex_unlock(&rt->resume_lock);
   close_if_open((uv_handle_t *)&a->listener);
   close_if_open((uv_handle_t *)&a->retry_timer);
+  close_if_open((uv_handle_t *)&a->quiet_timer);
   for (i = 0; i < nworkers; i++) close_if_open((uv_handle_t *)&a->pipes[i]);
   close_if_open((uv_handle_t *)&a->stop_async);
   close_if_open((uv_handle_t *)&a->resume_async);
@@ -199,7 +212,7 @@ static void close_all(multiloop_acceptor_t *a, int nworkers) {
 
 static void stop_cb(uv_async_t *async) {
   multiloop_runtime_t *rt = async->data;
-  close_all(&rt->acceptor, rt->cfg->nworkers);
+  close_all(rt);
 }
 
 static int parse_address(const char *host, int port, struct sockaddr_storage *ss) {
@@ -284,10 +297,14 @@ static void acceptor_main(void *arg) {
   uv_async_init(&a->loop, &a->resume_async, resume_cb);
   a->stop_async.data = a->resume_async.data = rt;
   uv_timer_init(&a->loop, &a->retry_timer);
-  a->retry_timer.data = a;
+  uv_timer_init(&a->loop, &a->quiet_timer);
+  a->retry_timer.data = a->quiet_timer.data = a;
+  uv_mutex_lock(&rt->resume_lock);
+  rt->resume_open = 1;
+  uv_mutex_unlock(&rt->resume_lock);
   if (setup(rt) != 0) {
     a->failed = 1;
-    close_all(a, rt->cfg->nworkers);
+    close_all(rt);
     for (i = 0; i < rt->cfg->nworkers; i++)
       if (a->pipe_fds[i] >= 0) { close(a->pipe_fds[i]); a->pipe_fds[i] = -1; }
   }

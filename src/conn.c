@@ -37,7 +37,6 @@ enum { ON_DATA = 1, ON_END, ON_CLOSE, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_T
 
 struct multiloop_conn_s {
   uv_tcp_t tcp;
-  uv_shutdown_t shutdown_req;
   multiloop_worker_t *w;
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
   multiloop_idle_t idle;               /* its place in the worker's idle lists */
@@ -141,8 +140,11 @@ void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason) {
   while (w->conns) conn_close(w->conns, reason);
 }
 
+/* The request is malloc'd: a connection shuts down at most once, and idle
+ * connections should not carry 80 bytes for it. */
 static void shutdown_cb(uv_shutdown_t *req, int status) {
   multiloop_conn_t *c = req->handle->data;
+  free(req);
   if (status == UV_ECANCELED) return;       /* closed meanwhile */
   if (status < 0) {
     conn_close(c, uv_err_name(status));
@@ -154,11 +156,19 @@ static void shutdown_cb(uv_shutdown_t *req, int status) {
 
 /* Half-closes once every queued write has gone out. */
 static void conn_shutdown(multiloop_conn_t *c) {
+  uv_shutdown_t *req;
   int rc;
   if (c->closing || c->shutdown_requested) return;
   c->shutdown_requested = 1;
-  rc = uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, shutdown_cb);
-  if (rc != 0) conn_close(c, uv_err_name(rc));
+  if ((req = malloc(sizeof *req)) == NULL) {
+    conn_close(c, uv_err_name(UV_ENOMEM));
+    return;
+  }
+  rc = uv_shutdown(req, (uv_stream_t *)&c->tcp, shutdown_cb);
+  if (rc != 0) {
+    free(req);
+    conn_close(c, uv_err_name(rc));
+  }
 }
 
 /* --- reading --------------------------------------------------------------- */

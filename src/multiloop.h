@@ -101,6 +101,7 @@ typedef struct {
   uv_os_sock_t listen_fd;
   uv_poll_t listener;                  /* we accept ourselves: see acceptor.c */
   uv_timer_t retry_timer;              /* after EMFILE/ENFILE */
+  uv_timer_t quiet_timer;              /* ends an EMFILE episode */
   uv_async_t stop_async;
   uv_async_t resume_async;             /* a worker freed a slot under max_connections */
   uv_pipe_t *pipes;                    /* acceptor ends, one per worker */
@@ -126,6 +127,8 @@ struct multiloop_runtime_s {
   atomic_uint_fast64_t next_conn_id;
   atomic_int active;                   /* accepted and not yet closed */
   atomic_int accept_waiting;           /* the acceptor paused at max_connections */
+  uv_mutex_t resume_lock;              /* guards resume_open: no ring after close */
+  int resume_open;
   atomic_uint_fast64_t accept_errors;
   multiloop_acceptor_t acceptor;
   multiloop_worker_t *workers;
@@ -163,6 +166,10 @@ void multiloop_conn_idle(multiloop_idle_t *n, uint64_t ms);
 void multiloop_conn_register(lua_State *L);
 int multiloop_conn_accept(multiloop_worker_t *w);
 void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
+
+/* shared.c: named dictionaries shared by every Lua state of the process;
+ * callable from any thread that owns a lua_State. core.shared(name, capacity). */
+int multiloop_shared_open(lua_State *L);
 
 #pragma GCC visibility pop
 

@@ -48,6 +48,7 @@ static void runtime_free(multiloop_runtime_t *rt) {
   free(rt->acceptor.pipes);
   free(rt->acceptor.pipe_fds);
   free(rt->workers);
+  uv_mutex_destroy(&rt->resume_lock);
   uv_sem_destroy(&rt->ready);
   free(rt);
 }
@@ -62,6 +63,12 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
     snprintf(err, errlen, "not enough memory");
     return NULL;
   }
+  if (uv_mutex_init(&rt->resume_lock) != 0) {
+    uv_sem_destroy(&rt->ready);
+    free(rt);
+    snprintf(err, errlen, "not enough memory");
+    return NULL;
+  }
   rt->cfg = cfg;
   rt->acceptor.pipes = calloc(n, sizeof *rt->acceptor.pipes);
   rt->acceptor.pipe_fds = malloc(n * sizeof *rt->acceptor.pipe_fds);
@@ -71,6 +78,7 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
     free(rt->acceptor.pipes);
     free(rt->acceptor.pipe_fds);
     free(rt->workers);
+    uv_mutex_destroy(&rt->resume_lock);
     uv_sem_destroy(&rt->ready);
     free(rt);
     return NULL;
@@ -296,6 +304,7 @@ static const luaL_Reg module_funcs[] = {
   { "new", core_new },
   { "wait_signal", core_wait_signal },
   { "parallelism", core_parallelism },
+  { "shared", multiloop_shared_open },
   { NULL, NULL }
 };
 

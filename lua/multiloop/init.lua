@@ -16,6 +16,10 @@ local M = {
   _UV_VERSION = core.uv_version,
 }
 
+--- multiloop.shared(name [, { capacity = bytes }]): a dictionary shared by
+-- the main state and every worker (lua/multiloop/shared.lua).
+M.shared = require("multiloop.shared")
+
 local MAX_WORKERS = 1024
 local MAX_MS = 0x7fffffff                  -- about 24.8 days
 local MAX_BYTES = 0x7fffffff

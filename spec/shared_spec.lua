@@ -1,0 +1,397 @@
+-- Shared dictionaries: every method and its errors, ttl expiry, LRU eviction
+-- under a small capacity, lifetime, and one dictionary seen from the main
+-- state and from four worker states at once.
+local helper = require("spec.helper")
+local shared = require("multiloop.shared")
+
+-- The message of the error fn raises (which must raise), without the
+-- "file:line: " that Lua puts in front.
+local function error_of(fn)
+  local ok, err = pcall(fn)
+  assert.is_false(ok, "expected an error")
+  return (tostring(err):gsub("^[^:]*:%d+: ", ""))
+end
+
+-- Every result of a call, n included, so that trailing nils count.
+local function all(...) return { n = select("#", ...), ... } end
+
+describe("multiloop.shared", function()
+  it("returns the same object for a name in one state, another for another name", function()
+    local a = shared("spec.same")
+    assert.are.equal(a, shared("spec.same"))
+    assert.are_not.equal(a, shared("spec.other"))
+    assert.are.equal("multiloop.shared 'spec.same' (capacity 1048576)", tostring(a))
+    assert.are.equal(1024 * 1024, a:capacity())
+  end)
+
+  it("is exported by init.lua as multiloop.shared", function()
+    local multiloop = require("multiloop")
+    if multiloop.shared == nil then
+      pending("add M.shared = require(\"multiloop.shared\") to lua/multiloop/init.lua")
+      return
+    end
+    assert.are.equal(shared, multiloop.shared)
+  end)
+
+  it("checks its name and options, naming the option", function()
+    local cases = {
+      { function() shared() end, "multiloop.shared: the name must be a non-empty string (got nil)" },
+      { function() shared("") end, "multiloop.shared: the name must be a non-empty string (got '')" },
+      { function() shared(42) end, "multiloop.shared: the name must be a non-empty string (got 42)" },
+      { function() shared("x", 5) end, "multiloop.shared: expected a table of options or nil (got 5)" },
+      { function() shared("x", { capcity = 1 }) end, "multiloop.shared: unknown option 'capcity'" },
+      { function() shared("x", { capacity = 100 }) end,
+        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got 100)" },
+      { function() shared("x", { capacity = 8192.5 }) end,
+        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got 8192.5)" },
+      { function() shared("x", { capacity = "8192" }) end,
+        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got '8192')" },
+    }
+    for _, case in ipairs(cases) do
+      assert.are.equal(case[2], error_of(case[1]))
+    end
+    -- The core checks what C must not get wrong, even when called directly.
+    assert.are.equal("bad argument #2 to 'shared' (capacity must be at least 4096 bytes)",
+      error_of(function() require("multiloop.core").shared("x", 10) end))
+  end)
+
+  it("keeps the capacity it was made with; asking for another raises", function()
+    local d = shared("spec.capacity", { capacity = 8192.0 })
+    assert.are.equal(8192, d:capacity())
+    assert.are.equal(math.type(d:capacity()), "integer")
+    assert.are.equal(d, shared("spec.capacity"))
+    assert.are.equal(d, shared("spec.capacity", { capacity = 8192 }))
+    assert.are.equal("multiloop.shared: option 'capacity': dictionary 'spec.capacity' already "
+      .. "exists with capacity 8192 (got 16384)",
+      error_of(function() shared("spec.capacity", { capacity = 16384 }) end))
+  end)
+
+  it("is gone once no state references it: the next call makes a new, empty one", function()
+    local d = shared("spec.gone")
+    d:set("k", "v")
+    assert.are.equal("v", shared("spec.gone"):get("k"))
+    d = nil                                                 -- luacheck: ignore
+    collectgarbage()
+    collectgarbage()
+    assert.is_nil(shared("spec.gone"):get("k"))
+  end)
+end)
+
+describe("a shared dictionary", function()
+  local d
+  before_each(function()
+    d = shared("spec.dict")
+    d:flush()
+  end)
+
+  it("stores strings, integers, floats and booleans, keeping integer and float apart", function()
+    local values = {
+      s = "hello", empty = "", bin = "a\0b\255", i = 3, f = 3.0, neg = -0.5,
+      max = math.maxinteger, min = math.mininteger, huge = math.huge,
+      yes = true, no = false,
+    }
+    for k, v in pairs(values) do assert.are.same(all(true, nil, false), all(d:set(k, v))) end
+    for k, v in pairs(values) do
+      assert.are.equal(v, d:get(k), k)
+      assert.are.equal(math.type(v), math.type(d:get(k)), k)
+    end
+    assert.is_false(d:get("no"))
+    assert.are.equal("integer", math.type(d:get("i")))
+    assert.are.equal("float", math.type(d:get("f")))
+    -- An empty string first thing on a fresh object (no scratch buffer yet).
+    local fresh = shared("spec.fresh")
+    fresh:set("e", "")
+    assert.are.equal("", fresh:get("e"))
+    d:set("nan", 0 / 0)
+    assert.are_not.equal(d:get("nan"), d:get("nan"))
+    assert.is_nil(d:get("missing"))
+    -- Overwriting changes the type, whatever the sizes.
+    d:set("s", 7)
+    assert.are.equal(7, d:get("s"))
+    d:set("i", string.rep("x", 1000))
+    assert.are.equal(string.rep("x", 1000), d:get("i"))
+    d:set("i", "short")
+    assert.are.equal("short", d:get("i"))
+  end)
+
+  it("add stores only what is absent: false, 'exists' otherwise", function()
+    assert.are.same(all(true, nil, false), all(d:add("k", 1)))
+    assert.are.same(all(false, "exists", false), all(d:add("k", 2)))
+    assert.are.equal(1, d:get("k"))
+  end)
+
+  it("replace stores only what is present: false, 'not found' otherwise", function()
+    assert.are.same(all(false, "not found", false), all(d:replace("k", 1)))
+    assert.is_nil(d:get("k"))
+    d:set("k", 1)
+    assert.are.same(all(true, nil, false), all(d:replace("k", "two")))
+    assert.are.equal("two", d:get("k"))
+  end)
+
+  it("incr adds integers as integers and floats as floats", function()
+    d:set("n", 10)
+    assert.are.same(all(15, nil, false), all(d:incr("n", 5)))
+    assert.are.equal("integer", math.type(d:get("n")))
+    assert.are.equal(14, d:incr("n", -1))
+    assert.are.equal(14.5, d:incr("n", 0.5))
+    assert.are.equal("float", math.type(d:get("n")))
+    d:set("w", math.maxinteger)
+    assert.are.equal(math.mininteger, d:incr("w", 1))         -- wraps, as in Lua
+    d:set("f", 1.0)
+    assert.are.equal("float", math.type(d:incr("f", 1)))
+  end)
+
+  it("incr on a missing key: nil, 'not found', or init + n when init is given", function()
+    assert.are.same(all(nil, "not found", false), all(d:incr("k", 1)))
+    assert.is_nil(d:get("k"))
+    assert.are.same(all(11, nil, false), all(d:incr("k", 1, 10)))
+    assert.are.equal(12, d:incr("k", 1, 10))                    -- init only when missing
+    assert.are.equal(2.5, d:incr("g", 2, 0.5))
+    assert.are.equal("float", math.type(d:get("g")))
+  end)
+
+  it("incr on a value that is not a number: nil, 'not a number'", function()
+    d:set("s", "5")
+    d:set("b", true)
+    assert.are.same(all(nil, "not a number", false), all(d:incr("s", 1)))
+    assert.are.same(all(nil, "not a number", false), all(d:incr("b", 1, 0)))
+    assert.are.equal("5", d:get("s"))
+  end)
+
+  it("delete removes: true, then false when absent", function()
+    d:set("k", 1)
+    assert.is_true(d:delete("k"))
+    assert.is_nil(d:get("k"))
+    assert.is_false(d:delete("k"))
+  end)
+
+  it("keys returns 1024 keys by default, max of them, or all with 0; count counts", function()
+    for i = 1, 1100 do d:set("k" .. i, i) end
+    assert.are.equal(1100, d:count())
+    assert.are.equal(1024, #d:keys())
+    assert.are.equal(5, #d:keys(5))
+    local seen = {}
+    for _, k in ipairs(d:keys(0)) do
+      assert.is_nil(seen[k])
+      seen[k] = true
+    end
+    for i = 1, 1100 do assert.is_true(seen["k" .. i]) end
+    assert.are.same({}, shared("spec.empty"):keys())
+  end)
+
+  it("flush empties it and gives back the space", function()
+    local free = d:free_space()
+    for i = 1, 100 do d:set("k" .. i, string.rep("v", 100)) end
+    assert.is_true(d:free_space() < free - 100 * 100)
+    d:flush()
+    assert.are.equal(0, d:count())
+    assert.is_nil(d:get("k1"))
+    assert.are.equal(0, #d:keys(0))
+    assert.is_true(d:free_space() >= free)
+    assert.is_true(d:free_space() <= d:capacity())
+  end)
+
+  it("raises naming the argument when a method gets a wrong one", function()
+    local cases = {
+      { function() d:get(1) end, "bad argument #1 to 'get' (string expected, got number)" },
+      { function() d:get() end, "bad argument #1 to 'get' (string expected, got no value)" },
+      { function() d:set({}, 1) end, "bad argument #1 to 'set' (string expected, got table)" },
+      { function() d:set("k") end,
+        "bad argument #2 to 'set' (string, number or boolean expected, got no value)" },
+      { function() d:set("k", nil) end,
+        "bad argument #2 to 'set' (string, number or boolean expected, got nil)" },
+      { function() d:add("k", {}) end,
+        "bad argument #2 to 'add' (string, number or boolean expected, got table)" },
+      { function() d:replace("k", print) end,
+        "bad argument #2 to 'replace' (string, number or boolean expected, got function)" },
+      { function() d:set("k", 1, -1) end,
+        "bad argument #3 to 'set' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:set("k", 1, 1e13) end,
+        "bad argument #3 to 'set' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:set("k", 1, 1.5) end,
+        "bad argument #3 to 'set' (number has no integer representation)" },
+      { function() d:incr("k", "1") end, "bad argument #2 to 'incr' (number expected, got string)" },
+      { function() d:incr("k") end, "bad argument #2 to 'incr' (number expected, got no value)" },
+      { function() d:incr("k", 1, "0") end, "bad argument #3 to 'incr' (number expected, got string)" },
+      { function() d:delete(true) end, "bad argument #1 to 'delete' (string expected, got boolean)" },
+      { function() d:ttl(nil) end, "bad argument #1 to 'ttl' (string expected, got nil)" },
+      { function() d:keys(-1) end,
+        "bad argument #1 to 'keys' (max must not be negative; 0 means all keys)" },
+      { function() d:keys("all") end, "bad argument #1 to 'keys' (number expected, got string)" },
+      { function() d.get(nil, "k") end, "bad argument #1 to 'get' (multiloop.shared expected, got nil)" },
+      { function() d.count({}) end,
+        "bad argument #1 to 'count' (multiloop.shared expected, got table)" },
+    }
+    for _, case in ipairs(cases) do
+      assert.are.equal(case[2], error_of(case[1]))
+    end
+  end)
+end)
+
+describe("ttl", function()
+  local d
+  before_each(function()
+    d = shared("spec.ttl")
+    d:flush()
+  end)
+
+  it("expires entries: they read as absent, and add may take the key again", function()
+    assert.are.same(all(true, nil, false), all(d:set("t", "v", 30)))
+    d:set("keep", "v")
+    local ttl = d:ttl("t")
+    assert.is_true(ttl >= 1 and ttl <= 30, tostring(ttl))
+    assert.are.equal("v", d:get("t"))
+    assert.is_true(helper.eventually(function() return d:get("t") == nil end, 1000))
+    assert.are.same(all(nil, "not found"), all(d:ttl("t")))
+    assert.are.same(all(false, "not found", false), all(d:replace("t", 1)))
+    assert.are.same(all(nil, "not found", false), all(d:incr("t", 1)))
+    assert.is_false(d:delete("t"))
+    assert.are.same(all(true, nil, false), all(d:add("t", "again")))
+    assert.are.equal("again", d:get("t"))
+  end)
+
+  it("reads 0 for an entry without ttl; set replaces the ttl, incr keeps it", function()
+    d:set("k", 1)
+    assert.are.equal(0, d:ttl("k"))
+    d:set("k", 1, 60000)
+    assert.is_true(d:ttl("k") > 59000)
+    d:incr("k", 1)
+    assert.is_true(d:ttl("k") > 59000)
+    d:set("k", 2)
+    assert.are.equal(0, d:ttl("k"))
+    d:set("k", 3, 0)
+    assert.are.equal(0, d:ttl("k"))
+  end)
+
+  it("leaves expired entries out of count and keys", function()
+    d:set("a", 1, 20)
+    d:set("b", 2, 20)
+    d:set("c", 3)
+    assert.are.equal(3, d:count())
+    helper.sleep(40)
+    assert.are.equal(1, d:count())
+    assert.are.same({ "c" }, d:keys())
+  end)
+end)
+
+describe("a full dictionary", function()
+  it("evicts the least recently used entries and says so (forcible)", function()
+    local d = shared("spec.lru", { capacity = 4096 })        -- one stripe: exact LRU
+    d:flush()
+    local value = string.rep("v", 200)
+    for i = 1, 10 do assert.are.same(all(true, nil, false), all(d:set("k" .. i, value))) end
+    assert.are.equal(value, d:get("k1"))                        -- k1 is now the most recent
+    local forced
+    for i = 11, 20 do
+      local ok, err, forcible = d:set("k" .. i, value)
+      assert.is_true(ok)
+      assert.is_nil(err)
+      if forcible then forced = forced or i end
+    end
+    assert.is_not_nil(forced, "some set had to evict")
+    assert.is_true(forced > 10)
+    assert.are.equal(value, d:get("k1"))
+    assert.is_nil(d:get("k2"))
+    -- What is gone is the least recently used: k2, k3, ... up to some kj.
+    local j = 2
+    while d:get("k" .. (j + 1)) == nil do j = j + 1 end
+    for i = j + 1, 20 do assert.are.equal(value, d:get("k" .. i), "k" .. i) end
+    assert.are.equal(20 - (j - 1), d:count())
+    assert.is_true(d:free_space() >= 0 and d:free_space() < 4096)
+  end)
+
+  it("evicts expired entries without calling it forcible", function()
+    local d = shared("spec.lru.expired", { capacity = 4096 })
+    d:flush()
+    local value = string.rep("v", 200)
+    for i = 1, 12 do d:set("old" .. i, value, 10) end
+    helper.sleep(30)
+    for i = 1, 12 do
+      assert.are.same(all(true, nil, false), all(d:set("new" .. i, value)), "new" .. i)
+    end
+    assert.are.equal(12, d:count())
+  end)
+
+  it("refuses an entry larger than a stripe: false, 'no memory', and changes nothing", function()
+    local d = shared("spec.small", { capacity = 4096 })
+    d:flush()
+    d:set("k", "small")
+    assert.are.same(all(false, "no memory", false), all(d:set("k", string.rep("x", 5000))))
+    assert.are.same(all(false, "no memory", false), all(d:add("big", string.rep("x", 5000))))
+    assert.are.same(all(nil, "no memory", false), all(d:incr(string.rep("k", 5000), 1, 0)))
+    assert.are.equal("small", d:get("k"))
+    assert.are.equal(1, d:count())
+    -- The default 1 MiB has 16 stripes of 64 KiB; a larger capacity takes larger entries.
+    local big = string.rep("x", 100 * 1024)
+    assert.are.same(all(false, "no memory", false), all(shared("spec.1m"):set("big", big)))
+    local large = shared("spec.8m", { capacity = 8 * 1024 * 1024 })
+    assert.are.same(all(true, nil, false), all(large:set("big", big)))
+    assert.are.equal(big, large:get("big"))
+  end)
+end)
+
+describe("one dictionary in every worker state", function()
+  local server, port
+  after_each(function() if server then server:stop() end end)
+
+  -- Each worker, asked "KEY\n", runs 10,000 incr on KEY ("own": a key of its
+  -- own) and answers "done <worker id>".
+  local function incr_handler(conn)
+    conn:on_data(function(data)
+      local d = require("multiloop.shared")("spec.workers")
+      local key = data:match("^(%S+)")
+      if key == "own" then key = "worker" .. conn.worker.id end
+      for _ = 1, 10000 do assert(d:incr(key, 1, 0)) end
+      conn:write("done " .. conn.worker.id .. "\n")
+    end)
+  end
+
+  -- Connects once to each of the 4 workers (connections go round-robin),
+  -- sends to all, then reads all, so the workers run at the same time.
+  local function ask_all(request)
+    local clients = {}
+    for i = 1, 4 do clients[i] = helper.connect(port) end
+    helper.defer(function() for _, c in ipairs(clients) do c:close() end end)
+    for _, c in ipairs(clients) do assert(c:send(request)) end
+    for i, c in ipairs(clients) do assert.are.equal("done " .. i, helper.line(c)) end
+  end
+
+  it("adds up exactly when four workers incr one key 10,000 times each", function()
+    local d = shared("spec.workers")
+    d:flush()
+    server, port = helper.server{ workers = 4, handler = incr_handler }
+    ask_all("one\n")
+    assert.are.equal(40000, d:get("one"))
+    assert.are.equal("integer", math.type(d:get("one")))
+  end)
+
+  it("adds up exactly when four workers incr a key each", function()
+    local d = shared("spec.workers")
+    d:flush()
+    server, port = helper.server{ workers = 4, handler = incr_handler }
+    ask_all("own\n")
+    for i = 1, 4 do assert.are.equal(10000, d:get("worker" .. i)) end
+    assert.are.equal(4, d:count())
+  end)
+
+  it("shows workers what the main state set, through require('multiloop')", function()
+    local multiloop = require("multiloop")
+    if multiloop.shared == nil then
+      pending("add M.shared = require(\"multiloop.shared\") to lua/multiloop/init.lua")
+      return
+    end
+    local d = shared("spec.greeting")
+    d:set("greeting", "hello from main")
+    server, port = helper.server{ workers = 2, handler = function(conn)
+      local g = require("multiloop").shared("spec.greeting")
+      g:set("seen" .. conn.worker.id, true)
+      conn:write(g:get("greeting") .. "\n")
+    end }
+    for i = 1, 2 do
+      local c = helper.connect(port)
+      assert.are.equal("hello from main", helper.line(c))
+      c:close()
+      assert.is_true(helper.eventually(function() return d:get("seen" .. i) end))
+    end
+  end)
+end)
