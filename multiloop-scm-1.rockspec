@@ -34,6 +34,7 @@ build = {
             "src/copy.c",
             "src/enter.c",
             "src/idle.c",
+            "src/inbox.c",
             "src/server.c",
             "src/shared.c",
             "src/worker.c",

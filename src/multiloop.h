@@ -56,6 +56,35 @@ typedef struct {
 } multiloop_config_t;
 
 typedef struct multiloop_runtime_s multiloop_runtime_t;
+typedef struct multiloop_worker_s multiloop_worker_t;
+
+/* A message for a worker's inbox (inbox.c): plain C data only. */
+typedef enum {
+  MULTILOOP_MSG_FD,                    /* a connection to serve (queue dispatch) */
+  MULTILOOP_MSG_VALUE,                 /* a copied Lua value (copy.c) for message() */
+  MULTILOOP_MSG_STOP                   /* graceful stop: `timeout` ms */
+} multiloop_msg_kind;
+
+typedef struct multiloop_msg_s {
+  struct multiloop_msg_s *next;
+  multiloop_msg_kind kind;
+  int from;                            /* the sending worker's id, 0 for the main state */
+  uv_os_sock_t fd;                     /* MULTILOOP_MSG_FD, else -1 */
+  uint64_t timeout;                    /* MULTILOOP_MSG_STOP */
+  size_t len;                          /* MULTILOOP_MSG_VALUE: bytes in data */
+  char data[];
+} multiloop_msg_t;
+
+typedef void (*multiloop_inbox_handler)(multiloop_worker_t *w, multiloop_msg_t *msg);
+
+typedef struct {
+  uv_mutex_t lock;
+  multiloop_msg_t *head, *tail;
+  uv_async_t async;
+  int open;                            /* written under lock by the owner only */
+  multiloop_worker_t *owner;
+  multiloop_inbox_handler handle;
+} multiloop_inbox_t;
 typedef struct multiloop_idle_list_s multiloop_idle_list_t;
 
 /* A connection's place in its worker's idle lists (idle.c). */
@@ -64,7 +93,6 @@ typedef struct multiloop_idle_s {
   struct multiloop_idle_s *prev, *next;
   uint64_t last;                       /* loop time of the last activity, ms */
 } multiloop_idle_t;
-typedef struct multiloop_worker_s multiloop_worker_t;
 typedef struct multiloop_conn_s multiloop_conn_t;
 
 struct multiloop_worker_s {
@@ -80,6 +108,7 @@ struct multiloop_worker_s {
   lua_State *L;
   uv_pipe_t pipe;
   uv_async_t stop_async;
+  multiloop_inbox_t inbox;             /* fds (queue dispatch), messages, graceful stop */
   char *read_buffer;                   /* one per loop, shared by every read */
   multiloop_conn_t *conns;             /* open connections, to close them at stop */
   uv_timer_t idle_timer;               /* one timer for every idle timeout */
@@ -153,6 +182,13 @@ void multiloop_acceptor_released(multiloop_runtime_t *rt);  /* any thread */
 int multiloop_worker_start(multiloop_worker_t *w);
 void multiloop_worker_request_stop(multiloop_worker_t *w);
 void multiloop_worker_join(multiloop_worker_t *w);
+
+/* inbox.c */
+int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
+                         multiloop_worker_t *owner, multiloop_inbox_handler handle);
+int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg);  /* any thread */
+void multiloop_inbox_close(multiloop_inbox_t *box);
+void multiloop_msg_free(multiloop_msg_t *msg);
 
 /* idle.c: runs only on a worker thread. */
 void multiloop_idle_init(multiloop_worker_t *w);

@@ -105,11 +105,24 @@ static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) 
     if (!multiloop_conn_accept(w)) break;       /* out of memory: retry on the next byte */
 }
 
+/* Every message a worker receives goes through here; each is freed here. */
+static void inbox_cb(multiloop_worker_t *w, multiloop_msg_t *msg) {
+  (void)w;
+  switch (msg->kind) {
+    case MULTILOOP_MSG_FD:
+    case MULTILOOP_MSG_VALUE:
+    case MULTILOOP_MSG_STOP:
+      break;                                     /* handled in later changes */
+  }
+  multiloop_msg_free(msg);
+}
+
 static void stop_cb(uv_async_t *async) {
   multiloop_worker_t *w = async->data;
   w->stopping = 1;
   multiloop_conn_close_all(w, "stopped");
   multiloop_idle_close(w);
+  multiloop_inbox_close(&w->inbox);
   uv_close((uv_handle_t *)&w->pipe, NULL);
   uv_close((uv_handle_t *)&w->stop_async, NULL);
 }
@@ -147,6 +160,12 @@ static void worker_main(void *arg) {
       uv_async_init(&w->loop, &w->stop_async, stop_cb);
       w->stop_async.data = w;
       multiloop_idle_init(w);
+      if ((rc = multiloop_inbox_init(&w->inbox, &w->loop, w, inbox_cb)) != 0) {
+        fail(w, uv_strerror(rc));                /* the loop still closes cleanly */
+        multiloop_idle_close(w);
+        uv_close((uv_handle_t *)&w->pipe, NULL);
+        uv_close((uv_handle_t *)&w->stop_async, NULL);
+      }
     }
   }
   if (w->failed && w->pipe_fd >= 0) {

@@ -1,0 +1,93 @@
+/*
+ * inbox.c: a worker's inbox, the one way plain data reaches a worker thread.
+ *
+ * A mutex-guarded list of malloc'd messages, rung by a uv_async_t on the
+ * worker's loop. Sends coalesce: the callback detaches the whole list under
+ * the lock and handles every message in order, so many posts cost one
+ * wake-up. A message carries plain C data only (an fd, copied bytes), never
+ * a Lua value or a libuv handle.
+ *
+ * Threads: multiloop_inbox_post may be called from any thread; init, close
+ * and the callback run on the owning worker's thread. Ownership: the sender
+ * allocates a message; from a successful post the inbox owns it, and the
+ * worker's handler frees it. A post after close fails (UV_ECANCELED) and the
+ * sender keeps the message. Close frees what is still queued, closing the
+ * fds it carries. The ring happens under the lock, so it can never reach an
+ * async handle that close has already closed.
+ */
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "multiloop.h"
+
+static void inbox_cb(uv_async_t *async) {
+  multiloop_inbox_t *box = async->data;
+  multiloop_msg_t *msg, *next;
+  uv_mutex_lock(&box->lock);
+  msg = box->head;
+  box->head = box->tail = NULL;
+  uv_mutex_unlock(&box->lock);
+  for (; msg; msg = next) {
+    next = msg->next;
+    box->handle(box->owner, msg);            /* frees msg */
+  }
+}
+
+/* Worker thread, before any other thread may post. */
+int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
+                         multiloop_worker_t *owner, multiloop_inbox_handler handle) {
+  int rc;
+  box->head = box->tail = NULL;
+  box->owner = owner;
+  box->handle = handle;
+  if ((rc = uv_mutex_init(&box->lock)) != 0) return rc;
+  if ((rc = uv_async_init(loop, &box->async, inbox_cb)) != 0) {
+    uv_mutex_destroy(&box->lock);
+    return rc;
+  }
+  box->async.data = box;
+  box->open = 1;
+  return 0;
+}
+
+/* Any thread. Returns 0 (the inbox owns msg now) or UV_ECANCELED (closed). */
+int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg) {
+  msg->next = NULL;
+  uv_mutex_lock(&box->lock);
+  if (!box->open) {
+    uv_mutex_unlock(&box->lock);
+    return UV_ECANCELED;
+  }
+  if (box->tail) box->tail->next = msg;
+  else box->head = msg;
+  box->tail = msg;
+  uv_async_send(&box->async);
+  uv_mutex_unlock(&box->lock);
+  return 0;
+}
+
+void multiloop_msg_free(multiloop_msg_t *msg) {
+  if (msg->kind == MULTILOOP_MSG_FD && msg->fd >= 0) close(msg->fd);
+  free(msg);
+}
+
+static void inbox_close_cb(uv_handle_t *h) {
+  multiloop_inbox_t *box = h->data;
+  uv_mutex_destroy(&box->lock);
+}
+
+/* Worker thread: refuse further posts, free what is queued, close the async. */
+void multiloop_inbox_close(multiloop_inbox_t *box) {
+  multiloop_msg_t *msg, *next;
+  if (!box->open) return;
+  uv_mutex_lock(&box->lock);
+  box->open = 0;
+  msg = box->head;
+  box->head = box->tail = NULL;
+  uv_mutex_unlock(&box->lock);
+  for (; msg; msg = next) {
+    next = msg->next;
+    multiloop_msg_free(msg);
+  }
+  uv_close((uv_handle_t *)&box->async, inbox_close_cb);
+}
