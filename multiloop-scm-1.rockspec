@@ -35,6 +35,7 @@ build = {
             "src/enter.c",
             "src/idle.c",
             "src/inbox.c",
+            "src/listener.c",
             "src/server.c",
             "src/shared.c",
             "src/worker.c",

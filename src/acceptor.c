@@ -1,58 +1,62 @@
 /*
- * acceptor.c: the acceptor thread. It owns the listening socket, its own uv
- * loop, and the acceptor ends of the per-worker socketpairs, opened as IPC
- * pipes. Each accepted connection is sent round-robin to a worker with
- * uv_write2 (SCM_RIGHTS); the acceptor closes its copy once the write is done,
- * so the worker's copy is then the only one.
- *
- * We run the accept path ourselves (a uv_poll_t on the listening socket and
- * accept4 in batches) instead of uv_listen, because libuv 1.44 accepts in a
- * loop inside one callback and its EMFILE spare-fd trick is process-global and
- * not thread-safe. Owning it lets the acceptor simply stop polling:
- *   - at max_connections, until a worker closes a connection and rings
- *     resume_async (pending clients wait in the kernel backlog);
- *   - on EMFILE/ENFILE, retrying on a short timer, logged once per episode
- *     (an episode ends after a quiet second: see quiet_cb).
+ * acceptor.c: the acceptor thread (dispatch "ipc" and "queue"). It runs its
+ * own uv loop with one listener (listener.c: our accept path on the socket
+ * the main thread created) and gives each accepted fd to one worker:
+ *   - ipc: uv_write2 over the worker's socketpair, opened as IPC pipes on both
+ *     ends (SCM_RIGHTS); the acceptor closes its copy once the write is done;
+ *   - queue: a message on the worker's inbox (inbox.c), whose async wakes the
+ *     worker; the fd is the same in every thread of the process, so nothing
+ *     is copied, and posts made before the worker wakes coalesce.
+ * The worker is chosen round-robin, or by least connections (the workers'
+ * `active` counters; ties go round-robin).
  *
  * Threads: multiloop_acceptor_start and _stop are called by the main thread,
  * multiloop_acceptor_released by workers; everything else runs on the
- * acceptor thread. A hand-off in flight owns one malloc'd `handoff` (the write
- * request and the acceptor's uv_tcp_t), freed in the close callback of that
- * uv_tcp_t, also when stop cancels the write.
+ * acceptor thread. An ipc hand-off in flight owns one malloc'd `handoff` (the
+ * write request and the acceptor's uv_tcp_t or uv_pipe_t), freed in that
+ * handle's close callback, also when stop cancels the write: the client is
+ * closed then, never leaked. A queued fd belongs to the worker's inbox.
  */
-#define _GNU_SOURCE             /* accept4 */
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <arpa/inet.h>
-#include <sys/socket.h>
 
 #include "multiloop.h"
 
-#define ACCEPT_BATCH 64          /* accepts per wake-up before yielding to the loop */
-#define FD_RETRY_MS 100          /* retry interval after EMFILE/ENFILE */
-#define FD_QUIET_MS 1000         /* no failure for this long ends an episode */
-
 typedef struct {
   uv_write_t req;
-  uv_tcp_t tcp;
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+  } client;
   multiloop_runtime_t *rt;
   char byte;                     /* IPC needs a byte to carry the fd */
 } handoff;
 
-static void accept_cb(uv_poll_t *poll, int status, int events);
+/* --- choosing a worker ----------------------------------------------------- */
 
-/* Polls the listening socket exactly when nothing holds accepting back. */
-static void update_polling(multiloop_acceptor_t *a) {
-  int want = !a->stopping && !a->paused_for_limit && !a->paused_for_fds;
-  if (want && !a->polling) uv_poll_start(&a->listener, UV_READABLE, accept_cb);
-  else if (!want && a->polling) uv_poll_stop(&a->listener);
-  a->polling = want;
+static int pick_worker(multiloop_runtime_t *rt) {
+  multiloop_acceptor_t *a = &rt->acceptor;
+  int n = rt->cfg->nworkers, best = a->next, i;
+  if (rt->cfg->balance == MULTILOOP_BALANCE_LEAST_CONNECTIONS) {
+    int least = atomic_load_explicit(&rt->workers[best].active, memory_order_relaxed);
+    for (i = 1; i < n && least > 0; i++) {   /* scan from the cursor: ties rotate */
+      int k = (a->next + i) % n;
+      int active = atomic_load_explicit(&rt->workers[k].active, memory_order_relaxed);
+      if (active < least) {
+        least = active;
+        best = k;
+      }
+    }
+  }
+  a->next = (best + 1) % n;
+  return best;
 }
 
-/* --- hand-off -------------------------------------------------------------- */
+/* --- ipc ------------------------------------------------------------------- */
 
 static void handoff_free_cb(uv_handle_t *h) { free(h->data); }
 
@@ -61,13 +65,15 @@ static void handoff_write_cb(uv_write_t *req, int status) {
   /* On failure (a worker gone, or stop cancelled it) the client is closed:
    * its only copy of the fd is ours, and its slot is free again. */
   if (status < 0) multiloop_acceptor_released(ho->rt);
-  uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
+  else atomic_fetch_add_explicit(&ho->rt->acceptor.handed_off, 1, memory_order_relaxed);
+  uv_close(&ho->client.handle, handoff_free_cb);
 }
 
-static void hand_off(multiloop_runtime_t *rt, uv_os_sock_t fd) {
+static void hand_off_ipc(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker) {
   multiloop_acceptor_t *a = &rt->acceptor;
   handoff *ho = malloc(sizeof *ho);
   uv_buf_t byte;
+  int rc;
   if (ho == NULL) {
     close(fd);
     multiloop_acceptor_released(rt);
@@ -76,107 +82,53 @@ static void hand_off(multiloop_runtime_t *rt, uv_os_sock_t fd) {
   ho->rt = rt;
   ho->byte = 'c';
   ho->req.data = ho;
-  ho->tcp.data = ho;
-  uv_tcp_init(&a->loop, &ho->tcp);
-  if (uv_tcp_open(&ho->tcp, fd) != 0) {
+  ho->client.handle.data = ho;
+  if (rt->cfg->path) {
+    uv_pipe_init(&a->loop, &ho->client.pipe, 0);
+    rc = uv_pipe_open(&ho->client.pipe, fd);
+  } else {
+    uv_tcp_init(&a->loop, &ho->client.tcp);
+    rc = uv_tcp_open(&ho->client.tcp, fd);
+  }
+  if (rc != 0) {
     close(fd);
     multiloop_acceptor_released(rt);
-    uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
+    uv_close(&ho->client.handle, handoff_free_cb);
     return;
   }
+  ho->client.handle.data = ho;
   byte = uv_buf_init(&ho->byte, 1);
-  if (uv_write2(&ho->req, (uv_stream_t *)&a->pipes[a->next], &byte, 1,
-                (uv_stream_t *)&ho->tcp, handoff_write_cb) != 0) {
+  if (uv_write2(&ho->req, (uv_stream_t *)&a->pipes[worker], &byte, 1, &ho->client.stream,
+                handoff_write_cb) != 0) {
     multiloop_acceptor_released(rt);
-    uv_close((uv_handle_t *)&ho->tcp, handoff_free_cb);
+    uv_close(&ho->client.handle, handoff_free_cb);
   }
-  a->next = (a->next + 1) % rt->cfg->nworkers;
 }
 
-/* --- accepting ------------------------------------------------------------- */
+/* --- queue ----------------------------------------------------------------- */
 
-static void retry_cb(uv_timer_t *t) {
-  multiloop_acceptor_t *a = t->data;
-  a->paused_for_fds = 0;
-  update_polling(a);
-}
-
-/* Out of fds: stop polling (level-triggered epoll would spin on the pending
- * connection) and retry on a timer. One log line per episode. */
-static void pause_for_fds(multiloop_runtime_t *rt, int err) {
-  multiloop_acceptor_t *a = &rt->acceptor;
-  if (a->fd_failures++ == 0) {
-    fprintf(stderr, "multiloop: acceptor: accept failed: %s (%s); accepting paused, "
-                    "retrying every %d ms\n", uv_strerror(err), uv_err_name(err), FD_RETRY_MS);
-    fflush(stderr);
-  }
-  a->paused_for_fds = 1;
-  uv_timer_stop(&a->quiet_timer);
-  update_polling(a);
-  uv_timer_start(&a->retry_timer, retry_cb, FD_RETRY_MS, 0);
-}
-
-/* An EMFILE episode ends after FD_QUIET_MS of accepting without a failure:
- * while the process stays at its limit a hand-off frees an fd now and then,
- * and one lucky accept must not read as a recovery. */
-static void quiet_cb(uv_timer_t *t) {
-  multiloop_acceptor_t *a = t->data;
-  fprintf(stderr, "multiloop: acceptor: accepting again after %lu failed attempts\n",
-          a->fd_failures);
-  fflush(stderr);
-  a->fd_failures = 0;
-}
-
-/* At max_connections: stop polling until a worker releases a slot. The flag
- * is raised before the count is checked again, and workers decrement before
- * they read the flag, so one of the two always sees the other. */
-static int pause_for_limit(multiloop_runtime_t *rt) {
-  multiloop_acceptor_t *a = &rt->acceptor;
-  atomic_store(&rt->accept_waiting, 1);
-  if (atomic_load(&rt->active) < rt->cfg->max_connections) {
-    atomic_store(&rt->accept_waiting, 0);
-    return 0;
-  }
-  a->paused_for_limit = 1;
-  update_polling(a);
-  return 1;
-}
-
-static void resume_cb(uv_async_t *async) {
-  multiloop_runtime_t *rt = async->data;
-  multiloop_acceptor_t *a = &rt->acceptor;
-  if (!a->paused_for_limit || atomic_load(&rt->active) >= rt->cfg->max_connections)
-    return;
-  atomic_store(&rt->accept_waiting, 0);
-  a->paused_for_limit = 0;
-  update_polling(a);
-}
-
-static void accept_cb(uv_poll_t *poll, int status, int events) {
-  multiloop_runtime_t *rt = poll->data;
-  multiloop_acceptor_t *a = &rt->acceptor;
-  int max = rt->cfg->max_connections, n;
-  (void)events;
-  if (status < 0) return;
-  for (n = 0; n < ACCEPT_BATCH; n++) {
-    uv_os_sock_t fd;
-    if (max > 0 && atomic_load(&rt->active) >= max && pause_for_limit(rt)) return;
-    fd = accept4(a->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) {
-      int err = errno;
-      if (err == EAGAIN || err == EWOULDBLOCK) return;
-      if (err == EINTR || err == ECONNABORTED) continue;
-      atomic_fetch_add(&rt->accept_errors, 1);
-      if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
-        pause_for_fds(rt, uv_translate_sys_error(err));
-      }
+static void hand_off_queue(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker) {
+  multiloop_msg_t *msg = malloc(sizeof *msg);
+  if (msg != NULL) {
+    msg->kind = MULTILOOP_MSG_FD;
+    msg->from = 0;
+    msg->fd = fd;
+    msg->len = 0;
+    if (multiloop_inbox_post(&rt->workers[worker].inbox, msg) == 0) {
+      atomic_fetch_add_explicit(&rt->acceptor.handed_off, 1, memory_order_relaxed);
       return;
     }
-    if (a->fd_failures > 0 && !uv_is_active((uv_handle_t *)&a->quiet_timer))
-      uv_timer_start(&a->quiet_timer, quiet_cb, FD_QUIET_MS, 0);
-    atomic_fetch_add(&rt->active, 1);
-    hand_off(rt, fd);
+    free(msg);                         /* the worker is stopping */
   }
+  close(fd);
+  multiloop_acceptor_released(rt);
+}
+
+static void on_fd(multiloop_listener_t *l, uv_os_sock_t fd) {
+  multiloop_runtime_t *rt = l->rt;
+  int worker = pick_worker(rt);
+  if (rt->cfg->dispatch == MULTILOOP_DISPATCH_QUEUE) hand_off_queue(rt, fd, worker);
+  else hand_off_ipc(rt, fd, worker);
 }
 
 /* Any thread: a connection closed (or never reached a worker). */
@@ -189,6 +141,11 @@ void multiloop_acceptor_released(multiloop_runtime_t *rt) {
   uv_mutex_unlock(&rt->resume_lock);
 }
 
+static void resume_cb(uv_async_t *async) {
+  multiloop_runtime_t *rt = async->data;
+  multiloop_listener_resume(&rt->acceptor.listener);
+}
+
 /* --- start and stop -------------------------------------------------------- */
 
 static void close_if_open(uv_handle_t *h) {
@@ -197,92 +154,41 @@ static void close_if_open(uv_handle_t *h) {
 
 static void close_all(multiloop_runtime_t *rt) {
   multiloop_acceptor_t *a = &rt->acceptor;
-  int i, nworkers = rt->cfg->nworkers;
-  a->stopping = 1;
+  int i;
   uv_mutex_lock(&rt->resume_lock);
   rt->resume_open = 0;
   uv_mutex_unlock(&rt->resume_lock);
-  close_if_open((uv_handle_t *)&a->listener);
-  close_if_open((uv_handle_t *)&a->retry_timer);
-  close_if_open((uv_handle_t *)&a->quiet_timer);
-  for (i = 0; i < nworkers; i++) close_if_open((uv_handle_t *)&a->pipes[i]);
+  multiloop_listener_close(&a->listener);
+  if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC)
+    for (i = 0; i < rt->cfg->nworkers; i++) close_if_open((uv_handle_t *)&a->pipes[i]);
   close_if_open((uv_handle_t *)&a->stop_async);
   close_if_open((uv_handle_t *)&a->resume_async);
 }
 
-static void stop_cb(uv_async_t *async) {
-  multiloop_runtime_t *rt = async->data;
-  close_all(rt);
-}
-
-static int parse_address(const char *host, int port, struct sockaddr_storage *ss) {
-  memset(ss, 0, sizeof *ss);
-  if (strchr(host, ':') != NULL)
-    return uv_ip6_addr(host, port, (struct sockaddr_in6 *)ss);
-  return uv_ip4_addr(host, port, (struct sockaddr_in *)ss);
-}
-
-/* Creates, binds and listens on the socket; returns 0 or a uv error, with
- * a->error naming the step that failed. */
-static int open_listener(multiloop_runtime_t *rt) {
-  multiloop_acceptor_t *a = &rt->acceptor;
-  const multiloop_config_t *cfg = rt->cfg;
-  struct sockaddr_storage ss;
-  socklen_t len;
-  int rc, on = 1;
-  const char *step = "address";
-  char msg[512];
-
-  if ((rc = parse_address(cfg->host, cfg->port, &ss)) != 0) goto fail;
-  len = ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
-  step = "socket";
-  a->listen_fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (a->listen_fd < 0) goto fail_errno;
-  step = "bind";
-  if (setsockopt(a->listen_fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) != 0) goto fail_errno;
-  if (bind(a->listen_fd, (struct sockaddr *)&ss, len) != 0) goto fail_errno;
-  step = "listen";
-  if (listen(a->listen_fd, cfg->backlog) != 0) goto fail_errno;
-  len = sizeof ss;
-  if (getsockname(a->listen_fd, (struct sockaddr *)&ss, &len) != 0) goto fail_errno;
-  uv_ip_name((struct sockaddr *)&ss, a->bound_host, sizeof a->bound_host);
-  a->bound_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                                                 : ((struct sockaddr_in *)&ss)->sin_port);
-  return 0;
-
-fail_errno:
-  rc = uv_translate_sys_error(errno);
-fail:
-  if (strcmp(step, "address") == 0)
-    snprintf(msg, sizeof msg, "invalid host '%s': %s (%s)", cfg->host, uv_strerror(rc),
-             uv_err_name(rc));
-  else
-    snprintf(msg, sizeof msg, "%s %s port %d: %s (%s)", step, cfg->host, cfg->port,
-             uv_strerror(rc), uv_err_name(rc));
-  a->error = strdup(msg);
-  return rc;
-}
+static void stop_cb(uv_async_t *async) { close_all(async->data); }
 
 static int setup(multiloop_runtime_t *rt) {
   multiloop_acceptor_t *a = &rt->acceptor;
+  uv_os_sock_t fd = a->listen_fd;
   int i, rc;
-  for (i = 0; i < rt->cfg->nworkers; i++) {
-    uv_pipe_init(&a->loop, &a->pipes[i], 1);
-    if ((rc = uv_pipe_open(&a->pipes[i], a->pipe_fds[i])) != 0) {
-      char msg[128];
-      snprintf(msg, sizeof msg, "acceptor: hand-off pipe: %s", uv_strerror(rc));
-      a->error = strdup(msg);
-      return rc;
+  char msg[160];
+  if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC) {
+    for (i = 0; i < rt->cfg->nworkers; i++) {
+      if ((rc = uv_pipe_open(&a->pipes[i], a->pipe_fds[i])) != 0) {
+        snprintf(msg, sizeof msg, "acceptor: hand-off pipe: %s", uv_strerror(rc));
+        a->error = strdup(msg);
+        return rc;
+      }
+      a->pipe_fds[i] = -1;                   /* the pipe handle owns it now */
     }
-    a->pipe_fds[i] = -1;                   /* the pipe handle owns it now */
   }
-  if ((rc = open_listener(rt)) != 0) return rc;
-  if ((rc = uv_poll_init_socket(&a->loop, &a->listener, a->listen_fd)) != 0) {
-    a->error = strdup(uv_strerror(rc));
+  a->listen_fd = -1;                         /* the listener owns it now */
+  if ((rc = multiloop_listener_start(&a->listener, &a->loop, rt, fd, 1, "acceptor", on_fd,
+                                     NULL)) != 0) {
+    snprintf(msg, sizeof msg, "acceptor: %s", uv_strerror(rc));
+    a->error = strdup(msg);
     return rc;
   }
-  a->listener.data = rt;
-  update_polling(a);
   return 0;
 }
 
@@ -291,34 +197,30 @@ static void acceptor_main(void *arg) {
   multiloop_acceptor_t *a = &rt->acceptor;
   int i, rc;
 
-  a->listen_fd = -1;
   uv_loop_init(&a->loop);
   uv_async_init(&a->loop, &a->stop_async, stop_cb);
   uv_async_init(&a->loop, &a->resume_async, resume_cb);
   a->stop_async.data = a->resume_async.data = rt;
-  uv_timer_init(&a->loop, &a->retry_timer);
-  uv_timer_init(&a->loop, &a->quiet_timer);
-  a->retry_timer.data = a->quiet_timer.data = a;
+  if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC)
+    for (i = 0; i < rt->cfg->nworkers; i++) uv_pipe_init(&a->loop, &a->pipes[i], 1);
   uv_mutex_lock(&rt->resume_lock);
   rt->resume_open = 1;
   uv_mutex_unlock(&rt->resume_lock);
   if (setup(rt) != 0) {
     a->failed = 1;
     close_all(rt);
-    for (i = 0; i < rt->cfg->nworkers; i++)
-      if (a->pipe_fds[i] >= 0) { close(a->pipe_fds[i]); a->pipe_fds[i] = -1; }
   }
   uv_sem_post(&rt->ready);                /* after this, `a` belongs to this thread */
   uv_run(&a->loop, UV_RUN_DEFAULT);
-  if (a->listen_fd >= 0) close(a->listen_fd);   /* uv_poll does not close it */
   rc = uv_loop_close(&a->loop);
   if (rc != 0)
     fprintf(stderr, "multiloop: acceptor: loop closed with handles open: %s\n",
             uv_err_name(rc));
 }
 
-/* Main thread. Starts the acceptor and waits until it listens or has failed.
- * Returns 0, or -1 with rt->acceptor.error set (the thread is joined then). */
+/* Main thread. Starts the acceptor on rt->acceptor.listen_fd and waits until
+ * it accepts or has failed. Returns 0, or -1 with rt->acceptor.error set (the
+ * thread is joined then). Fds it did not take over stay with the caller. */
 int multiloop_acceptor_start(multiloop_runtime_t *rt) {
   multiloop_acceptor_t *a = &rt->acceptor;
   int rc = uv_thread_create(&a->thread, acceptor_main, rt);
@@ -338,7 +240,7 @@ int multiloop_acceptor_start(multiloop_runtime_t *rt) {
   return 0;
 }
 
-/* Main thread. Stops accepting, cancels hand-offs in flight, joins the thread. */
+/* Main thread. Stops accepting, cancels ipc hand-offs in flight, joins. */
 void multiloop_acceptor_stop(multiloop_runtime_t *rt) {
   multiloop_acceptor_t *a = &rt->acceptor;
   if (!a->thread_started) return;

@@ -27,6 +27,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <arpa/inet.h>
 
 #include "multiloop.h"
@@ -36,7 +37,12 @@
 enum { ON_DATA = 1, ON_END, ON_CLOSE, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
 
 struct multiloop_conn_s {
-  uv_tcp_t tcp;
+  union {                              /* first: libuv hands us &h.handle etc. */
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;                    /* a Unix socket connection */
+  } h;
   multiloop_worker_t *w;
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
   multiloop_idle_t idle;               /* its place in the worker's idle lists */
@@ -51,6 +57,7 @@ struct multiloop_conn_s {
   unsigned paused : 1;                 /* conn:pause() */
   unsigned need_drain : 1;             /* write() returned false: on_drain is due */
   unsigned counted : 1;                /* holds one of the acceptor's slots */
+  unsigned is_unix : 1;
   const char *reason;                  /* for on_close: NULL or a static string */
 };
 
@@ -58,6 +65,7 @@ typedef struct {
   uv_write_t req;
   int ref;                             /* the Lua string being written */
   int cb_ref;                          /* conn:write's callback, or LUA_NOREF */
+  unsigned len;                        /* bytes queued, for the bytes_out counter */
 } write_req;
 
 #define HAS(c, slot) ((c)->callbacks & (1u << (slot)))
@@ -117,7 +125,10 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 static void close_cb(uv_handle_t *h) {
   multiloop_conn_t *c = h->data;
   lua_State *L = c->w->L;
-  if (c->counted) multiloop_acceptor_released(c->w->rt);
+  if (c->counted) {
+    atomic_fetch_sub_explicit(&c->w->active, 1, memory_order_relaxed);
+    multiloop_acceptor_released(c->w->rt);
+  }
   if (HAS(c, ON_CLOSE)) call_with_reason(c, ON_CLOSE, LUA_NOREF, c->reason);
   luaL_unref(L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
 }
@@ -133,7 +144,8 @@ static void conn_close(multiloop_conn_t *c, const char *reason) {
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
   multiloop_idle_remove(w, &c->idle);
-  uv_close((uv_handle_t *)&c->tcp, close_cb);
+  uv_close(&c->h.handle, close_cb);
+  if (w->stopping && w->conns == NULL) multiloop_worker_drained(w);
 }
 
 void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason) {
@@ -164,7 +176,7 @@ static void conn_shutdown(multiloop_conn_t *c) {
     conn_close(c, uv_err_name(UV_ENOMEM));
     return;
   }
-  rc = uv_shutdown(req, (uv_stream_t *)&c->tcp, shutdown_cb);
+  rc = uv_shutdown(req, &c->h.stream, shutdown_cb);
   if (rc != 0) {
     free(req);
     conn_close(c, uv_err_name(rc));
@@ -182,6 +194,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   multiloop_conn_t *c = s->data;
   if (nread > 0) {
+    atomic_fetch_add_explicit(&c->w->bytes_in, (uint64_t)nread, memory_order_relaxed);
     multiloop_idle_touch(c->w, &c->idle);
     if (HAS(c, ON_DATA) && call(c, ON_DATA, buf->base, (size_t)nread) != LUA_OK)
       conn_close(c, "error");
@@ -216,47 +229,60 @@ void multiloop_conn_idle(multiloop_idle_t *n, uint64_t ms) {
 
 static void start_reading(multiloop_conn_t *c) {
   if (!c->closing && !c->paused && !c->read_ended && !c->close_when_flushed)
-    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+    uv_read_start(&c->h.stream, alloc_cb, read_cb);
 }
 
 /* --- accepting ------------------------------------------------------------- */
 
 typedef struct {
   multiloop_worker_t *w;
+  uv_os_sock_t fd;                     /* an fd to open, or -1: accept from the pipe */
   multiloop_conn_t *c;
   lua_Integer id;
-  int taken;                           /* the pending fd was consumed */
+  int taken;                           /* the fd is no longer the caller's */
 } accept_ev;
 
-/* Protected: makes the object, accepts the pending fd into it, calls connect. */
+/* Protected: makes the object, takes the connection's fd into it (from the
+ * hand-off pipe, or an fd the inbox or our own listener gave us), calls
+ * connect. The object is pinned before libuv sees its handle. */
 static int accept_body(lua_State *L) {
   accept_ev *ev = lua_touserdata(L, 1);
   multiloop_worker_t *w = ev->w;
   multiloop_conn_t *c = lua_newuserdatauv(L, sizeof *c, N_USER_VALUES);
+  int rc;
   memset(c, 0, sizeof *c);
   c->closing = 1;                          /* closed until the fd is ours */
   c->ref = LUA_NOREF;
   c->w = w;
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
-  c->ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pinned before libuv sees it */
-  uv_tcp_init(&w->loop, &c->tcp);
-  c->tcp.data = c;
-  c->counted = 1;                          /* the acceptor counted this fd */
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  c->is_unix = w->cfg->path != NULL;
+  if (c->is_unix) uv_pipe_init(&w->loop, &c->h.pipe, 0);
+  else uv_tcp_init(&w->loop, &c->h.tcp);
+  c->h.handle.data = c;
+  c->counted = 1;                          /* the listener counted this fd */
   ev->taken = 1;
-  if (uv_accept((uv_stream_t *)&w->pipe, (uv_stream_t *)&c->tcp) != 0) {
-    c->closing = 0;
-    conn_close(c, "accept");
+  if (ev->fd < 0) rc = uv_accept((uv_stream_t *)&w->pipe, &c->h.stream);
+  else if (c->is_unix) rc = uv_pipe_open(&c->h.pipe, ev->fd);
+  else rc = uv_tcp_open(&c->h.tcp, ev->fd);
+  if (rc != 0 && ev->fd >= 0) close(ev->fd);
+  c->closing = 0;
+  atomic_fetch_add_explicit(&w->active, 1, memory_order_relaxed);
+  if (rc != 0) {
+    conn_close(c, uv_err_name(rc));
     return 0;
   }
-  c->closing = 0;
+  atomic_fetch_add_explicit(&w->accepted, 1, memory_order_relaxed);
   c->id = ev->id = (lua_Integer)atomic_fetch_add(&w->rt->next_conn_id, 1) + 1;
   c->next = w->conns;
   if (w->conns) w->conns->prev = c;
   w->conns = c;
   ev->c = c;
-  if (w->cfg->nodelay) uv_tcp_nodelay(&c->tcp, 1);
-  if (w->cfg->keepalive) uv_tcp_keepalive(&c->tcp, 1, w->cfg->keepalive);
+  if (!c->is_unix) {
+    if (w->cfg->nodelay) uv_tcp_nodelay(&c->h.tcp, 1);
+    if (w->cfg->keepalive) uv_tcp_keepalive(&c->h.tcp, 1, w->cfg->keepalive);
+  }
   if (multiloop_idle_set(w, &c->idle, w->cfg->idle_timeout) != 0)
     return luaL_error(L, "not enough memory");
 
@@ -267,10 +293,11 @@ static int accept_body(lua_State *L) {
   return 0;
 }
 
-/* Accepts one pending connection from the worker's pipe. Returns 0 when it
- * could not even take the fd (out of memory); the caller stops then. */
-int multiloop_conn_accept(multiloop_worker_t *w) {
-  accept_ev ev = { w, NULL, 0, 0 };
+/* Takes one connection: `fd`, or (fd < 0) the next one pending on the
+ * worker's hand-off pipe. Returns 0 when it could not even take the fd (out
+ * of memory): the fd is still the caller's then. */
+int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd) {
+  accept_ev ev = { w, fd, NULL, 0, 0 };
   int rc = multiloop_enter(w, accept_body, &ev, &ev.id, "connect");
   multiloop_conn_t *c = ev.c;
   if (c == NULL) return ev.taken;
@@ -286,9 +313,12 @@ static void write_cb(uv_write_t *req, int status) {
   multiloop_conn_t *c = req->handle->data;
   lua_State *L = c->w->L;
   int cb_ref = wr->cb_ref, rc = LUA_OK;
+  if (status == 0) {
+    atomic_fetch_add_explicit(&c->w->bytes_out, wr->len, memory_order_relaxed);
+    multiloop_idle_touch(c->w, &c->idle);
+  }
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
   free(wr);
-  if (status == 0) multiloop_idle_touch(c->w, &c->idle);
   if (cb_ref != LUA_NOREF) {
     rc = call_with_reason(c, 0, cb_ref, status < 0 ? uv_err_name(status) : NULL);
     luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
@@ -298,7 +328,7 @@ static void write_cb(uv_write_t *req, int status) {
   } else if (rc != LUA_OK) {
     conn_close(c, "error");
   } else if (c->need_drain && !c->closing &&
-             c->tcp.write_queue_size <= c->w->cfg->write_low_water) {
+             c->h.stream.write_queue_size <= c->w->cfg->write_low_water) {
     c->need_drain = 0;
     if (HAS(c, ON_DRAIN) && call(c, ON_DRAIN, NULL, 0) != LUA_OK) conn_close(c, "error");
   }
@@ -324,7 +354,7 @@ static int closed(lua_State *L) {
 /* true while the queue is under the high-water mark; false (and on_drain
  * later) once over it. */
 static int push_write_result(lua_State *L, multiloop_conn_t *c) {
-  int under = c->tcp.write_queue_size < c->w->cfg->write_high_water;
+  int under = c->h.stream.write_queue_size < c->w->cfg->write_high_water;
   if (!under) c->need_drain = 1;
   lua_pushboolean(L, under);
   return 1;
@@ -348,13 +378,16 @@ static int conn_write(lua_State *L) {
   if (c->closing || c->shutdown_requested) return closed(L);
   if (!has_cb) {
     if (len == 0) return push_write_result(L, c);
-    if (c->tcp.write_queue_size == 0) {      /* the cheap way first */
-      int n = uv_try_write((uv_stream_t *)&c->tcp, &buf, 1);
+    if (c->h.stream.write_queue_size == 0) {      /* the cheap way first */
+      int n = uv_try_write(&c->h.stream, &buf, 1);
       if (n < 0 && n != UV_EAGAIN) {
         conn_close(c, uv_err_name(n));
         return fail(L, "write", n);
       }
-      if (n > 0) multiloop_idle_touch(c->w, &c->idle);
+      if (n > 0) {
+        atomic_fetch_add_explicit(&c->w->bytes_out, (uint64_t)n, memory_order_relaxed);
+        multiloop_idle_touch(c->w, &c->idle);
+      }
       if (n == (int)len) return push_write_result(L, c);
       if (n > 0) {
         buf.base += n;
@@ -376,7 +409,8 @@ static int conn_write(lua_State *L) {
   }
   wr->ref = ref;
   wr->cb_ref = cb_ref;
-  rc = uv_write(&wr->req, (uv_stream_t *)&c->tcp, &buf, 1, write_cb);
+  wr->len = buf.len;
+  rc = uv_write(&wr->req, &c->h.stream, &buf, 1, write_cb);
   if (rc != 0) {
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
     luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
@@ -410,7 +444,7 @@ static int conn_pause(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   if (!c->closing && !c->paused) {
     c->paused = 1;
-    uv_read_stop((uv_stream_t *)&c->tcp);
+    uv_read_stop(&c->h.stream);
   }
   return 0;
 }
@@ -426,7 +460,7 @@ static int conn_resume(lua_State *L) {
 
 static int conn_buffered(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
-  lua_pushinteger(L, c->closing ? 0 : (lua_Integer)c->tcp.write_queue_size);
+  lua_pushinteger(L, c->closing ? 0 : (lua_Integer)c->h.stream.write_queue_size);
   return 1;
 }
 
@@ -451,7 +485,8 @@ static int conn_set_nodelay(lua_State *L) {
   int rc;
   luaL_checktype(L, 2, LUA_TBOOLEAN);
   if (c->closing) return closed(L);
-  if ((rc = uv_tcp_nodelay(&c->tcp, lua_toboolean(L, 2))) != 0)
+  if (c->is_unix) return fail(L, "set_nodelay", UV_ENOTSUP);
+  if ((rc = uv_tcp_nodelay(&c->h.tcp, lua_toboolean(L, 2))) != 0)
     return fail(L, "set_nodelay", rc);
   lua_pushboolean(L, 1);
   return 1;
@@ -468,7 +503,8 @@ static int conn_set_keepalive(lua_State *L) {
   ms = lua_isnoneornil(L, 3) ? 60000 : check_ms(L, 3);
   luaL_argcheck(L, ms <= (lua_Integer)INT_MAX * 1000, 3, "keepalive delay too large");
   if (c->closing) return closed(L);
-  rc = uv_tcp_keepalive(&c->tcp, on, on ? (unsigned)((ms + 999) / 1000 > 0 ? (ms + 999) / 1000 : 1) : 0);
+  if (c->is_unix) return fail(L, "set_keepalive", UV_ENOTSUP);
+  rc = uv_tcp_keepalive(&c->h.tcp, on, on ? (unsigned)((ms + 999) / 1000 > 0 ? (ms + 999) / 1000 : 1) : 0);
   if (rc != 0) return fail(L, "set_keepalive", rc);
   lua_pushboolean(L, 1);
   return 1;
@@ -482,9 +518,9 @@ static int conn_shutdown_method(lua_State *L) {
 static int conn_close_method(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   if (c->closing) return 0;
-  if (c->tcp.write_queue_size > 0) {        /* flush first: drop no queued data */
+  if (c->h.stream.write_queue_size > 0) {        /* flush first: drop no queued data */
     c->close_when_flushed = 1;
-    uv_read_stop((uv_stream_t *)&c->tcp);
+    uv_read_stop(&c->h.stream);
     if (c->shutdown_requested) return 0;   /* shutdown_cb will close */
     conn_shutdown(c);
   } else {
@@ -493,13 +529,24 @@ static int conn_close_method(lua_State *L) {
   return 0;
 }
 
+/* ip, port of either end; for a Unix socket the path (the peer's is usually
+ * empty: clients rarely bind) and no port. */
 static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
   struct sockaddr_storage ss;
   int len = sizeof ss, rc;
   char ip[INET6_ADDRSTRLEN];
   if (c->closing) return closed(L);
-  rc = peer ? uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len)
-            : uv_tcp_getsockname(&c->tcp, (struct sockaddr *)&ss, &len);
+  if (c->is_unix) {
+    char path[256];
+    size_t n = sizeof path;
+    rc = peer ? uv_pipe_getpeername(&c->h.pipe, path, &n)
+              : uv_pipe_getsockname(&c->h.pipe, path, &n);
+    if (rc != 0) return fail(L, peer ? "peer" : "address", rc);
+    lua_pushlstring(L, path, n);
+    return 1;
+  }
+  rc = peer ? uv_tcp_getpeername(&c->h.tcp, (struct sockaddr *)&ss, &len)
+            : uv_tcp_getsockname(&c->h.tcp, (struct sockaddr *)&ss, &len);
   if (rc != 0) return fail(L, peer ? "peer" : "address", rc);
   uv_ip_name((struct sockaddr *)&ss, ip, sizeof ip);
   lua_pushstring(L, ip);

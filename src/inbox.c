@@ -13,7 +13,8 @@
  * worker's handler frees it. A post after close fails (UV_ECANCELED) and the
  * sender keeps the message. Close frees what is still queued, closing the
  * fds it carries. The ring happens under the lock, so it can never reach an
- * async handle that close has already closed.
+ * async handle that close has already closed; and the lock itself lives until
+ * multiloop_inbox_destroy, called after the owner's thread is joined.
  */
 #include <stdlib.h>
 #include <unistd.h>
@@ -47,6 +48,7 @@ int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
   }
   box->async.data = box;
   box->open = 1;
+  box->initialized = 1;
   return 0;
 }
 
@@ -68,12 +70,7 @@ int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg) {
 
 void multiloop_msg_free(multiloop_msg_t *msg) {
   if (msg->kind == MULTILOOP_MSG_FD && msg->fd >= 0) close(msg->fd);
-  free(msg);
-}
-
-static void inbox_close_cb(uv_handle_t *h) {
-  multiloop_inbox_t *box = h->data;
-  uv_mutex_destroy(&box->lock);
+  if (!msg->keep) free(msg);
 }
 
 /* Worker thread: refuse further posts, free what is queued, close the async. */
@@ -89,5 +86,12 @@ void multiloop_inbox_close(multiloop_inbox_t *box) {
     next = msg->next;
     multiloop_msg_free(msg);
   }
-  uv_close((uv_handle_t *)&box->async, inbox_close_cb);
+  uv_close((uv_handle_t *)&box->async, NULL);
+}
+
+/* The thread that joined the owner: the lock must outlive every poster, so
+ * it is destroyed only once no other thread can post. */
+void multiloop_inbox_destroy(multiloop_inbox_t *box) {
+  if (box->initialized) uv_mutex_destroy(&box->lock);
+  box->initialized = 0;
 }

@@ -28,6 +28,17 @@
 #define MULTILOOP_READ_BUFFER_SIZE (64 * 1024)
 
 typedef enum {
+  MULTILOOP_DISPATCH_IPC,     /* uv_write2 over a socketpair per worker */
+  MULTILOOP_DISPATCH_QUEUE,   /* the worker's inbox, rung by uv_async_send */
+  MULTILOOP_DISPATCH_REUSEPORT /* no acceptor: a SO_REUSEPORT socket per worker */
+} multiloop_dispatch;
+
+typedef enum {
+  MULTILOOP_BALANCE_ROUND_ROBIN,
+  MULTILOOP_BALANCE_LEAST_CONNECTIONS
+} multiloop_balance;
+
+typedef enum {
   MULTILOOP_HANDLER_MODULE,   /* a module name, require()d in each worker */
   MULTILOOP_HANDLER_PATH,     /* a path to a .lua file, run in each worker */
   MULTILOOP_HANDLER_BYTECODE  /* string.dump of a function with no upvalues */
@@ -37,6 +48,10 @@ typedef enum {
 typedef struct {
   char *host;
   int port;
+  char *path;                 /* a Unix socket instead of host/port, or NULL */
+  int unlink;                 /* remove a stale socket file at path */
+  multiloop_dispatch dispatch;
+  multiloop_balance balance;
   int backlog;
   int nworkers;
   multiloop_handler_kind handler_kind;
@@ -71,6 +86,7 @@ typedef struct multiloop_msg_s {
   int from;                            /* the sending worker's id, 0 for the main state */
   uv_os_sock_t fd;                     /* MULTILOOP_MSG_FD, else -1 */
   uint64_t timeout;                    /* MULTILOOP_MSG_STOP */
+  int keep;                            /* preallocated: multiloop_msg_free leaves it */
   size_t len;                          /* MULTILOOP_MSG_VALUE: bytes in data */
   char data[];
 } multiloop_msg_t;
@@ -82,6 +98,7 @@ typedef struct {
   multiloop_msg_t *head, *tail;
   uv_async_t async;
   int open;                            /* written under lock by the owner only */
+  int initialized;                     /* the lock exists: destroy after the join */
   multiloop_worker_t *owner;
   multiloop_inbox_handler handle;
 } multiloop_inbox_t;
@@ -95,6 +112,28 @@ typedef struct multiloop_idle_s {
 } multiloop_idle_t;
 typedef struct multiloop_conn_s multiloop_conn_t;
 
+/* A listening socket and our own accept path (listener.c). */
+typedef struct multiloop_listener_s multiloop_listener_t;
+typedef void (*multiloop_fd_cb)(multiloop_listener_t *l, uv_os_sock_t fd);
+
+struct multiloop_listener_s {
+  multiloop_runtime_t *rt;
+  uv_os_sock_t fd;
+  uv_poll_t poll;
+  uv_timer_t retry_timer;              /* after EMFILE/ENFILE, or a limit re-check */
+  uv_timer_t quiet_timer;              /* ends an EMFILE episode */
+  multiloop_fd_cb on_fd;
+  void *data;
+  int started, closing, polling;
+  int paused_for_limit, paused_for_fds;
+  int woken_on_release;                /* a release rings us (the acceptor) */
+  unsigned long fd_failures;           /* in the current EMFILE episode */
+  char who[32];                        /* "acceptor", "worker 2": for log lines */
+  /* Read by the main thread for stats(). */
+  atomic_uint_fast64_t accepted;
+  atomic_uint_fast64_t accept_errors;
+};
+
 struct multiloop_worker_s {
   int id;                              /* 1..nworkers */
   const multiloop_config_t *cfg;
@@ -107,8 +146,13 @@ struct multiloop_worker_s {
   uv_loop_t loop;
   lua_State *L;
   uv_pipe_t pipe;
-  uv_async_t stop_async;
-  multiloop_inbox_t inbox;             /* fds (queue dispatch), messages, graceful stop */
+  multiloop_inbox_t inbox;             /* fds (queue dispatch), messages, stops */
+  multiloop_msg_t *stop_msg;           /* preallocated: a stop can always be posted */
+  int stop_posted;                     /* main thread: stop_msg is in the inbox */
+  multiloop_listener_t listener;       /* reuseport dispatch only */
+  uv_os_sock_t listen_fd;              /* reuseport: made by the main thread, or -1 */
+  uv_timer_t grace_timer;              /* graceful stop: closes what is left */
+  int closing;                         /* every handle is being closed: the loop ends */
   char *read_buffer;                   /* one per loop, shared by every read */
   multiloop_conn_t *conns;             /* open connections, to close them at stop */
   uv_timer_t idle_timer;               /* one timer for every idle timeout */
@@ -121,32 +165,31 @@ struct multiloop_worker_s {
   /* Start handshake: written by the worker before it posts rt->ready. */
   int failed;
   char *error;                         /* malloc'd message when failed */
+
+  /* Counters: written by this worker, read by the main thread (stats). */
+  atomic_int active;
+  atomic_uint_fast64_t accepted;
+  atomic_uint_fast64_t bytes_in;
+  atomic_uint_fast64_t bytes_out;
+  atomic_int finished;                 /* the loop is done: stop can join */
 };
 
 typedef struct {
   uv_thread_t thread;
   int thread_started;
   uv_loop_t loop;
-  uv_os_sock_t listen_fd;
-  uv_poll_t listener;                  /* we accept ourselves: see acceptor.c */
-  uv_timer_t retry_timer;              /* after EMFILE/ENFILE */
-  uv_timer_t quiet_timer;              /* ends an EMFILE episode */
+  uv_os_sock_t listen_fd;              /* made by the main thread, owned by `listener` */
+  multiloop_listener_t listener;
   uv_async_t stop_async;
   uv_async_t resume_async;             /* a worker freed a slot under max_connections */
-  uv_pipe_t *pipes;                    /* acceptor ends, one per worker */
+  uv_pipe_t *pipes;                    /* acceptor ends, one per worker (ipc) */
   uv_file *pipe_fds;
   int next;                            /* round-robin cursor */
-  int polling;
-  int paused_for_limit;
-  int paused_for_fds;
-  int stopping;
-  unsigned long fd_failures;           /* in the current EMFILE episode */
+  atomic_uint_fast64_t handed_off;
 
   /* Start handshake: written by the acceptor before it posts rt->ready. */
   int failed;
   char *error;
-  char bound_host[64];
-  int bound_port;
 } multiloop_acceptor_t;
 
 /* Everything that exists between start() and stop(). */
@@ -161,6 +204,9 @@ struct multiloop_runtime_s {
   atomic_uint_fast64_t accept_errors;
   multiloop_acceptor_t acceptor;
   multiloop_worker_t *workers;
+  char bound_host[64];                 /* what address() reports */
+  int bound_port;
+  int unix_bound;                      /* we made cfg->path: remove it at stop */
 };
 
 /* enter.c: the one door from a libuv callback into Lua. */
@@ -173,6 +219,15 @@ int multiloop_copy_encode(lua_State *L, int idx, const char *root, char **out,
                           size_t *outlen);
 void multiloop_copy_decode(lua_State *L, const char *data, size_t len);
 
+/* listener.c */
+int multiloop_listen_socket(const multiloop_config_t *cfg, int port, int reuseport,
+                            uv_os_sock_t *out, int *bound_port, char *err, size_t errlen);
+int multiloop_listener_start(multiloop_listener_t *l, uv_loop_t *loop, multiloop_runtime_t *rt,
+                             uv_os_sock_t fd, int woken_on_release, const char *who,
+                             multiloop_fd_cb on_fd, void *data);
+void multiloop_listener_resume(multiloop_listener_t *l);
+void multiloop_listener_close(multiloop_listener_t *l);
+
 /* acceptor.c */
 int multiloop_acceptor_start(multiloop_runtime_t *rt);
 void multiloop_acceptor_stop(multiloop_runtime_t *rt);
@@ -180,14 +235,16 @@ void multiloop_acceptor_released(multiloop_runtime_t *rt);  /* any thread */
 
 /* worker.c */
 int multiloop_worker_start(multiloop_worker_t *w);
-void multiloop_worker_request_stop(multiloop_worker_t *w);
+int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout);  /* main */
 void multiloop_worker_join(multiloop_worker_t *w);
+void multiloop_worker_drained(multiloop_worker_t *w);  /* the last conn closed at stop */
 
 /* inbox.c */
 int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
                          multiloop_worker_t *owner, multiloop_inbox_handler handle);
 int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg);  /* any thread */
 void multiloop_inbox_close(multiloop_inbox_t *box);
+void multiloop_inbox_destroy(multiloop_inbox_t *box);  /* after the owner is joined */
 void multiloop_msg_free(multiloop_msg_t *msg);
 
 /* idle.c: runs only on a worker thread. */
@@ -200,7 +257,7 @@ void multiloop_idle_remove(multiloop_worker_t *w, multiloop_idle_t *n);
 /* conn.c: runs only on a worker thread. */
 void multiloop_conn_idle(multiloop_idle_t *n, uint64_t ms);
 void multiloop_conn_register(lua_State *L);
-int multiloop_conn_accept(multiloop_worker_t *w);
+int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd);
 void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
 
 /* shared.c: named dictionaries shared by every Lua state of the process;

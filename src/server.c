@@ -34,16 +34,28 @@ typedef struct {
 
 /* --- the runtime ----------------------------------------------------------- */
 
+static void close_fd(uv_os_sock_t *fd) {
+  if (*fd >= 0) close(*fd);
+  *fd = -1;
+}
+
+/* Stops whatever still runs (at once), joins every thread, frees it all. */
 static void runtime_free(multiloop_runtime_t *rt) {
   int i, n = rt->cfg->nworkers;
   multiloop_acceptor_stop(rt);
-  for (i = 0; i < n; i++) multiloop_worker_request_stop(&rt->workers[i]);
+  for (i = 0; i < n; i++) multiloop_worker_request_stop(&rt->workers[i], 0);
   for (i = 0; i < n; i++) multiloop_worker_join(&rt->workers[i]);
-  for (i = 0; i < n; i++) {                /* fds no thread took over */
-    if (rt->acceptor.pipe_fds[i] >= 0) close(rt->acceptor.pipe_fds[i]);
-    if (rt->workers[i].pipe_fd >= 0) close(rt->workers[i].pipe_fd);
-    free(rt->workers[i].error);
+  for (i = 0; i < n; i++) {                /* what no thread took over */
+    multiloop_worker_t *w = &rt->workers[i];
+    close_fd(&rt->acceptor.pipe_fds[i]);
+    close_fd(&w->pipe_fd);
+    close_fd(&w->listen_fd);
+    multiloop_inbox_destroy(&w->inbox);
+    free(w->stop_msg);
+    free(w->error);
   }
+  close_fd(&rt->acceptor.listen_fd);
+  if (rt->unix_bound) unlink(rt->cfg->path);
   free(rt->acceptor.error);
   free(rt->acceptor.pipes);
   free(rt->acceptor.pipe_fds);
@@ -53,54 +65,91 @@ static void runtime_free(multiloop_runtime_t *rt) {
   free(rt);
 }
 
+/* The listening sockets, made here so that a bind error comes back at once
+ * and port 0 is resolved once: reuseport workers all bind the port the first
+ * one got. */
+static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
+  const multiloop_config_t *cfg = rt->cfg;
+  int i, rc, port = cfg->port;
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  uv_os_sock_t first;
+  if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
+    for (i = 0; i < cfg->nworkers; i++) {
+      rc = multiloop_listen_socket(cfg, port, 1, &rt->workers[i].listen_fd, &port, err, errlen);
+      if (rc != 0) return rc;
+    }
+    first = rt->workers[0].listen_fd;
+  } else {
+    rc = multiloop_listen_socket(cfg, port, 0, &rt->acceptor.listen_fd, &port, err, errlen);
+    if (rc != 0) return rc;
+    first = rt->acceptor.listen_fd;
+  }
+  if (cfg->path) {
+    rt->unix_bound = 1;
+    snprintf(rt->bound_host, sizeof rt->bound_host, "%s", cfg->path);
+  } else if (getsockname(first, (struct sockaddr *)&ss, &len) == 0) {
+    uv_ip_name((struct sockaddr *)&ss, rt->bound_host, sizeof rt->bound_host);
+  }
+  rt->bound_port = port;
+  return 0;
+}
+
 /* Returns the runtime, or NULL with a message in err[]. */
 static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *err,
                                           size_t errlen) {
   int i, n = cfg->nworkers, started = 0, rc;
   multiloop_runtime_t *rt = calloc(1, sizeof *rt);
-  if (rt == NULL || uv_sem_init(&rt->ready, 0) != 0) {
+  if (rt == NULL) goto nomem;
+  if (uv_sem_init(&rt->ready, 0) != 0) {
     free(rt);
-    snprintf(err, errlen, "not enough memory");
-    return NULL;
+    goto nomem;
   }
   if (uv_mutex_init(&rt->resume_lock) != 0) {
     uv_sem_destroy(&rt->ready);
     free(rt);
-    snprintf(err, errlen, "not enough memory");
-    return NULL;
+    goto nomem;
   }
   rt->cfg = cfg;
+  rt->acceptor.listen_fd = -1;
   rt->acceptor.pipes = calloc(n, sizeof *rt->acceptor.pipes);
   rt->acceptor.pipe_fds = malloc(n * sizeof *rt->acceptor.pipe_fds);
   rt->workers = calloc(n, sizeof *rt->workers);
   if (!rt->acceptor.pipes || !rt->acceptor.pipe_fds || !rt->workers) {
-    snprintf(err, errlen, "not enough memory");
-    free(rt->acceptor.pipes);
-    free(rt->acceptor.pipe_fds);
-    free(rt->workers);
-    uv_mutex_destroy(&rt->resume_lock);
-    uv_sem_destroy(&rt->ready);
-    free(rt);
-    return NULL;
+    rt->cfg = &(const multiloop_config_t){ .nworkers = 0 };   /* nothing else to free */
+    runtime_free(rt);
+    goto nomem;
   }
-  for (i = 0; i < n; i++) rt->acceptor.pipe_fds[i] = rt->workers[i].pipe_fd = -1;
-
-  for (i = 0; i < n; i++) {
-    int fds[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
-      snprintf(err, errlen, "socketpair: %s", uv_strerror(uv_translate_sys_error(errno)));
-      goto fail;
-    }
-    rt->acceptor.pipe_fds[i] = fds[0];
-    rt->workers[i].pipe_fd = fds[1];
-  }
-  for (i = 0; i < n; i++) {
+  for (i = 0; i < n; i++) {               /* a valid, empty state first */
     multiloop_worker_t *w = &rt->workers[i];
+    rt->acceptor.pipe_fds[i] = w->pipe_fd = w->listen_fd = -1;
     w->id = i + 1;
     w->cfg = cfg;
     w->rt = rt;
-    if ((rc = multiloop_worker_start(w)) != 0) {
-      snprintf(err, errlen, "worker %d: cannot start a thread: %s", w->id, uv_strerror(rc));
+  }
+  for (i = 0; i < n; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    if ((w->stop_msg = calloc(1, sizeof *w->stop_msg)) == NULL) {
+      snprintf(err, errlen, "not enough memory");
+      goto fail;
+    }
+    w->stop_msg->keep = 1;
+  }
+  if (open_sockets(rt, err, errlen) != 0) goto fail;
+  if (cfg->dispatch == MULTILOOP_DISPATCH_IPC) {
+    for (i = 0; i < n; i++) {
+      int fds[2];
+      if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+        snprintf(err, errlen, "socketpair: %s", uv_strerror(uv_translate_sys_error(errno)));
+        goto fail;
+      }
+      rt->acceptor.pipe_fds[i] = fds[0];
+      rt->workers[i].pipe_fd = fds[1];
+    }
+  }
+  for (i = 0; i < n; i++) {
+    if ((rc = multiloop_worker_start(&rt->workers[i])) != 0) {
+      snprintf(err, errlen, "worker %d: cannot start a thread: %s", i + 1, uv_strerror(rc));
       break;
     }
     started++;
@@ -114,7 +163,7 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
       goto fail;
     }
   }
-  if (multiloop_acceptor_start(rt) != 0) {
+  if (cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT && multiloop_acceptor_start(rt) != 0) {
     snprintf(err, errlen, "%s", rt->acceptor.error);
     goto fail;
   }
@@ -123,6 +172,24 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
 fail:
   runtime_free(rt);
   return NULL;
+nomem:
+  snprintf(err, errlen, "not enough memory");
+  return NULL;
+}
+
+/* Graceful stop, first half: no new connections; every worker runs the
+ * handler's shutdown hook and gives its connections `timeout` ms. */
+static void runtime_stop_begin(multiloop_runtime_t *rt, uint64_t timeout) {
+  int i;
+  multiloop_acceptor_stop(rt);
+  for (i = 0; i < rt->cfg->nworkers; i++) multiloop_worker_request_stop(&rt->workers[i], timeout);
+}
+
+static int runtime_finished(multiloop_runtime_t *rt) {
+  int i;
+  for (i = 0; i < rt->cfg->nworkers; i++)
+    if (rt->workers[i].thread_started && !atomic_load(&rt->workers[i].finished)) return 0;
+  return 1;
 }
 
 /* --- the Lua object -------------------------------------------------------- */
@@ -133,6 +200,7 @@ static server_t *check_server(lua_State *L) {
 
 static void config_free(multiloop_config_t *cfg) {
   free(cfg->host);
+  free(cfg->path);
   free(cfg->handler);
   free(cfg->config);
   free(cfg->package_path);
@@ -184,6 +252,23 @@ static int core_new(lua_State *L) {
   s->cfg.nodelay = lua_toboolean(L, -1);
   lua_pop(L, 1);
   luaL_argcheck(L, s->cfg.nworkers >= 1, 1, "workers must be at least 1");
+  s->cfg.unlink = (lua_getfield(L, 1, "unlink"), lua_toboolean(L, -1));
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "dispatch");
+  kind = luaL_optstring(L, -1, "ipc");
+  if (strcmp(kind, "queue") == 0) s->cfg.dispatch = MULTILOOP_DISPATCH_QUEUE;
+  else if (strcmp(kind, "reuseport") == 0) s->cfg.dispatch = MULTILOOP_DISPATCH_REUSEPORT;
+  else s->cfg.dispatch = MULTILOOP_DISPATCH_IPC;
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "balance");
+  kind = luaL_optstring(L, -1, "round_robin");
+  s->cfg.balance = strcmp(kind, "least_connections") == 0 ? MULTILOOP_BALANCE_LEAST_CONNECTIONS
+                                                         : MULTILOOP_BALANCE_ROUND_ROBIN;
+  lua_pop(L, 1);
+  if (lua_getfield(L, 1, "path") == LUA_TSTRING) s->cfg.path = copy_field(L, 1, "path", NULL);
+  lua_pop(L, 1);
+  luaL_argcheck(L, !(s->cfg.path && s->cfg.dispatch == MULTILOOP_DISPATCH_REUSEPORT), 1,
+                "reuseport dispatch cannot listen on a Unix socket");
   lua_getfield(L, 1, "handler_kind");
   kind = luaL_checkstring(L, -1);
   if (strcmp(kind, "module") == 0) s->cfg.handler_kind = MULTILOOP_HANDLER_MODULE;
@@ -242,9 +327,114 @@ static int server_address(lua_State *L) {
     lua_pushliteral(L, "not running");
     return 2;
   }
-  lua_pushstring(L, s->rt->acceptor.bound_host);
-  lua_pushinteger(L, s->rt->acceptor.bound_port);
+  lua_pushstring(L, s->rt->bound_host);
+  if (s->cfg.path) return 1;               /* a Unix socket: just its path */
+  lua_pushinteger(L, s->rt->bound_port);
   return 2;
+}
+
+/* server:stop_begin(timeout_ms): the first half of a graceful stop; returns
+ * at once. server:stop() then waits for (or cuts short) the rest. */
+static int server_stop_begin(lua_State *L) {
+  server_t *s = check_server(L);
+  lua_Integer timeout = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, timeout >= 0, 2, "timeout must not be negative");
+  if (s->rt != NULL) runtime_stop_begin(s->rt, (uint64_t)timeout);
+  return 0;
+}
+
+static void poll_finished_cb(uv_timer_t *t) {
+  if (runtime_finished(t->data)) uv_stop(t->loop);
+}
+
+static void wait_signal_cb(uv_signal_t *h, int signum) {
+  *(int *)h->loop->data = signum;
+  uv_stop(h->loop);
+}
+
+/* server:wait_stopped([signals]): blocks until every worker has finished a
+ * graceful stop; with `signals`, a SIGINT or SIGTERM ends the wait early and
+ * its name is returned. Workers are polled every 20 ms: this runs once per
+ * stop, and spares them any way to reach the main thread. */
+static int server_wait_stopped(lua_State *L) {
+  server_t *s = check_server(L);
+  int signals = lua_toboolean(L, 2), got = 0;
+  uv_loop_t loop;
+  uv_timer_t poll;
+  uv_signal_t sigint, sigterm;
+  if (s->rt == NULL || runtime_finished(s->rt)) return 0;
+  if (uv_loop_init(&loop) != 0) return luaL_error(L, "wait_stopped: cannot make a loop");
+  loop.data = &got;
+  uv_timer_init(&loop, &poll);
+  poll.data = s->rt;
+  uv_timer_start(&poll, poll_finished_cb, 20, 20);
+  if (signals) {
+    uv_signal_init(&loop, &sigint);
+    uv_signal_init(&loop, &sigterm);
+    uv_signal_start(&sigint, wait_signal_cb, SIGINT);
+    uv_signal_start(&sigterm, wait_signal_cb, SIGTERM);
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_close((uv_handle_t *)&poll, NULL);
+  if (signals) {
+    uv_close((uv_handle_t *)&sigint, NULL);
+    uv_close((uv_handle_t *)&sigterm, NULL);
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  if (got == 0) return 0;
+  lua_pushstring(L, got == SIGINT ? "SIGINT" : "SIGTERM");
+  return 1;
+}
+
+static void set_counter(lua_State *L, const char *name, uint64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, name);
+}
+
+#define LOAD(x) atomic_load_explicit(&(x), memory_order_relaxed)
+
+/* server:stats(): counters kept per worker (relaxed atomics, no lock on the
+ * hot path), summed here. Totals equal the sums of the workers'. */
+static int server_stats(lua_State *L) {
+  server_t *s = check_server(L);
+  multiloop_runtime_t *rt = s->rt;
+  uint64_t accepted = 0, bytes_in = 0, bytes_out = 0, handed_off = 0, errors = 0;
+  int64_t active = 0;
+  int i, n = s->cfg.nworkers;
+  lua_createtable(L, 0, 8);
+  lua_createtable(L, n, 0);
+  for (i = 0; rt && i < n; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    uint64_t wa = LOAD(w->accepted), wi = LOAD(w->bytes_in), wo = LOAD(w->bytes_out);
+    int wact = LOAD(w->active);
+    lua_createtable(L, 0, 4);
+    set_counter(L, "accepted", wa);
+    set_counter(L, "active", (uint64_t)wact);
+    set_counter(L, "bytes_in", wi);
+    set_counter(L, "bytes_out", wo);
+    lua_rawseti(L, -2, i + 1);
+    accepted += wa;
+    active += wact;
+    bytes_in += wi;
+    bytes_out += wo;
+    if (s->cfg.dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
+      handed_off += LOAD(w->listener.accepted);   /* no hand-off: straight in */
+      errors += LOAD(w->listener.accept_errors);
+    }
+  }
+  lua_setfield(L, -2, "workers");
+  if (rt && s->cfg.dispatch != MULTILOOP_DISPATCH_REUSEPORT) {
+    handed_off = LOAD(rt->acceptor.handed_off);
+    errors = LOAD(rt->acceptor.listener.accept_errors);
+  }
+  set_counter(L, "accepted", accepted);
+  set_counter(L, "active", (uint64_t)active);
+  set_counter(L, "handed_off", handed_off);
+  set_counter(L, "accept_errors", errors);
+  set_counter(L, "bytes_in", bytes_in);
+  set_counter(L, "bytes_out", bytes_out);
+  return 1;
 }
 
 static int server_running(lua_State *L) {
@@ -290,6 +480,9 @@ static const luaL_Reg server_methods[] = {
   { "start", server_start },
   { "stop", server_stop },
   { "address", server_address },
+  { "stop_begin", server_stop_begin },
+  { "wait_stopped", server_wait_stopped },
+  { "stats", server_stats },
   { "running", server_running },
   { NULL, NULL }
 };

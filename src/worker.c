@@ -102,34 +102,129 @@ static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) 
     return;
   }
   while (uv_pipe_pending_count(&w->pipe) > 0 && !w->stopping)
-    if (!multiloop_conn_accept(w)) break;       /* out of memory: retry on the next byte */
+    if (!multiloop_conn_open(w, -1)) break;        /* out of memory: retry on the next byte */
+}
+
+/* A connection our own listener accepted (reuseport), or the inbox brought
+ * (queue). When we cannot take it, the client is closed and its slot freed. */
+static void take_fd(multiloop_worker_t *w, uv_os_sock_t fd) {
+  if (w->stopping || !multiloop_conn_open(w, fd)) {
+    close(fd);
+    multiloop_acceptor_released(w->rt);
+  }
+}
+
+static void listener_fd_cb(multiloop_listener_t *l, uv_os_sock_t fd) {
+  take_fd(l->data, fd);
+}
+
+/* --- stopping -------------------------------------------------------------- */
+
+static void close_if_open(uv_handle_t *h) {
+  if (h->loop != NULL && !uv_is_closing(h)) uv_close(h, NULL);
+}
+
+/* Closes every handle the worker still has; the loop then runs dry and the
+ * thread ends. Connections are all closing by now. */
+static void finish(multiloop_worker_t *w) {
+  if (w->closing) return;
+  w->closing = 1;
+  multiloop_idle_close(w);
+  multiloop_inbox_close(&w->inbox);
+  multiloop_listener_close(&w->listener);
+  close_if_open((uv_handle_t *)&w->pipe);
+  close_if_open((uv_handle_t *)&w->grace_timer);
+}
+
+/* conn.c: the last connection closed while stopping. */
+void multiloop_worker_drained(multiloop_worker_t *w) { finish(w); }
+
+static void grace_timer_cb(uv_timer_t *t) {
+  multiloop_worker_t *w = t->data;
+  multiloop_conn_close_all(w, "stopped");
+  finish(w);
+}
+
+/* Protected: the handler's optional shutdown(worker) hook. */
+static int shutdown_body(lua_State *L) {
+  multiloop_worker_t *w = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
+  if (lua_getfield(L, -1, "shutdown") != LUA_TFUNCTION) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->worker_ref);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/* Stop: take no new connections, tell the handler, then let the connections
+ * close by themselves for up to `timeout` ms (0: close them now). A second
+ * stop with timeout 0 cuts a graceful one short. */
+static void begin_stop(multiloop_worker_t *w, uint64_t timeout) {
+  if (w->closing) return;
+  if (!w->stopping) {
+    w->stopping = 1;
+    multiloop_listener_close(&w->listener);
+    close_if_open((uv_handle_t *)&w->pipe);        /* libuv closes fds pending on it */
+    multiloop_enter(w, shutdown_body, w, NULL, "shutdown");
+  }
+  if (timeout == 0 || w->conns == NULL) {
+    multiloop_conn_close_all(w, "stopped");
+    finish(w);
+  } else if (!uv_is_active((uv_handle_t *)&w->grace_timer)) {
+    uv_timer_start(&w->grace_timer, grace_timer_cb, timeout, 0);
+  }
 }
 
 /* Every message a worker receives goes through here; each is freed here. */
 static void inbox_cb(multiloop_worker_t *w, multiloop_msg_t *msg) {
-  (void)w;
   switch (msg->kind) {
     case MULTILOOP_MSG_FD:
+      take_fd(w, msg->fd);
+      msg->fd = -1;
+      break;
     case MULTILOOP_MSG_VALUE:
+      break;                                     /* messages: not yet */
     case MULTILOOP_MSG_STOP:
-      break;                                     /* handled in later changes */
+      begin_stop(w, msg->timeout);
+      break;                                     /* stop_msg is kept: see msg->keep */
   }
   multiloop_msg_free(msg);
-}
-
-static void stop_cb(uv_async_t *async) {
-  multiloop_worker_t *w = async->data;
-  w->stopping = 1;
-  multiloop_conn_close_all(w, "stopped");
-  multiloop_idle_close(w);
-  multiloop_inbox_close(&w->inbox);
-  uv_close((uv_handle_t *)&w->pipe, NULL);
-  uv_close((uv_handle_t *)&w->stop_async, NULL);
 }
 
 static void fail(multiloop_worker_t *w, const char *msg) {
   w->failed = 1;
   w->error = strdup(msg ? msg : "(no message)");
+}
+
+/* Sets up the handles once the handler has loaded; on failure closes what it
+ * opened (the loop then ends) and returns a uv error. */
+static int open_handles(multiloop_worker_t *w) {
+  const multiloop_config_t *cfg = w->cfg;
+  char who[32];
+  int rc;
+  uv_timer_init(&w->loop, &w->grace_timer);
+  w->grace_timer.data = w;
+  multiloop_idle_init(w);
+  if ((rc = multiloop_inbox_init(&w->inbox, &w->loop, w, inbox_cb)) != 0) {
+    close_if_open((uv_handle_t *)&w->grace_timer);
+    multiloop_idle_close(w);
+    return rc;
+  }
+  if (cfg->dispatch == MULTILOOP_DISPATCH_IPC) {
+    uv_pipe_init(&w->loop, &w->pipe, 1);
+    w->pipe.data = w;
+    if ((rc = uv_pipe_open(&w->pipe, w->pipe_fd)) == 0) {
+      w->pipe_fd = -1;                             /* the pipe owns it now */
+      rc = uv_read_start((uv_stream_t *)&w->pipe, pipe_alloc_cb, pipe_read_cb);
+    }
+  } else if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
+    uv_os_sock_t fd = w->listen_fd;
+    snprintf(who, sizeof who, "worker %d", w->id);
+    w->listen_fd = -1;                             /* the listener owns it now */
+    rc = multiloop_listener_start(&w->listener, &w->loop, w->rt, fd, 0, who,
+                                  listener_fd_cb, w);
+  }
+  if (rc != 0) finish(w);
+  return rc;
 }
 
 static void worker_main(void *arg) {
@@ -148,30 +243,7 @@ static void worker_main(void *arg) {
     if (lua_pcall(w->L, 1, 0, 0) != LUA_OK) fail(w, lua_tostring(w->L, -1));
     lua_settop(w->L, 0);
   }
-  if (!w->failed) {
-    uv_pipe_init(&w->loop, &w->pipe, 1);
-    w->pipe.data = w;
-    if ((rc = uv_pipe_open(&w->pipe, w->pipe_fd)) != 0) {
-      fail(w, uv_strerror(rc));
-      uv_close((uv_handle_t *)&w->pipe, NULL);
-    } else {
-      w->pipe_fd = -1;                             /* the pipe owns it now */
-      uv_read_start((uv_stream_t *)&w->pipe, pipe_alloc_cb, pipe_read_cb);
-      uv_async_init(&w->loop, &w->stop_async, stop_cb);
-      w->stop_async.data = w;
-      multiloop_idle_init(w);
-      if ((rc = multiloop_inbox_init(&w->inbox, &w->loop, w, inbox_cb)) != 0) {
-        fail(w, uv_strerror(rc));                /* the loop still closes cleanly */
-        multiloop_idle_close(w);
-        uv_close((uv_handle_t *)&w->pipe, NULL);
-        uv_close((uv_handle_t *)&w->stop_async, NULL);
-      }
-    }
-  }
-  if (w->failed && w->pipe_fd >= 0) {
-    close(w->pipe_fd);
-    w->pipe_fd = -1;
-  }
+  if (!w->failed && (rc = open_handles(w)) != 0) fail(w, uv_strerror(rc));
   uv_sem_post(&w->rt->ready);                      /* up, or failed for good */
 
   uv_run(&w->loop, UV_RUN_DEFAULT);
@@ -182,6 +254,7 @@ static void worker_main(void *arg) {
   w->L = NULL;
   free(w->read_buffer);
   w->read_buffer = NULL;
+  atomic_store(&w->finished, 1);
 }
 
 /* Main thread. Starts the thread; the caller waits on rt->ready for it. */
@@ -191,9 +264,27 @@ int multiloop_worker_start(multiloop_worker_t *w) {
   return rc;
 }
 
-/* Main thread. Asks a running worker to close everything and end. */
-void multiloop_worker_request_stop(multiloop_worker_t *w) {
-  if (w->thread_started && !w->failed) uv_async_send(&w->stop_async);
+/* Main thread. Asks a running worker to stop: gracefully within `timeout`
+ * ms, or at once (0: the preallocated message, so this cannot fail for lack
+ * of memory). Returns 0, or UV_ECANCELED when the worker has already ended. */
+int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout) {
+  multiloop_msg_t *msg = timeout > 0 ? malloc(sizeof *msg) : NULL;
+  int rc;
+  if (!w->thread_started || w->failed) return UV_ECANCELED;
+  if (msg == NULL) {
+    msg = w->stop_msg;
+    timeout = 0;
+    if (w->stop_posted) return 0;                  /* already on its way */
+    w->stop_posted = 1;
+  }
+  msg->kind = MULTILOOP_MSG_STOP;
+  msg->fd = -1;
+  msg->from = 0;
+  msg->len = 0;
+  msg->timeout = timeout;
+  rc = multiloop_inbox_post(&w->inbox, msg);
+  if (rc != 0 && msg != w->stop_msg) free(msg);
+  return rc;
 }
 
 void multiloop_worker_join(multiloop_worker_t *w) {

@@ -42,6 +42,13 @@ local function integer_in(name, v, lo, hi)
   return v
 end
 
+local function one_of(name, v, choices)
+  for _, c in ipairs(choices) do
+    if v == c then return v end
+  end
+  fail(name, "must be one of '" .. table.concat(choices, "', '") .. "'", v)
+end
+
 local function is_ipv4(s)
   local a, b, c, d = s:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
   if not a then return false end
@@ -111,9 +118,23 @@ local checks = {
   end,
   write_high_water = function(v) return integer_in("write_high_water", v, 1, MAX_BYTES) end,
   write_low_water = function(v) return integer_in("write_low_water", v, 0, MAX_BYTES) end,
+  dispatch = function(v) return one_of("dispatch", v, { "ipc", "queue", "reuseport" }) end,
+  balance = function(v) return one_of("balance", v, { "round_robin", "least_connections" }) end,
+  path = function(v)
+    if type(v) ~= "string" or v == "" or #v > 107 then
+      fail("path", "must be a Unix socket path of 1 to 107 bytes", v)
+    end
+    return v
+  end,
+  unlink = function(v)
+    if type(v) ~= "boolean" then fail("unlink", "must be a boolean", v) end
+    return v
+  end,
 }
 
 local defaults = {
+  dispatch = "ipc",
+  balance = "round_robin",
   host = "127.0.0.1",
   backlog = 511,
   idle_timeout = 0,
@@ -149,8 +170,21 @@ function M.server(opts)
       error("multiloop.server: option 'handler' is required "
         .. "(a module name, a path to a .lua file, or a function)", 0)
     end
-    if opts.port == nil then
+    if opts.path ~= nil then
+      if opts.port ~= nil or opts.host ~= nil then
+        error("multiloop.server: option 'path' (a Unix socket) cannot be combined with "
+          .. "'host' or 'port'", 0)
+      end
+      if opts.dispatch == "reuseport" then
+        error("multiloop.server: option 'dispatch' 'reuseport' cannot listen on a Unix "
+          .. "socket (path): use 'ipc' or 'queue'", 0)
+      end
+    elseif opts.port == nil then
       error("multiloop.server: option 'port' is required (0 picks a free port)", 0)
+    end
+    if opts.dispatch == "reuseport" and opts.balance ~= nil then
+      error("multiloop.server: option 'balance' does not apply to dispatch 'reuseport' "
+        .. "(the kernel spreads the connections)", 0)
     end
   end)
   if not ok then error(err, 2) end
@@ -159,7 +193,7 @@ function M.server(opts)
   ok, err = pcall(function()
     for k, check in pairs(checks) do
       local v = opts[k]
-      if v == nil then v = defaults[k] end
+      if v == nil and not (opts.path and (k == "host" or k == "port")) then v = defaults[k] end
       if v ~= nil then o[k] = check(v) end
     end
     o.workers = o.workers or core.parallelism()
@@ -174,6 +208,7 @@ function M.server(opts)
   end)
   if not ok then error(err, 2) end
   o.package_path, o.package_cpath = package.path, package.cpath
+  o.host, o.port = o.host or "", o.port or 0        -- unused with a path
 
   local made, c = pcall(core.new, o)
   if not made then
@@ -183,6 +218,8 @@ function M.server(opts)
     _core = c,
     host = o.host,
     port = o.port,
+    path = o.path,
+    dispatch = o.dispatch,
     workers = o.workers,
     handler = type(opts.handler) == "string" and opts.handler or "function",
   }, Server)
@@ -201,24 +238,62 @@ function Server:start()
   return self
 end
 
---- Stops accepting, closes every connection, joins every thread. Idempotent.
-function Server:stop()
+--- Stops: no new connections at once; every worker runs the handler's
+-- optional shutdown(worker) hook. With opts.timeout (ms), connections that
+-- close by themselves within it close normally and the rest are closed at
+-- its end; without it they are closed now. Then every thread is joined.
+-- Idempotent.
+function Server:stop(opts)
   check_server(self, "stop")
+  if opts ~= nil then
+    if type(opts) ~= "table" then
+      error("multiloop.server: stop: expected nil or a table { timeout = ms } (got "
+        .. type(opts) .. ")", 2)
+    end
+    for k in pairs(opts) do
+      if k ~= "timeout" then error(("multiloop.server: stop: unknown option '%s'"):format(tostring(k)), 2) end
+    end
+    local ok, err = pcall(integer_in, "timeout", opts.timeout or 0, 0, MAX_MS)
+    if not ok then error(err:gsub("multiloop.server: option", "multiloop.server: stop: option"), 2) end
+    if opts.timeout and opts.timeout > 0 and self._core:running() then
+      self._core:stop_begin(opts.timeout)
+      self._core:wait_stopped(false)
+    end
+  end
   return self._core:stop()
 end
 
---- The address the server listens on: ip, port; or nil, "not running".
+--- The address the server listens on: ip, port (TCP) or the path (Unix);
+-- nil, "not running" when stopped.
 function Server:address()
   check_server(self, "address")
   return self._core:address()
 end
 
---- Starts, blocks until SIGINT or SIGTERM, stops. Returns the signal's name.
-function Server:run()
+--- Counters, readable at any time: accepted, active, handed_off,
+-- accept_errors, bytes_in, bytes_out, and workers[i] = { accepted, active,
+-- bytes_in, bytes_out }. The totals are the sums over the workers.
+function Server:stats()
+  check_server(self, "stats")
+  return self._core:stats()
+end
+
+--- Starts (unless running) and serves until SIGINT or SIGTERM. The first
+-- signal stops gracefully, giving connections opts.timeout ms (default
+-- 5000) to finish; a second one stops at once. Returns the first signal's
+-- name.
+function Server:run(opts)
   check_server(self, "run")
+  local timeout = opts and opts.timeout or 5000
+  local ok, err = pcall(integer_in, "timeout", timeout, 0, MAX_MS)
+  if not ok then error(err:gsub("multiloop.server: option", "multiloop.server: run: option"), 2) end
   if not self._core:running() then self:start() end
   local sig = core.wait_signal()
-  self:stop()
+  if timeout > 0 then
+    self._core:stop_begin(timeout)
+    self._core:wait_stopped(true)              -- a second signal ends the wait
+  end
+  self._core:stop()
   return sig
 end
 
@@ -227,11 +302,16 @@ function Server:__close()
 end
 
 function Server:__tostring()
-  local host, port = self._core:address()
-  if not host then host, port = self.host, self.port end
-  return ("multiloop.server{host=%s, port=%d, workers=%d, handler=%s, %s}"):format(
-    host, port, self.workers, self.handler,
-    self._core:running() and "running" or "stopped")
+  local where
+  if self.path then
+    where = "path=" .. self.path
+  else
+    local host, port = self._core:address()
+    if not host then host, port = self.host, self.port end
+    where = ("host=%s, port=%d"):format(host, port)
+  end
+  return ("multiloop.server{%s, workers=%d, handler=%s, %s}"):format(
+    where, self.workers, self.handler, self._core:running() and "running" or "stopped")
 end
 
 return M

@@ -1,0 +1,277 @@
+/*
+ * listener.c: a listening socket and the accept path we run ourselves.
+ *
+ * multiloop_listen_socket creates a listening TCP (IPv4/IPv6) or Unix stream
+ * socket; any thread may call it (it only makes an fd). A multiloop_listener_t
+ * then watches that fd on one loop with a uv_poll_t and accept4()s in batches,
+ * handing each fd to its owner's on_fd. The acceptor thread owns one (ipc and
+ * queue dispatch); with reuseport each worker owns one on its own socket.
+ *
+ * We do not use uv_listen: libuv 1.44 accepts in a loop inside one callback,
+ * and its EMFILE spare-fd trick is process-global and not thread-safe. Owning
+ * the accept path lets a listener simply stop polling:
+ *   - at max_connections (the acceptor is woken by a worker that frees a slot;
+ *     a reuseport worker re-checks on a short timer), while pending clients
+ *     wait in the kernel backlog;
+ *   - on EMFILE/ENFILE, retrying on a short timer, logged once per episode; an
+ *     episode ends after a quiet second without failures, because hand-offs
+ *     free an fd now and then even while the process stays at its limit.
+ *
+ * Threads: all but multiloop_listen_socket run on the owning loop's thread.
+ * The listener closes its fd in multiloop_listener_close's close callback.
+ */
+#define _GNU_SOURCE                      /* accept4 */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "multiloop.h"
+
+#define ACCEPT_BATCH 64          /* accepts per wake-up before yielding to the loop */
+#define FD_RETRY_MS 100          /* retry interval after EMFILE/ENFILE */
+#define FD_QUIET_MS 1000         /* no failure for this long ends an episode */
+#define LIMIT_RECHECK_MS 50      /* a listener nobody wakes re-checks its limit */
+
+/* --- the socket ------------------------------------------------------------ */
+
+static int fail_msg(char *err, size_t errlen, const char *step, const multiloop_config_t *cfg,
+                    int port, int rc) {
+  if (cfg->path)
+    snprintf(err, errlen, "%s %s: %s (%s)", step, cfg->path, uv_strerror(rc), uv_err_name(rc));
+  else
+    snprintf(err, errlen, "%s %s port %d: %s (%s)", step, cfg->host, port, uv_strerror(rc),
+             uv_err_name(rc));
+  return rc;
+}
+
+/* A Unix socket path that exists: a live server's socket is always an error;
+ * a stale one (nobody accepts on it) is removed only when cfg->unlink. */
+static int clear_unix_path(const multiloop_config_t *cfg, char *err, size_t errlen) {
+  struct stat st;
+  struct sockaddr_un sun;
+  int probe, live;
+  if (lstat(cfg->path, &st) != 0) return 0;
+  if (!S_ISSOCK(st.st_mode)) {
+    snprintf(err, errlen, "bind %s: the path exists and is not a socket", cfg->path);
+    return UV_EADDRINUSE;
+  }
+  memset(&sun, 0, sizeof sun);
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, cfg->path, strlen(cfg->path));
+  probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  live = probe >= 0 && connect(probe, (struct sockaddr *)&sun, sizeof sun) == 0;
+  if (probe >= 0) close(probe);
+  if (live) {
+    snprintf(err, errlen, "bind %s: address already in use by a running server (EADDRINUSE)",
+             cfg->path);
+    return UV_EADDRINUSE;
+  }
+  if (!cfg->unlink) {
+    snprintf(err, errlen, "bind %s: a stale socket file exists (remove it, or pass "
+                          "unlink = true) (EADDRINUSE)", cfg->path);
+    return UV_EADDRINUSE;
+  }
+  unlink(cfg->path);
+  return 0;
+}
+
+/* Creates a listening socket for cfg on `port` (ignored for a Unix path), with
+ * SO_REUSEPORT when asked. Returns 0 and the fd, or a uv error with a message
+ * in err. *bound_port receives the real port (TCP). */
+int multiloop_listen_socket(const multiloop_config_t *cfg, int port, int reuseport,
+                            uv_os_sock_t *out, int *bound_port, char *err, size_t errlen) {
+  struct sockaddr_storage ss;
+  socklen_t len;
+  int fd = -1, rc, on = 1;
+  const char *step = "socket";
+
+  memset(&ss, 0, sizeof ss);
+  if (cfg->path) {
+    struct sockaddr_un *sun = (struct sockaddr_un *)&ss;
+    if ((rc = clear_unix_path(cfg, err, errlen)) != 0) return rc;
+    sun->sun_family = AF_UNIX;
+    memcpy(sun->sun_path, cfg->path, strlen(cfg->path));   /* length checked in Lua */
+    len = sizeof *sun;
+  } else {
+    rc = strchr(cfg->host, ':') ? uv_ip6_addr(cfg->host, port, (struct sockaddr_in6 *)&ss)
+                                : uv_ip4_addr(cfg->host, port, (struct sockaddr_in *)&ss);
+    if (rc != 0) {
+      snprintf(err, errlen, "invalid host '%s': %s (%s)", cfg->host, uv_strerror(rc),
+               uv_err_name(rc));
+      return rc;
+    }
+    len = ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+  }
+  fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) goto fail_errno;
+  step = "bind";
+  if (!cfg->path && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) != 0)
+    goto fail_errno;
+  if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) != 0)
+    goto fail_errno;
+  if (bind(fd, (struct sockaddr *)&ss, len) != 0) goto fail_errno;
+  step = "listen";
+  if (listen(fd, cfg->backlog) != 0) goto fail_errno;
+  if (!cfg->path) {
+    len = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0) goto fail_errno;
+    *bound_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                 : ((struct sockaddr_in *)&ss)->sin_port);
+  }
+  *out = fd;
+  return 0;
+
+fail_errno:
+  rc = uv_translate_sys_error(errno);
+  if (fd >= 0) close(fd);
+  return fail_msg(err, errlen, step, cfg, port, rc);
+}
+
+/* --- accepting ------------------------------------------------------------- */
+
+static void accept_cb(uv_poll_t *poll, int status, int events);
+
+/* Polls the socket exactly when nothing holds accepting back. */
+static void update_polling(multiloop_listener_t *l) {
+  int want = !l->closing && !l->paused_for_limit && !l->paused_for_fds;
+  if (want && !l->polling) uv_poll_start(&l->poll, UV_READABLE, accept_cb);
+  else if (!want && l->polling) uv_poll_stop(&l->poll);
+  l->polling = want;
+}
+
+static void quiet_cb(uv_timer_t *t) {
+  multiloop_listener_t *l = t->data;
+  fprintf(stderr, "multiloop: %s: accepting again after %lu failed attempts\n", l->who,
+          l->fd_failures);
+  fflush(stderr);
+  l->fd_failures = 0;
+}
+
+static void retry_cb(uv_timer_t *t) {
+  multiloop_listener_t *l = t->data;
+  l->paused_for_fds = 0;
+  multiloop_listener_resume(l);          /* also re-checks a limit pause */
+  update_polling(l);
+}
+
+/* Out of fds: stop polling (level-triggered epoll would spin on the pending
+ * connection) and retry on a timer. One log line per episode. */
+static void pause_for_fds(multiloop_listener_t *l, int err) {
+  if (l->fd_failures++ == 0) {
+    fprintf(stderr, "multiloop: %s: accept failed: %s (%s); accepting paused, "
+                    "retrying every %d ms\n", l->who, uv_strerror(err), uv_err_name(err),
+            FD_RETRY_MS);
+    fflush(stderr);
+  }
+  l->paused_for_fds = 1;
+  uv_timer_stop(&l->quiet_timer);
+  update_polling(l);
+  uv_timer_start(&l->retry_timer, retry_cb, FD_RETRY_MS, 0);
+}
+
+/* At max_connections: stop polling until a slot frees. The flag is raised
+ * before the count is checked again, and workers decrement before they read
+ * the flag, so one of the two always sees the other. */
+static int pause_for_limit(multiloop_listener_t *l) {
+  multiloop_runtime_t *rt = l->rt;
+  atomic_store(&rt->accept_waiting, 1);
+  if (atomic_load(&rt->active) < rt->cfg->max_connections) {
+    if (l->woken_on_release) atomic_store(&rt->accept_waiting, 0);
+    return 0;
+  }
+  l->paused_for_limit = 1;
+  update_polling(l);
+  if (!l->woken_on_release)                /* nobody rings us: look again soon */
+    uv_timer_start(&l->retry_timer, retry_cb, LIMIT_RECHECK_MS, 0);
+  return 1;
+}
+
+/* Owner's thread: a slot may have freed; resume if under the limit again. */
+void multiloop_listener_resume(multiloop_listener_t *l) {
+  multiloop_runtime_t *rt = l->rt;
+  if (!l->paused_for_limit) return;
+  if (atomic_load(&rt->active) >= rt->cfg->max_connections) {
+    if (!l->woken_on_release) uv_timer_start(&l->retry_timer, retry_cb, LIMIT_RECHECK_MS, 0);
+    return;
+  }
+  if (l->woken_on_release) atomic_store(&rt->accept_waiting, 0);
+  l->paused_for_limit = 0;
+  update_polling(l);
+}
+
+static void accept_cb(uv_poll_t *poll, int status, int events) {
+  multiloop_listener_t *l = poll->data;
+  multiloop_runtime_t *rt = l->rt;
+  int max = rt->cfg->max_connections, n;
+  (void)events;
+  if (status < 0) return;
+  for (n = 0; n < ACCEPT_BATCH && !l->closing; n++) {
+    uv_os_sock_t fd;
+    if (max > 0 && atomic_load(&rt->active) >= max && pause_for_limit(l)) return;
+    fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      int err = errno;
+      if (err == EAGAIN || err == EWOULDBLOCK) return;
+      if (err == EINTR || err == ECONNABORTED) continue;
+      atomic_fetch_add_explicit(&l->accept_errors, 1, memory_order_relaxed);
+      if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)
+        pause_for_fds(l, uv_translate_sys_error(err));
+      return;
+    }
+    if (l->fd_failures > 0 && !uv_is_active((uv_handle_t *)&l->quiet_timer))
+      uv_timer_start(&l->quiet_timer, quiet_cb, FD_QUIET_MS, 0);
+    atomic_fetch_add(&rt->active, 1);
+    atomic_fetch_add_explicit(&l->accepted, 1, memory_order_relaxed);
+    l->on_fd(l, fd);
+  }
+}
+
+/* Owner's thread. Takes over `fd` (closed at multiloop_listener_close, or
+ * here on failure) and starts accepting. */
+int multiloop_listener_start(multiloop_listener_t *l, uv_loop_t *loop, multiloop_runtime_t *rt,
+                             uv_os_sock_t fd, int woken_on_release, const char *who,
+                             multiloop_fd_cb on_fd, void *data) {
+  int rc;
+  memset(l, 0, sizeof *l);
+  l->rt = rt;
+  l->fd = fd;
+  l->on_fd = on_fd;
+  l->data = data;
+  l->woken_on_release = woken_on_release;
+  snprintf(l->who, sizeof l->who, "%s", who);
+  uv_timer_init(loop, &l->retry_timer);
+  uv_timer_init(loop, &l->quiet_timer);
+  l->retry_timer.data = l->quiet_timer.data = l;
+  if ((rc = uv_poll_init_socket(loop, &l->poll, fd)) != 0) {
+    close(fd);
+    l->fd = -1;
+    uv_close((uv_handle_t *)&l->retry_timer, NULL);
+    uv_close((uv_handle_t *)&l->quiet_timer, NULL);
+    l->closing = 1;
+    return rc;
+  }
+  l->poll.data = l;
+  l->started = 1;
+  update_polling(l);
+  return 0;
+}
+
+static void poll_close_cb(uv_handle_t *h) {
+  multiloop_listener_t *l = h->data;
+  close(l->fd);                          /* uv_poll does not close it */
+  l->fd = -1;
+}
+
+/* Owner's thread: stop accepting and close the socket. Idempotent. */
+void multiloop_listener_close(multiloop_listener_t *l) {
+  if (!l->started || l->closing) return;
+  l->closing = 1;
+  uv_close((uv_handle_t *)&l->poll, poll_close_cb);
+  uv_close((uv_handle_t *)&l->retry_timer, NULL);
+  uv_close((uv_handle_t *)&l->quiet_timer, NULL);
+}
