@@ -1,13 +1,16 @@
--- Echo over real sockets: worker counts, spreading, concurrency, big
--- payloads, half-close. The server runs in this process; clients are LuaSocket.
+-- Echo over real sockets, once per dispatch mode: worker counts, spreading,
+-- concurrency, big payloads, half-close, IPv6. The server runs in this
+-- process; clients are LuaSocket.
 local helper = require("spec.helper")
 local socket = require("socket")
 
+for _, dispatch in ipairs { "ipc", "queue", "reuseport" } do
 for _, workers in ipairs { 1, 2, 4 } do
-  describe(("echo with %d worker(s)"):format(workers), function()
+  describe(("echo (%s) with %d worker(s)"):format(dispatch, workers), function()
     local server, port
     before_each(function()
-      server, port = helper.server{ workers = workers, handler = "examples.echo_handler" }
+      server, port = helper.server{ workers = workers, dispatch = dispatch,
+                                    handler = "examples.echo_handler" }
     end)
     after_each(function() server:stop() end)
 
@@ -39,12 +42,24 @@ for _, workers in ipairs { 1, 2, 4 } do
   end)
 end
 
-describe("echo", function()
+describe(("echo (%s)"):format(dispatch), function()
   local server, port
   after_each(function() if server then server:stop() end end)
 
+  if dispatch == "reuseport" then
+    it("lets the kernel spread connections over every worker", function()
+      server, port = helper.server{ workers = 2, dispatch = dispatch, handler = "spec.fixtures.whoami" }
+      local seen = {}
+      for _ = 1, 64 do                      -- all 64 on one worker: odds of 2^-63
+        local c = helper.connect(port)
+        seen[helper.line(c)] = true
+        c:close()
+      end
+      assert.is_true(seen["worker 1 of 2"] and seen["worker 2 of 2"])
+    end)
+  else
   it("spreads connections round-robin over every worker", function()
-    server, port = helper.server{ workers = 4, handler = "spec.fixtures.whoami" }
+    server, port = helper.server{ workers = 4, dispatch = dispatch, handler = "spec.fixtures.whoami" }
     local seen = {}
     for i = 1, 8 do
       local c = helper.connect(port)
@@ -56,9 +71,10 @@ describe("echo", function()
       "worker 1 of 4", "worker 2 of 4", "worker 3 of 4", "worker 4 of 4",
     }, seen)
   end)
+  end
 
   it("echoes an 8 MiB payload byte for byte", function()
-    server, port = helper.server{ workers = 2, handler = "examples.echo_handler" }
+    server, port = helper.server{ workers = 2, dispatch = dispatch, handler = "examples.echo_handler" }
     local c = helper.connect(port)
     helper.defer(function() c:close() end)
     local chunk = {}
@@ -88,7 +104,7 @@ describe("echo", function()
   end)
 
   it("handles a half-close: the client still gets everything, then EOF", function()
-    server, port = helper.server{ workers = 2, handler = "examples.echo_handler" }
+    server, port = helper.server{ workers = 2, dispatch = dispatch, handler = "examples.echo_handler" }
     local c = helper.connect(port)
     helper.defer(function() c:close() end)
     local msg = string.rep("half-close ", 10000)
@@ -102,7 +118,7 @@ describe("echo", function()
   end)
 
   it("listens on IPv6 loopback and reports the peer's address", function()
-    server, port = helper.server{ host = "::1", workers = 1, handler = function(conn)
+    server, port = helper.server{ host = "::1", workers = 2, dispatch = dispatch, handler = function(conn)
       local ip, p = conn:peer()
       conn:write(("%s %d\n"):format(ip, p))
       conn:close()
@@ -115,3 +131,4 @@ describe("echo", function()
     assert.are.equal(("::1 %d"):format(myport), helper.line(c))
   end)
 end)
+end

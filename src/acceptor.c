@@ -33,8 +33,15 @@ typedef struct {
     uv_pipe_t pipe;
   } client;
   multiloop_runtime_t *rt;
+  int worker;                    /* index of the worker it is for */
   char byte;                     /* IPC needs a byte to carry the fd */
 } handoff;
+
+/* A connection that never reached its worker: free its slot and its count. */
+static void give_back(multiloop_runtime_t *rt, int worker) {
+  atomic_fetch_sub_explicit(&rt->workers[worker].active, 1, memory_order_relaxed);
+  multiloop_acceptor_released(rt);
+}
 
 /* --- choosing a worker ----------------------------------------------------- */
 
@@ -64,7 +71,7 @@ static void handoff_write_cb(uv_write_t *req, int status) {
   handoff *ho = req->data;
   /* On failure (a worker gone, or stop cancelled it) the client is closed:
    * its only copy of the fd is ours, and its slot is free again. */
-  if (status < 0) multiloop_acceptor_released(ho->rt);
+  if (status < 0) give_back(ho->rt, ho->worker);
   else atomic_fetch_add_explicit(&ho->rt->acceptor.handed_off, 1, memory_order_relaxed);
   uv_close(&ho->client.handle, handoff_free_cb);
 }
@@ -76,10 +83,11 @@ static void hand_off_ipc(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker) {
   int rc;
   if (ho == NULL) {
     close(fd);
-    multiloop_acceptor_released(rt);
+    give_back(rt, worker);
     return;
   }
   ho->rt = rt;
+  ho->worker = worker;
   ho->byte = 'c';
   ho->req.data = ho;
   ho->client.handle.data = ho;
@@ -92,7 +100,7 @@ static void hand_off_ipc(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker) {
   }
   if (rc != 0) {
     close(fd);
-    multiloop_acceptor_released(rt);
+    give_back(rt, worker);
     uv_close(&ho->client.handle, handoff_free_cb);
     return;
   }
@@ -100,7 +108,7 @@ static void hand_off_ipc(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker) {
   byte = uv_buf_init(&ho->byte, 1);
   if (uv_write2(&ho->req, (uv_stream_t *)&a->pipes[worker], &byte, 1, &ho->client.stream,
                 handoff_write_cb) != 0) {
-    multiloop_acceptor_released(rt);
+    give_back(rt, worker);
     uv_close(&ho->client.handle, handoff_free_cb);
   }
 }
@@ -111,6 +119,7 @@ static void hand_off_queue(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker)
   multiloop_msg_t *msg = malloc(sizeof *msg);
   if (msg != NULL) {
     msg->kind = MULTILOOP_MSG_FD;
+    msg->keep = 0;
     msg->from = 0;
     msg->fd = fd;
     msg->len = 0;
@@ -121,12 +130,16 @@ static void hand_off_queue(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker)
     free(msg);                         /* the worker is stopping */
   }
   close(fd);
-  multiloop_acceptor_released(rt);
+  give_back(rt, worker);
 }
 
 static void on_fd(multiloop_listener_t *l, uv_os_sock_t fd) {
   multiloop_runtime_t *rt = l->rt;
   int worker = pick_worker(rt);
+  /* Counted against the worker now, not when it gets there: least
+   * connections must see the hand-offs still in flight. The worker gives it
+   * back when the connection closes; a failed hand-off, right here. */
+  atomic_fetch_add_explicit(&rt->workers[worker].active, 1, memory_order_relaxed);
   if (rt->cfg->dispatch == MULTILOOP_DISPATCH_QUEUE) hand_off_queue(rt, fd, worker);
   else hand_off_ipc(rt, fd, worker);
 }

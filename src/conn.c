@@ -268,7 +268,8 @@ static int accept_body(lua_State *L) {
   else rc = uv_tcp_open(&c->h.tcp, ev->fd);
   if (rc != 0 && ev->fd >= 0) close(ev->fd);
   c->closing = 0;
-  atomic_fetch_add_explicit(&w->active, 1, memory_order_relaxed);
+  if (w->cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT)   /* else the acceptor counted it */
+    atomic_fetch_add_explicit(&w->active, 1, memory_order_relaxed);
   if (rc != 0) {
     conn_close(c, uv_err_name(rc));
     return 0;

@@ -110,6 +110,8 @@ static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) 
 static void take_fd(multiloop_worker_t *w, uv_os_sock_t fd) {
   if (w->stopping || !multiloop_conn_open(w, fd)) {
     close(fd);
+    if (w->cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT)   /* the acceptor counted it */
+      atomic_fetch_sub_explicit(&w->active, 1, memory_order_relaxed);
     multiloop_acceptor_released(w->rt);
   }
 }
@@ -278,6 +280,7 @@ int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout) {
     w->stop_posted = 1;
   }
   msg->kind = MULTILOOP_MSG_STOP;
+  msg->keep = (msg == w->stop_msg);
   msg->fd = -1;
   msg->from = 0;
   msg->len = 0;
