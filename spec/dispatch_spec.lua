@@ -105,9 +105,7 @@ describe("Unix sockets", function()
     assert(c:connect(path))
     return c
   end
-  local function exists(path)             -- io.open cannot open a socket file
-    return os.execute(("env -u LD_PRELOAD test -e '%s'"):format(path)) == true
-  end
+  local exists = helper.exists
 
   for _, dispatch in ipairs { "ipc", "queue" } do
     it(("echo over a Unix socket, removed at stop (%s)"):format(dispatch), function()

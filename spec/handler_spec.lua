@@ -217,7 +217,7 @@ describe("a Lua error in a callback", function()
     assert.are.equal("last reason error", helper.line(even))
   end)
 
-  it("is reported on stderr with the worker, the connection and a traceback", function()
+  it("is reported on stderr with the worker, the connection and a traceback #child", function()
     local child = helper.spawn("spec.fixtures.faulty 1")
     helper.defer(child.kill)
     local c = helper.connect(child.port)

@@ -131,7 +131,7 @@ end)
 
 describe("server:run()", function()
   for _, sig in ipairs { "TERM", "INT" } do
-    it("serves until SIG" .. sig .. ", then stops and returns", function()
+    it("serves until SIG" .. sig .. ", then stops and returns #child", function()
       local child = helper.spawn("examples.echo_handler 2")
       helper.defer(child.kill)
       local c = helper.connect(child.port)

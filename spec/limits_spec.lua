@@ -56,7 +56,7 @@ describe("max_connections", function()
 end)
 
 describe("file descriptor exhaustion", function()
-  it("pauses accepting without spinning, logs once, and recovers", function()
+  it("pauses accepting without spinning, logs once, and recovers #child", function()
     local child = helper.spawn("examples.echo_handler 1", "prlimit --nofile=128")
     helper.defer(child.kill)
     local clients = {}

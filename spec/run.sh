@@ -10,7 +10,8 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for f in "$@"; do
   echo "== $f"
-  "$LUA" "$BUSTED" --ignore-lua -o TAP $BUSTED_ARGS "$f" >"$out"
+  # $LUA may be a command with arguments (valgrind ..., env LD_PRELOAD=...).
+  $LUA "$BUSTED" --ignore-lua -o TAP $BUSTED_ARGS "$f" >"$out"
   rc=$?
   cat "$out"
   ok=$(grep -c '^ok ' "$out")
