@@ -26,7 +26,7 @@ describe("balance", function()
       assert.is_truthy(helper.eventually(function()
         local w = server:stats().workers
         return w[1].active == 3 and w[2].active == 0
-      end))
+      end, 5000))
       local got = {}
       for i = 1, 3 do
         local c = helper.connect(port)
