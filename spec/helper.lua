@@ -49,6 +49,30 @@ function M.echo(c, msg)
   return got
 end
 
+-- Sends `payload` and reads the echo at the same time, as a real client
+-- would (so neither side's socket buffers fill and stall the other); returns
+-- what came back. Bounded by `seconds`.
+function M.echo_big(c, payload, seconds)
+  c:settimeout(0)
+  local sent, got, parts = 0, 0, {}
+  local deadline = socket.gettime() + (seconds or 30)
+  while got < #payload do
+    assert(socket.gettime() < deadline, ("timed out echoing %d bytes"):format(#payload))
+    if sent < #payload then
+      local n, err, partial = c:send(payload, sent + 1, math.min(sent + 65536, #payload))
+      sent = n or (partial > 0 and partial or sent)
+      assert(n or err == "timeout", err)
+    end
+    local data, err, partial = c:receive(65536)
+    data = data or partial
+    if #data > 0 then parts[#parts + 1] = data; got = got + #data end
+    assert(data ~= "" or err == "timeout", err)
+    if data == "" and sent >= #payload then socket.select({ c }, nil, 0.1) end
+  end
+  c:settimeout(M.TIMEOUT)
+  return table.concat(parts)
+end
+
 -- A server for the specs: loopback, port 0, started.
 function M.server(opts)
   local multiloop = require("multiloop")

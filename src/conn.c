@@ -27,8 +27,11 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include "multiloop.h"
 
@@ -538,12 +541,17 @@ static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
   char ip[INET6_ADDRSTRLEN];
   if (c->closing) return closed(L);
   if (c->is_unix) {
-    char path[256];
-    size_t n = sizeof path;
-    rc = peer ? uv_pipe_getpeername(&c->h.pipe, path, &n)
-              : uv_pipe_getsockname(&c->h.pipe, path, &n);
-    if (rc != 0) return fail(L, peer ? "peer" : "address", rc);
-    lua_pushlstring(L, path, n);
+    /* Asked of the kernel directly: libuv 1.44's uv_pipe_getpeername reads
+     * past what getpeername filled in for an unnamed peer (valgrind). */
+    struct sockaddr_un sun;
+    socklen_t sunlen = sizeof sun;
+    uv_os_fd_t fd;
+    memset(&sun, 0, sizeof sun);
+    if ((rc = uv_fileno(&c->h.handle, &fd)) != 0) return fail(L, peer ? "peer" : "address", rc);
+    if ((peer ? getpeername(fd, (struct sockaddr *)&sun, &sunlen)
+              : getsockname(fd, (struct sockaddr *)&sun, &sunlen)) != 0)
+      return fail(L, peer ? "peer" : "address", uv_translate_sys_error(errno));
+    lua_pushstring(L, sun.sun_path);       /* zeroed: "" for an unnamed peer */
     return 1;
   }
   rc = peer ? uv_tcp_getpeername(&c->h.tcp, (struct sockaddr *)&ss, &len)
