@@ -119,7 +119,7 @@ describe("backpressure", function()
     local text = helper.eventually(function()
       local f = io.open(path); local t = f:read("*a"); f:close()
       return t:find("close") and t
-    end)
+    end, 10000)                            -- valgrind is slow with 64 MiB
     assert.matches("^write (E%u+)\nclose (E%u+)\n$", text)
     local werr, cerr = text:match("^write (E%u+)\nclose (E%u+)")
     assert.is_true(cerr == "ECONNRESET" or cerr == "EPIPE", cerr)
