@@ -143,7 +143,7 @@ describe("the conn object", function()
                                                   tostring(ip), e2, tostring(conn))
       end)
       conn:on_data(function(data)
-        if data == "report\n" then conn:write(_G.REPORT .. "\n") end
+        if data == "report\n" then conn:write(tostring(_G.REPORT) .. "\n") end
       end)
     end }
     local c1 = helper.connect(port)

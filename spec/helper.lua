@@ -73,11 +73,15 @@ function M.echo_big(c, payload, seconds)
   return table.concat(parts)
 end
 
--- A server for the specs: loopback, port 0, started.
+-- A server for the specs: loopback, port 0, started. Specs that count on
+-- which worker gets a connection need round-robin placement, so unless they
+-- say otherwise they get dispatch "queue"; the default (reuseport) is covered
+-- by echo_spec (every mode) and lifecycle_spec.
 function M.server(opts)
   local multiloop = require("multiloop")
-  opts.host = opts.host or "127.0.0.1"
-  opts.port = opts.port or 0
+  opts.host = opts.host or (opts.path == nil and "127.0.0.1" or nil)
+  opts.port = opts.port or (opts.path == nil and 0 or nil)
+  if opts.dispatch == nil and opts.balance == nil then opts.dispatch = "queue" end
   local s = multiloop.server(opts)
   s:start()
   local _, port = s:address()

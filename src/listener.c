@@ -80,6 +80,23 @@ static int clear_unix_path(const multiloop_config_t *cfg, char *err, size_t errl
   return 0;
 }
 
+/* Reuseport only: SO_REUSEPORT would let us bind a port that another server
+ * (ours or not, same user) already listens on, and silently share it. A
+ * plain bind first fails with EADDRINUSE as any server's would, and resolves
+ * port 0. The probe is closed before the real sockets bind (a narrow window
+ * in which another process could take the port). */
+int multiloop_listen_probe(const multiloop_config_t *cfg, int port, int *bound_port,
+                           char *err, size_t errlen) {
+  uv_os_sock_t fd;
+  multiloop_config_t plain = *cfg;
+  int rc;
+  plain.backlog = 1;
+  if ((rc = multiloop_listen_socket(&plain, port, 0, &fd, bound_port, err, errlen)) != 0)
+    return rc;
+  close(fd);
+  return 0;
+}
+
 /* Creates a listening socket for cfg on `port` (ignored for a Unix path), with
  * SO_REUSEPORT when asked. Returns 0 and the fd, or a uv error with a message
  * in err. *bound_port receives the real port (TCP). */

@@ -111,6 +111,7 @@ typedef struct multiloop_idle_s {
   uint64_t last;                       /* loop time of the last activity, ms */
 } multiloop_idle_t;
 typedef struct multiloop_conn_s multiloop_conn_t;
+typedef struct multiloop_timer_s multiloop_timer_t;   /* timer.c */
 
 /* A listening socket and our own accept path (listener.c). */
 typedef struct multiloop_listener_s multiloop_listener_t;
@@ -161,6 +162,12 @@ struct multiloop_worker_s {
   int handler_ref;                     /* registry: the handler table */
   int worker_ref;                      /* registry: the `worker` table */
   int stopping;
+
+  /* Timers and messages (timer.c, message.c). `timers` is the worker
+   * thread's alone; msg_ready is set once by the worker (its inbox is up)
+   * and read by any sender before it posts. */
+  multiloop_timer_t *timers;           /* open timers, closed when the worker closes */
+  atomic_int msg_ready;                /* the inbox takes messages */
 
   /* Start handshake: written by the worker before it posts rt->ready. */
   int failed;
@@ -225,6 +232,8 @@ int multiloop_listen_socket(const multiloop_config_t *cfg, int port, int reusepo
 int multiloop_listener_start(multiloop_listener_t *l, uv_loop_t *loop, multiloop_runtime_t *rt,
                              uv_os_sock_t fd, int woken_on_release, const char *who,
                              multiloop_fd_cb on_fd, void *data);
+int multiloop_listen_probe(const multiloop_config_t *cfg, int port, int *bound_port,
+                           char *err, size_t errlen);
 void multiloop_listener_resume(multiloop_listener_t *l);
 void multiloop_listener_close(multiloop_listener_t *l);
 
@@ -263,6 +272,18 @@ void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
 /* shared.c: named dictionaries shared by every Lua state of the process;
  * callable from any thread that owns a lua_State. core.shared(name, capacity). */
 int multiloop_shared_open(lua_State *L);
+
+/* timer.c: worker.timer/every/now; worker thread only. */
+void multiloop_timer_api(lua_State *L, multiloop_worker_t *w, int idx);
+void multiloop_timers_close(multiloop_worker_t *w);
+
+/* message.c: worker.send/broadcast and the message hook (worker thread);
+ * server:send/broadcast (main state, rt NULL when stopped: raises). */
+void multiloop_worker_api(lua_State *L, multiloop_worker_t *w, int idx);
+void multiloop_message_open(multiloop_worker_t *w);
+void multiloop_message_deliver(multiloop_worker_t *w, multiloop_msg_t *msg);
+int multiloop_server_send(lua_State *L, multiloop_runtime_t *rt);
+int multiloop_server_broadcast(lua_State *L, multiloop_runtime_t *rt);
 
 #pragma GCC visibility pop
 

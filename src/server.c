@@ -75,6 +75,7 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   socklen_t len = sizeof ss;
   uv_os_sock_t first;
   if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
+    if ((rc = multiloop_listen_probe(cfg, port, &port, err, errlen)) != 0) return rc;
     for (i = 0; i < cfg->nworkers; i++) {
       rc = multiloop_listen_socket(cfg, port, 1, &rt->workers[i].listen_fd, &port, err, errlen);
       if (rc != 0) return rc;
@@ -476,6 +477,12 @@ static int core_parallelism(lua_State *L) {
   return 1;
 }
 
+/* server:send(id, value), server:broadcast(value): message.c. */
+static int server_send(lua_State *L) { return multiloop_server_send(L, check_server(L)->rt); }
+static int server_broadcast(lua_State *L) {
+  return multiloop_server_broadcast(L, check_server(L)->rt);
+}
+
 static const luaL_Reg server_methods[] = {
   { "start", server_start },
   { "stop", server_stop },
@@ -484,6 +491,8 @@ static const luaL_Reg server_methods[] = {
   { "wait_stopped", server_wait_stopped },
   { "stats", server_stats },
   { "running", server_running },
+  { "send", server_send },
+  { "broadcast", server_broadcast },
   { NULL, NULL }
 };
 

@@ -43,6 +43,7 @@ static int load_handler(lua_State *L) {
   multiloop_copy_decode(L, cfg->config, cfg->config_len);
   lua_setfield(L, -2, "config");
   worker = lua_gettop(L);
+  multiloop_worker_api(L, w, worker);              /* timer, every, now, send, broadcast */
 
   switch (cfg->handler_kind) {
     case MULTILOOP_HANDLER_MODULE:
@@ -132,6 +133,7 @@ static void finish(multiloop_worker_t *w) {
   if (w->closing) return;
   w->closing = 1;
   multiloop_idle_close(w);
+  multiloop_timers_close(w);
   multiloop_inbox_close(&w->inbox);
   multiloop_listener_close(&w->listener);
   close_if_open((uv_handle_t *)&w->pipe);
@@ -184,7 +186,8 @@ static void inbox_cb(multiloop_worker_t *w, multiloop_msg_t *msg) {
       msg->fd = -1;
       break;
     case MULTILOOP_MSG_VALUE:
-      break;                                     /* messages: not yet */
+      multiloop_message_deliver(w, msg);         /* message.c; freed below */
+      break;
     case MULTILOOP_MSG_STOP:
       begin_stop(w, msg->timeout);
       break;                                     /* stop_msg is kept: see msg->keep */
@@ -246,6 +249,8 @@ static void worker_main(void *arg) {
     lua_settop(w->L, 0);
   }
   if (!w->failed && (rc = open_handles(w)) != 0) fail(w, uv_strerror(rc));
+  if (w->failed) multiloop_timers_close(w);        /* any init() started: the loop must end */
+  else multiloop_message_open(w);                  /* other threads may post to us now */
   uv_sem_post(&w->rt->ready);                      /* up, or failed for good */
 
   uv_run(&w->loop, UV_RUN_DEFAULT);

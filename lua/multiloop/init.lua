@@ -132,9 +132,10 @@ local checks = {
   end,
 }
 
+-- dispatch: the fastest mode on connection rate, measured with `make bench`
+-- (README): reuseport; with a Unix path or a balancing policy, which
+-- reuseport cannot do, queue. Filled in by M.server.
 local defaults = {
-  dispatch = "ipc",
-  balance = "round_robin",
   host = "127.0.0.1",
   backlog = 511,
   idle_timeout = 0,
@@ -197,6 +198,8 @@ function M.server(opts)
       if v ~= nil then o[k] = check(v) end
     end
     o.workers = o.workers or core.parallelism()
+    o.dispatch = o.dispatch or ((o.path or o.balance) and "queue" or "reuseport")
+    if o.dispatch ~= "reuseport" then o.balance = o.balance or "round_robin" end
     o.write_low_water = o.write_low_water or o.write_high_water // 4
     if o.write_low_water >= o.write_high_water then
       fail("write_low_water", ("must be below write_high_water (%d)"):format(o.write_high_water),
@@ -295,6 +298,28 @@ function Server:run(opts)
   end
   self._core:stop()
   return sig
+end
+
+--- Sends a copy of value (nil, booleans, integers and floats kept apart,
+-- strings, nested tables of them) to worker id's handler hook
+-- message(worker, value, from), with from = 0. Returns true, or false,
+-- "stopped" when that worker is stopping. Raises when the server is not
+-- running, id is not a worker id, or value cannot be copied (naming where:
+-- "value.cb: cannot copy a function").
+function Server:send(id, value)
+  check_server(self, "send")
+  local ok, sent, why = pcall(self._core.send, self._core, id, value)
+  if not ok then error(sent, 2) end
+  return sent, why
+end
+
+--- Sends a copy of value to every worker (as send); returns how many took
+-- it (fewer than the workers while stopping).
+function Server:broadcast(value)
+  check_server(self, "broadcast")
+  local ok, n = pcall(self._core.broadcast, self._core, value)
+  if not ok then error(n, 2) end
+  return n
 end
 
 function Server:__close()

@@ -1,0 +1,65 @@
+-- examples/chat.lua: a line-based chat room spread over every worker.
+-- Loaded in each worker; examples/chat_server.lua runs it.
+--
+-- A worker knows only its own connections. A line from a client is written
+-- at once to the other clients of the same worker, and broadcast to the
+-- other workers, whose message hook writes it to theirs. So every line
+-- reaches every client on every worker, in the order its sender sent it.
+--
+-- The sender does not get its own line back (its terminal already shows
+-- it). Joins and departures are announced ("* user7 joined"). A client
+-- that stops reading misses lines once 64 KiB wait for it, instead of
+-- making the server buffer without bound; a line over 4 KiB ends the
+-- connection.
+local MAX_LINE = 4096
+local MAX_QUEUED = 64 * 1024
+
+local clients = {}             -- this worker's connections -> true
+
+-- Writes text to this worker's clients, except one (the sender).
+local function deliver(text, except)
+  for conn in pairs(clients) do
+    if conn ~= except and conn:buffered() < MAX_QUEUED then conn:write(text) end
+  end
+end
+
+-- Everyone else, on every worker, gets text.
+local function announce(worker, text, except)
+  deliver(text, except)
+  worker.broadcast(text)
+end
+
+local chat = {}
+
+-- A line from a client of another worker.
+function chat.message(_, text)
+  deliver(text)
+end
+
+function chat.connect(conn)
+  local worker = conn.worker
+  local name = "user" .. conn.id
+  clients[conn] = true
+  conn:write(("* welcome, you are %s\n"):format(name))
+  announce(worker, ("* %s joined\n"):format(name), conn)
+
+  local pending = ""
+  conn:on_data(function(data)
+    pending = pending .. data
+    for line in pending:gmatch("([^\n]*)\n") do
+      line = line:gsub("\r$", "")
+      if line ~= "" then announce(worker, ("%s: %s\n"):format(name, line), conn) end
+    end
+    pending = pending:match("[^\n]*$")
+    if #pending > MAX_LINE then
+      conn:write("* line too long, bye\n")
+      conn:close()
+    end
+  end)
+  conn:on_close(function()
+    clients[conn] = nil
+    announce(worker, ("* %s left\n"):format(name))
+  end)
+end
+
+return chat
