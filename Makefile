@@ -66,7 +66,7 @@ ASAN_RT     = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-fi
 asan: | check-deps
 	$(MAKE) --no-print-directory BUILD=build-asan \
 	  OPTFLAGS="$(SAN_FLAGS) -fsanitize=address,undefined" LIBS="-fsanitize=address,undefined" build
-	@LD_PRELOAD="$(ASAN_RT)" LUA_CPATH="./build-asan/?.so;;" \
+	@LD_PRELOAD="$(ASAN_RT)" LUA_CPATH="./build-asan/?.so;;" SANITIZER=asan \
 	  ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=86" \
 	  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
 	  LUA=$(LUA) sh spec/run.sh spec/*_spec.lua
@@ -84,7 +84,7 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
 tsan: | check-deps
 	$(MAKE) --no-print-directory BUILD=build-tsan \
 	  OPTFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" LIBS="-fsanitize=thread" build
-	@LUA_CPATH="./build-tsan/?.so;;" BUSTED_ARGS="--exclude-tags=child" \
+	@LUA_CPATH="./build-tsan/?.so;;" BUSTED_ARGS="--exclude-tags=child" SANITIZER=tsan \
 	  TSAN_OPTIONS="halt_on_error=1:exitcode=66:io_sync=2:suppressions=$(CURDIR)/spec/tsan.supp" \
 	  LUA="env LD_PRELOAD=$(TSAN_RT) $(LUA)" sh spec/run.sh $(TSAN_SPECS)
 
@@ -96,4 +96,4 @@ VALGRIND = valgrind --quiet --error-exitcode=1 --leak-check=full \
 
 .PHONY: valgrind
 valgrind: build
-	@BUSTED_ARGS="--exclude-tags=stress" LUA="$(VALGRIND) $(LUA)" sh spec/run.sh spec/*_spec.lua
+	@BUSTED_ARGS="--exclude-tags=stress" SANITIZER=valgrind LUA="$(VALGRIND) $(LUA)" sh spec/run.sh spec/*_spec.lua

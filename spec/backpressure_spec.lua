@@ -153,7 +153,11 @@ describe("backpressure", function()
       if not progress then socket.sleep(0.05) end
     until socket.gettime() > deadline
     local grown_mib = (rss_kib() - before) / 1024
-    assert.is_true(grown_mib < 64, ("RSS grew by %.1f MiB"):format(grown_mib))
+    -- Under a sanitizer RSS measures its quarantine and shadow memory, not
+    -- ours: the bound is checked in plain runs only.
+    if not os.getenv("SANITIZER") then
+      assert.is_true(grown_mib < 64, ("RSS grew by %.1f MiB"):format(grown_mib))
+    end
     -- and another client is still served
     local c = helper.connect(port)
     helper.defer(function() c:close() end)
