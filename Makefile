@@ -97,3 +97,5 @@ VALGRIND = valgrind --quiet --error-exitcode=1 --leak-check=full \
 .PHONY: valgrind
 valgrind: build
 	@BUSTED_ARGS="--exclude-tags=stress" SANITIZER=valgrind LUA="$(VALGRIND) $(LUA)" sh spec/run.sh spec/*_spec.lua
+
+include bench/bench.mk

@@ -1,0 +1,23 @@
+-- bench/ml_server.lua: the multiloop server that `make bench` measures.
+--   lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH]
+-- HANDLER is a module (examples.echo_handler, examples.http_hello). Listens
+-- on 127.0.0.1, a free port, printed as "LISTENING <port>" once every worker
+-- has loaded the handler; SIGTERM or SIGINT stops it at once (no grace
+-- period: the load generator has finished by then).
+local multiloop = require("multiloop")
+
+local handler, workers, dispatch = arg[1], tonumber(arg[2]), arg[3]
+assert(handler and workers, "usage: lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH]")
+
+local server = multiloop.server{
+  host = "127.0.0.1",
+  port = 0,
+  workers = workers,
+  dispatch = dispatch,
+  handler = handler,
+}
+server:start()
+local _, port = server:address()
+print(("LISTENING %d"):format(port))
+io.stdout:flush()
+server:run{ timeout = 0 }

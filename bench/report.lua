@@ -1,0 +1,509 @@
+-- bench/report.lua: turns the measurements of bench/run.sh into the table
+-- bench/results/latest.txt, the plot bench/results/ops_per_cpu.png and
+-- BENCHMARKS.md. Re-runnable on its own (make bench-report) from
+-- bench/results/raw.tsv and bench/results/meta.txt; bench/notes.md, when
+-- present, is copied in as the "Observations" section.
+--   lua5.4 bench/report.lua [results dir]
+local dir = arg[1] or "bench/results"
+
+local SERVERS = { "multiloop", "ref-c", "luv", "node", "nginx-lua" }
+local PEERS = { "ref-c", "luv", "node", "nginx-lua" }
+local SERVER_TITLE = {
+  multiloop = "multiloop", ["ref-c"] = "raw C (ref_server)", luv = "luv (1 loop)",
+  node = "Node.js cluster", ["nginx-lua"] = "nginx + Lua",
+}
+local SCENARIOS = {
+  { id = "echo-p1", title = "echo, 64 conns x 64 B, 1 in flight", unit = "msg" },
+  { id = "echo-p16", title = "echo, 64 conns x 64 B, 16 in flight", unit = "msg" },
+  { id = "connrate", title = "connect/send 64 B/read/close, 32 loops", unit = "conn" },
+  { id = "http", title = "HTTP hello, wrk 64 conns keep-alive", unit = "req" },
+  { id = "connrate-ipc", title = "connrate, dispatch ipc", unit = "conn" },
+  { id = "connrate-queue", title = "connrate, dispatch queue", unit = "conn" },
+  { id = "connrate-reuseport", title = "connrate, dispatch reuseport", unit = "conn" },
+  { id = "idle-mem", title = "memory per idle connection", unit = "bytes" },
+}
+
+-- --- reading -----------------------------------------------------------------
+
+local function read_meta()
+  local meta = {}
+  local f = io.open(dir .. "/meta.txt")
+  if f then
+    for line in f:lines() do
+      local k, v = line:match("^([%w_]+)=(.*)$")
+      if k then meta[k] = v end
+    end
+    f:close()
+  end
+  return meta
+end
+
+local function read_rows()
+  local f = assert(io.open(dir .. "/raw.tsv"), "no " .. dir .. "/raw.tsv: run make bench first")
+  local header, rows = nil, {}
+  for line in f:lines() do
+    local fields = {}
+    for v in (line .. "\t"):gmatch("([^\t]*)\t") do fields[#fields + 1] = v end
+    if not header then
+      header = fields
+    else
+      local row = {}
+      for i, name in ipairs(header) do row[name] = tonumber(fields[i]) or fields[i] end
+      rows[#rows + 1] = row
+    end
+  end
+  f:close()
+  return rows
+end
+
+-- --- statistics --------------------------------------------------------------
+
+local function median(list)
+  if #list == 0 then return nil end
+  local s = {}
+  for i, v in ipairs(list) do s[i] = v end
+  table.sort(s)
+  local m = (#s + 1) // 2
+  if #s % 2 == 1 then return s[m] end
+  return (s[m] + s[m + 1]) / 2
+end
+
+local function range(list)
+  local lo, hi = math.huge, -math.huge
+  for _, v in ipairs(list) do lo, hi = math.min(lo, v), math.max(hi, v) end
+  return lo, hi
+end
+
+local function si(v)
+  if v == nil then return "-" end
+  if v >= 1e6 then return ("%.2fM"):format(v / 1e6) end
+  if v >= 1e4 then return ("%.1fk"):format(v / 1e3) end
+  if v >= 1e3 then return ("%.2fk"):format(v / 1e3) end
+  return ("%.0f"):format(v)
+end
+
+local function us(v)
+  if type(v) ~= "number" then return "-" end
+  if v >= 10000 then return ("%.1f ms"):format(v / 1000) end
+  if v >= 1000 then return ("%.2f ms"):format(v / 1000) end
+  return ("%.0f us"):format(v)
+end
+
+-- groups[workers][scenario][server] = { rows }
+local function group(rows)
+  local g = {}
+  for _, r in ipairs(rows) do
+    local w = g[r.workers] or {}
+    g[r.workers] = w
+    local s = w[r.scenario] or {}
+    w[r.scenario] = s
+    local list = s[r.server] or {}
+    s[r.server] = list
+    list[#list + 1] = r
+  end
+  return g
+end
+
+local function column(list, name)
+  local out = {}
+  for _, r in ipairs(list or {}) do
+    if type(r[name]) == "number" then out[#out + 1] = r[name] end
+  end
+  return out
+end
+
+-- Per-repeat ratios a/b of one column, paired by repeat.
+local function ratios(a, b, name)
+  local by, out = {}, {}
+  for _, r in ipairs(b or {}) do by[r["repeat"]] = r[name] end
+  for _, r in ipairs(a or {}) do
+    local d = by[r["repeat"]]
+    if type(r[name]) == "number" and type(d) == "number" and d > 0 then
+      out[#out + 1] = r[name] / d
+    end
+  end
+  return out
+end
+
+local function ratio_text(list)
+  if #list == 0 then return "-" end
+  local lo, hi = range(list)
+  if #list == 1 then return ("%.2fx"):format(list[1]) end
+  return ("%.2fx (%.2f-%.2f)"):format(median(list), lo, hi)
+end
+
+local function spread_text(list)
+  if #list == 0 then return "-" end
+  local m = median(list)
+  if #list == 1 then return si(m) end
+  local lo, hi = range(list)
+  return ("%s (%s-%s)"):format(si(m), si(lo), si(hi))
+end
+
+-- --- output ------------------------------------------------------------------
+
+local meta = read_meta()
+local rows = read_rows()
+local g = group(rows)
+local workers_list = {}
+for w in pairs(g) do workers_list[#workers_list + 1] = w end
+table.sort(workers_list)
+
+-- The table: one line per workers x scenario x server.
+local lines = {}
+local function add(s) lines[#lines + 1] = s end
+local md_rows = {}
+for _, w in ipairs(workers_list) do
+  for _, sc in ipairs(SCENARIOS) do
+    local by_server = g[w][sc.id]
+    if by_server then
+      for _, server in ipairs(SERVERS) do
+        local list = by_server[server]
+        if list then
+          local entry = { w = w, sc = sc, server = server }
+          if sc.id == "idle-mem" then
+            entry.value = spread_text(column(list, "bytes_per_conn"))
+            entry.vs_ref = server == "ref-c" and "1.00x" or
+              ratio_text(ratios(list, by_server["ref-c"], "bytes_per_conn"))
+          else
+            entry.rate = si(median(column(list, "ops_per_s")))
+            entry.value = spread_text(column(list, "ops_per_cpu"))
+            local m = median(column(list, "ops_per_cpu"))
+            entry.cpu_op = m and m > 0 and ("%.2f us"):format(1e6 / m) or "-"
+            entry.vs_ref = server == "ref-c" and "1.00x" or
+              ratio_text(ratios(list, by_server["ref-c"], "ops_per_cpu"))
+            entry.util = ("%.0f%%"):format(100 * (median(column(list, "cpu_s")) or 0)
+              / tonumber(meta.seconds or 5))
+            entry.p50 = us(median(column(list, "p50_us")))
+            entry.p99 = us(median(column(list, "p99_us")))
+            entry.p999 = us(median(column(list, "p999_us")))
+          end
+          local errs = 0
+          for _, e in ipairs(column(list, "errors")) do errs = errs + e end
+          entry.errors = errs
+          md_rows[#md_rows + 1] = entry
+        end
+      end
+    end
+  end
+end
+
+add(("multiloop benchmarks, %s (%s repeat(s) of %s s; %s)"):format(meta.date or "?",
+  meta.repeats or "?", meta.seconds or "?", meta.quick == "1" and "BENCH_QUICK smoke run" or "full run"))
+add(("machine: %s CPUs, %s, %s"):format(meta.nproc or "?", meta.cpu or "?", meta.kernel or "?"))
+add(("dispatch: %s for multiloop and ref-c unless the scenario names another"):format(meta.dispatch or "?"))
+add("")
+add(("%-18s %2s  %-10s %10s  %-26s %-20s %5s %9s %9s %9s %6s"):format("scenario", "w", "server",
+  "ops/s", "ops per server CPU-s", "vs ref-c", "cpu", "p50", "p99", "p99.9", "errors"))
+for _, e in ipairs(md_rows) do
+  if e.sc.id == "idle-mem" then
+    add(("%-18s %2d  %-10s %10s  %-26s %-20s %5s %9s %9s %9s %6d"):format(e.sc.id, e.w, e.server,
+      "-", e.value .. " B/conn", e.vs_ref, "-", "-", "-", "-", e.errors))
+  else
+    add(("%-18s %2d  %-10s %10s  %-26s %-20s %5s %9s %9s %9s %6d"):format(e.sc.id, e.w, e.server,
+      e.rate, e.value, e.vs_ref, e.util, e.p50, e.p99, e.p999, e.errors))
+  end
+end
+add("")
+add("ops per server CPU-s: median (min-max) over repeats; vs ref-c: median (min-max) of the")
+add("per-repeat ratios; cpu: server CPU time / wall time (100% = one core busy).")
+local txt = table.concat(lines, "\n") .. "\n"
+local f = assert(io.open(dir .. "/latest.txt", "w"))
+f:write(txt)
+f:close()
+io.write(txt)
+
+-- The headline ratios: multiloop against each other server, per scenario.
+local headline = {}
+for _, w in ipairs(workers_list) do
+  for _, sc in ipairs(SCENARIOS) do
+    local by_server = g[w][sc.id]
+    if by_server and by_server.multiloop then
+      local cells = {}
+      for _, peer in ipairs(PEERS) do
+        local field = sc.id == "idle-mem" and "bytes_per_conn" or "ops_per_cpu"
+        cells[#cells + 1] = by_server[peer] and ratio_text(ratios(by_server.multiloop,
+          by_server[peer], field)) or "-"
+      end
+      headline[#headline + 1] = { w = w, sc = sc, cells = cells }
+    end
+  end
+end
+
+-- Dispatch: connections per server CPU-second of each mode against ipc, per
+-- repeat, for multiloop and the reference (the default mode runs as
+-- "connrate", the others as "connrate-<mode>").
+local function connrate_rows(w, mode, server)
+  if not g[w] then return nil end
+  local id = mode == meta.dispatch and "connrate" or "connrate-" .. mode
+  return g[w][id] and g[w][id][server]
+end
+
+local dispatch_lines = {}
+for _, w in ipairs(workers_list) do
+  for _, server in ipairs({ "multiloop", "ref-c" }) do
+    local ipc = connrate_rows(w, "ipc", server)
+    if ipc then
+      local cells = {}
+      for _, mode in ipairs({ "ipc", "queue", "reuseport" }) do
+        local list = connrate_rows(w, mode, server)
+        cells[#cells + 1] = not list and "-" or mode == "ipc" and si(median(column(list, "ops_per_cpu")))
+          or ("%s, %s"):format(si(median(column(list, "ops_per_cpu"))),
+            ratio_text(ratios(list, ipc, "ops_per_cpu")))
+      end
+      dispatch_lines[#dispatch_lines + 1] = ("| %d | %s | %s |"):format(w,
+        SERVER_TITLE[server], table.concat(cells, " | "))
+    end
+  end
+end
+
+-- Targets (issue 6): each as measured in this run, met or not.
+local target_lines = {}
+local function target(what, w, list, goal, better)
+  if #list == 0 then return end
+  local m = median(list)
+  local met = (better == "higher" and m >= goal) or (better == "lower" and m < goal)
+  target_lines[#target_lines + 1] = ("| %s | %d | %s | %s |"):format(what, w,
+    ratio_text(list), met and "met" or "**missed**")
+end
+for _, w in ipairs(workers_list) do
+  local gw = g[w]
+  local function rs(id, a, b, field)
+    return gw[id] and ratios(gw[id][a], gw[id][b], field or "ops_per_cpu") or {}
+  end
+  target("echo-p1 vs raw C, >= 0.85x", w, rs("echo-p1", "multiloop", "ref-c"), 0.85, "higher")
+  target("echo-p16 vs raw C, >= 0.90x", w, rs("echo-p16", "multiloop", "ref-c"), 0.90, "higher")
+  target("http vs nginx + Lua, >= 1.0x", w, rs("http", "multiloop", "nginx-lua"), 1.0, "higher")
+  local ipc = connrate_rows(w, "ipc", "multiloop")
+  if ipc then
+    local best, best_mode = nil, nil
+    for _, mode in ipairs({ "queue", "reuseport" }) do
+      local list = ratios(connrate_rows(w, mode, "multiloop"), ipc, "ops_per_cpu")
+      if #list > 0 and (best == nil or median(list) > median(best)) then best, best_mode = list, mode end
+    end
+    if best then
+      target(("connrate fastest mode (%s) vs ipc, >= 1.5x"):format(best_mode), w, best, 1.5, "higher")
+    end
+  end
+  local mem = gw["idle-mem"] and column(gw["idle-mem"].multiloop, "bytes_per_conn") or {}
+  if #mem > 0 then
+    local m = median(mem)
+    target_lines[#target_lines + 1] = ("| idle-mem bytes per connection, < 1024 (aim 640) | %d | %s | %s |")
+      :format(w, spread_text(mem), m < 1024 and (m <= 640 and "met" or "met (< 1 KiB; aim 640 missed)")
+        or "**missed**")
+  end
+end
+
+-- The plot: ops per CPU-second, one cluster per scenario x workers.
+local plot_ok = false
+do
+  local dat = assert(io.open(dir .. "/ops_per_cpu.dat", "w"))
+  dat:write("scenario")
+  for _, s in ipairs(SERVERS) do dat:write("\t", s) end
+  dat:write("\n")
+  for _, w in ipairs(workers_list) do
+    for _, sc in ipairs(SCENARIOS) do
+      if sc.id ~= "idle-mem" and g[w][sc.id] then
+        dat:write(('"%s\\n%d worker%s"'):format(sc.id, w, w == 1 and "" or "s"))
+        for _, s in ipairs(SERVERS) do
+          local m = median(column(g[w][sc.id][s], "ops_per_cpu"))
+          dat:write("\t", m and ("%.0f"):format(m) or "-")
+        end
+        dat:write("\n")
+      end
+    end
+  end
+  dat:close()
+  local gp = assert(io.open(dir .. "/ops_per_cpu.gp", "w"))
+  gp:write(([[
+set terminal pngcairo size 1400,640 font "sans,10"
+set output "%s/ops_per_cpu.png"
+set title "Operations per second of server CPU (median of %s repeat(s); higher is better)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set datafile missing "-"
+set datafile separator "\t"
+set logscale y
+set format y "%%.0s%%c"
+set ylabel "ops per server CPU-second (log scale)"
+set grid ytics
+set key top right
+set xtics font "sans,8"
+set yrange [1000:*]
+plot for [i=2:%d] "%s/ops_per_cpu.dat" using i:xtic(1) title columnheader(i)
+]]):format(dir, meta.repeats or "?", #SERVERS + 1, dir))
+  gp:close()
+  if os.execute("command -v gnuplot > /dev/null") then
+    plot_ok = os.execute(("gnuplot %s/ops_per_cpu.gp"):format(dir)) and true or false
+  end
+  if not plot_ok then io.stderr:write("report: gnuplot failed or is missing: no plot\n") end
+end
+
+-- BENCHMARKS.md
+local md = {}
+local function w_(s) md[#md + 1] = s end
+w_("# Benchmarks")
+w_("")
+w_("Generated by `make bench` (`bench/run.sh`, then `bench/report.lua`; re-run the")
+w_("report alone with `make bench-report`). Do not edit by hand: edit")
+w_("`bench/report.lua` or `bench/notes.md`.")
+w_("")
+w_(("Run: %s, %s repeat(s) of %s s per measurement%s, %s s in all."):format(meta.date or "?",
+  meta.repeats or "?", meta.seconds or "?",
+  meta.quick == "1" and " (`BENCH_QUICK=1`: a smoke run, not for quoting)" or "",
+  meta.elapsed_s or "?"))
+w_("")
+w_("## The machine")
+w_("")
+w_(("- %s CPUs: %s; kernel %s"):format(meta.nproc or "?", meta.cpu or "?", meta.kernel or "?"))
+w_(("- libuv %s, Lua %s; peers: lua-luv %s, Node.js %s, nginx %s with lua-nginx-module %s, wrk %s")
+  :format(meta.libuv or "?", meta.lua or "?", meta.luv or "?", meta.node or "?", meta.nginx or "?",
+    meta.nginx_lua or "?", meta.wrk or "?"))
+w_(("- load average before / after the run: %s / %s (anything else running on these two cores")
+  :format(meta.loadavg_before or "?", meta.loadavg_after or "?"))
+w_("  shows up here: absolute rates are not comparable between runs, only the ratios")
+w_("  measured side by side in one run)")
+w_("")
+w_("## Method")
+w_("")
+w_("Every server listens on 127.0.0.1 and is started fresh for each server x workers")
+w_("combination in each repeat; the order of the servers rotates between repeats.")
+w_("")
+w_("- **The figure of merit is operations per second of server CPU**: operations")
+w_("  completed by the client, divided by the CPU time (utime + stime from")
+w_("  `/proc/PID/stat`, summed over the server's whole process tree) that the server")
+w_("  used while the client ran. On two cores the client competes with the server, so")
+w_("  the wall-clock rate mostly measures the client; CPU per operation is what")
+w_("  separates the servers. Loopback caveat: part of the kernel's TCP work for the")
+w_("  server's socket runs in the sender's context (softirq) and is billed to whichever")
+w_("  process is running, so the figures include some of the client's kernel work and")
+w_("  vice versa, equally for every server.")
+w_("- **With 1 worker** the server is pinned to CPU 0 and the load generator (or wrk)")
+w_("  to CPU 1 with `taskset`; with 2 workers both float over both CPUs.")
+w_("- **The reference** is `bench/ref_server.c`: multiloop's server with no Lua, raw C")
+w_("  on libuv, with the same threads and hand-offs (`--dispatch ipc|queue|reuseport`:")
+w_("  an acceptor thread with `uv_write2` over a socketpair per worker, an acceptor")
+w_("  with a mutex list rung by `uv_async_send`, or one `SO_REUSEPORT` socket per")
+w_("  worker), the same accept path (a `uv_poll_t` and `accept4` in batches of 64), the")
+w_("  same per-worker 64 KiB read buffer, TCP_NODELAY, and writes that try the socket")
+w_("  before queueing. \"vs ref-c\" is the ratio of the two measured in the same repeat;")
+w_("  its median and range over the repeats are shown.")
+w_(("- **Dispatch**: multiloop and the reference both use `%s` (multiloop's default)")
+  :format(meta.dispatch or "?"))
+w_("  except in the `connrate-<mode>` rows. The Node.js cluster's primary accepts and")
+w_("  hands connections to its workers round-robin over IPC (like `ipc`); nginx's")
+w_("  workers accept from one shared socket; luv is a single loop (1 worker only).")
+w_("- **Scenarios**, by `bench/loadgen.c` (epoll, one thread, every echoed byte")
+w_("  checked against what was sent; latency per message, or per connect-to-close loop):")
+w_("  - `echo-p1`: 64 connections x 64-byte messages, 1 in flight per connection;")
+w_("  - `echo-p16`: the same with 16 in flight (pipelined);")
+w_("  - `connrate`: 32 concurrent loops of connect, send 64 B, read them back, close;")
+w_("  - `http`: `wrk -t1 -c64` keep-alive GET against `examples/http_hello.lua` (multiloop),")
+w_("    the same responder in C (`ref_server --mode http`), nginx + `content_by_lua_block`")
+w_("    (config generated by `bench/peers/nginx_lua.sh`; nginx also sends `Server`, `Date`")
+w_("    and `Connection` headers, about 80 bytes more per answer), and Node's `http`")
+w_("    module (which adds `Date` and `Connection`). Each HTTP server first passes")
+w_("    `bench/check_http.lua` (pipelined requests in one write, a split head, a body,")
+w_("    HEAD, Connection: close);")
+w_(("  - `idle-mem`: %s connections opened, one 1-byte echo each (so the server has")
+  :format(meta.idle_conns or "?"))
+w_("    served every one), then held idle; the server's RSS growth (VmRSS of its")
+w_("    process tree) divided by the connections; measured first, on a fresh server.")
+w_("  The echo servers are `examples/echo_handler.lua` (multiloop), `bench/peers/luv_echo.lua`")
+w_("  and `bench/peers/node_echo.js`, all pausing a client that does not read its echoes; luv tries the socket before queueing, as multiloop does.")
+w_("- **Commands** (PORT: the server's; S: `BENCH_SECONDS`):")
+w_("  `build/bench/loadgen --port PORT --duration S --mode echo --conns 64 --size 64 --depth 1` (or `--depth 16`),")
+w_("  `... --mode connrate --conns 32 --size 64`, `... --mode idle --conns N --duration 120`")
+w_("  (stopped once measured), and `wrk -t1 -c64 -dSs --latency http://127.0.0.1:PORT/`;")
+w_("  servers: `lua5.4 bench/ml_server.lua examples.echo_handler|examples.http_hello W DISPATCH`,")
+w_("  `build/bench/ref_server --workers W --dispatch DISPATCH [--mode http]`,")
+w_("  `lua5.4 bench/peers/luv_echo.lua`, `node bench/peers/node_echo.js --workers W [--mode http]`,")
+w_("  `sh bench/peers/nginx_lua.sh DIR PORT W`.")
+w_("- Medians over the repeats, with the range (min-max) in brackets; `server CPU")
+w_("  per op` is the inverse of the median (microseconds of server CPU per")
+w_("  operation), `server CPU` the server's CPU time over the wall time (100% = one")
+w_("  core busy).")
+w_("")
+w_("## multiloop against the others")
+w_("")
+w_("Ratio of multiloop's operations per server CPU-second to the other server's, in")
+w_("the same repeat (above 1: multiloop does more work per CPU-second). For")
+w_("`idle-mem` the ratio is of bytes per connection (above 1: multiloop uses more).")
+w_("")
+w_("| scenario | workers | vs raw C | vs luv | vs Node.js | vs nginx + Lua |")
+w_("|---|---|---|---|---|---|")
+for _, h in ipairs(headline) do
+  w_(("| %s | %d | %s |"):format(h.sc.id, h.w, table.concat(h.cells, " | ")))
+end
+w_("")
+if #dispatch_lines > 0 then
+  w_("## Dispatch modes")
+  w_("")
+  w_("`connrate` in each dispatch mode: connections per server CPU-second (median),")
+  w_("then the ratio to `ipc` in the same repeat, median (min-max).")
+  w_("")
+  w_("| workers | server | ipc | queue | reuseport |")
+  w_("|---|---|---|---|---|")
+  for _, l in ipairs(dispatch_lines) do w_(l) end
+  w_("")
+end
+if #target_lines > 0 then
+  w_("## Targets")
+  w_("")
+  w_("The project's targets (per server CPU-second, multiloop's figure over the other's")
+  w_("in the same repeat), as measured in this run: median (min-max) over the repeats.")
+  w_("")
+  w_("| target | workers | measured | |")
+  w_("|---|---|---|---|")
+  for _, l in ipairs(target_lines) do w_(l) end
+  w_("")
+end
+w_("## All figures")
+w_("")
+w_("| scenario | workers | server | ops/s (wall) | ops per server CPU-s | server CPU per op | vs raw C | server CPU | p50 | p99 | p99.9 | errors |")
+w_("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for _, e in ipairs(md_rows) do
+  if e.sc.id == "idle-mem" then
+    w_(("| %s | %d | %s | - | %s bytes/conn | - | %s | - | - | - | - | %d |"):format(e.sc.id, e.w,
+      SERVER_TITLE[e.server] or e.server, e.value, e.vs_ref, e.errors))
+  else
+    w_(("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d |"):format(e.sc.id, e.w,
+      SERVER_TITLE[e.server] or e.server, e.rate, e.value, e.cpu_op, e.vs_ref, e.util, e.p50, e.p99,
+      e.p999, e.errors))
+  end
+end
+w_("")
+w_("Latencies are the load generator's (wrk's for `http`, which gives no p99.9), taken")
+w_("with the client on a loaded 2-core machine: compare them between servers only.")
+w_("`errors` sums the load generator's failed connects, resets, early closes and")
+w_("mismatched bytes over the repeats (for `idle-mem`: connections that were not served).")
+w_("")
+if plot_ok then
+  w_("![operations per server CPU-second by scenario](bench/results/ops_per_cpu.png)")
+  w_("")
+end
+local notes = io.open("bench/notes.md")
+if notes then
+  w_("## Observations")
+  w_("")
+  w_(notes:read("a"))
+  notes:close()
+end
+w_("## Re-running")
+w_("")
+w_("```")
+w_("make bench                       # the full run: 3 repeats of 5 s, about 10 minutes")
+w_("BENCH_QUICK=1 make bench         # 1 repeat of 2 s, 2,000 idle connections: a smoke run")
+w_("BENCH_SECONDS=10 BENCH_REPEATS=5 BENCH_WORKERS=2 make bench")
+w_("BENCH_DISPATCH=ipc make bench    # multiloop and the reference both on ipc")
+w_("make bench-report                # BENCHMARKS.md again from bench/results/raw.tsv")
+w_("```")
+w_("")
+w_("`make bench` installs what it is missing with apt-get (lua-luv, wrk, nginx,")
+w_("libnginx-mod-http-lua, gnuplot-nox); `make test` never runs any of it.")
+f = assert(io.open("BENCHMARKS.md", "w"))
+f:write(table.concat(md, "\n"), "\n")
+f:close()
+print("report: wrote " .. dir .. "/latest.txt, BENCHMARKS.md" .. (plot_ok and (", " .. dir .. "/ops_per_cpu.png") or ""))

@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# bench/run.sh: the benchmark driver behind `make bench` (bench/bench.mk
+# builds build/bench/loadgen and build/bench/ref_server first).
+#
+# Measures multiloop against a raw-C libuv server with the same threads and
+# hand-off (bench/ref_server.c) and against peers (luv, Node.js cluster,
+# nginx + Lua), all on 127.0.0.1. The figure of merit is operations per
+# second of server CPU (utime + stime of the server's whole process tree from
+# /proc/PID/stat over the measured window), and its ratio to the C reference
+# measured in the same run. With one worker, the server is pinned to CPU 0
+# and the load generator to CPU 1 (taskset); with two, both float.
+#
+# Scenarios (each with 1 and 2 workers; luv has a single loop: 1 only):
+#   echo-p1     64 connections x 64-byte messages, 1 in flight per connection
+#   echo-p16    the same, 16 in flight (pipelined)
+#   connrate    32 concurrent loops of connect, send 64 B, read back, close
+#   http        wrk, 64 connections, keep-alive GET / answered "Hello, world!\n"
+#   idle-mem    server RSS growth per idle connection, 10,000 connections
+# and, with 2 workers, connrate for multiloop and the reference in the other
+# dispatch modes (ipc, queue) beside the default (BENCH_DISPATCH).
+#
+# Environment: BENCH_SECONDS (5) per measurement, BENCH_REPEATS (3),
+# BENCH_IDLE_CONNS (10000), BENCH_WORKERS ("1 2"), BENCH_DISPATCH (reuseport,
+# multiloop's default), BENCH_QUICK=1 (1 repeat of 2 s, 2,000 idle
+# connections: a smoke run). Peers that are not installed are skipped with a
+# note. Results: bench/results/raw.tsv (every measurement), then
+# bench/report.lua writes bench/results/latest.txt, the plot and BENCHMARKS.md.
+#
+# Every process this script starts is recorded by PID and stopped by PID
+# (SIGTERM, then SIGKILL after 5 s); each server also stops by itself
+# (timeout(1) around it, and the servers' own --max-seconds).
+set -u
+cd "$(dirname "$0")/.."
+
+B=build/bench
+RES=bench/results
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+  SECS=${BENCH_SECONDS:-2}; REPEATS=${BENCH_REPEATS:-1}; IDLE=${BENCH_IDLE_CONNS:-2000}
+else
+  SECS=${BENCH_SECONDS:-5}; REPEATS=${BENCH_REPEATS:-3}; IDLE=${BENCH_IDLE_CONNS:-10000}
+fi
+WORKERS_LIST=${BENCH_WORKERS:-"1 2"}
+DISPATCH=${BENCH_DISPATCH:-reuseport}
+LIFE=600                                  # no server instance outlives this (s)
+HZ=$(getconf CLK_TCK)
+export LUA_PATH="./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;"
+export LUA_CPATH="./build/?.so;;"
+
+case "$SECS" in ''|*[!0-9]*) echo "bench: BENCH_SECONDS must be a whole number" >&2; exit 2;; esac
+[ -x $B/loadgen ] && [ -x $B/ref_server ] || { echo "bench: run 'make bench-build' first" >&2; exit 2; }
+
+# 10,000 idle connections need more than 1024 fds, on both sides.
+hard=$(ulimit -Hn)
+want=$((IDLE + 1000))
+if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
+  echo "bench: fd limit $hard is below $want: idle-mem uses $((hard - 1000)) connections" >&2
+  IDLE=$((hard - 1000))
+  want=$hard
+fi
+ulimit -n "$want"
+
+TMP=$(mktemp -d /tmp/multiloop-bench.XXXXXX)
+mkdir -p "$RES"
+RAW=$RES/raw.tsv
+printf 'repeat\tworkers\tscenario\tserver\tops\tops_per_s\tcpu_s\tops_per_cpu\tp50_us\tp99_us\tp999_us\terrors\tbytes_per_conn\n' > "$RAW"
+
+SPID=""                                   # the server we started, if any
+LGPID=""                                  # a background load generator, if any
+
+# --- processes -----------------------------------------------------------
+
+# Stops one process we started, by its PID: SIGTERM, then SIGKILL after 5 s.
+stop_pid() {
+  local pid=$1 i
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  return 0
+}
+
+cleanup() {
+  stop_pid "$LGPID"; LGPID=""
+  stop_pid "$SPID"; SPID=""
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The PID and every descendant of $1 (nginx and node run several processes).
+tree() {
+  ps -e -o pid= -o ppid= | awk -v root="$1" '
+    { parent[$1] = $2; pids[NR] = $1 }
+    END {
+      keep[root] = 1; changed = 1
+      while (changed) {
+        changed = 0
+        for (i in pids) { p = pids[i]; if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; changed = 1 } }
+      }
+      for (p in keep) print p
+    }'
+}
+
+# CPU ticks (utime + stime) used so far by $1's process tree.
+cpu_ticks() {
+  local p sum=0 t
+  for p in $(tree "$1"); do
+    t=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }')
+    sum=$((sum + ${t:-0}))
+  done
+  echo "$sum"
+}
+
+# Resident memory (kB) of $1's process tree.
+rss_kb() {
+  local p sum=0 k
+  for p in $(tree "$1"); do
+    k=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null)
+    sum=$((sum + ${k:-0}))
+  done
+  echo "$sum"
+}
+
+# Picked below the kernel's ephemeral range, where the load generator's own
+# client sockets live, so a port that is free now is not taken a moment later.
+free_port() {
+  local port i low=32768
+  read -r low _ < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  [ "$low" -gt 12000 ] 2>/dev/null || low=32768
+  for i in $(seq 50); do
+    port=$((10000 + RANDOM % (low - 10000)))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "$port"; return; fi
+  done
+  echo 0
+}
+
+# launch NAME CMD...: starts a server (pinned when SERVER_PIN is set) that
+# prints "LISTENING <port>"; sets SPID and PORT. Returns non-zero on failure.
+launch() {
+  local name=$1 i; shift
+  : > "$TMP/server.out"
+  $SERVER_PIN timeout -k 5 "$LIFE" "$@" > "$TMP/server.out" 2> "$TMP/server.err" &
+  SPID=$!
+  PORT=""
+  for i in $(seq 200); do
+    PORT=$(awk '/^LISTENING/ { print $2; exit }' "$TMP/server.out")
+    [ -n "$PORT" ] && break
+    kill -0 "$SPID" 2>/dev/null || break
+    sleep 0.05
+  done
+  if [ -z "$PORT" ]; then
+    echo "bench: $name did not start:" >&2
+    sed 's/^/  /' "$TMP/server.err" >&2
+    stop_pid "$SPID"; SPID=""
+    return 1
+  fi
+  sleep 0.2                               # let every worker settle
+}
+
+# launch_nginx WORKERS: nginx + Lua in the foreground; sets SPID and PORT.
+# nginx takes a port number rather than picking its own, so a port taken
+# between free_port and bind() is retried on another port.
+launch_nginx() {
+  local attempt
+  for attempt in 1 2 3; do
+    try_launch_nginx "$1" && return 0
+  done
+  return 1
+}
+
+try_launch_nginx() {
+  local i
+  PORT=$(free_port)
+  rm -rf "$TMP/nginx"
+  $SERVER_PIN timeout -k 5 "$LIFE" sh bench/peers/nginx_lua.sh "$TMP/nginx" "$PORT" "$1" \
+    > "$TMP/server.out" 2> "$TMP/server.err" &
+  SPID=$!
+  for i in $(seq 100); do
+    curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$PORT/" && { sleep 0.2; return 0; }
+    kill -0 "$SPID" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "bench: nginx did not start:" >&2
+  cat "$TMP/server.err" "$TMP/nginx/logs/error.log" 2>/dev/null | sed 's/^/  /' >&2
+  stop_pid "$SPID"; SPID=""
+  return 1
+}
+
+stop_server() { stop_pid "$SPID"; SPID=""; }
+
+# --- measurements ----------------------------------------------------------
+
+# field NAME FILE: a key=value from the RESULT line.
+field() { awk -v k="$1" '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) print kv[2] } }' "$2"; }
+
+row() {  # repeat workers scenario server ops ops/s cpu_s ops/cpu p50 p99 p999 errors bytes/conn
+  local IFS=$'\t'
+  echo "$*" >> "$RAW"
+}
+
+# loadgen_run REPEAT WORKERS SCENARIO SERVER LOADGEN-ARGS...
+loadgen_run() {
+  local r=$1 w=$2 scen=$3 server=$4 c0 c1 cpu ops; shift 4
+  c0=$(cpu_ticks "$SPID")
+  $CLIENT_PIN $B/loadgen --port "$PORT" --duration "$SECS" "$@" > "$TMP/lg.out" 2> "$TMP/lg.err"
+  c1=$(cpu_ticks "$SPID")
+  ops=$(field ops "$TMP/lg.out")
+  if [ -z "$ops" ]; then
+    echo "bench: $scen/$server: the load generator failed: $(cat "$TMP/lg.err")" >&2
+    return
+  fi
+  cpu=$(awk -v t=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }')
+  row "$r" "$w" "$scen" "$server" "$ops" "$(field ops_per_s "$TMP/lg.out")" "$cpu" \
+    "$(awk -v o="$ops" -v c="$cpu" 'BEGIN { printf "%.0f", (c > 0 ? o / c : 0) }')" \
+    "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" \
+    "$(field p999_us "$TMP/lg.out")" "$(field errors "$TMP/lg.out")" "-"
+  printf '  %-10s %-8s w=%s %10s ops/s  %5s cpu-s  %9s ops/cpu-s  errors %s\n' "$scen" "$server" \
+    "$w" "$(field ops_per_s "$TMP/lg.out")" "$cpu" "$(tail -1 "$RAW" | cut -f8)" \
+    "$(field errors "$TMP/lg.out")"
+  [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
+}
+
+# wrk's latency ("812.00us", "1.20ms", "2.00s") in microseconds.
+to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print "-" }'; }
+
+# wrk_run REPEAT WORKERS SERVER
+wrk_run() {
+  local r=$1 w=$2 server=$3 c0 c1 cpu reqs errs
+  c0=$(cpu_ticks "$SPID")
+  $CLIENT_PIN wrk -t1 -c64 -d"${SECS}s" --latency "http://127.0.0.1:$PORT/" > "$TMP/wrk.out" 2>&1
+  c1=$(cpu_ticks "$SPID")
+  reqs=$(awk '/requests in/ { print $1 }' "$TMP/wrk.out")
+  if [ -z "$reqs" ]; then
+    echo "bench: http/$server: wrk failed: $(cat "$TMP/wrk.out")" >&2
+    return
+  fi
+  errs=$(awk '/Socket errors/ { gsub(",", ""); print $4 + $6 + $8 + $10 } /Non-2xx/ { print $NF }' \
+    "$TMP/wrk.out" | awk '{ s += $1 } END { print s + 0 }')
+  cpu=$(awk -v t=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }')
+  row "$r" "$w" http "$server" "$reqs" "$(awk '/Requests\/sec/ { print $2 }' "$TMP/wrk.out")" \
+    "$cpu" "$(awk -v o="$reqs" -v c="$cpu" 'BEGIN { printf "%.0f", (c > 0 ? o / c : 0) }')" \
+    "$(to_us "$(awk '$1 == "50%" { print $2 }' "$TMP/wrk.out")")" \
+    "$(to_us "$(awk '$1 == "99%" { print $2 }' "$TMP/wrk.out")")" "-" "$errs" "-"
+  printf '  %-10s %-8s w=%s %10s req/s  %5s cpu-s  %9s req/cpu-s  errors %s\n' http "$server" "$w" \
+    "$(awk '/Requests\/sec/ { print $2 }' "$TMP/wrk.out")" "$cpu" "$(tail -1 "$RAW" | cut -f8)" "$errs"
+}
+
+# idle_run REPEAT WORKERS SERVER: RSS growth per idle connection.
+idle_run() {
+  local r=$1 w=$2 server=$3 rss0 rss1 ready i
+  rss0=$(rss_kb "$SPID")
+  $CLIENT_PIN $B/loadgen --port "$PORT" --mode idle --conns "$IDLE" --duration 120 \
+    > "$TMP/idle.out" 2> "$TMP/idle.err" &
+  LGPID=$!
+  ready=""
+  for i in $(seq 1200); do
+    ready=$(awk '/^READY/ { print $2; exit }' "$TMP/idle.out")
+    [ -n "$ready" ] && break
+    kill -0 "$LGPID" 2>/dev/null || break
+    sleep 0.05
+  done
+  sleep 0.5                               # let the server finish with the last ones
+  rss1=$(rss_kb "$SPID")
+  stop_pid "$LGPID"; LGPID=""
+  if [ -z "$ready" ] || [ "$ready" -lt 1 ]; then
+    echo "bench: idle-mem/$server: no connections were served: $(cat "$TMP/idle.err")" >&2
+    return
+  fi
+  row "$r" "$w" idle-mem "$server" "$ready" - - - - - - "$((IDLE - ready))" \
+    "$(( (rss1 - rss0) * 1024 / ready ))"
+  printf '  %-10s %-8s w=%s %6s connections  RSS +%s kB  %s bytes/connection\n' idle-mem "$server" \
+    "$w" "$ready" "$((rss1 - rss0))" "$(( (rss1 - rss0) * 1024 / ready ))"
+  sleep 0.5                               # the server closes 10,000 connections
+}
+
+# --- servers -----------------------------------------------------------------
+
+have_luv=1; have_node=1; have_nginx=1; have_wrk=1
+lua5.4 -e 'require "luv"' 2>/dev/null || { have_luv=0; echo "bench: note: lua-luv is missing: the luv peer is skipped"; }
+command -v node > /dev/null || { have_node=0; echo "bench: note: node is missing: the Node.js peer is skipped"; }
+{ command -v nginx > /dev/null && [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ]; } ||
+  { have_nginx=0; echo "bench: note: nginx or libnginx-mod-http-lua is missing: the nginx + Lua peer is skipped"; }
+command -v wrk > /dev/null || { have_wrk=0; echo "bench: note: wrk is missing: the HTTP scenario is skipped"; }
+
+# start_echo SERVER WORKERS [DISPATCH]
+start_echo() {
+  case $1 in
+    multiloop) launch multiloop lua5.4 bench/ml_server.lua examples.echo_handler "$2" "${3:-$DISPATCH}" ;;
+    ref-c) launch ref-c $B/ref_server --workers "$2" --dispatch "${3:-$DISPATCH}" --max-seconds "$LIFE" ;;
+    luv) launch luv lua5.4 bench/peers/luv_echo.lua "$LIFE" ;;
+    node) launch node node bench/peers/node_echo.js --workers "$2" --max-seconds "$LIFE" ;;
+  esac
+}
+
+start_http() {
+  case $1 in
+    multiloop) launch multiloop lua5.4 bench/ml_server.lua examples.http_hello "$2" "$DISPATCH" ;;
+    ref-c) launch ref-c $B/ref_server --mode http --workers "$2" --dispatch "$DISPATCH" --max-seconds "$LIFE" ;;
+    nginx-lua) launch_nginx "$2" ;;
+    node) launch node node bench/peers/node_echo.js --mode http --workers "$2" --max-seconds "$LIFE" ;;
+  esac
+}
+
+# The list rotated by one place per repeat, so no server is always first.
+rotate() {
+  local k=$1; shift
+  local a=("$@") n=$# i
+  for ((i = 0; i < n; i++)); do printf '%s ' "${a[$(((i + k) % n))]}"; done
+}
+
+echo_servers() { local s="multiloop ref-c"; [ "$1" = 1 ] && [ $have_luv = 1 ] && s="$s luv"; [ $have_node = 1 ] && s="$s node"; echo "$s"; }
+http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-lua"; [ $have_node = 1 ] && s="$s node"; echo "$s"; }
+
+# --- the machine and the settings, for the report -----------------------------
+
+{
+  echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "nproc=$(nproc)"
+  echo "cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+  echo "kernel=$(uname -sr)"
+  echo "seconds=$SECS"
+  echo "repeats=$REPEATS"
+  echo "idle_conns=$IDLE"
+  echo "workers=$WORKERS_LIST"
+  echo "dispatch=$DISPATCH"
+  echo "quick=${BENCH_QUICK:-0}"
+  echo "libuv=$(pkg-config --modversion libuv)"
+  echo "lua=$(lua5.4 -v 2>&1 | awk '{ print $2 }')"
+  echo "luv=$([ $have_luv = 1 ] && dpkg-query -W -f='${Version}' lua-luv 2>/dev/null || echo missing)"
+  echo "node=$([ $have_node = 1 ] && node --version || echo missing)"
+  echo "nginx=$([ $have_nginx = 1 ] && nginx -v 2>&1 | sed 's/.*nginx\///' || echo missing)"
+  echo "nginx_lua=$([ $have_nginx = 1 ] && dpkg-query -W -f='${Version}' libnginx-mod-http-lua 2>/dev/null || echo missing)"
+  echo "wrk=$([ $have_wrk = 1 ] && dpkg-query -W -f='${Version}' wrk 2>/dev/null || echo missing)"
+  echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
+} > "$RES/meta.txt"
+
+# --- the run -----------------------------------------------------------------
+
+echo "bench: $REPEATS repeat(s), ${SECS} s per measurement, workers: $WORKERS_LIST, dispatch: $DISPATCH"
+echo "bench: load average before: $(cut -d' ' -f1-3 /proc/loadavg) (other load on this machine skews absolute figures)"
+start_time=$(date +%s)
+checked_http=""
+for r in $(seq "$REPEATS"); do
+  echo "bench: repeat $r of $REPEATS"
+  for w in $WORKERS_LIST; do
+    if [ "$w" = 1 ]; then SERVER_PIN="taskset -c 0"; CLIENT_PIN="taskset -c 1"
+    else SERVER_PIN=""; CLIENT_PIN=""; fi
+    for s in $(rotate "$r" $(echo_servers "$w")); do
+      start_echo "$s" "$w" || continue
+      idle_run "$r" "$w" "$s"
+      loadgen_run "$r" "$w" echo-p1 "$s" --mode echo --conns 64 --size 64 --depth 1
+      loadgen_run "$r" "$w" echo-p16 "$s" --mode echo --conns 64 --size 64 --depth 16
+      loadgen_run "$r" "$w" connrate "$s" --mode connrate --conns 32 --size 64
+      stop_server
+    done
+    if [ $have_wrk = 1 ]; then
+      for s in $(rotate "$r" $(http_servers "$w")); do
+        start_http "$s" "$w" || continue
+        case " $checked_http " in
+          *" $s "*) ;;
+          *) if lua5.4 bench/check_http.lua "$PORT" > "$TMP/check.out" 2>&1; then
+               checked_http="$checked_http $s"
+             else
+               echo "bench: http/$s: the wire check failed:" >&2; sed 's/^/  /' "$TMP/check.out" >&2
+             fi ;;
+        esac
+        wrk_run "$r" "$w" "$s"
+        stop_server
+      done
+    fi
+    if [ "$w" = 2 ]; then                 # the other dispatch modes, connection rate
+      for d in ipc queue reuseport; do
+        [ "$d" = "$DISPATCH" ] && continue
+        for s in multiloop ref-c; do
+          start_echo "$s" "$w" "$d" || continue
+          loadgen_run "$r" "$w" "connrate-$d" "$s" --mode connrate --conns 32 --size 64
+          stop_server
+        done
+      done
+    fi
+  done
+done
+echo "bench: measured in $(( $(date +%s) - start_time )) s"
+echo "loadavg_after=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$RES/meta.txt"
+echo "elapsed_s=$(( $(date +%s) - start_time ))" >> "$RES/meta.txt"
+
+lua5.4 bench/report.lua
