@@ -1,46 +1,61 @@
-# multiloop: build, run, test.
+# multiloop: build, run, test, install.
 #   make          build build/multiloop/core.so
 #   make run      build and start examples/echo.lua on 127.0.0.1:7000
 #   make test     run the specs (prints "N passed, N failed" last)
 #   make deps     install the Debian packages the project needs
-# `run` and `test` call `deps` only when a package is missing.
+#   make install  copy the module and the Lua files to LIBDIR and LUADIR
+# `build`, `run` and `test` call `deps` only when a package is missing
+# (CHECK_DEPS=no skips that: `luarocks make` sets it, see the rockspec).
 
 LUA      ?= lua5.4
 PACKAGES := lua5.4 liblua5.4-dev libuv1-dev pkg-config lua-busted lua-socket
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
+CHECK_DEPS ?= yes
 
 SRC      := $(wildcard src/*.c)
 HDR      := $(wildcard src/*.h)
 BUILD    ?= build
 MODULE   := $(BUILD)/multiloop/core.so
 
-# Recursively expanded, so pkg-config runs after `deps` has installed it.
+# Where the headers and libraries are (luarocks passes its own); recursively
+# expanded, so pkg-config runs after `deps` has installed it.
+LUA_INCDIR   ?= $(patsubst -I%,%,$(filter -I%,$(shell pkg-config --cflags lua5.4)))
+LIBUV_INCDIR ?= $(shell pkg-config --variable=includedir libuv)
+LIBUV_LIBDIR ?= $(shell pkg-config --variable=libdir libuv)
+LIBFLAG      ?= -shared
+# Where `make install` puts the module (luarocks passes its tree's).
+LIBDIR       ?= /usr/local/lib/lua/5.4
+LUADIR       ?= /usr/local/share/lua/5.4
+
 OPTFLAGS ?= -O2 -g
+WERROR   ?= -Werror
 WARNINGS  := -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes \
-             -Wwrite-strings -Wcast-qual -Wundef -Werror
+             -Wwrite-strings -Wcast-qual -Wundef $(WERROR)
 # Only luaopen_multiloop_core is exported; everything else stays hidden.
 CFLAGS_ALL = -std=gnu11 -fPIC -pthread -fvisibility=hidden $(WARNINGS) $(OPTFLAGS) \
-             $(shell pkg-config --cflags lua5.4 libuv) $(CFLAGS)
-LIBS_ALL   = $(shell pkg-config --libs libuv) -pthread $(LIBS)
+             -I$(LUA_INCDIR) -I$(LIBUV_INCDIR) $(CFLAGS)
+LIBS_ALL   = -L$(LIBUV_LIBDIR) -luv -pthread $(LIBS)
 
 # The spec environment: our Lua modules first, then the build output.
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
 
-.PHONY: all build run test deps check-deps clean
+.PHONY: all build run test deps check-deps install clean
 
 all: build
 build: $(MODULE)
 
 $(MODULE): $(SRC) $(HDR) Makefile | check-deps
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) -shared -o $@ $(SRC) $(LIBS_ALL)
+	$(CC) $(CFLAGS_ALL) $(LIBFLAG) -o $@ $(SRC) $(LIBS_ALL)
 
 check-deps:
+ifneq ($(CHECK_DEPS),no)
 	@missing=""; for p in $(PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then echo "missing:$$missing"; $(MAKE) --no-print-directory deps; fi
+endif
 
 deps:
 	$(SUDO) apt-get update -q
@@ -51,6 +66,11 @@ run: build
 
 test: build
 	@LUA=$(LUA) sh spec/run.sh spec/*_spec.lua
+
+install: build
+	install -d $(DESTDIR)$(LIBDIR)/multiloop $(DESTDIR)$(LUADIR)/multiloop
+	install -m 755 $(MODULE) $(DESTDIR)$(LIBDIR)/multiloop/core.so
+	install -m 644 lua/multiloop/*.lua $(DESTDIR)$(LUADIR)/multiloop/
 
 clean:
 	rm -rf $(BUILD)
@@ -98,4 +118,5 @@ VALGRIND = valgrind --quiet --error-exitcode=1 --leak-check=full \
 valgrind: build
 	@BUSTED_ARGS="--exclude-tags=stress" SANITIZER=valgrind LUA="$(VALGRIND) $(LUA)" sh spec/run.sh spec/*_spec.lua
 
-include bench/bench.mk
+# `make bench` and friends; optional, so the Makefile works without bench/.
+-include bench/bench.mk

@@ -22,29 +22,33 @@ external_dependencies = {
    },
 }
 
+-- The Makefile is the one description of the build: luarocks passes it the
+-- paths it found and its install tree. CHECK_DEPS=no: luarocks users manage
+-- their own packages (the Makefile would otherwise apt-get what is missing);
+-- WERROR empty: a newer compiler's new warning must not fail an install.
 build = {
-   type = "builtin",
-   modules = {
-      ["multiloop"] = "lua/multiloop/init.lua",
-      ["multiloop.shared"] = "lua/multiloop/shared.lua",
-      ["multiloop.core"] = {
-         sources = {
-            "src/acceptor.c",
-            "src/conn.c",
-            "src/copy.c",
-            "src/enter.c",
-            "src/idle.c",
-            "src/inbox.c",
-            "src/listener.c",
-            "src/message.c",
-            "src/server.c",
-            "src/shared.c",
-            "src/timer.c",
-            "src/worker.c",
-         },
-         libraries = { "uv", "pthread" },
-         incdirs = { "$(LIBUV_INCDIR)" },
-         libdirs = { "$(LIBUV_LIBDIR)" },
-      },
+   type = "make",
+   build_variables = {
+      CFLAGS = "$(CFLAGS)",
+      LIBFLAG = "$(LIBFLAG)",
+      LUA_INCDIR = "$(LUA_INCDIR)",
+      LIBUV_INCDIR = "$(LIBUV_INCDIR)",
+      LIBUV_LIBDIR = "$(LIBUV_LIBDIR)",
+      CHECK_DEPS = "no",
+      WERROR = "",
    },
+   install_variables = {
+      LIBDIR = "$(LIBDIR)",
+      LUADIR = "$(LUADIR)",
+      CHECK_DEPS = "no",
+   },
+}
+
+test_dependencies = {
+   "busted",
+   "luasocket",
+}
+
+test = {
+   type = "busted",
 }
