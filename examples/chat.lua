@@ -11,6 +11,8 @@
 -- that stops reading misses lines once 64 KiB wait for it, instead of
 -- making the server buffer without bound; a line over 4 KiB ends the
 -- connection.
+local find, sub, byte = string.find, string.sub, string.byte
+
 local MAX_LINE = 4096
 local MAX_QUEUED = 64 * 1024
 
@@ -43,14 +45,19 @@ function chat.connect(conn)
   conn:write(("* welcome, you are %s\n"):format(name))
   announce(worker, ("* %s joined\n"):format(name), conn)
 
-  local pending = ""
+  local pending = ""            -- the start of a line still coming
   conn:on_data(function(data)
-    pending = pending .. data
-    for line in pending:gmatch("([^\n]*)\n") do
-      line = line:gsub("\r$", "")
-      if line ~= "" then announce(worker, ("%s: %s\n"):format(name, line), conn) end
+    local buf, pos = pending .. data, 1
+    while true do              -- plain finds: linear in what arrived
+      local nl = find(buf, "\n", pos, true)
+      if not nl then break end
+      local last = byte(buf, nl - 1) == 13 and nl - 2 or nl - 1     -- drop a "\r"
+      if last >= pos then
+        announce(worker, ("%s: %s\n"):format(name, sub(buf, pos, last)), conn)
+      end
+      pos = nl + 1
     end
-    pending = pending:match("[^\n]*$")
+    pending = sub(buf, pos)
     if #pending > MAX_LINE then
       conn:write("* line too long, bye\n")
       conn:close()

@@ -10,8 +10,12 @@
 -- The parser is incremental: bytes are kept until a whole request is in, so
 -- requests split across reads (even byte by byte) and many requests in one
 -- read (pipelining) both work; the replies to one read go out in one write.
--- A malformed request gets "-ERR Protocol error: ..." and the connection is
--- closed, as Redis does.
+-- A large value arriving in many reads is collected in a list and joined
+-- once, when all of it is in (joining at every read would copy it over and
+-- over). A malformed request gets "-ERR Protocol error: ..." and the
+-- connection is closed, as Redis does. Every byte of a request is held until
+-- it is complete, so one bulk string is limited to the dictionary's capacity
+-- (nothing larger could be stored), not Redis's 512 MiB.
 --
 -- Storage: values are binary-safe strings; one that is the canonical text of
 -- a 64-bit integer ("42", "-7", not "007" or "+1") is stored as an integer,
@@ -24,7 +28,7 @@
 local multiloop = require("multiloop")
 
 local MAX_ARGS = 1024 * 1024
-local MAX_BULK = 512 * 1024 * 1024
+local max_bulk                               -- the dictionary's capacity (init)
 local MAX_INLINE = 64 * 1024
 local MAX_TTL_MS = 1000000000000             -- the dictionary's limit
 
@@ -221,7 +225,8 @@ end
 -- --- the parser ------------------------------------------------------------
 
 -- Parses one request at buf[pos]. Returns its arguments and the position
--- after it; nil when the request is not all there yet; or false and a
+-- after it; nil (and, once a bulk length is known, how many bytes from pos
+-- the request needs at least) when it is not all there yet; or false and a
 -- protocol error.
 local function parse(buf, pos)
   if pos > #buf then return nil end
@@ -254,8 +259,8 @@ local function parse(buf, pos)
       return nil
     end
     local len = canonical_integer(buf:sub(p + 1, eol - 1))
-    if not len or len < 0 or len > MAX_BULK then return false, "invalid bulk length" end
-    if #buf < eol + 3 + len then return nil end
+    if not len or len < 0 or len > max_bulk then return false, "invalid bulk length" end
+    if #buf < eol + 3 + len then return nil, eol + 4 + len - pos end
     if buf:sub(eol + 2 + len, eol + 3 + len) ~= "\r\n" then
       return false, "invalid bulk data: missing CRLF"
     end
@@ -272,16 +277,31 @@ local kv = {}
 function kv.init(worker)
   local capacity = worker.config and worker.config.capacity or 16 * 1024 * 1024
   db = multiloop.shared("kv", { capacity = capacity })
+  max_bulk = math.max(capacity, 1024 * 1024)
 end
+
+-- Below this many missing bytes a partial request is simply kept in buf.
+local COLLECT_ABOVE = 64 * 1024
 
 function kv.connect(conn)
   local buf = ""
+  local chunks, have, need = nil, 0, 0     -- collecting a large request
   conn:on_data(function(data)
-    buf = buf .. data
-    local replies, pos = {}, 1
+    if chunks then
+      chunks[#chunks + 1] = data
+      have = have + #data
+      if have < need then return end
+      buf, chunks = table.concat(chunks), nil
+    else
+      buf = buf .. data
+    end
+    local replies, pos, missing = {}, 1, nil
     while true do
       local args, nextpos = parse(buf, pos)
-      if args == nil then break end
+      if args == nil then
+        missing = nextpos
+        break
+      end
       if args == false then
         replies[#replies + 1] = err("ERR Protocol error: " .. nextpos)
         conn:write(table.concat(replies))
@@ -302,6 +322,10 @@ function kv.connect(conn)
       end
     end
     buf = buf:sub(pos)
+    if missing and missing - #buf > COLLECT_ABOVE then
+      chunks, have, need = { buf }, #buf, missing
+      buf = ""
+    end
     if #replies > 0 and not conn:write(table.concat(replies)) then
       conn:pause()                           -- the client is not reading: wait
     end
