@@ -3,8 +3,9 @@
  *
  * The worker builds its own Lua state (standard libraries, the creating
  * state's package.path/cpath, the connection metatable), loads the user's
- * handler, calls its optional init(worker), and then serves connections that
- * the acceptor sends over the worker's end of an IPC socketpair.
+ * handler, calls its optional init(worker), and then serves the connections
+ * that reach it: from the acceptor over its end of an IPC socketpair (ipc) or
+ * through its inbox (queue), or from its own listening socket (reuseport).
  *
  * Threads: multiloop_worker_start, _request_stop and _join are called by the
  * main thread; everything else runs on the worker thread, which alone uses the
@@ -94,7 +95,50 @@ static void pipe_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(w->read_buffer, MULTILOOP_READ_BUFFER_SIZE);
 }
 
-/* A byte on the pipe carries a connection (or several, when reads coalesce). */
+/* A connection that reached this worker and will not be served (stopping,
+ * or no memory for it) is closed; the acceptor counted it, so its count and
+ * its max_connections slot are given back. */
+static void release_unserved(multiloop_worker_t *w) {
+  if (w->cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT)
+    atomic_fetch_sub_explicit(&w->active, 1, memory_order_relaxed);
+  multiloop_acceptor_released(w->rt);
+}
+
+typedef union {
+  uv_handle_t handle;
+  uv_stream_t stream;
+  uv_tcp_t tcp;
+  uv_pipe_t pipe;
+} bare_handle;
+
+static void bare_free_cb(uv_handle_t *h) { free(h); }
+
+static void refused_close_cb(uv_handle_t *h) {
+  multiloop_worker_t *w = h->data;
+  free(h);
+  release_unserved(w);
+}
+
+/* Takes the next connection pending on the pipe into a bare handle and
+ * closes it. Returns 0 when it could not: the fd then stays pending, and
+ * closing the pipe closes it (its count is lost, not the fd). */
+static int refuse_pending(multiloop_worker_t *w) {
+  bare_handle *b = malloc(sizeof *b);
+  if (b == NULL) return 0;
+  if (w->cfg->path) uv_pipe_init(&w->loop, &b->pipe, 0);
+  else uv_tcp_init(&w->loop, &b->tcp);
+  b->handle.data = w;
+  if (uv_accept((uv_stream_t *)&w->pipe, &b->stream) != 0) {
+    uv_close(&b->handle, bare_free_cb);
+    return 0;
+  }
+  uv_close(&b->handle, refused_close_cb);
+  return 1;
+}
+
+/* A byte on the pipe carries a connection (or several, when reads coalesce).
+ * While stopping, the pipe stays open so that what the acceptor sent before
+ * it stopped is read and refused here, each with its count given back. */
 static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) {
   multiloop_worker_t *w = pipe->data;
   (void)buf;
@@ -102,8 +146,8 @@ static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) 
     uv_read_stop(pipe);
     return;
   }
-  while (uv_pipe_pending_count(&w->pipe) > 0 && !w->stopping)
-    if (!multiloop_conn_open(w, -1)) break;        /* out of memory: retry on the next byte */
+  while (uv_pipe_pending_count(&w->pipe) > 0)
+    if ((w->stopping || !multiloop_conn_open(w, -1)) && !refuse_pending(w)) break;
 }
 
 /* A connection our own listener accepted (reuseport), or the inbox brought
@@ -111,9 +155,7 @@ static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) 
 static void take_fd(multiloop_worker_t *w, uv_os_sock_t fd) {
   if (w->stopping || !multiloop_conn_open(w, fd)) {
     close(fd);
-    if (w->cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT)   /* the acceptor counted it */
-      atomic_fetch_sub_explicit(&w->active, 1, memory_order_relaxed);
-    multiloop_acceptor_released(w->rt);
+    release_unserved(w);
   }
 }
 
@@ -166,8 +208,7 @@ static void begin_stop(multiloop_worker_t *w, uint64_t timeout) {
   if (w->closing) return;
   if (!w->stopping) {
     w->stopping = 1;
-    multiloop_listener_close(&w->listener);
-    close_if_open((uv_handle_t *)&w->pipe);        /* libuv closes fds pending on it */
+    multiloop_listener_close(&w->listener);        /* the pipe closes in finish() */
     multiloop_enter(w, shutdown_body, w, NULL, "shutdown");
   }
   if (timeout == 0 || w->conns == NULL) {
