@@ -269,8 +269,62 @@ void multiloop_conn_register(lua_State *L);
 int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd);
 void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
 
-/* shared.c: named dictionaries shared by every Lua state of the process;
- * callable from any thread that owns a lua_State. core.shared(name, capacity). */
+/* server.c: the main state's server object. core.new(opts); the metatable. */
+int multiloop_server_new(lua_State *L);
+void multiloop_server_register(lua_State *L);
+
+/* dict.c: named dictionaries shared by every thread of the process (no Lua
+ * API inside); shared.c is their Lua object. */
+typedef struct multiloop_dict_s multiloop_dict_t;
+
+enum { MULTILOOP_V_BOOLEAN, MULTILOOP_V_INTEGER, MULTILOOP_V_FLOAT, MULTILOOP_V_STRING };
+
+typedef struct {                       /* a value going in or coming out */
+  int type;                            /* MULTILOOP_V_* */
+  int b;
+  lua_Integer i;
+  lua_Number n;
+  const char *s;                       /* MULTILOOP_V_STRING: len bytes */
+  size_t len;
+} multiloop_value_t;
+
+typedef struct {                       /* where reads copy strings to */
+  char *p;
+  size_t cap;
+} multiloop_scratch_t;
+
+enum { MULTILOOP_DICT_SET, MULTILOOP_DICT_ADD, MULTILOOP_DICT_REPLACE };
+enum {
+  MULTILOOP_DICT_STORED,
+  MULTILOOP_DICT_STORED_FORCED,        /* stored, evicting live entries */
+  MULTILOOP_DICT_EXISTS,
+  MULTILOOP_DICT_NOT_FOUND,
+  MULTILOOP_DICT_NOT_A_NUMBER,
+  MULTILOOP_DICT_NO_MEMORY
+};
+
+#define MULTILOOP_DICT_MAX_TTL_MS INT64_C(1000000000000)   /* about 31 years */
+
+multiloop_dict_t *multiloop_dict_acquire(const char *name, size_t namelen, size_t capacity);
+void multiloop_dict_release(multiloop_dict_t *d);
+const char *multiloop_dict_name(const multiloop_dict_t *d);
+size_t multiloop_dict_capacity(const multiloop_dict_t *d);
+int multiloop_dict_store(multiloop_dict_t *d, int mode, const char *k, size_t kn,
+                         const multiloop_value_t *v, uint64_t ttl_ms);
+int multiloop_dict_get(multiloop_dict_t *d, const char *k, size_t kn, multiloop_value_t *out,
+                       multiloop_scratch_t *buf);
+int64_t multiloop_dict_ttl(multiloop_dict_t *d, const char *k, size_t kn);
+int multiloop_dict_incr(multiloop_dict_t *d, const char *k, size_t kn, const multiloop_value_t *n,
+                        const multiloop_value_t *init, multiloop_value_t *sum);
+int multiloop_dict_delete(multiloop_dict_t *d, const char *k, size_t kn);
+int multiloop_dict_keys(multiloop_dict_t *d, size_t max, multiloop_scratch_t *buf,
+                        size_t *count);
+size_t multiloop_dict_count(multiloop_dict_t *d);
+void multiloop_dict_flush(multiloop_dict_t *d);
+size_t multiloop_dict_free_space(multiloop_dict_t *d);
+
+/* shared.c: the Lua object of a dictionary ("multiloop.shared"), in any
+ * state. core.shared(name, capacity). */
 int multiloop_shared_open(lua_State *L);
 
 /* timer.c: worker.timer/every/now; worker thread only. */

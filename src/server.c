@@ -1,6 +1,6 @@
 /*
  * server.c: the server object of the main Lua state ("multiloop.core.server")
- * and the start/stop handshakes, plus the module's entry point.
+ * and the start/stop handshakes.
  *
  * Threads: everything here runs on the thread of the Lua state that created
  * the server. The userdata holds the copied configuration (plain malloc'd
@@ -233,7 +233,7 @@ static int int_field(lua_State *L, int t, const char *key) {
 
 /* core.new(opts): opts are validated by lua/multiloop/init.lua. Raises with a
  * message naming the config path when config cannot be copied. */
-static int core_new(lua_State *L) {
+int multiloop_server_new(lua_State *L) {
   server_t *s;
   const char *kind;
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -445,38 +445,6 @@ static int server_running(lua_State *L) {
 
 /* --- module functions ------------------------------------------------------ */
 
-static void signal_cb(uv_signal_t *h, int signum) {
-  *(int *)h->loop->data = signum;
-  uv_stop(h->loop);
-}
-
-/* core.wait_signal(): blocks this thread until SIGINT or SIGTERM arrives and
- * returns its name. The workers keep serving meanwhile. */
-static int core_wait_signal(lua_State *L) {
-  uv_loop_t loop;
-  uv_signal_t sigint, sigterm;
-  int got = 0, rc;
-  if ((rc = uv_loop_init(&loop)) != 0)
-    return luaL_error(L, "wait_signal: %s", uv_strerror(rc));
-  loop.data = &got;
-  uv_signal_init(&loop, &sigint);
-  uv_signal_init(&loop, &sigterm);
-  uv_signal_start(&sigint, signal_cb, SIGINT);
-  uv_signal_start(&sigterm, signal_cb, SIGTERM);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  uv_close((uv_handle_t *)&sigint, NULL);
-  uv_close((uv_handle_t *)&sigterm, NULL);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  uv_loop_close(&loop);
-  lua_pushstring(L, got == SIGINT ? "SIGINT" : "SIGTERM");
-  return 1;
-}
-
-static int core_parallelism(lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)uv_available_parallelism());
-  return 1;
-}
-
 /* server:send(id, value), server:broadcast(value): message.c. */
 static int server_send(lua_State *L) { return multiloop_server_send(L, check_server(L)->rt); }
 static int server_broadcast(lua_State *L) {
@@ -502,31 +470,12 @@ static const luaL_Reg server_meta[] = {
   { NULL, NULL }
 };
 
-static const luaL_Reg module_funcs[] = {
-  { "new", core_new },
-  { "wait_signal", core_wait_signal },
-  { "parallelism", core_parallelism },
-  { "shared", multiloop_shared_open },
-  { NULL, NULL }
-};
-
-LUAMOD_API int luaopen_multiloop_core(lua_State *L);
-
-__attribute__((visibility("default"))) int luaopen_multiloop_core(lua_State *L) {
-  /* A peer that goes away must be an EPIPE from write, not a dead process
-   * (LuaSocket does the same). Leave a handler someone else installed. */
-  struct sigaction sa;
-  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
-    signal(SIGPIPE, SIG_IGN);
-
+/* module.c: the server's metatable, in the state that loads the module. */
+void multiloop_server_register(lua_State *L) {
   if (luaL_newmetatable(L, SERVER_MT)) {
     luaL_setfuncs(L, server_meta, 0);
     luaL_newlib(L, server_methods);
     lua_setfield(L, -2, "__index");
   }
   lua_pop(L, 1);
-  luaL_newlib(L, module_funcs);
-  lua_pushfstring(L, "libuv %s", uv_version_string());
-  lua_setfield(L, -2, "uv_version");
-  return 1;
 }
