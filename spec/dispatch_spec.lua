@@ -19,8 +19,12 @@ describe("balance", function()
       local held, all = {}, {}
       helper.defer(function() for _, c in ipairs(held) do c:close() end end)
       for i = 1, 6 do all[i] = helper.connect(port) end   -- 3 on each worker
-      for _, c in ipairs(all) do
-        if worker_of(c) == 1 then held[#held + 1] = c else c:close() end
+      -- Every greeting first, then the closes: a close before the acceptor
+      -- has handed off the last clients would steer those by the new counts.
+      local on = {}
+      for i, c in ipairs(all) do on[i] = worker_of(c) end
+      for i, c in ipairs(all) do
+        if on[i] == 1 then held[#held + 1] = c else c:close() end
       end
       assert.are.equal(3, #held)
       assert.is_truthy(helper.eventually(function()
