@@ -345,8 +345,18 @@ static int fail(lua_State *L, const char *op, int err) {
   return 3;
 }
 
+/* luaL_checkudata without its lookup of the metatable by name: every C
+ * function that takes a connection has the metatable as its upvalue 1
+ * (multiloop_conn_register), and this runs on every method call. */
 static multiloop_conn_t *check_conn(lua_State *L) {
-  return luaL_checkudata(L, 1, CONN_MT);
+  void *p = lua_touserdata(L, 1);
+  if (p != NULL && lua_getmetatable(L, 1)) {
+    int ours = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (ours) return p;
+  }
+  luaL_typeerror(L, 1, CONN_MT);
+  return NULL;
 }
 
 static int closed(lua_State *L) {
@@ -568,16 +578,19 @@ static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
 static int conn_peer(lua_State *L) { return push_address(L, check_conn(L), 1); }
 static int conn_address(lua_State *L) { return push_address(L, check_conn(L), 0); }
 
+/* Methods first, straight from the methods table (upvalue 2): every
+ * conn:method() call comes through here, and needs no check (the method
+ * checks its `self`). Only the fields read the connection, so only they
+ * check it. */
 static int conn_index(lua_State *L) {
-  multiloop_conn_t *c = check_conn(L);
   const char *key;
   lua_pushvalue(L, 2);
-  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;  /* a method */
+  if (lua_rawget(L, lua_upvalueindex(2)) != LUA_TNIL) return 1;  /* a method */
   key = lua_tostring(L, 2);
   if (key == NULL) return 1;
-  if (strcmp(key, "id") == 0) lua_pushinteger(L, c->id);
+  if (strcmp(key, "id") == 0) lua_pushinteger(L, check_conn(L)->id);
   else if (strcmp(key, "worker") == 0)
-    lua_rawgeti(L, LUA_REGISTRYINDEX, c->w->worker_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, check_conn(L)->w->worker_ref);
   else lua_pushnil(L);
   return 1;
 }
@@ -609,13 +622,19 @@ static const luaL_Reg conn_methods[] = {
   { NULL, NULL }
 };
 
-/* Creates the connection metatable in a worker's state. */
+/* Creates the connection metatable in a worker's state. Every function here
+ * gets the metatable as upvalue 1, for check_conn. */
 void multiloop_conn_register(lua_State *L) {
-  luaL_newmetatable(L, CONN_MT);
-  luaL_newlib(L, conn_methods);
-  lua_pushcclosure(L, conn_index, 1);
+  luaL_newmetatable(L, CONN_MT);                   /* mt */
+  luaL_newlibtable(L, conn_methods);               /* mt methods */
+  lua_pushvalue(L, -2);
+  luaL_setfuncs(L, conn_methods, 1);
+  lua_pushvalue(L, -2);                            /* mt methods mt */
+  lua_insert(L, -2);                               /* mt mt methods */
+  lua_pushcclosure(L, conn_index, 2);              /* upvalues: mt, methods */
   lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, conn_tostring);
+  lua_pushvalue(L, -1);
+  lua_pushcclosure(L, conn_tostring, 1);
   lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
 }
