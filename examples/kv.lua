@@ -17,14 +17,16 @@
 -- it is complete, so one bulk string is limited to the dictionary's capacity
 -- (nothing larger could be stored), not Redis's 512 MiB.
 --
--- Storage: values are binary-safe strings; one that is the canonical text of
--- a 64-bit integer ("42", "-7", not "007" or "+1") is stored as an integer,
--- so that INCR is a single atomic incr on the dictionary. Memory is bounded
--- by the dictionary's capacity (worker.config.capacity, default 16 MiB):
--- when full, its least recently used keys are evicted; a value too large for
--- it gets an OOM error. Each command is atomic except EXPIRE, which reads
--- the value and writes it back with the new time to live (a SET from
--- another worker in between may be undone).
+-- Storage: the shared dictionary named worker.config.name (default "kv"),
+-- which the main state can open too. Values are binary-safe strings; one
+-- that is the canonical text of a 64-bit integer ("42", "-7", not "007" or
+-- "+1") is stored as an integer, so that INCR is a single atomic incr on
+-- the dictionary. Memory is bounded by the dictionary's capacity
+-- (worker.config.capacity, default 16 MiB): when full, its least recently
+-- used keys are evicted; a value too large for it gets an OOM error. Each
+-- command is atomic except EXPIRE, which reads the value and writes it back
+-- with the new time to live (a SET from another worker in between may be
+-- undone).
 local multiloop = require("multiloop")
 
 local MAX_ARGS = 1024 * 1024
@@ -39,7 +41,10 @@ local db                                     -- the shared dictionary (init)
 local function bulk(s) return ("$%d\r\n%s\r\n"):format(#s, s) end
 local function int(n) return (":%d\r\n"):format(n) end
 local NIL, OK, PONG = "$-1\r\n", "+OK\r\n", "+PONG\r\n"
-local function err(msg) return "-" .. msg .. "\r\n" end
+-- An error reply. Its text may quote the client's bytes (an unknown command,
+-- a protocol error), and a "\r" or "\n" in it would end the reply early and
+-- make the rest read as another reply: as Redis does, they become spaces.
+local function err(msg) return "-" .. msg:gsub("[\r\n]", " ") .. "\r\n" end
 local function wrong_args(name)
   return err(("ERR wrong number of arguments for '%s' command"):format(name))
 end
@@ -58,8 +63,11 @@ end
 
 local function stored(s) return canonical_integer(s) or s end
 
+-- What GET sends for a stored value: strings as they are, integers (and
+-- the floats or booleans another state may have stored) as their text.
 local function as_text(v)
-  return math.type(v) == "integer" and tostring(v) or v
+  if type(v) == "string" then return v end
+  return tostring(v)
 end
 
 -- --- commands ----------------------------------------------------------------
@@ -205,8 +213,12 @@ function commands.dbsize(args)
   return int(db:count())
 end
 
+-- FLUSHALL [ASYNC | SYNC]: either way the flush is done at once.
 function commands.flushall(args)
-  if #args > 2 then return err("ERR syntax error") end
+  local mode = args[2] and args[2]:upper()
+  if #args > 2 or (mode and mode ~= "ASYNC" and mode ~= "SYNC") then
+    return err("ERR syntax error")
+  end
   db:flush()
   return OK
 end
@@ -215,11 +227,17 @@ commands.flushdb = commands.flushall
 -- redis-cli asks for command documentation in interactive mode.
 function commands.command() return "*0\r\n" end
 
+-- Redis's wording: each argument quoted and followed by a space, until
+-- 128 bytes of them are shown; a C string in Redis, so each ends at a NUL.
 local function unknown(args)
-  local shown = {}
-  for i = 2, math.min(#args, 4) do shown[#shown + 1] = ("'%s'"):format(args[i]:sub(1, 128)) end
+  local function text(s) return (s:match("^[^\0]*")) end
+  local shown = ""
+  for i = 2, #args do
+    if #shown >= 128 then break end
+    shown = shown .. ("'%s' "):format(text(args[i]):sub(1, 128 - #shown))
+  end
   return err(("ERR unknown command '%s', with args beginning with: %s")
-    :format(args[1]:sub(1, 128), table.concat(shown, " ")))
+    :format(text(args[1]):sub(1, 128), shown))
 end
 
 -- --- the parser ------------------------------------------------------------
@@ -275,8 +293,9 @@ end
 local kv = {}
 
 function kv.init(worker)
-  local capacity = worker.config and worker.config.capacity or 16 * 1024 * 1024
-  db = multiloop.shared("kv", { capacity = capacity })
+  local config = worker.config or {}
+  local capacity = config.capacity or 16 * 1024 * 1024
+  db = multiloop.shared(config.name or "kv", { capacity = capacity })
   max_bulk = math.max(capacity, 1024 * 1024)
 end
 
