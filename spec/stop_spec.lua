@@ -91,3 +91,67 @@ describe("server:run() on signals", function()
     stuck:close()
   end)
 end)
+
+-- Connections the acceptor has counted against a worker but that the worker
+-- has not taken yet (queued in its inbox, pending on its ipc pipe, or still
+-- in the pipe's socket) when the server stops: each must be closed and its
+-- count given back. stats() reads the counters of a running server only, so
+-- they are read between the end of the workers and stop(): after
+-- stop_begin() and wait_stopped(), every thread done but not yet joined.
+describe("connections in flight at stop", function()
+  local FLOOD = 200
+  setup(function()
+    -- libuv opens a process-wide signal pipe on first use; not ours to count.
+    multiloop.server{ port = 0, handler = "examples.echo_handler", workers = 1 }:start():stop()
+  end)
+
+  for _, dispatch in ipairs { "ipc", "queue" } do
+    for _, grace in ipairs { 0, 200 } do
+      it(("are closed and given back, no fd left open (%s, timeout %d)"):format(dispatch, grace),
+         function()
+        local name = ("hold-%s-%d"):format(dispatch, grace)
+        local flags = multiloop.shared(name)
+        collectgarbage()
+        local fds = helper.fd_count()
+        local server, port = helper.server{ workers = 2, dispatch = dispatch,
+                                            handler = "spec.fixtures.hold",
+                                            config = { flags = name } }
+        helper.defer(function()
+          flags:set("go", true)
+          server:stop()
+        end)
+        local clients = {}
+        helper.defer(function() for _, c in ipairs(clients) do c:close() end end)
+        -- Both workers held inside connect() (round robin: one client each).
+        for i = 1, 2 do
+          clients[i] = helper.connect(port)
+          assert.are.equal("held", helper.line(clients[i]))
+        end
+        -- A flood the acceptor hands to the held workers.
+        for _ = 1, FLOOD do clients[#clients + 1] = helper.connect(port) end
+        helper.eventually(function() return server:stats().handed_off >= FLOOD + 2 end, 5000)
+        assert.is_true(server:stats().active > 2, "nothing in flight")
+        -- The stop reaches each worker before it is let go: everything it
+        -- was handed is still waiting when it sees the stop.
+        server._core:stop_begin(grace)
+        flags:set("go", true)
+        server._core:wait_stopped(false)
+        local stats = server:stats()
+        for i, w in ipairs(stats.workers) do
+          assert.are.equal(0, w.active, ("worker %d: active after stop"):format(i))
+        end
+        assert.are.equal(0, stats.active)
+        server:stop()
+        -- Every client sees its connection end; none hangs.
+        for i, c in ipairs(clients) do
+          local _, err = c:receive("*a")
+          assert.is_true(err == nil or err == "closed" or err == "connection reset by peer",
+                         ("client %d: %s"):format(i, tostring(err)))
+        end
+        for _, c in ipairs(clients) do c:close() end
+        clients = {}
+        assert.are.equal(fds, helper.fd_count(), "file descriptors left open")
+      end)
+    end
+  end
+end)

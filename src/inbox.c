@@ -11,13 +11,15 @@
  * and the callback run on the owning worker's thread. Ownership: the sender
  * allocates a message; from a successful post the inbox owns it, and the
  * worker's handler frees it. A post after close fails (UV_ECANCELED) and the
- * sender keeps the message. Close frees what is still queued, closing the
- * fds it carries. The ring happens under the lock, so it can never reach an
- * async handle that close has already closed; and the lock itself lives until
- * multiloop_inbox_destroy, called after the owner's thread is joined.
+ * sender keeps the message. Close hands what is still queued back to the
+ * owner, which disposes of each message as it must: an fd in one was counted
+ * by whoever sent it, so only the owner knows how to close it and give its
+ * count back (worker.c). The ring happens under the lock, so it can never
+ * reach an async handle that close has already closed; and the lock itself
+ * lives until multiloop_inbox_destroy, called after the owner's thread is
+ * joined.
  */
 #include <stdlib.h>
-#include <unistd.h>
 
 #include "multiloop.h"
 
@@ -68,25 +70,25 @@ int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg) {
   return 0;
 }
 
+/* Frees a message the receiver is done with. An fd it still carries is not
+ * closed here: it was counted (acceptor.c), and closing it is the owner's
+ * business, together with giving the count back. */
 void multiloop_msg_free(multiloop_msg_t *msg) {
-  if (msg->kind == MULTILOOP_MSG_FD && msg->fd >= 0) close(msg->fd);
   if (!msg->keep) free(msg);
 }
 
-/* Worker thread: refuse further posts, free what is queued, close the async. */
-void multiloop_inbox_close(multiloop_inbox_t *box) {
-  multiloop_msg_t *msg, *next;
-  if (!box->open) return;
+/* Worker thread: refuse further posts and close the async. Returns what was
+ * still queued, in order (a list linked by `next`): the caller owns it. */
+multiloop_msg_t *multiloop_inbox_close(multiloop_inbox_t *box) {
+  multiloop_msg_t *msg;
+  if (!box->open) return NULL;
   uv_mutex_lock(&box->lock);
   box->open = 0;
   msg = box->head;
   box->head = box->tail = NULL;
   uv_mutex_unlock(&box->lock);
-  for (; msg; msg = next) {
-    next = msg->next;
-    multiloop_msg_free(msg);
-  }
   uv_close((uv_handle_t *)&box->async, NULL);
+  return msg;
 }
 
 /* The thread that joined the owner: the lock must outlive every poster, so

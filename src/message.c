@@ -15,9 +15,9 @@
  * and posted; from a successful post the receiver owns the message. Its
  * worker.c inbox callback hands it to multiloop_message_deliver, which
  * decodes it inside a protected call and never frees it: the caller does,
- * and inbox_close frees what is still queued at stop. A post that the inbox
- * refuses (the worker is stopping) is freed here and reported as false,
- * "stopped".
+ * and the worker frees what is still queued at stop (inbox_close hands it
+ * back). A post that the inbox refuses (the worker is stopping) is freed
+ * here and reported as false, "stopped".
  *
  * A worker takes messages once its inbox is up (w->msg_ready, set by
  * multiloop_message_open before the start handshake completes): a send that

@@ -147,6 +147,13 @@ struct multiloop_worker_s {
   uv_loop_t loop;
   lua_State *L;
   uv_pipe_t pipe;
+  union {                              /* ipc: refuses a pending connection when */
+    uv_handle_t handle;                /* malloc fails (worker.c); busy from */
+    uv_stream_t stream;                /* uv_accept to its close callback */
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+  } spare;
+  int spare_busy;
   multiloop_inbox_t inbox;             /* fds (queue dispatch), messages, stops */
   multiloop_msg_t *stop_msg;           /* preallocated: a stop can always be posted */
   int stop_posted;                     /* main thread: stop_msg is in the inbox */
@@ -252,7 +259,7 @@ void multiloop_worker_drained(multiloop_worker_t *w);  /* the last conn closed a
 int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
                          multiloop_worker_t *owner, multiloop_inbox_handler handle);
 int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg);  /* any thread */
-void multiloop_inbox_close(multiloop_inbox_t *box);
+multiloop_msg_t *multiloop_inbox_close(multiloop_inbox_t *box);  /* what was queued */
 void multiloop_inbox_destroy(multiloop_inbox_t *box);  /* after the owner is joined */
 void multiloop_msg_free(multiloop_msg_t *msg);
 

@@ -11,11 +11,19 @@
  * main thread; everything else runs on the worker thread, which alone uses the
  * loop and the Lua state and closes both: the loop runs dry first (every
  * handle closed, uv_loop_close returns 0), then lua_close.
+ *
+ * Every connection the acceptor counted against this worker is either
+ * opened as a connection (conn.c gives the count back when it closes) or
+ * closed here with its count given back: one it cannot take (stopping, no
+ * memory), one still queued in the inbox or pending on the pipe as the
+ * worker closes, one still unread in the pipe's socket. None is left behind.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/socket.h>
 
 #include <lualib.h>
 
@@ -104,56 +112,119 @@ static void release_unserved(multiloop_worker_t *w) {
   multiloop_acceptor_released(w->rt);
 }
 
-typedef union {
-  uv_handle_t handle;
-  uv_stream_t stream;
-  uv_tcp_t tcp;
-  uv_pipe_t pipe;
-} bare_handle;
-
-static void bare_free_cb(uv_handle_t *h) { free(h); }
+static void take_pending(multiloop_worker_t *w);
 
 static void refused_close_cb(uv_handle_t *h) {
   multiloop_worker_t *w = h->data;
-  free(h);
   release_unserved(w);
+  if (h != &w->spare.handle) {
+    free(h);
+    return;
+  }
+  w->spare_busy = 0;
+  take_pending(w);                    /* what waited for the spare */
 }
 
 /* Takes the next connection pending on the pipe into a bare handle and
- * closes it. Returns 0 when it could not: the fd then stays pending, and
- * closing the pipe closes it (its count is lost, not the fd). */
+ * closes it: into a malloc'd one, or the worker's spare when memory is short.
+ * Returns 0 when it could not because the spare is still closing; its close
+ * callback then takes what is pending. uv_accept never fails to take the fd
+ * while one is pending: on an error it closes it itself, and either way the
+ * count is given back in the close callback. */
 static int refuse_pending(multiloop_worker_t *w) {
-  bare_handle *b = malloc(sizeof *b);
-  if (b == NULL) return 0;
-  if (w->cfg->path) uv_pipe_init(&w->loop, &b->pipe, 0);
-  else uv_tcp_init(&w->loop, &b->tcp);
-  b->handle.data = w;
-  if (uv_accept((uv_stream_t *)&w->pipe, &b->stream) != 0) {
-    uv_close(&b->handle, bare_free_cb);
-    return 0;
+  uv_handle_t *h = malloc(sizeof w->spare);     /* a bare uv_tcp_t or uv_pipe_t */
+  if (h == NULL) {
+    if (w->spare_busy) return 0;
+    w->spare_busy = 1;
+    h = &w->spare.handle;
   }
-  uv_close(&b->handle, refused_close_cb);
+  if (w->cfg->path) uv_pipe_init(&w->loop, (uv_pipe_t *)h, 0);
+  else uv_tcp_init(&w->loop, (uv_tcp_t *)h);
+  h->data = w;
+  (void)uv_accept((uv_stream_t *)&w->pipe, (uv_stream_t *)h);
+  uv_close(h, refused_close_cb);
   return 1;
 }
 
+/* ipc: every connection pending on the pipe is opened as a connection or,
+ * while stopping or when there is no memory for it, refused. None is left
+ * pending: no further byte may ever come to retry on. */
+static void take_pending(multiloop_worker_t *w) {
+  while (!w->closing && uv_pipe_pending_count(&w->pipe) > 0) {
+    if (!w->stopping && multiloop_conn_open(w, -1)) continue;
+    if (!refuse_pending(w)) return;
+  }
+}
+
+/* ipc: receives what is still unread in the pipe's socket, closes every
+ * connection in it and gives its count back. Only once the acceptor's end is
+ * closed, so that nothing more can come: at the pipe's end, or as the worker
+ * closes (the acceptor stops before any worker does: server.c). */
+static void drain_socket(multiloop_worker_t *w) {
+  uv_os_fd_t fd;
+  if (uv_fileno((uv_handle_t *)&w->pipe, &fd) != 0) return;
+  for (;;) {
+    char bytes[64];
+    union {                                        /* aligned for cmsghdr */
+      struct cmsghdr h;
+      char buf[CMSG_SPACE(16 * sizeof(int))];   /* the acceptor passes one per byte */
+    } ctl;
+    struct iovec iov = { bytes, sizeof bytes };
+    struct msghdr mh;
+    struct cmsghdr *cm;
+    ssize_t got;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = ctl.buf;
+    mh.msg_controllen = sizeof ctl.buf;
+    got = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return;                          /* empty (EAGAIN), or the end */
+    for (cm = CMSG_FIRSTHDR(&mh); cm != NULL; cm = CMSG_NXTHDR(&mh, cm)) {
+      size_t i, nfds;
+      if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+      nfds = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (i = 0; i < nfds; i++) {
+        int client;
+        memcpy(&client, CMSG_DATA(cm) + i * sizeof(int), sizeof client);
+        close(client);
+        release_unserved(w);
+      }
+    }
+  }
+}
+
 /* A byte on the pipe carries a connection (or several, when reads coalesce).
- * While stopping, the pipe stays open so that what the acceptor sent before
- * it stopped is read and refused here, each with its count given back. */
+ * While stopping, the pipe stays open until the worker finishes, so that
+ * what the acceptor sent before it stopped is refused here, each with its
+ * count given back. At the pipe's end the acceptor has gone, but libuv may
+ * report the end early: an IPC read stops at each passed fd, so it always
+ * looks partial, and a hang-up after a partial read counts as the end. What
+ * is still unread then is drained here, since libuv will not read it. */
 static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) {
   multiloop_worker_t *w = pipe->data;
   (void)buf;
-  if (nread < 0) {                                 /* the acceptor has gone */
+  take_pending(w);
+  if (nread < 0) {
+    drain_socket(w);
     uv_read_stop(pipe);
-    return;
   }
-  while (uv_pipe_pending_count(&w->pipe) > 0)
-    if ((w->stopping || !multiloop_conn_open(w, -1)) && !refuse_pending(w)) break;
+}
+
+/* ipc, as the worker closes its pipe: the connections still pending in
+ * libuv (it closes their fds with the pipe) and those still in the socket
+ * were never taken: each one's count is given back. */
+static void drain_pipe(multiloop_worker_t *w) {
+  int n = uv_pipe_pending_count(&w->pipe);
+  while (n-- > 0) release_unserved(w);
+  drain_socket(w);
 }
 
 /* A connection our own listener accepted (reuseport), or the inbox brought
  * (queue). When we cannot take it, the client is closed and its slot freed. */
 static void take_fd(multiloop_worker_t *w, uv_os_sock_t fd) {
-  if (w->stopping || !multiloop_conn_open(w, fd)) {
+  if (w->stopping || w->closing || !multiloop_conn_open(w, fd)) {
     close(fd);
     release_unserved(w);
   }
@@ -169,6 +240,18 @@ static void close_if_open(uv_handle_t *h) {
   if (h->loop != NULL && !uv_is_closing(h)) uv_close(h, NULL);
 }
 
+/* What was still queued in the inbox as it closed: a connection is closed
+ * and its count given back (take_fd, now that the worker is closing), any
+ * other message freed. */
+static void drop_queued(multiloop_worker_t *w, multiloop_msg_t *msg) {
+  multiloop_msg_t *next;
+  for (; msg; msg = next) {
+    next = msg->next;
+    if (msg->kind == MULTILOOP_MSG_FD && msg->fd >= 0) take_fd(w, msg->fd);
+    multiloop_msg_free(msg);
+  }
+}
+
 /* Closes every handle the worker still has; the loop then runs dry and the
  * thread ends. Connections are all closing by now. */
 static void finish(multiloop_worker_t *w) {
@@ -176,9 +259,12 @@ static void finish(multiloop_worker_t *w) {
   w->closing = 1;
   multiloop_idle_close(w);
   multiloop_timers_close(w);
-  multiloop_inbox_close(&w->inbox);
+  drop_queued(w, multiloop_inbox_close(&w->inbox));
   multiloop_listener_close(&w->listener);
-  close_if_open((uv_handle_t *)&w->pipe);
+  if (w->pipe.loop != NULL && !uv_is_closing((uv_handle_t *)&w->pipe)) {
+    drain_pipe(w);
+    uv_close((uv_handle_t *)&w->pipe, NULL);
+  }
   close_if_open((uv_handle_t *)&w->grace_timer);
 }
 
