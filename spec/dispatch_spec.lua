@@ -86,11 +86,37 @@ describe("stats", function()
     end)
   end
 
-  it("are readable when stopped (zeros)", function()
+  it("are zero, one row per worker, before the first start", function()
     local server = multiloop.server{ port = 0, workers = 2, handler = "examples.echo_handler" }
     local s = server:stats()
     assert.are.equal(0, s.accepted)
-    assert.are.same({}, s.workers)
+    assert.are.equal(0, s.bytes_in)
+    assert.are.same({ { accepted = 0, active = 0, bytes_in = 0, bytes_out = 0 },
+                      { accepted = 0, active = 0, bytes_in = 0, bytes_out = 0 } }, s.workers)
+  end)
+
+  it("keep the last run's figures after stop, and start from zero on a restart", function()
+    local server, port = helper.server{ workers = 2, handler = "examples.echo_handler" }
+    helper.defer(function() server:stop() end)
+    for _ = 1, 3 do
+      local c = helper.connect(port)
+      assert.are.equal("abcd", helper.echo(c, "abcd"))
+      c:close()
+    end
+    local held = helper.connect(port)            -- still open when stop runs
+    helper.defer(function() held:close() end)
+    assert.are.equal("xy", helper.echo(held, "xy"))
+    server:stop()
+    local s = server:stats()
+    assert.are.equal(4, s.accepted)
+    assert.are.equal(4, s.handed_off)
+    assert.are.equal(0, s.active)
+    assert.are.equal(14, s.bytes_in)
+    assert.are.equal(14, s.bytes_out)
+    assert.are.equal(4, s.workers[1].accepted + s.workers[2].accepted)
+    assert.are.same(s, server:stats())           -- frozen
+    server:start()
+    assert.are.equal(0, server:stats().accepted)
   end)
 end)
 

@@ -27,9 +27,17 @@
 
 #define SERVER_MT "multiloop.core.server"
 
+/* One row of server:stats(): row 0 holds the totals, row i worker i. */
+typedef struct {
+  uint64_t accepted, active, handed_off, accept_errors, bytes_in, bytes_out;
+} counts_t;
+
 typedef struct {
   multiloop_config_t cfg;
   multiloop_runtime_t *rt;             /* NULL while stopped */
+  counts_t counts[];                   /* nworkers + 1 rows: the last run's
+                                          figures once stopped, scratch while
+                                          running */
 } server_t;
 
 /* --- the runtime ----------------------------------------------------------- */
@@ -39,12 +47,46 @@ static void close_fd(uv_os_sock_t *fd) {
   *fd = -1;
 }
 
-/* Stops whatever still runs (at once), joins every thread, frees it all. */
-static void runtime_free(multiloop_runtime_t *rt) {
+#define LOAD(x) atomic_load_explicit(&(x), memory_order_relaxed)
+
+/* Reads the counters into counts[0..nworkers]: per worker (relaxed atomics,
+ * no lock on the hot path), summed into row 0. */
+static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
+  int i, n = rt->cfg->nworkers;
+  int reuseport = rt->cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT;
+  counts_t *total = &counts[0];
+  memset(counts, 0, (size_t)(n + 1) * sizeof *counts);
+  for (i = 0; i < n; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    counts_t *c = &counts[i + 1];
+    int active = LOAD(w->active);
+    c->accepted = LOAD(w->accepted);
+    c->active = active > 0 ? (uint64_t)active : 0;
+    c->bytes_in = LOAD(w->bytes_in);
+    c->bytes_out = LOAD(w->bytes_out);
+    total->accepted += c->accepted;
+    total->active += c->active;
+    total->bytes_in += c->bytes_in;
+    total->bytes_out += c->bytes_out;
+    if (reuseport) {
+      total->handed_off += LOAD(w->listener.accepted);   /* no hand-off: straight in */
+      total->accept_errors += LOAD(w->listener.accept_errors);
+    }
+  }
+  if (!reuseport) {
+    total->handed_off = LOAD(rt->acceptor.handed_off);
+    total->accept_errors = LOAD(rt->acceptor.listener.accept_errors);
+  }
+}
+
+/* Stops whatever still runs (at once), joins every thread, frees it all.
+ * With `final`, the counters as the last thread left them are kept there. */
+static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
   int i, n = rt->cfg->nworkers;
   multiloop_acceptor_stop(rt);
   for (i = 0; i < n; i++) multiloop_worker_request_stop(&rt->workers[i], 0);
   for (i = 0; i < n; i++) multiloop_worker_join(&rt->workers[i]);
+  if (final) runtime_counts(rt, final);
   for (i = 0; i < n; i++) {                /* what no thread took over */
     multiloop_worker_t *w = &rt->workers[i];
     close_fd(&rt->acceptor.pipe_fds[i]);
@@ -118,7 +160,7 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
   rt->workers = calloc(n, sizeof *rt->workers);
   if (!rt->acceptor.pipes || !rt->acceptor.pipe_fds || !rt->workers) {
     rt->cfg = &(const multiloop_config_t){ .nworkers = 0 };   /* nothing else to free */
-    runtime_free(rt);
+    runtime_free(rt, NULL);
     goto nomem;
   }
   for (i = 0; i < n; i++) {               /* a valid, empty state first */
@@ -171,7 +213,7 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
   return rt;
 
 fail:
-  runtime_free(rt);
+  runtime_free(rt, NULL);
   return NULL;
 nomem:
   snprintf(err, errlen, "not enough memory");
@@ -236,14 +278,19 @@ static int int_field(lua_State *L, int t, const char *key) {
 int multiloop_server_new(lua_State *L) {
   server_t *s;
   const char *kind;
+  int nworkers;
+  size_t size;
   luaL_checktype(L, 1, LUA_TTABLE);
-  s = lua_newuserdatauv(L, sizeof *s, 0);
-  memset(s, 0, sizeof *s);                 /* a valid, stopped server first */
+  nworkers = int_field(L, 1, "workers");
+  luaL_argcheck(L, nworkers >= 1, 1, "workers must be at least 1");
+  size = sizeof *s + ((size_t)nworkers + 1) * sizeof(counts_t);
+  s = lua_newuserdatauv(L, size, 0);
+  memset(s, 0, size);                      /* a valid, stopped server first */
   luaL_setmetatable(L, SERVER_MT);
 
   s->cfg.port = int_field(L, 1, "port");
   s->cfg.backlog = int_field(L, 1, "backlog");
-  s->cfg.nworkers = int_field(L, 1, "workers");
+  s->cfg.nworkers = nworkers;
   s->cfg.max_connections = int_field(L, 1, "max_connections");
   s->cfg.idle_timeout = (uint64_t)int_field(L, 1, "idle_timeout");
   s->cfg.write_high_water = (size_t)int_field(L, 1, "write_high_water");
@@ -252,7 +299,6 @@ int multiloop_server_new(lua_State *L) {
   lua_getfield(L, 1, "nodelay");
   s->cfg.nodelay = lua_toboolean(L, -1);
   lua_pop(L, 1);
-  luaL_argcheck(L, s->cfg.nworkers >= 1, 1, "workers must be at least 1");
   s->cfg.unlink = (lua_getfield(L, 1, "unlink"), lua_toboolean(L, -1));
   lua_pop(L, 1);
   lua_getfield(L, 1, "dispatch");
@@ -308,7 +354,7 @@ static int server_stop(lua_State *L) {
   if (s->rt != NULL) {
     multiloop_runtime_t *rt = s->rt;
     s->rt = NULL;
-    runtime_free(rt);
+    runtime_free(rt, s->counts);
   }
   lua_pushboolean(L, 1);
   return 1;
@@ -393,48 +439,30 @@ static void set_counter(lua_State *L, const char *name, uint64_t v) {
   lua_setfield(L, -2, name);
 }
 
-#define LOAD(x) atomic_load_explicit(&(x), memory_order_relaxed)
-
-/* server:stats(): counters kept per worker (relaxed atomics, no lock on the
- * hot path), summed here. Totals equal the sums of the workers'. */
+/* server:stats(): live while running; once stopped, the figures the last run
+ * ended with (active 0); all zero before the first start. Totals equal the
+ * sums of the workers'. */
 static int server_stats(lua_State *L) {
   server_t *s = check_server(L);
-  multiloop_runtime_t *rt = s->rt;
-  uint64_t accepted = 0, bytes_in = 0, bytes_out = 0, handed_off = 0, errors = 0;
-  int64_t active = 0;
   int i, n = s->cfg.nworkers;
-  lua_createtable(L, 0, 8);
+  if (s->rt != NULL) runtime_counts(s->rt, s->counts);
+  lua_createtable(L, 0, 7);
   lua_createtable(L, n, 0);
-  for (i = 0; rt && i < n; i++) {
-    multiloop_worker_t *w = &rt->workers[i];
-    uint64_t wa = LOAD(w->accepted), wi = LOAD(w->bytes_in), wo = LOAD(w->bytes_out);
-    int wact = LOAD(w->active);
+  for (i = 1; i <= n; i++) {
     lua_createtable(L, 0, 4);
-    set_counter(L, "accepted", wa);
-    set_counter(L, "active", (uint64_t)wact);
-    set_counter(L, "bytes_in", wi);
-    set_counter(L, "bytes_out", wo);
-    lua_rawseti(L, -2, i + 1);
-    accepted += wa;
-    active += wact;
-    bytes_in += wi;
-    bytes_out += wo;
-    if (s->cfg.dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
-      handed_off += LOAD(w->listener.accepted);   /* no hand-off: straight in */
-      errors += LOAD(w->listener.accept_errors);
-    }
+    set_counter(L, "accepted", s->counts[i].accepted);
+    set_counter(L, "active", s->counts[i].active);
+    set_counter(L, "bytes_in", s->counts[i].bytes_in);
+    set_counter(L, "bytes_out", s->counts[i].bytes_out);
+    lua_rawseti(L, -2, i);
   }
   lua_setfield(L, -2, "workers");
-  if (rt && s->cfg.dispatch != MULTILOOP_DISPATCH_REUSEPORT) {
-    handed_off = LOAD(rt->acceptor.handed_off);
-    errors = LOAD(rt->acceptor.listener.accept_errors);
-  }
-  set_counter(L, "accepted", accepted);
-  set_counter(L, "active", (uint64_t)active);
-  set_counter(L, "handed_off", handed_off);
-  set_counter(L, "accept_errors", errors);
-  set_counter(L, "bytes_in", bytes_in);
-  set_counter(L, "bytes_out", bytes_out);
+  set_counter(L, "accepted", s->counts[0].accepted);
+  set_counter(L, "active", s->counts[0].active);
+  set_counter(L, "handed_off", s->counts[0].handed_off);
+  set_counter(L, "accept_errors", s->counts[0].accept_errors);
+  set_counter(L, "bytes_in", s->counts[0].bytes_in);
+  set_counter(L, "bytes_out", s->counts[0].bytes_out);
   return 1;
 }
 

@@ -275,7 +275,8 @@ end
 
 --- Counters, readable at any time: accepted, active, handed_off,
 -- accept_errors, bytes_in, bytes_out, and workers[i] = { accepted, active,
--- bytes_in, bytes_out }. The totals are the sums over the workers.
+-- bytes_in, bytes_out }. The totals are the sums over the workers. After
+-- stop, the figures the last run ended with; a restart counts from zero.
 function Server:stats()
   check_server(self, "stats")
   return self._core:stats()
