@@ -7,12 +7,11 @@
 -- (empty), QUIT. Requests are RESP arrays of bulk strings, or inline
 -- commands (words separated by spaces, as typed into telnet).
 --
--- The parser is incremental: bytes are kept until a whole request is in, so
--- requests split across reads (even byte by byte) and many requests in one
--- read (pipelining) both work; the replies to one read go out in one write.
--- A large value arriving in many reads is collected in a list and joined
--- once, when all of it is in (joining at every read would copy it over and
--- over). A malformed request gets "-ERR Protocol error: ..." and the
+-- The parser is incremental and keeps its place between reads, so requests
+-- split across reads (even byte by byte) and many requests in one read
+-- (pipelining) both work, and a request in many reads is parsed once; the
+-- replies to one read go out in one write. A large value arriving in many
+-- reads is collected in a list and joined once, when all of it is in. A malformed request gets "-ERR Protocol error: ..." and the
 -- connection is closed, as Redis does. Every byte of a request is held until
 -- it is complete, so one bulk string is limited to the dictionary's capacity
 -- (nothing larger could be stored), not Redis's 512 MiB.
@@ -242,50 +241,94 @@ end
 
 -- --- the parser ------------------------------------------------------------
 
--- Parses one request at buf[pos]. Returns its arguments and the position
--- after it; nil (and, once a bulk length is known, how many bytes from pos
--- the request needs at least) when it is not all there yet; or false and a
--- protocol error.
-local function parse(buf, pos)
-  if pos > #buf then return nil end
-  if buf:byte(pos) ~= 42 then                -- not '*': an inline command
-    local eol = buf:find("\n", pos, true)
+-- A connection's parser keeps its place between reads: `buf` holds the bytes
+-- not yet consumed (from `pos` on) and `args` the arguments of a request
+-- read so far, so a request arriving in many reads is parsed once, never
+-- from its start again. A bulk string larger than COLLECT_ABOVE that is not
+-- all in yet is collected in `chunks` and joined once it is complete
+-- (appending each read to buf would copy it over and over).
+local COLLECT_ABOVE = 16 * 1024
+
+local function new_parser()
+  return { buf = "", pos = 1, args = nil, n = 0, chunks = nil, have = 0, need = 0 }
+end
+
+-- Adds the bytes of one read. False while a large bulk is still being
+-- collected (nothing to parse yet).
+local function feed(st, data)
+  if st.chunks then
+    local chunks = st.chunks
+    chunks[#chunks + 1] = data
+    st.have = st.have + #data
+    if st.have < st.need then return false end
+    st.buf, st.chunks = table.concat(chunks), nil
+  elseif st.pos > #st.buf then
+    st.buf = data
+  else
+    st.buf = st.buf:sub(st.pos) .. data
+  end
+  st.pos = 1
+  return true
+end
+
+-- The next whole request's arguments; nil when it is not all in yet; or
+-- false and a protocol error.
+local function next_request(st)
+  local buf, pos = st.buf, st.pos
+  if not st.args then
+    if pos > #buf then return nil end
+    if buf:byte(pos) ~= 42 then              -- not '*': an inline command
+      local eol = buf:find("\n", pos, true)
+      if not eol then
+        if #buf - pos > MAX_INLINE then return false, "too big inline request" end
+        return nil
+      end
+      local args = {}
+      for word in buf:sub(pos, eol - 1):gmatch("[^%s]+") do args[#args + 1] = word end
+      st.pos = eol + 1
+      return args
+    end
+    local eol = buf:find("\r\n", pos, true)
     if not eol then
-      if #buf - pos > MAX_INLINE then return false, "too big inline request" end
+      if #buf - pos > 32 then return false, "invalid multibulk length" end
       return nil
     end
-    local args = {}
-    for word in buf:sub(pos, eol - 1):gmatch("[^%s]+") do args[#args + 1] = word end
-    return args, eol + 1
+    local n = canonical_integer(buf:sub(pos + 1, eol - 1))
+    if not n or n > MAX_ARGS then return false, "invalid multibulk length" end
+    st.args, st.n, st.pos = {}, n, eol + 2
+    pos = eol + 2
   end
-  local eol = buf:find("\r\n", pos, true)
-  if not eol then
-    if #buf - pos > 32 then return false, "invalid multibulk length" end
-    return nil
-  end
-  local n = canonical_integer(buf:sub(pos + 1, eol - 1))
-  if not n or n > MAX_ARGS then return false, "invalid multibulk length" end
-  local args, p = {}, eol + 2
-  for i = 1, n do
-    if p > #buf then return nil end
-    if buf:byte(p) ~= 36 then                -- '$'
-      return false, ("expected '$', got '%s'"):format(buf:sub(p, p))
+  local args = st.args
+  for i = #args + 1, st.n do
+    if pos > #buf then return nil end
+    if buf:byte(pos) ~= 36 then              -- '$'
+      return false, ("expected '$', got '%s'"):format(buf:sub(pos, pos))
     end
-    eol = buf:find("\r\n", p, true)
+    local eol = buf:find("\r\n", pos, true)
     if not eol then
-      if #buf - p > 32 then return false, "invalid bulk length" end
+      if #buf - pos > 32 then return false, "invalid bulk length" end
       return nil
     end
-    local len = canonical_integer(buf:sub(p + 1, eol - 1))
+    local len = canonical_integer(buf:sub(pos + 1, eol - 1))
     if not len or len < 0 or len > max_bulk then return false, "invalid bulk length" end
-    if #buf < eol + 3 + len then return nil, eol + 4 + len - pos end
-    if buf:sub(eol + 2 + len, eol + 3 + len) ~= "\r\n" then
+    local after = eol + 4 + len               -- the position after its CRLF
+    if #buf < after - 1 then
+      if len > COLLECT_ABOVE then             -- collect the rest from pos on
+        st.chunks = { buf:sub(pos) }
+        st.have, st.need = #buf - pos + 1, after - pos
+        st.buf, st.pos = "", 1
+      end
+      return nil
+    end
+    if buf:sub(after - 2, after - 1) ~= "\r\n" then
       return false, "invalid bulk data: missing CRLF"
     end
     args[i] = buf:sub(eol + 2, eol + 1 + len)
-    p = eol + 4 + len
+    pos = after
+    st.pos = pos
   end
-  return args, p
+  st.args = nil
+  return args
 end
 
 -- --- the handler -------------------------------------------------------------
@@ -299,35 +342,20 @@ function kv.init(worker)
   max_bulk = math.max(capacity, 1024 * 1024)
 end
 
--- Below this many missing bytes a partial request is simply kept in buf.
-local COLLECT_ABOVE = 64 * 1024
-
 function kv.connect(conn)
-  local buf = ""
-  local chunks, have, need = nil, 0, 0     -- collecting a large request
+  local st = new_parser()
   conn:on_data(function(data)
-    if chunks then
-      chunks[#chunks + 1] = data
-      have = have + #data
-      if have < need then return end
-      buf, chunks = table.concat(chunks), nil
-    else
-      buf = buf .. data
-    end
-    local replies, pos, missing = {}, 1, nil
+    if not feed(st, data) then return end
+    local replies = {}
     while true do
-      local args, nextpos = parse(buf, pos)
-      if args == nil then
-        missing = nextpos
-        break
-      end
+      local args, why = next_request(st)
+      if args == nil then break end
       if args == false then
-        replies[#replies + 1] = err("ERR Protocol error: " .. nextpos)
+        replies[#replies + 1] = err("ERR Protocol error: " .. why)
         conn:write(table.concat(replies))
         conn:close()
         return
       end
-      pos = nextpos
       if #args > 0 then                       -- an empty request is skipped
         local name = args[1]:lower()
         if name == "quit" then
@@ -339,11 +367,6 @@ function kv.connect(conn)
         local command = commands[name] or unknown
         replies[#replies + 1] = command(args)
       end
-    end
-    buf = buf:sub(pos)
-    if missing and missing - #buf > COLLECT_ABOVE then
-      chunks, have, need = { buf }, #buf, missing
-      buf = ""
     end
     if #replies > 0 and not conn:write(table.concat(replies)) then
       conn:pause()                           -- the client is not reading: wait

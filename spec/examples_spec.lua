@@ -517,6 +517,24 @@ describe("examples/kv.lua with 2 workers", function()
     assert.are.equal(bulk("a value\r\nwith CRLF"), read_reply(c))
   end)
 
+  it("parses a request of 20,000 arguments arriving in many reads", function()
+    local c = start()
+    c:setoption("tcp-nodelay", true)
+    for i = 1, 3 do assert.are.equal(OK, call(c, "SET", "many" .. i, "v")) end
+    local parts = { "*20001\r\n$3\r\nDEL\r\n" }
+    for i = 1, 20000 do
+      local key = "many" .. i
+      parts[#parts + 1] = ("$%d\r\n%s\r\n"):format(#key, key)
+    end
+    local request = table.concat(parts)
+    for i = 1, #request, 1000 do
+      assert(c:send(request, i, math.min(i + 999, #request)))
+      if i % 16000 == 1 then socket.sleep(0.001) end       -- let reads end mid-request
+    end
+    assert.are.equal(":3\r\n", read_reply(c))
+    assert.are.equal(":0\r\n", call(c, "EXISTS", "many1", "many2", "many3"))
+  end)
+
   it("takes a 2 MiB value in 64 KiB writes, and refuses one too big to store", function()
     local c = start()
     local value = ("0123456789abcdef"):rep(128 * 1024)                -- 2 MiB
