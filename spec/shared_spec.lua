@@ -179,6 +179,20 @@ describe("a shared dictionary", function()
     assert.are.same({}, shared("spec.empty"):keys())
   end)
 
+  it("reads large values and many keys, then small ones, alike (the scratch buffer)", function()
+    local d = shared("spec.scratch", { capacity = 64 * 1024 * 1024 })
+    d:flush()
+    local big = ("0123456789abcdef"):rep(64 * 1024)          -- 1 MiB: over what is kept
+    assert.is_true(d:set("big", big))
+    for i = 1, 5000 do d:set(("key %05d"):format(i), "v") end
+    for _ = 1, 3 do
+      assert.are.equal(big, d:get("big"))
+      assert.are.equal("v", d:get("key 00001"))
+      assert.are.equal(5001, #d:keys(0))
+      assert.are.equal("v", d:get("key 05000"))
+    end
+  end)
+
   it("flush empties it and gives back the space", function()
     local free = d:free_space()
     for i = 1, 100 do d:set("k" .. i, string.rep("v", 100)) end

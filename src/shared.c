@@ -7,7 +7,8 @@
  *
  * Owns: in each state, the userdata that holds one reference to a
  * dictionary, and a scratch buffer that reads copy strings into (a string
- * read under a stripe's lock is pushed once the lock is released).
+ * read under a stripe's lock is pushed once the lock is released; kept
+ * between reads only while it is small).
  *
  * Threads: any thread that owns a lua_State calls these, on the userdata of
  * its own state. Arguments are checked before dict.c takes any lock, and
@@ -143,6 +144,18 @@ static int shared_set(lua_State *L) { return store_method(L, MULTILOOP_DICT_SET)
 static int shared_add(lua_State *L) { return store_method(L, MULTILOOP_DICT_ADD); }
 static int shared_replace(lua_State *L) { return store_method(L, MULTILOOP_DICT_REPLACE); }
 
+/* After a read that needed more than this, the scratch buffer is freed
+ * rather than kept: one 4 MiB get or a keys() of every key must not pin
+ * that much memory per Lua state for as long as the object lives. */
+#define SCRATCH_KEEP (64 * 1024)
+
+static void scratch_trim(multiloop_scratch_t *buf) {
+  if (buf->cap <= SCRATCH_KEEP) return;
+  free(buf->p);
+  buf->p = NULL;
+  buf->cap = 0;
+}
+
 /* d:get(key) -> value, or nil when absent or expired. Reading makes the
  * entry the most recently used. */
 static int shared_get(lua_State *L) {
@@ -154,6 +167,7 @@ static int shared_get(lua_State *L) {
   if (found < 0) return luaL_error(L, "not enough memory");
   if (found == 0) lua_pushnil(L);
   else push_value(L, &v);
+  scratch_trim(&u->buf);                 /* v.s pointed into it: pushed now */
   return 1;
 }
 
@@ -222,6 +236,7 @@ static int shared_keys(lua_State *L) {
     lua_rawseti(L, -2, (lua_Integer)i + 1);
     off += sizeof len + len;
   }
+  scratch_trim(&u->buf);
   return 1;
 }
 
@@ -257,8 +272,7 @@ static int shared_gc(lua_State *L) {
   if (u->d != NULL) multiloop_dict_release(u->d);
   u->d = NULL;
   free(u->buf.p);
-  u->buf.p = NULL;
-  u->buf.cap = 0;
+  u->buf = (multiloop_scratch_t){ NULL, 0 };
   return 0;
 }
 
