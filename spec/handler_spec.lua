@@ -105,6 +105,39 @@ describe("the conn object", function()
     end
   end)
 
+  it("passes itself to every callback, last, so one function can serve every connection", function()
+    server, port = helper.server{ workers = 1, write_high_water = 16384,
+                                  handler = "spec.fixtures.shared_callbacks" }
+    local log = require("multiloop").shared("spec.callbacks")
+    log:flush()
+    local c = helper.connect(port)
+    helper.defer(function() c:close() end)
+    assert(c:send("write\n"))
+    assert.are.equal("written", helper.line(c))
+    assert.are.equal("flushed", helper.line(c))
+    assert(c:send("timeout\n"))
+    assert.are.equal("timed out", helper.line(c))
+    assert(c:send("big\n"))
+    assert.are.equal(16 * 1024 * 1024, #helper.line(c))
+    assert.is_true(log:get("big queued"))
+    assert.are.equal("drained", helper.line(c))
+    assert(c:shutdown("send"))
+    assert.are.equal("", helper.all(c))
+    assert.is_truthy(helper.eventually(function() return log:get("on_close") end))
+    assert.are.same({
+      ["on_data"] = "2 conn",                -- (data, conn)
+      ["write callback"] = "2 conn",         -- (err, conn)
+      ["on_timeout"] = "1 conn",             -- (conn)
+      ["on_drain"] = "1 conn",
+      ["on_end"] = "1 conn",
+      ["on_close"] = "2 conn",               -- (err, conn)
+    }, {
+      ["on_data"] = log:get("on_data"), ["write callback"] = log:get("write callback"),
+      ["on_timeout"] = log:get("on_timeout"), ["on_drain"] = log:get("on_drain"),
+      ["on_end"] = log:get("on_end"), ["on_close"] = log:get("on_close"),
+    })
+  end)
+
   it("with on_end, stays half-open: the handler answers after the peer's EOF", function()
     server, port = helper.server{ workers = 1, handler = function(conn)
       local got = {}

@@ -85,24 +85,24 @@ typedef struct {
 } call_ev;
 
 /* Protected: calls the callback in user value `slot` (or the registry `ref`)
- * with one argument (data, a reason, nil) or none. */
+ * with its argument (data, a reason, nil) if it has one, then the connection:
+ * a handler can then pass the same function to every connection instead of
+ * a closure per connection. */
 static int call_body(lua_State *L) {
   call_ev *ev = lua_touserdata(L, 1);
-  int nargs = 0;
-  if (ev->slot == 0) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ev->ref);
-  } else {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ev->c->ref);
-    lua_getiuservalue(L, -1, ev->slot);
-  }
+  int nargs = 1;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ev->c->ref);      /* 2: the connection */
+  if (ev->slot == 0) lua_rawgeti(L, LUA_REGISTRYINDEX, ev->ref);
+  else lua_getiuservalue(L, 2, ev->slot);
   if (!lua_isfunction(L, -1)) return 0;
   if (ev->data) {
     lua_pushlstring(L, ev->data, ev->len);
-    nargs = 1;
+    nargs = 2;
   } else if (ev->nil_arg) {
     lua_pushnil(L);
-    nargs = 1;
+    nargs = 2;
   }
+  lua_pushvalue(L, 2);
   lua_call(L, nargs, 0);
   return 0;
 }
