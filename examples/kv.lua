@@ -11,8 +11,9 @@
 -- split across reads (even byte by byte) and many requests in one read
 -- (pipelining) both work, and a request in many reads is parsed once; the
 -- replies to one read go out in one write. A large value arriving in many
--- reads is collected in a list and joined once, when all of it is in. A malformed request gets "-ERR Protocol error: ..." and the
--- connection is closed, as Redis does. Every byte of a request is held until
+-- reads is collected in a list and joined once, when all of it is in. A
+-- malformed request gets "-ERR Protocol error: ..." and the connection is
+-- closed, as Redis does. Every byte of a request is held until
 -- it is complete, so one bulk string is limited to the dictionary's capacity
 -- (nothing larger could be stored), not Redis's 512 MiB.
 --
