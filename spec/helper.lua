@@ -119,11 +119,26 @@ function M.exists(path)
   return os.rename(path, path) == true
 end
 
-function M.thread_count()
+local function threads_now()
   for line in io.lines("/proc/self/status") do
     local n = line:match("^Threads:%s+(%d+)")
     if n then return tonumber(n) end
   end
+end
+
+-- The process's thread count, once it holds still. pthread_join returns when
+-- the thread's stack is free, which is a moment before the kernel stops
+-- listing the thread; a count taken in that moment (seen in CI: a baseline
+-- one too high) must not count it. Two readings 2 ms apart must agree.
+function M.thread_count()
+  local n = threads_now()
+  for _ = 1, 50 do
+    socket.sleep(0.002)
+    local again = threads_now()
+    if again == n then return n end
+    n = again
+  end
+  return n
 end
 
 -- Sleeps for ms without busy-waiting.
