@@ -278,6 +278,7 @@ void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
 
 /* server.c: the main state's server object. core.new(opts); the metatable. */
 int multiloop_server_new(lua_State *L);
+int multiloop_wait_signal(lua_State *L);   /* core.wait_signal() */
 void multiloop_server_register(lua_State *L);
 
 /* dict.c: named dictionaries shared by every thread of the process (no Lua

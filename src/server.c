@@ -14,6 +14,8 @@
  * stop(): stop the acceptor (no new connections), then every worker (each
  * closes its connections, runs its loop dry, closes its Lua state), then join
  * every thread and free the runtime. __gc and __close stop a running server.
+ * The main thread's blocking waits (server:wait_stopped, core.wait_signal)
+ * are here too, on a loop of their own made and closed by each call.
  */
 #include <errno.h>
 #include <signal.h>
@@ -394,43 +396,69 @@ static void poll_finished_cb(uv_timer_t *t) {
   if (runtime_finished(t->data)) uv_stop(t->loop);
 }
 
-static void wait_signal_cb(uv_signal_t *h, int signum) {
+static void signal_cb(uv_signal_t *h, int signum) {
   *(int *)h->loop->data = signum;
   uv_stop(h->loop);
 }
 
-/* server:wait_stopped([signals]): blocks until every worker has finished a
- * graceful stop; with `signals`, a SIGINT or SIGTERM ends the wait early and
- * its name is returned. Workers are polled every 20 ms: this runs once per
- * stop, and spares them any way to reach the main thread. */
-static int server_wait_stopped(lua_State *L) {
-  server_t *s = check_server(L);
-  int signals = lua_toboolean(L, 2), got = 0;
+/* Blocks the calling thread on a loop of its own, made and closed here,
+ * until `rt` (when given) has finished stopping, or (with `signals`) SIGINT
+ * or SIGTERM arrives. Returns that signal, 0 for none, -1 when no loop could
+ * be made. The workers keep serving meanwhile. */
+static int block_until(multiloop_runtime_t *rt, int signals) {
   uv_loop_t loop;
   uv_timer_t poll;
   uv_signal_t sigint, sigterm;
-  if (s->rt == NULL || runtime_finished(s->rt)) return 0;
-  if (uv_loop_init(&loop) != 0) return luaL_error(L, "wait_stopped: cannot make a loop");
+  int got = 0;
+  if (uv_loop_init(&loop) != 0) return -1;
   loop.data = &got;
-  uv_timer_init(&loop, &poll);
-  poll.data = s->rt;
-  uv_timer_start(&poll, poll_finished_cb, 20, 20);
+  if (rt) {                                 /* polled every 20 ms: once per stop */
+    uv_timer_init(&loop, &poll);
+    poll.data = rt;
+    uv_timer_start(&poll, poll_finished_cb, 20, 20);
+  }
   if (signals) {
     uv_signal_init(&loop, &sigint);
     uv_signal_init(&loop, &sigterm);
-    uv_signal_start(&sigint, wait_signal_cb, SIGINT);
-    uv_signal_start(&sigterm, wait_signal_cb, SIGTERM);
+    uv_signal_start(&sigint, signal_cb, SIGINT);
+    uv_signal_start(&sigterm, signal_cb, SIGTERM);
   }
   uv_run(&loop, UV_RUN_DEFAULT);
-  uv_close((uv_handle_t *)&poll, NULL);
+  if (rt) uv_close((uv_handle_t *)&poll, NULL);
   if (signals) {
     uv_close((uv_handle_t *)&sigint, NULL);
     uv_close((uv_handle_t *)&sigterm, NULL);
   }
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
+  return got;
+}
+
+static void push_signal_name(lua_State *L, int signum) {
+  lua_pushstring(L, signum == SIGINT ? "SIGINT" : "SIGTERM");
+}
+
+/* server:wait_stopped([signals]): blocks until every worker has finished a
+ * graceful stop; with `signals`, a SIGINT or SIGTERM ends the wait early and
+ * its name is returned. The workers are polled rather than given a way to
+ * reach the main thread. */
+static int server_wait_stopped(lua_State *L) {
+  server_t *s = check_server(L);
+  int signals = lua_toboolean(L, 2), got;
+  if (s->rt == NULL || runtime_finished(s->rt)) return 0;
+  if ((got = block_until(s->rt, signals)) < 0)
+    return luaL_error(L, "wait_stopped: cannot make a loop");
   if (got == 0) return 0;
-  lua_pushstring(L, got == SIGINT ? "SIGINT" : "SIGTERM");
+  push_signal_name(L, got);
+  return 1;
+}
+
+/* core.wait_signal(): blocks this thread until SIGINT or SIGTERM arrives and
+ * returns its name. */
+int multiloop_wait_signal(lua_State *L) {
+  int got = block_until(NULL, 1);
+  if (got < 0) return luaL_error(L, "wait_signal: cannot make a loop");
+  push_signal_name(L, got);
   return 1;
 }
 
