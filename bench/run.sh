@@ -138,20 +138,28 @@ free_port() {
   echo 0
 }
 
+# wait_for WORD FILE PID TRIES: prints the value after WORD on FILE's first
+# line that starts with it, polling every 50 ms while PID lives, at most
+# TRIES times; prints nothing if it never came.
+wait_for() {
+  local word=$1 file=$2 pid=$3 tries=$4 value="" i
+  for i in $(seq "$tries"); do
+    value=$(awk -v w="$word" '$1 == w { print $2; exit }' "$file")
+    [ -n "$value" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "$value"
+}
+
 # launch NAME CMD...: starts a server (pinned when SERVER_PIN is set) that
 # prints "LISTENING <port>"; sets SPID and PORT. Returns non-zero on failure.
 launch() {
-  local name=$1 i; shift
+  local name=$1; shift
   : > "$TMP/server.out"
   $SERVER_PIN timeout -k 5 "$LIFE" "$@" > "$TMP/server.out" 2> "$TMP/server.err" &
   SPID=$!
-  PORT=""
-  for i in $(seq 200); do
-    PORT=$(awk '/^LISTENING/ { print $2; exit }' "$TMP/server.out")
-    [ -n "$PORT" ] && break
-    kill -0 "$SPID" 2>/dev/null || break
-    sleep 0.05
-  done
+  PORT=$(wait_for LISTENING "$TMP/server.out" "$SPID" 200)
   if [ -z "$PORT" ]; then
     echo "bench: $name did not start:" >&2
     sed 's/^/  /' "$TMP/server.err" >&2
@@ -251,18 +259,12 @@ wrk_run() {
 
 # idle_run REPEAT WORKERS SERVER: RSS growth per idle connection.
 idle_run() {
-  local r=$1 w=$2 server=$3 rss0 rss1 ready i
+  local r=$1 w=$2 server=$3 rss0 rss1 ready
   rss0=$(rss_kb "$SPID")
   $CLIENT_PIN $B/loadgen --port "$PORT" --mode idle --conns "$IDLE" --duration 120 \
     > "$TMP/idle.out" 2> "$TMP/idle.err" &
   LGPID=$!
-  ready=""
-  for i in $(seq 1200); do
-    ready=$(awk '/^READY/ { print $2; exit }' "$TMP/idle.out")
-    [ -n "$ready" ] && break
-    kill -0 "$LGPID" 2>/dev/null || break
-    sleep 0.05
-  done
+  ready=$(wait_for READY "$TMP/idle.out" "$LGPID" 1200)
   sleep 0.5                               # let the server finish with the last ones
   rss1=$(rss_kb "$SPID")
   stop_pid "$LGPID"; LGPID=""
