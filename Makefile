@@ -64,8 +64,11 @@ deps:
 run: build
 	$(LUA) examples/echo.lua
 
+# SPECS picks spec files: make test SPECS=spec/stop_spec.lua (also asan, valgrind).
+SPECS ?= spec/*_spec.lua
+
 test: build
-	@LUA=$(LUA) sh spec/run.sh spec/*_spec.lua
+	@LUA=$(LUA) sh spec/run.sh $(SPECS)
 
 install: build
 	install -d $(DESTDIR)$(LIBDIR)/multiloop $(DESTDIR)$(LUADIR)/multiloop
@@ -89,7 +92,7 @@ asan: | check-deps
 	@LD_PRELOAD="$(ASAN_RT)" LUA_CPATH="./build-asan/?.so;;" SANITIZER=asan \
 	  ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=86" \
 	  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-	  LUA=$(LUA) sh spec/run.sh spec/*_spec.lua
+	  LUA=$(LUA) sh spec/run.sh $(SPECS)
 
 # ThreadSanitizer: the specs that exercise threads, with the module built
 # under TSan and the runtime preloaded into lua5.4 only (dash crashes under
@@ -117,7 +120,7 @@ VALGRIND = valgrind --quiet --error-exitcode=1 --leak-check=full \
 
 .PHONY: valgrind
 valgrind: build
-	@BUSTED_ARGS="--exclude-tags=stress" SANITIZER=valgrind LUA="$(VALGRIND) $(LUA)" sh spec/run.sh spec/*_spec.lua
+	@BUSTED_ARGS="--exclude-tags=stress" SANITIZER=valgrind LUA="$(VALGRIND) $(LUA)" sh spec/run.sh $(SPECS)
 
 # `make bench` and friends; optional, so the Makefile works without bench/.
 -include bench/bench.mk
