@@ -229,6 +229,178 @@ describe("messages", function()
     assert.are.equal("x\n", helper.echo(c, "x\n"))
   end)
 
+  describe("inbox_limit", function()
+    local inbox = require("spec.fixtures.inbox")
+    local sequenced = inbox.sequenced
+    local LIMIT = 64 * 1024
+    local d = multiloop.shared("spec.inbox")               -- kept alive by this state
+
+    local function start_inbox(n, limit, opts)
+      d:flush()
+      opts = opts or {}
+      opts.workers, opts.handler = n, "spec.fixtures.inbox"
+      opts.inbox_limit, opts.config = limit or LIMIT, { dict = "spec.inbox" }
+      server, port = helper.server(opts)
+    end
+
+    -- Keeps worker `id` inside its message hook until release(id).
+    local function hold(id, ms)
+      d:set("hold " .. id, true)
+      helper.defer(function() d:delete("hold " .. id) end)
+      assert.are.equal(true, server:send(id, { hold = true, ms = ms }))
+      assert(helper.eventually(function() return d:get("held " .. id) end),
+             "worker " .. id .. " never started holding")
+    end
+
+    local function release(id)
+      d:delete("hold " .. id)
+      assert(helper.eventually(function() return not d:get("held " .. id) end),
+             "worker " .. id .. " never stopped holding")
+    end
+
+    -- Sends sequenced 1 KB strings first, first + 1, ... from the main state
+    -- to worker `id` until one is refused; returns how many were taken and
+    -- what the refused send returned. Bounded: never more than twice the limit.
+    local function fill(id, first)
+      for i = first, first + 2 * LIMIT // 1024 do
+        local r = table.pack(server:send(id, sequenced(i)))
+        if r[1] ~= true then return i - first, r end
+      end
+      error("worker " .. id .. " took " .. 2 * LIMIT // 1024 .. " KB over a limit of "
+            .. LIMIT // 1024 .. " KB: the inbox is not bounded")
+    end
+
+    -- About limit / message size: at most what the bytes alone allow, at
+    -- least what they allow with a generous 160-byte header each (minus the
+    -- hold message, which also counts).
+    local function about_limit(n)
+      assert(n <= LIMIT // 1024 and n >= LIMIT // (1024 + 160) - 1,
+             ("%d messages of 1 KB were taken under a limit of %d bytes"):format(n, LIMIT))
+    end
+
+    local function delivered(key, n)
+      assert(helper.eventually(function() return d:get(key) == n end, 5000),
+             ("%s: %s of %d messages delivered"):format(key, tostring(d:get(key)), n))
+      assert.is_nil(d:get("bad"))
+    end
+
+    it("server:send returns false, 'full' past the limit, then delivers each message once", function()
+      start_inbox(1)
+      hold(1)
+      local n, refused = fill(1, 1)
+      assert.are.same({ n = 2, false, "full" }, refused)
+      about_limit(n)
+      -- still full while the worker is busy; nothing was taken
+      assert.are.same({ n = 2, false, "full" }, table.pack(server:send(1, sequenced(n + 1))))
+      release(1)
+      delivered("got 1 0", n)
+      assert.are.equal(true, server:send(1, sequenced(n + 1)))   -- sends succeed again
+      delivered("got 1 0", n + 1)
+    end)
+
+    it("worker.send returns false, 'full' past the limit, then delivers each message once", function()
+      start_inbox(2)
+      hold(1)
+      assert(server:send(2, { flood = 1, first = 1, max = 2 * LIMIT // 1024, tag = "a" }))
+      assert(helper.eventually(function() return d:get("a r") end, 5000), "worker 2 never finished")
+      assert.are.equal("false full 2", d:get("a r"))
+      local n = d:get("a n")
+      about_limit(n)
+      release(1)
+      delivered("got 1 2", n)
+      assert(server:send(2, { flood = 1, first = n + 1, max = 10, tag = "b" }))
+      assert(helper.eventually(function() return d:get("b r") end, 5000), "worker 2 never finished")
+      assert.are.equal("none", d:get("b r"))
+      assert.are.equal(10, d:get("b n"))
+      delivered("got 1 2", n + 10)
+    end)
+
+    it("broadcast counts only the workers that took it", function()
+      start_inbox(3)
+      hold(1)
+      local n = fill(1, 1)
+      local big = { count = "b", pad = ("x"):rep(2048) }       -- more than the room left
+      assert.are.equal(2, server:broadcast(big))
+      -- from worker 2 to workers 1 (full) and 3
+      assert(server:send(2, { broadcast = { count = "w", pad = big.pad }, tag = "wb" }))
+      assert(helper.eventually(function() return d:get("wb") end), "worker 2 never broadcast")
+      assert.are.equal(1, d:get("wb"))
+      release(1)
+      delivered("got 1 0", n)
+      delivered("b 2", 1)
+      delivered("b 3", 1)
+      delivered("w 3", 1)
+      assert.is_nil(d:get("b 1"))
+      assert.is_nil(d:get("w 1"))
+      assert.are.equal(3, server:broadcast(big))                -- room again everywhere
+      delivered("b 1", 1)
+    end)
+
+    it("refuses a message larger than the whole limit, and takes smaller ones", function()
+      start_inbox(1, 4096)
+      assert.are.same({ n = 2, false, "full" }, table.pack(server:send(1, ("x"):rep(4096))))
+      assert.are.equal(true, server:send(1, { count = "small" }))
+      delivered("small 1", 1)
+    end)
+
+    it("never refuses a connection handed off through a full inbox (dispatch queue)", function()
+      start_inbox(1, 4096, { dispatch = "queue" })
+      hold(1)
+      fill(1, 1)
+      local clients = {}
+      for i = 1, 20 do
+        clients[i] = helper.connect(port)
+        helper.defer(function() clients[i]:close() end)
+      end
+      assert(helper.eventually(function() return server:stats().handed_off == 20 end),
+             "the acceptor did not hand off 20 connections")
+      release(1)
+      for i = 1, 20 do
+        assert.are.equal("worker 1", helper.line(clients[i]))
+        assert.are.equal("ping\n", helper.echo(clients[i], "ping\n"))
+      end
+    end)
+
+    it("a stop reaches a worker whose inbox is full, at once or gracefully", function()
+      for _, graceful in ipairs { false, true } do
+        start_inbox(2)
+        hold(1, 1000)               -- the spec cannot release it while stop() waits
+        hold(2, 1000)
+        fill(1, 1)
+        fill(2, 1)
+        if graceful then server:stop{ timeout = 2000 } else server:stop() end
+        server = nil
+        assert.is_nil(d:get("bad"))
+      end
+    end)
+
+    it("raises on a bad inbox_limit, naming the option", function()
+      for _, case in ipairs { { 0, "0" }, { -1, "-1" }, { 1.5, "1.5" }, { 2 ^ 31, "2147483648" },
+                              { math.maxinteger, tostring(math.maxinteger) }, { "64", "'64'" },
+                              { true, "true" } } do
+        local v, shown = case[1], case[2]
+        assert.are.equal(("multiloop.server: option 'inbox_limit' must be an integer from 1 "
+                           .. "to 2147483647 (got %s)"):format(shown),
+                         error_of(function()
+                           multiloop.server{ port = 0, handler = "spec.fixtures.inbox",
+                                             inbox_limit = v }
+                         end))
+      end
+      -- the core checks the bound too
+      local core = require("multiloop.core")
+      local opts = { workers = 1, port = 0, backlog = 16, max_connections = 0,
+                     idle_timeout = 0, write_high_water = 1024, write_low_water = 0,
+                     keepalive_seconds = 0, handler_kind = "module", host = "127.0.0.1",
+                     handler = "spec.fixtures.inbox", package_path = package.path,
+                     package_cpath = package.cpath }
+      for _, v in ipairs { 0, 2 ^ 31, math.maxinteger } do
+        opts.inbox_limit = math.tointeger(v)
+        assert.are.equal(("inbox_limit must be an integer from 1 to 2147483647 (got %d)")
+                           :format(opts.inbox_limit), error_of(function() core.new(opts) end))
+      end
+    end)
+  end)
+
   it("frees messages still queued at stop", function()
     server, port = helper.server{ workers = 2, handler = "spec.fixtures.messenger" }
     for i = 1, 5000 do server:send(i % 2 + 1, { i, "some bytes to free" }) end

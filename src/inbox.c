@@ -18,6 +18,18 @@
  * reach an async handle that close has already closed; and the lock itself
  * lives until multiloop_inbox_destroy, called after the owner's thread is
  * joined.
+ *
+ * Limit: a value message (message.c) is posted counted, its bytes (header
+ * plus copied data) added to `queued` under the lock, and refused
+ * (UV_ENOBUFS: the sender says "full") when they would take `queued` past
+ * the limit; nothing is dropped once posted. The callback takes the batch's
+ * bytes off once it has handled the whole batch: one more lock round-trip
+ * per batch, none per message, and what a worker holds (queued, or detached
+ * and not yet freed) never exceeds the limit. Connections (queue dispatch)
+ * and stops are posted uncounted and never refused for room: refusing a
+ * connection would close a client the acceptor already took, and a stop must
+ * always get through. Neither can pile up: each queued connection holds an
+ * open fd (so the fd limit bounds them), and stops come one per stop() call.
  */
 #include <stdlib.h>
 
@@ -26,14 +38,23 @@
 static void inbox_cb(uv_async_t *async) {
   multiloop_inbox_t *box = async->data;
   multiloop_msg_t *msg, *next;
+  size_t batch;
   uv_mutex_lock(&box->lock);
   msg = box->head;
   box->head = box->tail = NULL;
+  /* Every counted byte is in this batch: the previous callback took its
+   * own batch's bytes off before it returned, and callbacks do not nest. */
+  batch = box->queued;
   uv_mutex_unlock(&box->lock);
   for (; msg; msg = next) {
     next = msg->next;
     box->handle(box->owner, msg);            /* frees msg */
   }
+  if (batch == 0) return;
+  /* Also after a stop in this batch closed the inbox: the lock lives on. */
+  uv_mutex_lock(&box->lock);
+  box->queued -= batch;
+  uv_mutex_unlock(&box->lock);
 }
 
 /* Worker thread, before any other thread may post. */
@@ -41,6 +62,7 @@ int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
                          multiloop_worker_t *owner, multiloop_inbox_handler handle) {
   int rc;
   box->head = box->tail = NULL;
+  box->queued = 0;
   box->owner = owner;
   box->handle = handle;
   if ((rc = uv_mutex_init(&box->lock)) != 0) return rc;
@@ -54,18 +76,45 @@ int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
   return 0;
 }
 
-/* Any thread. Returns 0 (the inbox owns msg now) or UV_ECANCELED (closed). */
-int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg) {
+/* Under the lock: appends msg and rings the owner. */
+static void append(multiloop_inbox_t *box, multiloop_msg_t *msg) {
   msg->next = NULL;
+  if (box->tail) box->tail->next = msg;
+  else box->head = msg;
+  box->tail = msg;
+  uv_async_send(&box->async);
+}
+
+/* Any thread, uncounted (a connection or a stop): never refused for room.
+ * Returns 0 (the inbox owns msg now) or UV_ECANCELED (closed). */
+int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg) {
   uv_mutex_lock(&box->lock);
   if (!box->open) {
     uv_mutex_unlock(&box->lock);
     return UV_ECANCELED;
   }
-  if (box->tail) box->tail->next = msg;
-  else box->head = msg;
-  box->tail = msg;
-  uv_async_send(&box->async);
+  append(box, msg);
+  uv_mutex_unlock(&box->lock);
+  return 0;
+}
+
+/* Any thread: posts msg counted as `bytes` against `limit`. Returns 0 (the
+ * inbox owns msg now), UV_ECANCELED (closed) or UV_ENOBUFS (no room: queued
+ * plus bytes would pass the limit); on an error the sender keeps msg. Every
+ * sender passes the same limit, so queued never exceeds it. */
+int multiloop_inbox_post_counted(multiloop_inbox_t *box, multiloop_msg_t *msg, size_t bytes,
+                                 size_t limit) {
+  uv_mutex_lock(&box->lock);
+  if (!box->open) {
+    uv_mutex_unlock(&box->lock);
+    return UV_ECANCELED;
+  }
+  if (bytes > limit || box->queued > limit - bytes) {   /* no overflow either way */
+    uv_mutex_unlock(&box->lock);
+    return UV_ENOBUFS;
+  }
+  box->queued += bytes;
+  append(box, msg);
   uv_mutex_unlock(&box->lock);
   return 0;
 }
@@ -78,7 +127,8 @@ void multiloop_msg_free(multiloop_msg_t *msg) {
 }
 
 /* Worker thread: refuse further posts and close the async. Returns what was
- * still queued, in order (a list linked by `next`): the caller owns it. */
+ * still queued, in order (a list linked by `next`): the caller owns it.
+ * `queued` is left as it is: nothing is posted or counted any more. */
 multiloop_msg_t *multiloop_inbox_close(multiloop_inbox_t *box) {
   multiloop_msg_t *msg;
   if (!box->open) return NULL;

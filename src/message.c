@@ -19,6 +19,12 @@
  * back). A post that the inbox refuses (the worker is stopping) is freed
  * here and reported as false, "stopped".
  *
+ * Limit: each message counts its header plus its copied bytes against the
+ * receiver's inbox_limit (inbox.c keeps the count under the inbox lock and
+ * takes it off once the receiver has handled it). A message that would take
+ * the receiver past it is freed here and reported as false, "full" (a
+ * broadcast does not count that worker): never dropped after it was taken.
+ *
  * A worker takes messages once its inbox is up (w->msg_ready, set by
  * multiloop_message_open before the start handshake completes): a send that
  * races a worker still loading its handler (from init, or from an early
@@ -30,9 +36,9 @@
 
 #include "multiloop.h"
 
-enum { POSTED, NOT_STARTED, STOPPED, NO_MEMORY };
+enum { POSTED, NOT_STARTED, STOPPED, FULL, NO_MEMORY };
 
-static const char *const post_words[] = { NULL, "not started", "stopped", NULL };
+static const char *const post_words[] = { NULL, "not started", "stopped", "full", NULL };
 
 /* Any thread: the inbox exists from now on (the worker's thread, after
  * multiloop_inbox_init; the release pairs with the acquire in post). */
@@ -43,8 +49,10 @@ void multiloop_message_open(multiloop_worker_t *w) {
 /* Posts a copy of data[0..len) to worker `to`. */
 static int post(multiloop_worker_t *to, int from, const char *data, size_t len) {
   multiloop_msg_t *msg;
+  size_t bytes = sizeof *msg + len;
   if (!atomic_load_explicit(&to->msg_ready, memory_order_acquire)) return NOT_STARTED;
-  if ((msg = malloc(sizeof *msg + len)) == NULL) return NO_MEMORY;
+  if (len > to->cfg->inbox_limit) return FULL;      /* cannot fit: do not even copy it */
+  if ((msg = malloc(bytes)) == NULL) return NO_MEMORY;
   msg->kind = MULTILOOP_MSG_VALUE;
   msg->from = from;
   msg->fd = -1;
@@ -52,11 +60,11 @@ static int post(multiloop_worker_t *to, int from, const char *data, size_t len) 
   msg->keep = 0;
   msg->len = len;
   memcpy(msg->data, data, len);
-  if (multiloop_inbox_post(&to->inbox, msg) != 0) {
-    free(msg);
-    return STOPPED;
+  switch (multiloop_inbox_post_counted(&to->inbox, msg, bytes, to->cfg->inbox_limit)) {
+    case 0: return POSTED;
+    case UV_ENOBUFS: free(msg); return FULL;
+    default: free(msg); return STOPPED;
   }
-  return POSTED;
 }
 
 /* Encodes the value at `idx` (a missing one is nil) into a malloc'd buffer,
@@ -112,7 +120,7 @@ static int broadcast_value(lua_State *L, multiloop_runtime_t *rt, int from, int 
 
 /* --- in a worker ----------------------------------------------------------- */
 
-/* worker.send(id, value) -> true, or false, "stopped" | "not started".
+/* worker.send(id, value) -> true, or false, "full" | "stopped" | "not started".
  * Upvalue 1: the worker. A worker may send to itself. */
 static int worker_send(lua_State *L) {
   multiloop_worker_t *w = lua_touserdata(L, lua_upvalueindex(1));

@@ -68,7 +68,13 @@ typedef struct {
   size_t write_low_water;     /* on_drain runs when the queue falls to this */
   int nodelay;                /* TCP_NODELAY on accepted connections */
   unsigned keepalive;         /* seconds, 0: off */
+  /* Inbox limit (inbox.c, message.c) */
+  size_t inbox_limit;         /* bytes of messages queued per worker: send says "full" past it */
 } multiloop_config_t;
+
+/* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
+#define MULTILOOP_INBOX_LIMIT_DEFAULT (64 * 1024 * 1024)
+#define MULTILOOP_INBOX_LIMIT_MAX 0x7fffffff
 
 typedef struct multiloop_runtime_s multiloop_runtime_t;
 typedef struct multiloop_worker_s multiloop_worker_t;
@@ -96,6 +102,7 @@ typedef void (*multiloop_inbox_handler)(multiloop_worker_t *w, multiloop_msg_t *
 typedef struct {
   uv_mutex_t lock;
   multiloop_msg_t *head, *tail;
+  size_t queued;                       /* lock: bytes of counted messages not yet handled */
   uv_async_t async;
   int open;                            /* written under lock by the owner only */
   int initialized;                     /* the lock exists: destroy after the join */
@@ -259,6 +266,8 @@ void multiloop_worker_drained(multiloop_worker_t *w);  /* the last conn closed a
 int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
                          multiloop_worker_t *owner, multiloop_inbox_handler handle);
 int multiloop_inbox_post(multiloop_inbox_t *box, multiloop_msg_t *msg);  /* any thread */
+int multiloop_inbox_post_counted(multiloop_inbox_t *box, multiloop_msg_t *msg, size_t bytes,
+                                 size_t limit);                          /* any thread */
 multiloop_msg_t *multiloop_inbox_close(multiloop_inbox_t *box);  /* what was queued */
 void multiloop_inbox_destroy(multiloop_inbox_t *box);  /* after the owner is joined */
 void multiloop_msg_free(multiloop_msg_t *msg);

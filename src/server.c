@@ -298,6 +298,16 @@ int multiloop_server_new(lua_State *L) {
   s->cfg.write_high_water = (size_t)int_field(L, 1, "write_high_water");
   s->cfg.write_low_water = (size_t)int_field(L, 1, "write_low_water");
   s->cfg.keepalive = (unsigned)int_field(L, 1, "keepalive_seconds");
+  {                                        /* inbox_limit: it bounds memory, so checked here too */
+    lua_Integer limit;
+    lua_getfield(L, 1, "inbox_limit");
+    limit = luaL_optinteger(L, -1, MULTILOOP_INBOX_LIMIT_DEFAULT);
+    if (limit < 1 || limit > MULTILOOP_INBOX_LIMIT_MAX)
+      return luaL_error(L, "inbox_limit must be an integer from 1 to %d (got %I)",
+                        MULTILOOP_INBOX_LIMIT_MAX, limit);
+    s->cfg.inbox_limit = (size_t)limit;
+    lua_pop(L, 1);
+  }
   lua_getfield(L, 1, "nodelay");
   s->cfg.nodelay = lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -130,6 +130,7 @@ local checks = {
     if type(v) ~= "boolean" then fail("unlink", "must be a boolean", v) end
     return v
   end,
+  inbox_limit = function(v) return integer_in("inbox_limit", v, 1, MAX_BYTES) end,
 }
 
 -- dispatch: the fastest mode on connection rate, measured with `make bench`
@@ -143,6 +144,7 @@ local defaults = {
   max_connections = 0,
   nodelay = true,
   write_high_water = 1024 * 1024,
+  inbox_limit = 64 * 1024 * 1024,          -- src/multiloop.h says the same
 }
 
 local Server = {}
