@@ -308,3 +308,43 @@ describe("start() failures", function()
     assert.matches("multiloop.server: start must be called as server:start()", error_of(function() s.start() end), 1, true)
   end)
 end)
+
+-- Out of fds, a thread's uv_loop_init fails: start() raises naming the
+-- worker or the acceptor, and loses nothing (libuv 1.44 leaked the epoll fd
+-- of a failed uv_loop_init: see multiloop_loop_init). Before, the loop was
+-- used uninitialized and the process died on an assertion. In a child
+-- process under prlimit, so the fd limit is its own.
+describe("start() out of file descriptors", function()
+  for _, dispatch in ipairs { "reuseport", "queue", "ipc" } do
+    it("fails cleanly whichever thread runs out (" .. dispatch .. ") #child", function()
+      local frees = {}
+      for i = 0, 14 do frees[#frees + 1] = i end
+      local cmd = ("prlimit --nofile=64 %s spec/fixtures/fd_starved.lua %s %s 2>&1"):format(
+        os.getenv("CHILD_LUA") or "lua5.4", dispatch, table.concat(frees, " "))
+      local p = assert(io.popen(cmd))
+      local out = p:read("*a")
+      local _, _, code = p:close()
+      assert.are.equal(0, code, out)
+      local seen, started = {}, false
+      for line in out:gmatch("[^\n]+") do
+        local free, what, fds = line:match("^(%d+)\t(.-)\t(.*)$")
+        if free then
+          assert.are.equal("fds ok", fds, line)
+          if what == "started" then
+            started = true
+          else
+            assert.is_false(started, "failed again with more fds free: " .. line)
+            local who = what:match("^multiloop%.server: start: (.-): cannot make its loop: "
+              .. "too many open files %(EMFILE%)$")
+            if who then seen[who] = true
+            else assert.matches("too many open files", what, 1, true) end   -- socket, socketpair
+          end
+        end
+      end
+      assert.is_true(started, out)
+      assert.is_true(seen["worker 1 failed to load the handler"], out)
+      if dispatch ~= "reuseport" then assert.is_true(seen["acceptor"], out) end
+      assert.matches("again ok\n$", out)
+    end)
+  end
+end)

@@ -84,7 +84,7 @@ static int resolve_name(const multiloop_config_t *cfg, multiloop_listen_addr_t *
   memset(&hints, 0, sizeof hints);
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  if ((rc = uv_loop_init(&loop)) != 0) {
+  if ((rc = multiloop_loop_init(&loop)) != 0) {
     snprintf(err, errlen, "resolve '%s': cannot make a loop: %s (%s)", cfg->host,
              uv_strerror(rc), uv_err_name(rc));
     return rc;

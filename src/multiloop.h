@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -243,6 +244,20 @@ struct multiloop_runtime_s {
   int bound_port;
   multiloop_listen_addr_t listen_addr; /* what open_sockets resolved and made */
 };
+
+/* uv_loop_init, without the fd it leaks on failure: before libuv 1.51
+ * (libuv PR #4757) its error path forgot the epoll fd it had made, so each
+ * start that failed for want of fds lost one more. */
+static inline int multiloop_loop_init(uv_loop_t *loop) {
+  int rc = uv_loop_init(loop);
+#if UV_VERSION_HEX < 0x013300
+  if (rc != 0 && loop->backend_fd >= 0) {
+    close(loop->backend_fd);
+    loop->backend_fd = -1;
+  }
+#endif
+  return rc;
+}
 
 /* enter.c: the one door from a libuv callback into Lua. */
 int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
