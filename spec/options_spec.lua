@@ -94,6 +94,18 @@ describe("multiloop.server options", function()
     assert.matches("cannot copy: tables nested too deeply", server_error(opts{ config = t }):gsub("config[.x]*: ", "cannot copy: "), 1, true)
   end)
 
+  it("copies config 99 levels below itself, as the README says, and no deeper", function()
+    local function nest(levels)             -- config plus `levels` tables inside it
+      local t = {}
+      local cur = t
+      for _ = 1, levels do cur.x = {}; cur = cur.x end
+      return t
+    end
+    assert.is_truthy(multiloop.server(opts{ config = nest(99) }))
+    local err = server_error(opts{ config = nest(100) })
+    assert.matches("option 'config': config" .. ("%.x"):rep(100) .. ": tables nested too deeply to copy$", err)
+  end)
+
   it("defaults host to 127.0.0.1 and workers to the machine's parallelism", function()
     local s = multiloop.server{ port = 0, handler = "examples.echo_handler" }
     assert.are.equal("127.0.0.1", s.host)
