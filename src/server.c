@@ -308,7 +308,10 @@ static char *str_field(lua_State *L, const char *key, size_t lo, size_t hi, int 
     bad_option(L, key, what);
   }
   if (!nul_ok && strlen(v) != n) bad_option(L, key, "must not contain a zero byte");
-  if ((p = malloc(n + 1)) == NULL) luaL_error(L, "not enough memory");
+  if ((p = malloc(n + 1)) == NULL) {
+    luaL_error(L, "not enough memory");
+    return NULL;                           /* not reached: luaL_error raises */
+  }
   memcpy(p, v, n + 1);
   if (len) *len = n;
   lua_pop(L, 1);
