@@ -395,7 +395,7 @@ describe("messages", function()
                      package_cpath = package.cpath }
       for _, v in ipairs { 0, 2 ^ 31, math.maxinteger } do
         opts.inbox_limit = math.tointeger(v)
-        assert.are.equal(("inbox_limit must be an integer from 1 to 2147483647 (got %d)")
+        assert.are.equal(("option 'inbox_limit' must be an integer from 1 to 2147483647 (got %d)")
                            :format(opts.inbox_limit), error_of(function() core.new(opts) end))
       end
     end)

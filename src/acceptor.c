@@ -205,24 +205,41 @@ static int setup(multiloop_runtime_t *rt) {
   return 0;
 }
 
+/* The start failed at `step`: the message start() raises. */
+static void setup_failed(multiloop_acceptor_t *a, const char *step, int rc) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "acceptor: %s: %s (%s)", step, uv_strerror(rc), uv_err_name(rc));
+  a->error = strdup(msg);
+  a->failed = 1;
+}
+
 static void acceptor_main(void *arg) {
   multiloop_runtime_t *rt = arg;
   multiloop_acceptor_t *a = &rt->acceptor;
   int i, rc;
 
-  uv_loop_init(&a->loop);
-  uv_async_init(&a->loop, &a->stop_async, stop_cb);
-  uv_async_init(&a->loop, &a->resume_async, resume_cb);
-  a->stop_async.data = a->resume_async.data = rt;
-  if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC)
-    for (i = 0; i < rt->cfg->nworkers; i++) uv_pipe_init(&a->loop, &a->pipes[i], 1);
-  uv_mutex_lock(&rt->resume_lock);
-  rt->resume_open = 1;
-  uv_mutex_unlock(&rt->resume_lock);
-  if (setup(rt) != 0) {
-    a->failed = 1;
-    close_all(rt);
+  /* Out of fds, uv_loop_init and uv_async_init fail: the start then fails
+   * with the reason, and the fds stay with the main thread, which closes
+   * them. A handle whose init failed keeps loop == NULL (the runtime is
+   * calloc'd), so close_all passes over it. */
+  if ((rc = multiloop_loop_init(&a->loop)) != 0) {
+    setup_failed(a, "cannot make its loop", rc);
+    uv_sem_post(&rt->ready);
+    return;
   }
+  if ((rc = uv_async_init(&a->loop, &a->stop_async, stop_cb)) != 0 ||
+      (rc = uv_async_init(&a->loop, &a->resume_async, resume_cb)) != 0) {
+    setup_failed(a, "cannot make its wake-up handles", rc);
+  } else {
+    a->stop_async.data = a->resume_async.data = rt;
+    if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC)
+      for (i = 0; i < rt->cfg->nworkers; i++) uv_pipe_init(&a->loop, &a->pipes[i], 1);
+    uv_mutex_lock(&rt->resume_lock);
+    rt->resume_open = 1;
+    uv_mutex_unlock(&rt->resume_lock);
+    if (setup(rt) != 0) a->failed = 1;
+  }
+  if (a->failed) close_all(rt);
   uv_sem_post(&rt->ready);                /* after this, `a` belongs to this thread */
   uv_run(&a->loop, UV_RUN_DEFAULT);
   rc = uv_loop_close(&a->loop);

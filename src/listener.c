@@ -1,8 +1,12 @@
 /*
  * listener.c: a listening socket and the accept path we run ourselves.
  *
- * multiloop_listen_socket creates a listening TCP (IPv4/IPv6) or Unix stream
- * socket; any thread may call it (it only makes an fd). A multiloop_listener_t
+ * multiloop_listen_resolve works out once per start what to bind (an IP
+ * literal, the first bindable address a host name resolves to, or a Unix
+ * path); multiloop_listen_socket then creates a listening TCP (IPv4/IPv6) or
+ * Unix stream socket on it (it only makes an fd), and multiloop_listen_unlink
+ * removes the Unix socket file at stop if it is still the one bind made. The
+ * main thread calls these three. A multiloop_listener_t
  * then watches that fd on one loop with a uv_poll_t and accept4()s in batches,
  * handing each fd to its owner's on_fd. The acceptor thread owns one (ipc and
  * queue dispatch); with reuseport each worker owns one on its own socket.
@@ -17,7 +21,7 @@
  *     episode ends after a quiet second without failures, because hand-offs
  *     free an fd now and then even while the process stays at its limit.
  *
- * Threads: all but multiloop_listen_socket run on the owning loop's thread.
+ * Threads: the rest runs on the owning loop's thread.
  * The listener closes its fd in multiloop_listener_close's close callback.
  */
 #define _GNU_SOURCE                      /* accept4 */
@@ -26,6 +30,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -40,31 +45,123 @@
 /* --- the socket ------------------------------------------------------------ */
 
 static int fail_msg(char *err, size_t errlen, const char *step, const multiloop_config_t *cfg,
-                    int port, int rc) {
-  if (cfg->path)
+                    const multiloop_listen_addr_t *la, int port, int rc) {
+  char ip[64] = "";
+  if (cfg->path) {
     snprintf(err, errlen, "%s %s: %s (%s)", step, cfg->path, uv_strerror(rc), uv_err_name(rc));
+    return rc;
+  }
+  /* A name: say which of its addresses it was. */
+  if (la && uv_ip_name((const struct sockaddr *)&la->addr, ip, sizeof ip) == 0 &&
+      strcmp(ip, cfg->host) != 0)
+    snprintf(err, errlen, "%s %s (%s) port %d: %s (%s)", step, cfg->host, ip, port,
+             uv_strerror(rc), uv_err_name(rc));
   else
     snprintf(err, errlen, "%s %s port %d: %s (%s)", step, cfg->host, port, uv_strerror(rc),
              uv_err_name(rc));
   return rc;
 }
 
+/* Whether an address of this family can be bound here at all (port 0): an
+ * IPv6 address on a host whose IPv6 is off cannot. */
+static int bindable(const struct sockaddr *sa, socklen_t len) {
+  int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0), ok;
+  if (fd < 0) return 0;
+  ok = bind(fd, sa, len) == 0;
+  close(fd);
+  return ok;
+}
+
+/* A host name: getaddrinfo on a loop of our own (synchronous: no callback),
+ * then the first address in its order that this host can bind. When none
+ * can, the first: its bind then reports why. */
+static int resolve_name(const multiloop_config_t *cfg, multiloop_listen_addr_t *la, char *err,
+                        size_t errlen) {
+  uv_loop_t loop;
+  uv_getaddrinfo_t req;
+  struct addrinfo hints, *ai, *pick = NULL;
+  int rc;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  if ((rc = multiloop_loop_init(&loop)) != 0) {
+    snprintf(err, errlen, "resolve '%s': cannot make a loop: %s (%s)", cfg->host,
+             uv_strerror(rc), uv_err_name(rc));
+    return rc;
+  }
+  rc = uv_getaddrinfo(&loop, &req, NULL, cfg->host, NULL, &hints);
+  if (rc == 0) {
+    for (ai = req.addrinfo; ai != NULL; ai = ai->ai_next) {
+      if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
+      if (pick == NULL) pick = ai;
+      if (bindable(ai->ai_addr, ai->ai_addrlen)) {
+        pick = ai;
+        break;
+      }
+    }
+    if (pick != NULL && pick->ai_addrlen <= sizeof la->addr) {
+      memcpy(&la->addr, pick->ai_addr, pick->ai_addrlen);
+      la->addrlen = pick->ai_addrlen;
+    } else {
+      rc = UV_EAI_ADDRFAMILY;            /* nothing of a family we can listen on */
+    }
+    uv_freeaddrinfo(req.addrinfo);
+  }
+  uv_loop_close(&loop);
+  if (rc != 0)
+    snprintf(err, errlen, "resolve '%s': %s (%s)", cfg->host, uv_strerror(rc), uv_err_name(rc));
+  return rc;
+}
+
+/* Main thread, once per start: what every socket of that start binds. An IP
+ * literal is taken as it is; a name is resolved now (it may resolve
+ * differently tomorrow, and every reuseport socket must bind the same one).
+ * The path's length is checked here as well as by core.new: sun_path is a
+ * fixed array. */
+int multiloop_listen_resolve(const multiloop_config_t *cfg, multiloop_listen_addr_t *la,
+                             char *err, size_t errlen) {
+  memset(la, 0, sizeof *la);
+  if (cfg->path) {
+    struct sockaddr_un *sun = (struct sockaddr_un *)&la->addr;
+    size_t n = strlen(cfg->path);
+    if (n == 0 || n >= sizeof sun->sun_path) {
+      snprintf(err, errlen, "option 'path' must be a Unix socket path of 1 to %d bytes "
+               "(got %zu bytes)", (int)sizeof sun->sun_path - 1, n);
+      return UV_EINVAL;
+    }
+    sun->sun_family = AF_UNIX;
+    memcpy(sun->sun_path, cfg->path, n + 1);
+    la->addrlen = sizeof *sun;
+    return 0;
+  }
+  if (uv_ip4_addr(cfg->host, 0, (struct sockaddr_in *)&la->addr) == 0) {
+    la->addrlen = sizeof(struct sockaddr_in);
+    return 0;
+  }
+  if (uv_ip6_addr(cfg->host, 0, (struct sockaddr_in6 *)&la->addr) == 0) {
+    la->addrlen = sizeof(struct sockaddr_in6);
+    return 0;
+  }
+  if (strchr(cfg->host, ':')) {            /* meant as IPv6, and not one */
+    snprintf(err, errlen, "invalid host '%s': not an IPv6 address (EINVAL)", cfg->host);
+    return UV_EINVAL;
+  }
+  return resolve_name(cfg, la, err, errlen);
+}
+
 /* A Unix socket path that exists: a live server's socket is always an error;
  * a stale one (nobody accepts on it) is removed only when cfg->unlink. */
-static int clear_unix_path(const multiloop_config_t *cfg, char *err, size_t errlen) {
+static int clear_unix_path(const multiloop_config_t *cfg, const multiloop_listen_addr_t *la,
+                           char *err, size_t errlen) {
   struct stat st;
-  struct sockaddr_un sun;
   int probe, live;
   if (lstat(cfg->path, &st) != 0) return 0;
   if (!S_ISSOCK(st.st_mode)) {
     snprintf(err, errlen, "bind %s: the path exists and is not a socket", cfg->path);
     return UV_EADDRINUSE;
   }
-  memset(&sun, 0, sizeof sun);
-  sun.sun_family = AF_UNIX;
-  memcpy(sun.sun_path, cfg->path, strlen(cfg->path));
   probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  live = probe >= 0 && connect(probe, (struct sockaddr *)&sun, sizeof sun) == 0;
+  live = probe >= 0 && connect(probe, (const struct sockaddr *)&la->addr, la->addrlen) == 0;
   if (probe >= 0) close(probe);
   if (live) {
     snprintf(err, errlen, "bind %s: address already in use by a running server (EADDRINUSE)",
@@ -80,49 +177,58 @@ static int clear_unix_path(const multiloop_config_t *cfg, char *err, size_t errl
   return 0;
 }
 
+/* Main thread, at stop (or a failed start): removes the socket file bind
+ * made, only while the path still names that file. Someone may have removed
+ * it and put a file of their own there, or another server's socket: that is
+ * theirs. (A swap between the lstat and the unlink cannot be excluded: POSIX
+ * has no unlink by inode.) */
+void multiloop_listen_unlink(const multiloop_config_t *cfg, const multiloop_listen_addr_t *la) {
+  struct stat st;
+  if (!cfg->path || !la->unix_made) return;
+  if (lstat(cfg->path, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == la->unix_dev &&
+      st.st_ino == la->unix_ino)
+    unlink(cfg->path);
+}
+
 /* Reuseport only: SO_REUSEPORT would let us bind a port that another server
  * (ours or not, same user) already listens on, and silently share it. A
  * plain bind first fails with EADDRINUSE as any server's would, and resolves
  * port 0. The probe is closed before the real sockets bind (a narrow window
  * in which another process could take the port). */
-int multiloop_listen_probe(const multiloop_config_t *cfg, int port, int *bound_port,
-                           char *err, size_t errlen) {
+int multiloop_listen_probe(const multiloop_config_t *cfg, multiloop_listen_addr_t *la, int port,
+                           int *bound_port, char *err, size_t errlen) {
   uv_os_sock_t fd;
   multiloop_config_t plain = *cfg;
   int rc;
   plain.backlog = 1;
-  if ((rc = multiloop_listen_socket(&plain, port, 0, &fd, bound_port, err, errlen)) != 0)
+  if ((rc = multiloop_listen_socket(&plain, la, port, 0, &fd, bound_port, err, errlen)) != 0)
     return rc;
   close(fd);
   return 0;
 }
 
-/* Creates a listening socket for cfg on `port` (ignored for a Unix path), with
- * SO_REUSEPORT when asked. Returns 0 and the fd, or a uv error with a message
- * in err. *bound_port receives the real port (TCP). */
-int multiloop_listen_socket(const multiloop_config_t *cfg, int port, int reuseport,
-                            uv_os_sock_t *out, int *bound_port, char *err, size_t errlen) {
+/* Creates a listening socket on la's address (from multiloop_listen_resolve)
+ * and `port` (ignored for a Unix path), with SO_REUSEPORT when asked.
+ * Returns 0 and the fd, or a uv error with a message in err. *bound_port
+ * receives the real port (TCP). A Unix socket file gets cfg->mode between
+ * bind and listen, so no client ever connects while it has the umask's mode
+ * (connecting before listen is refused), and la records which file bind made
+ * (multiloop_listen_unlink). */
+int multiloop_listen_socket(const multiloop_config_t *cfg, multiloop_listen_addr_t *la,
+                            int port, int reuseport, uv_os_sock_t *out, int *bound_port,
+                            char *err, size_t errlen) {
   struct sockaddr_storage ss;
-  socklen_t len;
-  int fd = -1, rc, on = 1;
+  socklen_t len = la->addrlen;
+  int fd = -1, rc, on = 1, made = 0;
   const char *step = "socket";
 
-  memset(&ss, 0, sizeof ss);
+  memcpy(&ss, &la->addr, sizeof ss);
   if (cfg->path) {
-    struct sockaddr_un *sun = (struct sockaddr_un *)&ss;
-    if ((rc = clear_unix_path(cfg, err, errlen)) != 0) return rc;
-    sun->sun_family = AF_UNIX;
-    memcpy(sun->sun_path, cfg->path, strlen(cfg->path));   /* length checked in Lua */
-    len = sizeof *sun;
+    if ((rc = clear_unix_path(cfg, la, err, errlen)) != 0) return rc;
+  } else if (ss.ss_family == AF_INET6) {
+    ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)port);
   } else {
-    rc = strchr(cfg->host, ':') ? uv_ip6_addr(cfg->host, port, (struct sockaddr_in6 *)&ss)
-                                : uv_ip4_addr(cfg->host, port, (struct sockaddr_in *)&ss);
-    if (rc != 0) {
-      snprintf(err, errlen, "invalid host '%s': %s (%s)", cfg->host, uv_strerror(rc),
-               uv_err_name(rc));
-      return rc;
-    }
-    len = ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+    ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)port);
   }
   fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) goto fail_errno;
@@ -132,6 +238,16 @@ int multiloop_listen_socket(const multiloop_config_t *cfg, int port, int reusepo
   if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) != 0)
     goto fail_errno;
   if (bind(fd, (struct sockaddr *)&ss, len) != 0) goto fail_errno;
+  if (cfg->path) {
+    struct stat st;
+    if (lstat(cfg->path, &st) == 0) {        /* the file bind just made */
+      la->unix_made = made = 1;
+      la->unix_dev = st.st_dev;
+      la->unix_ino = st.st_ino;
+    }
+    step = "chmod";
+    if (cfg->mode >= 0 && chmod(cfg->path, (mode_t)cfg->mode) != 0) goto fail_errno;
+  }
   step = "listen";
   if (listen(fd, cfg->backlog) != 0) goto fail_errno;
   if (!cfg->path) {
@@ -146,7 +262,11 @@ int multiloop_listen_socket(const multiloop_config_t *cfg, int port, int reusepo
 fail_errno:
   rc = uv_translate_sys_error(errno);
   if (fd >= 0) close(fd);
-  return fail_msg(err, errlen, step, cfg, port, rc);
+  if (made) {                                /* no server behind it: not left behind */
+    multiloop_listen_unlink(cfg, la);
+    la->unix_made = 0;
+  }
+  return fail_msg(err, errlen, step, cfg, la, port, rc);
 }
 
 /* --- accepting ------------------------------------------------------------- */

@@ -16,6 +16,9 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -70,11 +73,30 @@ typedef struct {
   unsigned keepalive;         /* seconds, 0: off */
   /* Inbox limit (inbox.c, message.c) */
   size_t inbox_limit;         /* bytes of messages queued per worker: send says "full" past it */
+  /* Unix socket permissions (listener.c) */
+  int mode;                   /* chmod'ed after bind, before listen; -1: leave the umask's */
 } multiloop_config_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
 #define MULTILOOP_INBOX_LIMIT_DEFAULT (64 * 1024 * 1024)
 #define MULTILOOP_INBOX_LIMIT_MAX 0x7fffffff
+
+/* Bounds that protect memory, checked by core.new (server.c) as well as by
+ * lua/multiloop/init.lua. */
+#define MULTILOOP_MAX_WORKERS 1024
+#define MULTILOOP_MAX_PATH 107        /* sizeof sun_path - 1: the path and its NUL */
+#define MULTILOOP_MAX_HOST 253        /* the longest DNS name */
+
+/* Where one start() listens (listener.c): the TCP address resolved once, so
+ * that every socket of the start binds the same one, and the Unix socket file
+ * bind made, which stop removes only while the path still names it. */
+typedef struct {
+  struct sockaddr_storage addr;        /* TCP: port 0 here, set per socket */
+  socklen_t addrlen;
+  int unix_made;                       /* bind made the file at cfg->path */
+  dev_t unix_dev;                      /* ... and this is the file it made */
+  ino_t unix_ino;
+} multiloop_listen_addr_t;
 
 typedef struct multiloop_runtime_s multiloop_runtime_t;
 typedef struct multiloop_worker_s multiloop_worker_t;
@@ -227,8 +249,22 @@ struct multiloop_runtime_s {
   multiloop_worker_t *workers;
   char bound_host[64];                 /* what address() reports */
   int bound_port;
-  int unix_bound;                      /* we made cfg->path: remove it at stop */
+  multiloop_listen_addr_t listen_addr; /* what open_sockets resolved and made */
 };
+
+/* uv_loop_init, without the fd it leaks on failure: before libuv 1.51
+ * (libuv PR #4757) its error path forgot the epoll fd it had made, so each
+ * start that failed for want of fds lost one more. */
+static inline int multiloop_loop_init(uv_loop_t *loop) {
+  int rc = uv_loop_init(loop);
+#if UV_VERSION_HEX < 0x013300
+  if (rc != 0 && loop->backend_fd >= 0) {
+    close(loop->backend_fd);
+    loop->backend_fd = -1;
+  }
+#endif
+  return rc;
+}
 
 /* enter.c: the one door from a libuv callback into Lua. */
 int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
@@ -241,13 +277,17 @@ int multiloop_copy_encode(lua_State *L, int idx, const char *root, char **out,
 void multiloop_copy_decode(lua_State *L, const char *data, size_t len);
 
 /* listener.c */
-int multiloop_listen_socket(const multiloop_config_t *cfg, int port, int reuseport,
-                            uv_os_sock_t *out, int *bound_port, char *err, size_t errlen);
+int multiloop_listen_resolve(const multiloop_config_t *cfg, multiloop_listen_addr_t *la,
+                             char *err, size_t errlen);
+int multiloop_listen_socket(const multiloop_config_t *cfg, multiloop_listen_addr_t *la,
+                            int port, int reuseport, uv_os_sock_t *out, int *bound_port,
+                            char *err, size_t errlen);
+void multiloop_listen_unlink(const multiloop_config_t *cfg, const multiloop_listen_addr_t *la);
 int multiloop_listener_start(multiloop_listener_t *l, uv_loop_t *loop, multiloop_runtime_t *rt,
                              uv_os_sock_t fd, int woken_on_release, const char *who,
                              multiloop_fd_cb on_fd, void *data);
-int multiloop_listen_probe(const multiloop_config_t *cfg, int port, int *bound_port,
-                           char *err, size_t errlen);
+int multiloop_listen_probe(const multiloop_config_t *cfg, multiloop_listen_addr_t *la,
+                           int port, int *bound_port, char *err, size_t errlen);
 void multiloop_listener_resume(multiloop_listener_t *l);
 void multiloop_listener_close(multiloop_listener_t *l);
 

@@ -6,7 +6,8 @@
  * the server. The userdata holds the copied configuration (plain malloc'd
  * data that the other threads only read) and, between start and stop, the
  * runtime: the acceptor and the workers. Options arrive already validated by
- * lua/multiloop/init.lua; this file checks only what C must not get wrong.
+ * lua/multiloop/init.lua; core.new checks again every bound C must not get
+ * wrong (see "core.new's options").
  *
  * start(): one socketpair per worker; start every worker and wait until each
  * has loaded the handler or failed; then start the acceptor and wait until it
@@ -99,7 +100,7 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
     free(w->error);
   }
   close_fd(&rt->acceptor.listen_fd);
-  if (rt->unix_bound) unlink(rt->cfg->path);
+  multiloop_listen_unlink(rt->cfg, &rt->listen_addr);   /* only the file we made */
   free(rt->acceptor.error);
   free(rt->acceptor.pipes);
   free(rt->acceptor.pipe_fds);
@@ -118,22 +119,22 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
   uv_os_sock_t first;
+  multiloop_listen_addr_t *la = &rt->listen_addr;
+  if ((rc = multiloop_listen_resolve(cfg, la, err, errlen)) != 0) return rc;
   if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
-    if ((rc = multiloop_listen_probe(cfg, port, &port, err, errlen)) != 0) return rc;
+    if ((rc = multiloop_listen_probe(cfg, la, port, &port, err, errlen)) != 0) return rc;
     for (i = 0; i < cfg->nworkers; i++) {
-      rc = multiloop_listen_socket(cfg, port, 1, &rt->workers[i].listen_fd, &port, err, errlen);
+      rc = multiloop_listen_socket(cfg, la, port, 1, &rt->workers[i].listen_fd, &port, err,
+                                   errlen);
       if (rc != 0) return rc;
     }
     first = rt->workers[0].listen_fd;
   } else {
-    rc = multiloop_listen_socket(cfg, port, 0, &rt->acceptor.listen_fd, &port, err, errlen);
+    rc = multiloop_listen_socket(cfg, la, port, 0, &rt->acceptor.listen_fd, &port, err, errlen);
     if (rc != 0) return rc;
     first = rt->acceptor.listen_fd;
   }
-  if (cfg->path) {
-    rt->unix_bound = 1;
-    snprintf(rt->bound_host, sizeof rt->bound_host, "%s", cfg->path);
-  } else if (getsockname(first, (struct sockaddr *)&ss, &len) == 0) {
+  if (!cfg->path && getsockname(first, (struct sockaddr *)&ss, &len) == 0) {
     uv_ip_name((struct sockaddr *)&ss, rt->bound_host, sizeof rt->bound_host);
   }
   rt->bound_port = port;
@@ -253,96 +254,171 @@ static void config_free(multiloop_config_t *cfg) {
   memset(cfg, 0, sizeof *cfg);
 }
 
-static char *copy_field(lua_State *L, int t, const char *key, size_t *len) {
+/* --- core.new's options ---------------------------------------------------- */
+
+/* init.lua checks every option first; these checks are for what C must not
+ * get wrong when core.new is called some other way: every bound that
+ * protects memory (or would wrap in a cast) is checked here again. The
+ * errors name the option as init.lua's do, without its "multiloop.server: ". */
+#define MAX_MS 0x7fffffff
+#define MAX_BYTES 0x7fffffff
+
+static int bad_option(lua_State *L, const char *key, const char *what) {
   size_t n;
-  const char *s;
-  char *p;
-  lua_getfield(L, t, key);
-  s = luaL_tolstring(L, -1, &n);          /* validated by the Lua side */
-  p = malloc(n + 1);
-  if (p == NULL) luaL_error(L, "not enough memory");
-  memcpy(p, s, n + 1);
-  if (len) *len = n;
-  lua_pop(L, 2);
-  return p;
+  const char *got;
+  if (lua_type(L, -1) == LUA_TSTRING) {
+    got = lua_tolstring(L, -1, &n);
+    if (n <= 64 && strlen(got) == n) got = lua_pushfstring(L, "'%s'", got);
+    else got = lua_pushfstring(L, "a string of %d bytes", (int)n);
+  } else {
+    got = luaL_tolstring(L, -1, NULL);
+  }
+  return luaL_error(L, "option '%s' %s (got %s)", key, what, got);
 }
 
-static int int_field(lua_State *L, int t, const char *key) {
-  int v;
-  lua_getfield(L, t, key);
-  v = (int)luaL_checkinteger(L, -1);
+/* opts[key] as an integer from lo to hi (an integral float counts). */
+static lua_Integer int_field(lua_State *L, const char *key, lua_Integer lo, lua_Integer hi) {
+  lua_Integer v;
+  int isint;
+  lua_getfield(L, 1, key);
+  v = lua_tointegerx(L, -1, &isint);
+  if (!isint || lua_type(L, -1) != LUA_TNUMBER || v < lo || v > hi) {
+    char what[96];
+    snprintf(what, sizeof what, "must be an integer from %lld to %lld", (long long)lo,
+             (long long)hi);
+    bad_option(L, key, what);
+  }
   lua_pop(L, 1);
   return v;
 }
 
-/* core.new(opts): opts are validated by lua/multiloop/init.lua. Raises with a
- * message naming the config path when config cannot be copied. */
+/* opts[key] as a malloc'd copy of a string of lo to hi bytes; with `nul_ok`
+ * it may hold zero bytes (bytecode), else not (a C string). */
+static char *str_field(lua_State *L, const char *key, size_t lo, size_t hi, int nul_ok,
+                       size_t *len) {
+  size_t n;
+  const char *v;
+  char *p;
+  lua_getfield(L, 1, key);
+  if (lua_type(L, -1) != LUA_TSTRING) bad_option(L, key, "must be a string");
+  v = lua_tolstring(L, -1, &n);
+  if (n < lo || n > hi) {
+    char what[64];
+    snprintf(what, sizeof what, "must be a string of %zu to %zu bytes", lo, hi);
+    bad_option(L, key, what);
+  }
+  if (!nul_ok && strlen(v) != n) bad_option(L, key, "must not contain a zero byte");
+  if ((p = malloc(n + 1)) == NULL) {
+    luaL_error(L, "not enough memory");
+    return NULL;                           /* not reached: luaL_error raises */
+  }
+  memcpy(p, v, n + 1);
+  if (len) *len = n;
+  lua_pop(L, 1);
+  return p;
+}
+
+/* opts[key], one of `names` (NULL-terminated), or `dflt` when nil. */
+static int choice_field(lua_State *L, const char *key, const char *const names[], int dflt) {
+  int i;
+  if (lua_getfield(L, 1, key) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return dflt;
+  }
+  if (lua_type(L, -1) == LUA_TSTRING)
+    for (i = 0; names[i]; i++)
+      if (strcmp(lua_tostring(L, -1), names[i]) == 0) {
+        lua_pop(L, 1);
+        return i;
+      }
+  return bad_option(L, key, "is not one of the choices");
+}
+
+static int bool_field(lua_State *L, const char *key) {
+  int v = (lua_getfield(L, 1, key), lua_toboolean(L, -1));
+  lua_pop(L, 1);
+  return v;
+}
+
+/* core.new(opts): opts as lua/multiloop/init.lua prepares them. Raises with
+ * a message naming the option when one is out of bounds, or the config path
+ * when config cannot be copied. */
 int multiloop_server_new(lua_State *L) {
+  static const char *const dispatches[] = { "ipc", "queue", "reuseport", NULL };
+  static const char *const balances[] = { "round_robin", "least_connections", NULL };
+  static const char *const kinds[] = { "module", "path", "bytecode", NULL };
   server_t *s;
-  const char *kind;
+  multiloop_config_t *cfg;
   int nworkers;
   size_t size;
   luaL_checktype(L, 1, LUA_TTABLE);
-  nworkers = int_field(L, 1, "workers");
-  luaL_argcheck(L, nworkers >= 1, 1, "workers must be at least 1");
+  nworkers = (int)int_field(L, "workers", 1, MULTILOOP_MAX_WORKERS);
   size = sizeof *s + ((size_t)nworkers + 1) * sizeof(counts_t);
   s = lua_newuserdatauv(L, size, 0);
   memset(s, 0, size);                      /* a valid, stopped server first */
-  luaL_setmetatable(L, SERVER_MT);
+  luaL_setmetatable(L, SERVER_MT);         /* from here __gc frees what is copied */
+  cfg = &s->cfg;
+  cfg->mode = -1;
 
-  s->cfg.port = int_field(L, 1, "port");
-  s->cfg.backlog = int_field(L, 1, "backlog");
-  s->cfg.nworkers = nworkers;
-  s->cfg.max_connections = int_field(L, 1, "max_connections");
-  s->cfg.idle_timeout = (uint64_t)int_field(L, 1, "idle_timeout");
-  s->cfg.write_high_water = (size_t)int_field(L, 1, "write_high_water");
-  s->cfg.write_low_water = (size_t)int_field(L, 1, "write_low_water");
-  s->cfg.keepalive = (unsigned)int_field(L, 1, "keepalive_seconds");
-  {                                        /* inbox_limit: it bounds memory, so checked here too */
-    lua_Integer limit;
-    lua_getfield(L, 1, "inbox_limit");
-    limit = luaL_optinteger(L, -1, MULTILOOP_INBOX_LIMIT_DEFAULT);
-    if (limit < 1 || limit > MULTILOOP_INBOX_LIMIT_MAX)
-      return luaL_error(L, "inbox_limit must be an integer from 1 to %d (got %I)",
-                        MULTILOOP_INBOX_LIMIT_MAX, limit);
-    s->cfg.inbox_limit = (size_t)limit;
+  cfg->nworkers = nworkers;
+  cfg->port = (int)int_field(L, "port", 0, 65535);
+  cfg->backlog = (int)int_field(L, "backlog", 1, 65535);
+  cfg->max_connections = (int)int_field(L, "max_connections", 0, INT32_MAX);
+  cfg->idle_timeout = (uint64_t)int_field(L, "idle_timeout", 0, MAX_MS);
+  cfg->write_high_water = (size_t)int_field(L, "write_high_water", 1, MAX_BYTES);
+  lua_getfield(L, 1, "write_low_water");
+  if (lua_isinteger(L, -1) && (size_t)lua_tointeger(L, -1) >= cfg->write_high_water &&
+      lua_tointeger(L, -1) >= 0) {
+    char what[80];
+    snprintf(what, sizeof what, "must be below write_high_water (%zu)", cfg->write_high_water);
+    bad_option(L, "write_low_water", what);
+  }
+  lua_pop(L, 1);
+  cfg->write_low_water = (size_t)int_field(L, "write_low_water", 0, MAX_BYTES);
+  cfg->keepalive = (unsigned)int_field(L, "keepalive_seconds", 0, MAX_MS / 1000 + 1);
+  cfg->nodelay = bool_field(L, "nodelay");
+  /* inbox_limit bounds memory, so it is checked here too; nil: the default. */
+  if (lua_getfield(L, 1, "inbox_limit") == LUA_TNIL) {
+    cfg->inbox_limit = MULTILOOP_INBOX_LIMIT_DEFAULT;
+  } else {
+    cfg->inbox_limit = (size_t)int_field(L, "inbox_limit", 1, MULTILOOP_INBOX_LIMIT_MAX);
+  }
+  lua_pop(L, 1);
+  cfg->unlink = bool_field(L, "unlink");
+  cfg->dispatch = (multiloop_dispatch)choice_field(L, "dispatch", dispatches,
+                                                   MULTILOOP_DISPATCH_IPC);
+  cfg->balance = (multiloop_balance)choice_field(L, "balance", balances,
+                                                 MULTILOOP_BALANCE_ROUND_ROBIN);
+  if (lua_getfield(L, 1, "path") != LUA_TNIL) {
+    lua_pop(L, 1);
+    cfg->path = str_field(L, "path", 1, MULTILOOP_MAX_PATH, 0, NULL);
+    if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT)
+      return luaL_error(L, "option 'dispatch' 'reuseport' cannot listen on a Unix socket (path)");
+    cfg->host = str_field(L, "host", 0, MULTILOOP_MAX_HOST, 0, NULL);   /* unused */
+  } else {
+    lua_pop(L, 1);
+    cfg->host = str_field(L, "host", 1, MULTILOOP_MAX_HOST, 0, NULL);
+  }
+  if (lua_getfield(L, 1, "mode") != LUA_TNIL) {
+    lua_pop(L, 1);
+    if (!cfg->path) return luaL_error(L, "option 'mode' applies only to a Unix socket (path)");
+    cfg->mode = (int)int_field(L, "mode", 0, 0777);
+  } else {
     lua_pop(L, 1);
   }
-  lua_getfield(L, 1, "nodelay");
-  s->cfg.nodelay = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  s->cfg.unlink = (lua_getfield(L, 1, "unlink"), lua_toboolean(L, -1));
-  lua_pop(L, 1);
-  lua_getfield(L, 1, "dispatch");
-  kind = luaL_optstring(L, -1, "ipc");
-  if (strcmp(kind, "queue") == 0) s->cfg.dispatch = MULTILOOP_DISPATCH_QUEUE;
-  else if (strcmp(kind, "reuseport") == 0) s->cfg.dispatch = MULTILOOP_DISPATCH_REUSEPORT;
-  else s->cfg.dispatch = MULTILOOP_DISPATCH_IPC;
-  lua_pop(L, 1);
-  lua_getfield(L, 1, "balance");
-  kind = luaL_optstring(L, -1, "round_robin");
-  s->cfg.balance = strcmp(kind, "least_connections") == 0 ? MULTILOOP_BALANCE_LEAST_CONNECTIONS
-                                                         : MULTILOOP_BALANCE_ROUND_ROBIN;
-  lua_pop(L, 1);
-  if (lua_getfield(L, 1, "path") == LUA_TSTRING) s->cfg.path = copy_field(L, 1, "path", NULL);
-  lua_pop(L, 1);
-  luaL_argcheck(L, !(s->cfg.path && s->cfg.dispatch == MULTILOOP_DISPATCH_REUSEPORT), 1,
-                "reuseport dispatch cannot listen on a Unix socket");
-  lua_getfield(L, 1, "handler_kind");
-  kind = luaL_checkstring(L, -1);
-  if (strcmp(kind, "module") == 0) s->cfg.handler_kind = MULTILOOP_HANDLER_MODULE;
-  else if (strcmp(kind, "path") == 0) s->cfg.handler_kind = MULTILOOP_HANDLER_PATH;
-  else if (strcmp(kind, "bytecode") == 0) s->cfg.handler_kind = MULTILOOP_HANDLER_BYTECODE;
-  else return luaL_error(L, "unknown handler kind '%s'", kind);
-  lua_pop(L, 1);
-  s->cfg.host = copy_field(L, 1, "host", NULL);
-  s->cfg.handler = copy_field(L, 1, "handler", &s->cfg.handler_len);
-  s->cfg.package_path = copy_field(L, 1, "package_path", NULL);
-  s->cfg.package_cpath = copy_field(L, 1, "package_cpath", NULL);
+  cfg->handler_kind = (multiloop_handler_kind)choice_field(L, "handler_kind", kinds, -1);
+  if ((int)cfg->handler_kind < 0) return luaL_error(L, "option 'handler_kind' is required");
+  cfg->handler = str_field(L, "handler", 1, MAX_BYTES, cfg->handler_kind ==
+                           MULTILOOP_HANDLER_BYTECODE, &cfg->handler_len);
+  cfg->package_path = str_field(L, "package_path", 0, MAX_BYTES, 0, NULL);
+  cfg->package_cpath = str_field(L, "package_cpath", 0, MAX_BYTES, 0, NULL);
   lua_getfield(L, 1, "config");
-  if (!multiloop_copy_encode(L, -1, "config", &s->cfg.config, &s->cfg.config_len))
+  if (!multiloop_copy_encode(L, -1, "config", &cfg->config, &cfg->config_len)) {
+    lua_pushfstring(L, "option 'config': %s", lua_tostring(L, -1));
     return lua_error(L);
+  }
   lua_pop(L, 1);
+  lua_settop(L, 2);                        /* opts, the server */
   return 1;
 }
 
@@ -386,8 +462,11 @@ static int server_address(lua_State *L) {
     lua_pushliteral(L, "not running");
     return 2;
   }
+  if (s->cfg.path) {                       /* a Unix socket: just its path */
+    lua_pushstring(L, s->cfg.path);
+    return 1;
+  }
   lua_pushstring(L, s->rt->bound_host);
-  if (s->cfg.path) return 1;               /* a Unix socket: just its path */
   lua_pushinteger(L, s->rt->bound_port);
   return 2;
 }

@@ -362,8 +362,17 @@ static int open_handles(multiloop_worker_t *w) {
 static void worker_main(void *arg) {
   multiloop_worker_t *w = arg;
   int rc;
+  char why[128];
 
-  uv_loop_init(&w->loop);
+  /* Out of fds, the loop cannot be made: fail the start with the reason;
+   * the fds meant for this worker stay with the main thread (server.c). */
+  if ((rc = multiloop_loop_init(&w->loop)) != 0) {
+    snprintf(why, sizeof why, "cannot make its loop: %s (%s)", uv_strerror(rc), uv_err_name(rc));
+    fail(w, why);
+    uv_sem_post(&w->rt->ready);
+    atomic_store(&w->finished, 1);
+    return;
+  }
   w->read_buffer = malloc(MULTILOOP_READ_BUFFER_SIZE);
   w->L = luaL_newstate();
   w->handler_ref = w->worker_ref = LUA_NOREF;
@@ -375,7 +384,11 @@ static void worker_main(void *arg) {
     if (lua_pcall(w->L, 1, 0, 0) != LUA_OK) fail(w, lua_tostring(w->L, -1));
     lua_settop(w->L, 0);
   }
-  if (!w->failed && (rc = open_handles(w)) != 0) fail(w, uv_strerror(rc));
+  if (!w->failed && (rc = open_handles(w)) != 0) {   /* its inbox's uv_async_init, its pipe */
+    snprintf(why, sizeof why, "cannot open its handles: %s (%s)", uv_strerror(rc),
+             uv_err_name(rc));
+    fail(w, why);
+  }
   if (w->failed) multiloop_timers_close(w);        /* any init() started: the loop must end */
   else multiloop_message_open(w);                  /* other threads may post to us now */
   uv_sem_post(&w->rt->ready);                      /* up, or failed for good */
@@ -402,9 +415,10 @@ int multiloop_worker_start(multiloop_worker_t *w) {
  * ms, or at once (0: the preallocated message, so this cannot fail for lack
  * of memory). Returns 0, or UV_ECANCELED when the worker has already ended. */
 int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout) {
-  multiloop_msg_t *msg = timeout > 0 ? malloc(sizeof *msg) : NULL;
+  multiloop_msg_t *msg;
   int rc;
   if (!w->thread_started || w->failed) return UV_ECANCELED;
+  msg = timeout > 0 ? malloc(sizeof *msg) : NULL;   /* after the guard: never leaked */
   if (msg == NULL) {
     msg = w->stop_msg;
     timeout = 0;

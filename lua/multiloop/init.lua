@@ -23,6 +23,8 @@ M.shared = require("multiloop.shared")
 local MAX_WORKERS = 1024
 local MAX_MS = 0x7fffffff                  -- about 24.8 days
 local MAX_BYTES = 0x7fffffff
+local MAX_PATH = 107                       -- sun_path holds 108 bytes with the NUL (Linux)
+local MAX_HOST = 253                       -- the longest DNS name
 
 -- Option checkers: each returns the value to use, or raises with a message
 -- that names the option. Ordered: required, important, alphabetical.
@@ -62,6 +64,16 @@ local function is_ipv6(s)
   return s:find(":", 1, true) ~= nil and s:match("^[%x:%.]+$") ~= nil
 end
 
+-- An IPv4 or IPv6 literal, or a name that getaddrinfo resolves at start().
+-- Dotted digits are always meant as IPv4, so "256.0.0.1" is an error here
+-- rather than a name looked up in DNS.
+local function is_host(s)
+  if #s > MAX_HOST then return false end
+  if s:find(":", 1, true) then return is_ipv6(s) end
+  if s:match("^[%d%.]+$") then return is_ipv4(s) end
+  return s:match("^[%w_][%w_%-%.]*$") ~= nil
+end
+
 -- How a worker will load the handler: kind and payload.
 local function check_handler(h)
   if type(h) == "string" then
@@ -98,8 +110,9 @@ local checks = {
   handler = function(v) return v end,      -- checked by check_handler
   port = function(v) return integer_in("port", v, 0, 65535) end,
   host = function(v)
-    if type(v) ~= "string" or not (is_ipv4(v) or is_ipv6(v)) then
-      fail("host", "must be an IPv4 or IPv6 address such as '127.0.0.1' or '::1'", v)
+    if type(v) ~= "string" or not is_host(v) then
+      fail("host", "must be an IP address or a host name such as '127.0.0.1', '::1' or "
+        .. "'localhost'", v)
     end
     return v
   end,
@@ -121,10 +134,20 @@ local checks = {
   dispatch = function(v) return one_of("dispatch", v, { "ipc", "queue", "reuseport" }) end,
   balance = function(v) return one_of("balance", v, { "round_robin", "least_connections" }) end,
   path = function(v)
-    if type(v) ~= "string" or v == "" or #v > 107 then
-      fail("path", "must be a Unix socket path of 1 to 107 bytes", v)
+    if type(v) ~= "string" or v == "" or #v > MAX_PATH then
+      fail("path", ("must be a Unix socket path of 1 to %d bytes"):format(MAX_PATH), v)
     end
+    if v:find("\0", 1, true) then fail("path", "must not contain a zero byte", v) end
     return v
+  end,
+  -- Lua has no octal literals, and an integer 600 meant as chmod's 600 would
+  -- be octal 1130: so only the string form chmod takes.
+  mode = function(v)
+    if type(v) ~= "string" or not v:match("^0?[0-7][0-7][0-7]$") then
+      fail("mode", "must be a string of 3 or 4 octal digits from '000' to '0777', "
+        .. "such as '0660'", v)
+    end
+    return math.tointeger(tonumber(v, 8))
   end,
   unlink = function(v)
     if type(v) ~= "boolean" then fail("unlink", "must be a boolean", v) end
@@ -185,6 +208,9 @@ function M.server(opts)
     elseif opts.port == nil then
       error("multiloop.server: option 'port' is required (0 picks a free port)", 0)
     end
+    if opts.mode ~= nil and opts.path == nil then
+      error("multiloop.server: option 'mode' applies only to a Unix socket (path)", 0)
+    end
     if opts.dispatch == "reuseport" and opts.balance ~= nil then
       error("multiloop.server: option 'balance' does not apply to dispatch 'reuseport' "
         .. "(the kernel spreads the connections)", 0)
@@ -215,9 +241,11 @@ function M.server(opts)
   o.package_path, o.package_cpath = package.path, package.cpath
   o.host, o.port = o.host or "", o.port or 0        -- unused with a path
 
+  -- core.new checks the bounds again; what it raises names the option
+  -- ("option 'config': config.f: cannot copy a function").
   local made, c = pcall(core.new, o)
   if not made then
-    error("multiloop.server: option 'config': " .. tostring(c), 2)
+    error("multiloop.server: " .. tostring(c), 2)
   end
   return setmetatable({
     _core = c,
