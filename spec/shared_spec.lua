@@ -409,3 +409,192 @@ describe("one dictionary in every worker state", function()
     end
   end)
 end)
+
+describe("lists", function()
+  local d
+  before_each(function()
+    d = shared("spec.lists")
+    d:flush()
+  end)
+
+  it("lpush and rpush return the new length; lpop and rpop take from each end", function()
+    assert.are.same(all(1), all(d:rpush("l", "b")))
+    assert.are.same(all(2), all(d:lpush("l", "a")))
+    assert.are.same(all(3), all(d:rpush("l", 3)))
+    assert.are.same(all(4), all(d:rpush("l", 4.0)))
+    assert.are.same(all(4), all(d:llen("l")))
+    assert.are.same(all("a"), all(d:lpop("l")))
+    assert.are.same(all(4.0), all(d:rpop("l")))
+    assert.are.equal(3, d:rpop("l"))
+    assert.are.equal("b", d:lpop("l"))
+    assert.are.same(all(nil), all(d:lpop("l")))             -- empty: removed
+    assert.are.same(all(nil), all(d:rpop("missing")))
+  end)
+
+  it("keeps integers, floats and binary strings apart, as values are", function()
+    for _, v in ipairs({ 3, 3.0, -0.5, math.maxinteger, math.mininteger, "", "a\0b\255" }) do
+      d:rpush("l", v)
+    end
+    local got = d:lrange("l", 0, -1)
+    assert.are.same({ 3, 3.0, -0.5, math.maxinteger, math.mininteger, "", "a\0b\255" }, got)
+    assert.are.equal("integer", math.type(got[1]))
+    assert.are.equal("float", math.type(got[2]))
+    assert.are.equal("integer", math.type(d:lpop("l")))
+    assert.are.equal("float", math.type(d:lpop("l")))
+    assert.are.equal("a\0b\255", d:rpop("l"))
+    assert.are.equal("", d:rpop("l"))
+  end)
+
+  it("removes a list once it is empty: count, keys and add see it gone", function()
+    d:rpush("l", 1)
+    assert.are.equal(1, d:count())
+    assert.are.same({ "l" }, d:keys())
+    assert.are.equal(1, d:lpop("l"))
+    assert.are.equal(0, d:count())
+    assert.are.same(all(0), all(d:llen("l")))
+    assert.are.same(all(true, nil, false), all(d:add("l", "now a string")))
+  end)
+
+  it("answers 'value not a list' on another value, and get 'value is a list'", function()
+    d:set("s", "str")
+    assert.are.same(all(nil, "value not a list"), all(d:lpush("s", 1)))
+    assert.are.same(all(nil, "value not a list"), all(d:rpush("s", 1)))
+    assert.are.same(all(nil, "value not a list"), all(d:lpop("s")))
+    assert.are.same(all(nil, "value not a list"), all(d:rpop("s")))
+    assert.are.same(all(nil, "value not a list"), all(d:llen("s")))
+    assert.are.same(all(nil, "value not a list"), all(d:lrange("s", 0, -1)))
+    assert.are.equal("str", d:get("s"))
+    d:rpush("l", 1)
+    assert.are.same(all(nil, "value is a list"), all(d:get("l")))
+    assert.are.same(all(nil, "value is a list"), all(d:get_stale("l")))
+    assert.are.same(all(nil, "not a number", false), all(d:incr("l", 1)))
+    assert.are.same(all(false, "exists", false), all(d:add("l", 1)))
+    assert.are.equal(1, d:llen("l"))
+  end)
+
+  it("set and replace on a list key replace the list; delete removes it", function()
+    d:rpush("l", "x")
+    d:rpush("l", "y")
+    assert.are.same(all(true, nil, false), all(d:set("l", "plain")))
+    assert.are.equal("plain", d:get("l"))
+    assert.are.same(all(nil, "value not a list"), all(d:llen("l")))
+    d:delete("l")
+    d:rpush("l", "x")
+    assert.are.same(all(true, nil, false), all(d:replace("l", 7)))
+    assert.are.equal(7, d:get("l"))
+    d:delete("l")
+    d:rpush("l", "x")
+    assert.is_true(d:delete("l"))
+    assert.are.same(all(0), all(d:llen("l")))
+  end)
+
+  it("lrange follows Redis's index rules", function()
+    for i = 1, 10 do d:rpush("l", i) end
+    local cases = {
+      { 0, -1, { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 } },
+      { 0, 2, { 1, 2, 3 } }, { -3, -1, { 8, 9, 10 } }, { 5, 100, { 6, 7, 8, 9, 10 } },
+      { -100, 1, { 1, 2 } }, { 3, 2, {} }, { 20, 30, {} }, { -1, -2, {} }, { 8, -1, { 9, 10 } },
+      { 9, 9, { 10 } }, { 0, 0, { 1 } }, { -100, -50, {} }, { 2, -8, { 3 } },
+      { math.mininteger, math.maxinteger, { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 } },
+    }
+    for _, c in ipairs(cases) do
+      assert.are.same(c[3], d:lrange("l", c[1], c[2]), c[1] .. ".." .. c[2])
+    end
+    assert.are.same({}, d:lrange("missing", 0, -1))
+    assert.are.equal(10, d:llen("l"))                       -- lrange takes nothing
+  end)
+
+  it("keeps ttl on a list: ttl and expire work, and an expired list is gone", function()
+    d:rpush("l", 1)
+    assert.are.equal(0, d:ttl("l"))
+    assert.is_true(d:expire("l", 20))
+    assert.is_true(d:ttl("l") >= 1)
+    assert.are.equal(2, d:rpush("l", 2))                     -- a push keeps the ttl
+    helper.sleep(40)
+    assert.are.same(all(0), all(d:llen("l")))
+    assert.are.same(all(nil), all(d:lpop("l")))
+    assert.are.same(all(1), all(d:rpush("l", "again")))      -- a new list, no ttl
+    assert.are.equal(0, d:ttl("l"))
+  end)
+
+  it("counts against the capacity: a push that does not fit is 'no memory', evicting nothing", function()
+    local small = shared("spec.lists.small", { capacity = 4096 })
+    small:flush()
+    small:set("other", "v")
+    local value, n = string.rep("x", 100), 0
+    while true do
+      local len, err = small:rpush("l", value)
+      if not len then
+        assert.are.equal("no memory", err)
+        break
+      end
+      n = len
+      assert.is_true(n < 100, "the capacity must stop the list")
+    end
+    assert.is_true(n > 10)
+    assert.are.equal("v", small:get("other"))                -- a push never evicts
+    assert.are.equal(n, small:llen("l"))
+    assert.are.same(all(nil, "no memory"), all(small:lpush("new", value)))
+    assert.are.equal(0, small:llen("new"))
+    -- Popping gives the space back, and a set may evict the list as any entry.
+    local free = small:free_space()
+    small:lpop("l")
+    assert.are.equal(free + 100 + 40, small:free_space())
+    local ok, err, forcible = small:set("big", string.rep("y", 3000))
+    assert.are.same({ true, nil, true }, { ok, err, forcible })
+    assert.are.same(all(0), all(small:llen("l")))
+    small:flush()
+    assert.are.equal(small:capacity(), small:free_space())
+  end)
+
+  it("is one list for four workers pushing at once", function()
+    local lists = shared("spec.lists.workers", { capacity = 16 * 1024 * 1024 })
+    lists:flush()
+    local server, port = helper.server{ workers = 4, handler = function(conn)
+      conn:on_data(function()
+        local l = require("multiloop.shared")("spec.lists.workers")
+        for i = 1, 2000 do assert(l:rpush("q", conn.worker.id * 10000 + i)) end
+        conn:write("done\n")
+      end)
+    end }
+    finally(function() server:stop() end)
+    local clients = {}
+    for i = 1, 4 do clients[i] = helper.connect(port) end
+    finally(function() for _, c in ipairs(clients) do c:close() end end)
+    for _, c in ipairs(clients) do assert(c:send("go\n")) end
+    for _, c in ipairs(clients) do assert.are.equal("done", helper.line(c)) end
+    assert.are.equal(8000, lists:llen("q"))
+    local last = {}
+    for _, v in ipairs(lists:lrange("q", 0, -1)) do        -- each worker's in its order
+      local w, i = v // 10000, v % 10000
+      assert.are.equal((last[w] or 0) + 1, i)
+      last[w] = i
+    end
+    for w = 1, 4 do assert.are.equal(2000, last[w]) end
+  end)
+
+  it("raises naming the argument when a list method gets a wrong one", function()
+    local cases = {
+      { function() d:lpush(1, "v") end, "bad argument #1 to 'lpush' (string expected, got number)" },
+      { function() d:rpush("k") end,
+        "bad argument #2 to 'rpush' (string or number expected, got no value)" },
+      { function() d:rpush("k", true) end,
+        "bad argument #2 to 'rpush' (string or number expected, got boolean)" },
+      { function() d:lpush("k", {}) end,
+        "bad argument #2 to 'lpush' (string or number expected, got table)" },
+      { function() d:lpop() end, "bad argument #1 to 'lpop' (string expected, got no value)" },
+      { function() d:rpop(false) end, "bad argument #1 to 'rpop' (string expected, got boolean)" },
+      { function() d:llen({}) end, "bad argument #1 to 'llen' (string expected, got table)" },
+      { function() d:lrange("k") end, "bad argument #2 to 'lrange' (number expected, got no value)" },
+      { function() d:lrange("k", 0) end, "bad argument #3 to 'lrange' (number expected, got no value)" },
+      { function() d:lrange("k", 0, 1.5) end,
+        "bad argument #3 to 'lrange' (number has no integer representation)" },
+      { function() d:lrange(nil, 0, 1) end, "bad argument #1 to 'lrange' (string expected, got nil)" },
+      { function() d.lpush(nil, "k", 1) end,
+        "bad argument #1 to 'lpush' (multiloop.shared expected, got nil)" },
+    }
+    for _, case in ipairs(cases) do
+      assert.are.equal(case[2], error_of(case[1]))
+    end
+  end)
+end)
