@@ -41,11 +41,11 @@ describe("multiloop.shared", function()
       { function() shared("x", 5) end, "multiloop.shared: expected a table of options or nil (got 5)" },
       { function() shared("x", { capcity = 1 }) end, "multiloop.shared: unknown option 'capcity'" },
       { function() shared("x", { capacity = 100 }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got 100)" },
+        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got 100)" },
       { function() shared("x", { capacity = 8192.5 }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got 8192.5)" },
+        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got 8192.5)" },
       { function() shared("x", { capacity = "8192" }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got '8192')" },
+        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got '8192')" },
     }
     for _, case in ipairs(cases) do
       assert.are.equal(case[2], error_of(case[1]))
@@ -53,6 +53,21 @@ describe("multiloop.shared", function()
     -- The core checks what C must not get wrong, even when called directly.
     assert.are.equal("bad argument #2 to 'shared' (capacity must be at least 4096 bytes)",
       error_of(function() require("multiloop.core").shared("x", 10) end))
+  end)
+
+  it("bounds the capacity at 2^40 bytes, in Lua and in C", function()
+    for _, big in ipairs({ math.maxinteger, (1 << 40) + 1, 2.0 ^ 62 }) do
+      assert.are.equal(("multiloop.shared: option 'capacity' must be an integer number of bytes "
+        .. "from 4096 to 2^40 (1 TiB) (got %s)"):format(tostring(big)),
+        error_of(function() shared("spec.huge", { capacity = big }) end))
+      assert.are.equal("bad argument #2 to 'shared' (capacity must be at most 2^40 bytes (1 TiB))",
+        error_of(function() require("multiloop.core").shared("spec.huge", big) end))
+    end
+    -- The ceiling itself is fine: nothing is allocated up front.
+    local d = shared("spec.huge", { capacity = 1 << 40 })
+    assert.are.equal(1 << 40, d:capacity())
+    assert.are.equal(1 << 40, d:free_space())
+    assert.is_true(d:set("k", string.rep("v", 1024 * 1024)))
   end)
 
   it("keeps the capacity it was made with; asking for another raises", function()
@@ -595,6 +610,58 @@ describe("lists", function()
     }
     for _, case in ipairs(cases) do
       assert.are.equal(case[2], error_of(case[1]))
+    end
+  end)
+end)
+
+describe("the space of a dictionary", function()
+  -- The largest string value that "probe" takes, by bisection (nothing else
+  -- is stored meanwhile, so set never has to evict).
+  local function largest(d)
+    local lo, hi = 0, d:capacity()
+    while lo < hi do
+      local mid = (lo + hi + 1) // 2
+      if d:set("probe", string.rep("x", mid)) then
+        lo = mid
+        assert.is_true(d:delete("probe"))
+      else
+        hi = mid - 1
+      end
+    end
+    return lo
+  end
+
+  it("is all usable again after many small sets and a flush (the buckets shrink)", function()
+    local fresh = largest(shared("spec.space.fresh"))
+    local d = shared("spec.space")
+    for i = 1, 20000 do assert(d:set("k" .. i, i)) end    -- evicts: 1 MiB holds ~12,000
+    assert.is_true(d:count() > 10000)
+    d:flush()
+    assert.are.equal(fresh, largest(d))                     -- was 57,267 after 65,395
+    assert.are.equal(d:capacity(), d:free_space())          -- was 917,504
+    -- A stripe's share, less one entry's header and key: no bucket counts yet.
+    assert.are.equal(1024 * 1024 / 16 - 72 - #"probe", fresh)
+  end)
+
+  it("is all usable again once the entries are deleted, or expire", function()
+    local d = shared("spec.space.delete")
+    local fresh = largest(d)
+    for i = 1, 8000 do assert(d:set("k" .. i, i)) end
+    assert.are.equal(8000, d:count())
+    for i = 1, 8000 do assert.is_true(d:delete("k" .. i)) end
+    assert.are.equal(fresh, largest(d))                     -- was 61,363 after 65,395
+    assert.are.equal(d:capacity(), d:free_space())
+    for i = 1, 8000 do assert(d:set("k" .. i, i, 10)) end
+    helper.sleep(30)
+    assert.are.equal(8000, d:flush_expired())
+    assert.are.equal(d:capacity(), d:free_space())
+    assert.are.equal(fresh, largest(d))
+  end)
+
+  it("adds the stripes' shares up to the capacity, whatever it is", function()
+    for _, cap in ipairs({ 4096, 4097, 200001, 1000003, 16 * 1024 * 1024 + 15 }) do
+      local d = shared("spec.space.odd" .. cap, { capacity = cap })
+      assert.are.equal(cap, d:free_space())
     end
   end)
 end)
