@@ -665,3 +665,135 @@ describe("the space of a dictionary", function()
     end
   end)
 end)
+
+describe("OpenResty's other methods", function()
+  local d
+  before_each(function()
+    d = shared("spec.parity")
+    d:flush()
+  end)
+
+  it("incr with init_ttl: the ttl applies only to an entry made from init", function()
+    assert.are.same(all(1, nil, false), all(d:incr("c", 1, 0, 40)))
+    local ttl = d:ttl("c")
+    assert.is_true(ttl >= 1 and ttl <= 40, tostring(ttl))
+    assert.are.equal(2, d:incr("c", 1, 0, 60000))            -- exists: the ttl stays
+    assert.is_true(d:ttl("c") <= 40)
+    assert.is_true(helper.eventually(function() return d:get("c") == nil end, 1000))
+    assert.are.equal(1, d:incr("c", 1, 0, 60000))            -- made again, with the new ttl
+    assert.is_true(d:ttl("c") > 59000)
+    assert.are.equal(5, d:incr("z", 5, 0, 0))                -- 0: no expiry
+    assert.are.equal(0, d:ttl("z"))
+    assert.are.equal(2.5, d:incr("f", 2, 0.5, 60000))
+    assert.are.equal("float", math.type(d:get("f")))
+    assert.is_true(d:ttl("f") > 59000)
+  end)
+
+  it("expire sets or removes the ttl of a live key: true, or nil, 'not found'", function()
+    assert.are.same(all(nil, "not found"), all(d:expire("k", 100)))
+    d:set("k", "v")
+    assert.are.same(all(true), all(d:expire("k", 60000)))
+    assert.is_true(d:ttl("k") > 59000)
+    assert.are.same(all(true), all(d:expire("k", 0)))
+    assert.are.equal(0, d:ttl("k"))
+    assert.is_true(d:expire("k", 20))
+    assert.are.equal("v", d:get("k"))
+    assert.is_true(helper.eventually(function() return d:get("k") == nil end, 1000))
+    assert.are.same(all(nil, "not found"), all(d:expire("k", 0)))   -- an expired key stays gone
+    assert.is_nil(d:get("k"))
+  end)
+
+  it("get_stale reads an expired entry not yet freed: value, nil, stale", function()
+    assert.are.same(all(nil), all(d:get_stale("missing")))
+    d:set("live", 42)
+    assert.are.same(all(42, nil, false), all(d:get_stale("live")))
+    d:set("old", "bytes\0", 10)
+    d:set("oldnum", 1.5, 10)
+    helper.sleep(30)
+    -- Nothing has looked at them since they expired, so they are still there.
+    assert.are.same(all("bytes\0", nil, true), all(d:get_stale("old")))
+    assert.are.same(all(1.5, nil, true), all(d:get_stale("oldnum")))
+    assert.are.same(all("bytes\0", nil, true), all(d:get_stale("old")))   -- and stay
+    assert.is_nil(d:get("old"))                                 -- get frees it
+    assert.are.same(all(nil), all(d:get_stale("old")))
+    assert.are.equal(1, d:flush_expired())
+    assert.are.same(all(nil), all(d:get_stale("oldnum")))
+  end)
+
+  it("safe_set and safe_add never evict a live entry: false, 'no memory'", function()
+    local small = shared("spec.parity.small", { capacity = 4096 })
+    small:flush()
+    local value = string.rep("v", 200)
+    local n = 0
+    while true do
+      local ok, err = small:safe_set("k" .. n + 1, value)
+      if not ok then
+        assert.are.same({ false, "no memory" }, { ok, err })
+        break
+      end
+      n = n + 1
+      assert.is_true(n < 30)
+    end
+    assert.are.same(all(false, "no memory"), all(small:safe_add("new", value)))
+    assert.are.same(all(false, "exists"), all(small:safe_add("k1", value)))
+    assert.are.equal(n, small:count())
+    for i = 1, n do assert.are.equal(value, small:get("k" .. i)) end
+    -- Replacing a key counts its old bytes as free; a larger value still needs room.
+    assert.are.same(all(true, nil), all(small:safe_set("k1", string.rep("w", 200))))
+    assert.are.same(all(false, "no memory"), all(small:safe_set("k1", string.rep("w", 1000))))
+    assert.are.equal(string.rep("w", 200), small:get("k1"))
+    -- Expired entries at the LRU end are freed to make room; set still evicts.
+    small:flush()
+    for i = 1, n do small:set("e" .. i, value, 10) end
+    helper.sleep(30)
+    for i = 1, n do
+      assert.are.same(all(true, nil), all(small:safe_set("s" .. i, value)), "s" .. i)
+    end
+    assert.are.same(all(true, nil, true), all(small:set("forced", value)))
+  end)
+
+  it("flush_expired frees the expired entries, max of them, and says how many", function()
+    for i = 1, 5 do d:set("t" .. i, i, 10) end
+    d:rpush("tl", 1)
+    d:expire("tl", 10)
+    for i = 1, 3 do d:set("k" .. i, i) end
+    assert.are.same(all(0), all(d:flush_expired()))
+    helper.sleep(30)
+    assert.are.same(all(2), all(d:flush_expired(2)))
+    assert.are.same(all(4), all(d:flush_expired(0)))
+    assert.are.same(all(0), all(d:flush_expired()))
+    assert.are.equal(3, d:count())
+  end)
+
+  it("raises naming the argument when one of them gets a wrong one", function()
+    local cases = {
+      { function() d:incr("k", 1, nil, 100) end, "bad argument #4 to 'incr' (init_ttl_ms needs init)" },
+      { function() d:incr("k", 1, 0, -1) end,
+        "bad argument #4 to 'incr' (init_ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:incr("k", 1, 0, "5") end,
+        "bad argument #4 to 'incr' (number expected, got string)" },
+      { function() d:incr("k", 1, 0, 0.5) end,
+        "bad argument #4 to 'incr' (number has no integer representation)" },
+      { function() d:expire("k") end, "bad argument #2 to 'expire' (number expected, got no value)" },
+      { function() d:expire("k", -5) end,
+        "bad argument #2 to 'expire' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:expire("k", 2e12) end,
+        "bad argument #2 to 'expire' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:expire(5, 1) end, "bad argument #1 to 'expire' (string expected, got number)" },
+      { function() d:get_stale({}) end, "bad argument #1 to 'get_stale' (string expected, got table)" },
+      { function() d:safe_set("k") end,
+        "bad argument #2 to 'safe_set' (string, number or boolean expected, got no value)" },
+      { function() d:safe_add(1, 1) end, "bad argument #1 to 'safe_add' (string expected, got number)" },
+      { function() d:safe_set("k", 1, -1) end,
+        "bad argument #3 to 'safe_set' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:set("k", 1, "10") end, "bad argument #3 to 'set' (number expected, got string)" },
+      { function() d:flush_expired(-1) end,
+        "bad argument #1 to 'flush_expired' (max must not be negative; 0 means all)" },
+      { function() d:flush_expired("all") end,
+        "bad argument #1 to 'flush_expired' (number expected, got string)" },
+    }
+    for _, case in ipairs(cases) do
+      assert.are.equal(case[2], error_of(case[1]))
+    end
+  end)
+end)

@@ -86,9 +86,13 @@ static void check_list_value(lua_State *L, int arg, multiloop_value_t *v) {
   check_value(L, arg, v);
 }
 
-/* A ttl in ms (0: none), optional or not; `what` names it in the error. */
+/* A ttl in ms (0: none), optional or not; `what` names it in the error. A
+ * number only: a string is not silently turned into one, as with keys. */
 static uint64_t check_ms(lua_State *L, int arg, int required, const char *what) {
-  lua_Integer ms = required ? luaL_checkinteger(L, arg) : luaL_optinteger(L, arg, 0);
+  lua_Integer ms;
+  if ((required || !lua_isnoneornil(L, arg)) && lua_type(L, arg) != LUA_TNUMBER)
+    luaL_typeerror(L, arg, "number");
+  ms = required ? luaL_checkinteger(L, arg) : luaL_optinteger(L, arg, 0);
   if (ms < 0 || ms > MULTILOOP_DICT_MAX_TTL_MS)
     luaL_argerror(L, arg, lua_pushfstring(L, "%s must be from 0 to 1e12; 0 means no expiry", what));
   return (uint64_t)ms;
