@@ -726,28 +726,29 @@ describe("OpenResty's other methods", function()
     local value = string.rep("v", 200)
     local n = 0
     while true do
-      local ok, err = small:safe_set("k" .. n + 1, value)
-      if not ok then
-        assert.are.same({ false, "no memory" }, { ok, err })
+      local got = all(small:safe_set("k" .. n + 1, value))
+      if not got[1] then
+        assert.are.same(all(false, "no memory", false), got)
         break
       end
+      assert.are.same(all(true, nil, false), got)
       n = n + 1
       assert.is_true(n < 30)
     end
-    assert.are.same(all(false, "no memory"), all(small:safe_add("new", value)))
-    assert.are.same(all(false, "exists"), all(small:safe_add("k1", value)))
+    assert.are.same(all(false, "no memory", false), all(small:safe_add("new", value)))
+    assert.are.same(all(false, "exists", false), all(small:safe_add("k1", value)))
     assert.are.equal(n, small:count())
     for i = 1, n do assert.are.equal(value, small:get("k" .. i)) end
     -- Replacing a key counts its old bytes as free; a larger value still needs room.
-    assert.are.same(all(true, nil), all(small:safe_set("k1", string.rep("w", 200))))
-    assert.are.same(all(false, "no memory"), all(small:safe_set("k1", string.rep("w", 1000))))
+    assert.are.same(all(true, nil, false), all(small:safe_set("k1", string.rep("w", 200))))
+    assert.are.same(all(false, "no memory", false), all(small:safe_set("k1", string.rep("w", 1000))))
     assert.are.equal(string.rep("w", 200), small:get("k1"))
     -- Expired entries at the LRU end are freed to make room; set still evicts.
     small:flush()
     for i = 1, n do small:set("e" .. i, value, 10) end
     helper.sleep(30)
     for i = 1, n do
-      assert.are.same(all(true, nil), all(small:safe_set("s" .. i, value)), "s" .. i)
+      assert.are.same(all(true, nil, false), all(small:safe_set("s" .. i, value)), "s" .. i)
     end
     assert.are.same(all(true, nil, true), all(small:set("forced", value)))
   end)
