@@ -34,6 +34,8 @@ describe("multiloop.shared", function()
   end)
 
   it("checks its name and options, naming the option", function()
+    local CAPACITY = "multiloop.shared: option 'capacity' must be an integer number of bytes "
+      .. "from 4096 to 2^40 (1 TiB) "
     local cases = {
       { function() shared() end, "multiloop.shared: the name must be a non-empty string (got nil)" },
       { function() shared("") end, "multiloop.shared: the name must be a non-empty string (got '')" },
@@ -41,11 +43,11 @@ describe("multiloop.shared", function()
       { function() shared("x", 5) end, "multiloop.shared: expected a table of options or nil (got 5)" },
       { function() shared("x", { capcity = 1 }) end, "multiloop.shared: unknown option 'capcity'" },
       { function() shared("x", { capacity = 100 }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got 100)" },
+        CAPACITY .. "(got 100)" },
       { function() shared("x", { capacity = 8192.5 }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got 8192.5)" },
+        CAPACITY .. "(got 8192.5)" },
       { function() shared("x", { capacity = "8192" }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got '8192')" },
+        CAPACITY .. "(got '8192')" },
     }
     for _, case in ipairs(cases) do
       assert.are.equal(case[2], error_of(case[1]))
@@ -195,16 +197,16 @@ describe("a shared dictionary", function()
   end)
 
   it("reads large values and many keys, then small ones, alike (the scratch buffer)", function()
-    local d = shared("spec.scratch", { capacity = 64 * 1024 * 1024 })
-    d:flush()
+    local big_d = shared("spec.scratch", { capacity = 64 * 1024 * 1024 })
+    big_d:flush()
     local big = ("0123456789abcdef"):rep(64 * 1024)          -- 1 MiB: over what is kept
-    assert.is_true(d:set("big", big))
-    for i = 1, 5000 do d:set(("key %05d"):format(i), "v") end
+    assert.is_true(big_d:set("big", big))
+    for i = 1, 5000 do big_d:set(("key %05d"):format(i), "v") end
     for _ = 1, 3 do
-      assert.are.equal(big, d:get("big"))
-      assert.are.equal("v", d:get("key 00001"))
-      assert.are.equal(5001, #d:keys(0))
-      assert.are.equal("v", d:get("key 05000"))
+      assert.are.equal(big, big_d:get("big"))
+      assert.are.equal("v", big_d:get("key 00001"))
+      assert.are.equal(5001, #big_d:keys(0))
+      assert.are.equal("v", big_d:get("key 05000"))
     end
   end)
 
