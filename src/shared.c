@@ -488,7 +488,8 @@ int multiloop_shared_open(lua_State *L) {
   u = lua_newuserdatauv(L, sizeof *u, 0);
   memset(u, 0, sizeof *u);                          /* a valid, released object first */
   luaL_setmetatable(L, SHARED_MT);
+  /* The capacity is not allocated up front: only the stripes are. */
   if ((u->d = multiloop_dict_acquire(name, namelen, (size_t)capacity)) == NULL)
-    return luaL_error(L, "not enough memory");
+    return luaL_error(L, "multiloop.shared: not enough memory for dictionary '%s'", name);
   return 1;
 }
