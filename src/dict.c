@@ -21,8 +21,8 @@
  * resizing O(1) amortised), and flush goes back to the first size, so space
  * the buckets took is usable again once the entries are gone. The capacity
  * is a ceiling, not a reservation: entries are malloc'ed one at a time, and
- * a malloc that fails reports no memory. When an entry does not fit, the stripe's
- * least recently used entries are freed until it does (a store reports
+ * a malloc that fails reports no memory. When an entry does not fit, the
+ * stripe's least recently used entries are freed until it does (a store reports
  * MULTILOOP_DICT_STORED_FORCED when a live one went); an entry larger than
  * a stripe's share is refused (MULTILOOP_DICT_NO_MEMORY) and nothing
  * changes. A "safe" store and a list push never evict a live entry: they
