@@ -41,11 +41,11 @@ describe("multiloop.shared", function()
       { function() shared("x", 5) end, "multiloop.shared: expected a table of options or nil (got 5)" },
       { function() shared("x", { capcity = 1 }) end, "multiloop.shared: unknown option 'capcity'" },
       { function() shared("x", { capacity = 100 }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got 100)" },
+        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got 100)" },
       { function() shared("x", { capacity = 8192.5 }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got 8192.5)" },
+        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got 8192.5)" },
       { function() shared("x", { capacity = "8192" }) end,
-        "multiloop.shared: option 'capacity' must be an integer number of bytes, at least 4096 (got '8192')" },
+        "multiloop.shared: option 'capacity' must be an integer number of bytes from 4096 to 2^40 (1 TiB) (got '8192')" },
     }
     for _, case in ipairs(cases) do
       assert.are.equal(case[2], error_of(case[1]))
@@ -53,6 +53,21 @@ describe("multiloop.shared", function()
     -- The core checks what C must not get wrong, even when called directly.
     assert.are.equal("bad argument #2 to 'shared' (capacity must be at least 4096 bytes)",
       error_of(function() require("multiloop.core").shared("x", 10) end))
+  end)
+
+  it("bounds the capacity at 2^40 bytes, in Lua and in C", function()
+    for _, big in ipairs({ math.maxinteger, (1 << 40) + 1, 2.0 ^ 62 }) do
+      assert.are.equal(("multiloop.shared: option 'capacity' must be an integer number of bytes "
+        .. "from 4096 to 2^40 (1 TiB) (got %s)"):format(tostring(big)),
+        error_of(function() shared("spec.huge", { capacity = big }) end))
+      assert.are.equal("bad argument #2 to 'shared' (capacity must be at most 2^40 bytes (1 TiB))",
+        error_of(function() require("multiloop.core").shared("spec.huge", big) end))
+    end
+    -- The ceiling itself is fine: nothing is allocated up front.
+    local d = shared("spec.huge", { capacity = 1 << 40 })
+    assert.are.equal(1 << 40, d:capacity())
+    assert.are.equal(1 << 40, d:free_space())
+    assert.is_true(d:set("k", string.rep("v", 1024 * 1024)))
   end)
 
   it("keeps the capacity it was made with; asking for another raises", function()
@@ -406,6 +421,379 @@ describe("one dictionary in every worker state", function()
       assert.are.equal("hello from main", helper.line(c))
       c:close()
       assert.is_true(helper.eventually(function() return d:get("seen" .. i) end))
+    end
+  end)
+end)
+
+describe("lists", function()
+  local d
+  before_each(function()
+    d = shared("spec.lists")
+    d:flush()
+  end)
+
+  it("lpush and rpush return the new length; lpop and rpop take from each end", function()
+    assert.are.same(all(1), all(d:rpush("l", "b")))
+    assert.are.same(all(2), all(d:lpush("l", "a")))
+    assert.are.same(all(3), all(d:rpush("l", 3)))
+    assert.are.same(all(4), all(d:rpush("l", 4.0)))
+    assert.are.same(all(4), all(d:llen("l")))
+    assert.are.same(all("a"), all(d:lpop("l")))
+    assert.are.same(all(4.0), all(d:rpop("l")))
+    assert.are.equal(3, d:rpop("l"))
+    assert.are.equal("b", d:lpop("l"))
+    assert.are.same(all(nil), all(d:lpop("l")))             -- empty: removed
+    assert.are.same(all(nil), all(d:rpop("missing")))
+  end)
+
+  it("keeps integers, floats and binary strings apart, as values are", function()
+    for _, v in ipairs({ 3, 3.0, -0.5, math.maxinteger, math.mininteger, "", "a\0b\255" }) do
+      d:rpush("l", v)
+    end
+    local got = d:lrange("l", 0, -1)
+    assert.are.same({ 3, 3.0, -0.5, math.maxinteger, math.mininteger, "", "a\0b\255" }, got)
+    assert.are.equal("integer", math.type(got[1]))
+    assert.are.equal("float", math.type(got[2]))
+    assert.are.equal("integer", math.type(d:lpop("l")))
+    assert.are.equal("float", math.type(d:lpop("l")))
+    assert.are.equal("a\0b\255", d:rpop("l"))
+    assert.are.equal("", d:rpop("l"))
+  end)
+
+  it("removes a list once it is empty: count, keys and add see it gone", function()
+    d:rpush("l", 1)
+    assert.are.equal(1, d:count())
+    assert.are.same({ "l" }, d:keys())
+    assert.are.equal(1, d:lpop("l"))
+    assert.are.equal(0, d:count())
+    assert.are.same(all(0), all(d:llen("l")))
+    assert.are.same(all(true, nil, false), all(d:add("l", "now a string")))
+  end)
+
+  it("answers 'value not a list' on another value, and get 'value is a list'", function()
+    d:set("s", "str")
+    assert.are.same(all(nil, "value not a list"), all(d:lpush("s", 1)))
+    assert.are.same(all(nil, "value not a list"), all(d:rpush("s", 1)))
+    assert.are.same(all(nil, "value not a list"), all(d:lpop("s")))
+    assert.are.same(all(nil, "value not a list"), all(d:rpop("s")))
+    assert.are.same(all(nil, "value not a list"), all(d:llen("s")))
+    assert.are.same(all(nil, "value not a list"), all(d:lrange("s", 0, -1)))
+    assert.are.equal("str", d:get("s"))
+    d:rpush("l", 1)
+    assert.are.same(all(nil, "value is a list"), all(d:get("l")))
+    assert.are.same(all(nil, "value is a list"), all(d:get_stale("l")))
+    assert.are.same(all(nil, "not a number", false), all(d:incr("l", 1)))
+    assert.are.same(all(false, "exists", false), all(d:add("l", 1)))
+    assert.are.equal(1, d:llen("l"))
+  end)
+
+  it("set and replace on a list key replace the list; delete removes it", function()
+    d:rpush("l", "x")
+    d:rpush("l", "y")
+    assert.are.same(all(true, nil, false), all(d:set("l", "plain")))
+    assert.are.equal("plain", d:get("l"))
+    assert.are.same(all(nil, "value not a list"), all(d:llen("l")))
+    d:delete("l")
+    d:rpush("l", "x")
+    assert.are.same(all(true, nil, false), all(d:replace("l", 7)))
+    assert.are.equal(7, d:get("l"))
+    d:delete("l")
+    d:rpush("l", "x")
+    assert.is_true(d:delete("l"))
+    assert.are.same(all(0), all(d:llen("l")))
+  end)
+
+  it("lrange follows Redis's index rules", function()
+    for i = 1, 10 do d:rpush("l", i) end
+    local cases = {
+      { 0, -1, { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 } },
+      { 0, 2, { 1, 2, 3 } }, { -3, -1, { 8, 9, 10 } }, { 5, 100, { 6, 7, 8, 9, 10 } },
+      { -100, 1, { 1, 2 } }, { 3, 2, {} }, { 20, 30, {} }, { -1, -2, {} }, { 8, -1, { 9, 10 } },
+      { 9, 9, { 10 } }, { 0, 0, { 1 } }, { -100, -50, {} }, { 2, -8, { 3 } },
+      { math.mininteger, math.maxinteger, { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 } },
+    }
+    for _, c in ipairs(cases) do
+      assert.are.same(c[3], d:lrange("l", c[1], c[2]), c[1] .. ".." .. c[2])
+    end
+    assert.are.same({}, d:lrange("missing", 0, -1))
+    assert.are.equal(10, d:llen("l"))                       -- lrange takes nothing
+  end)
+
+  it("keeps ttl on a list: ttl and expire work, and an expired list is gone", function()
+    d:rpush("l", 1)
+    assert.are.equal(0, d:ttl("l"))
+    assert.is_true(d:expire("l", 20))
+    assert.is_true(d:ttl("l") >= 1)
+    assert.are.equal(2, d:rpush("l", 2))                     -- a push keeps the ttl
+    helper.sleep(40)
+    assert.are.same(all(0), all(d:llen("l")))
+    assert.are.same(all(nil), all(d:lpop("l")))
+    assert.are.same(all(1), all(d:rpush("l", "again")))      -- a new list, no ttl
+    assert.are.equal(0, d:ttl("l"))
+  end)
+
+  it("counts against the capacity: a push that does not fit is 'no memory', evicting nothing", function()
+    local small = shared("spec.lists.small", { capacity = 4096 })
+    small:flush()
+    small:set("other", "v")
+    local value, n = string.rep("x", 100), 0
+    while true do
+      local len, err = small:rpush("l", value)
+      if not len then
+        assert.are.equal("no memory", err)
+        break
+      end
+      n = len
+      assert.is_true(n < 100, "the capacity must stop the list")
+    end
+    assert.is_true(n > 10)
+    assert.are.equal("v", small:get("other"))                -- a push never evicts
+    assert.are.equal(n, small:llen("l"))
+    assert.are.same(all(nil, "no memory"), all(small:lpush("new", value)))
+    assert.are.equal(0, small:llen("new"))
+    -- Popping gives the space back, and a set may evict the list as any entry.
+    local free = small:free_space()
+    small:lpop("l")
+    assert.are.equal(free + 100 + 40, small:free_space())
+    local ok, err, forcible = small:set("big", string.rep("y", 3000))
+    assert.are.same({ true, nil, true }, { ok, err, forcible })
+    assert.are.same(all(0), all(small:llen("l")))
+    small:flush()
+    assert.are.equal(small:capacity(), small:free_space())
+  end)
+
+  it("is one list for four workers pushing at once", function()
+    local lists = shared("spec.lists.workers", { capacity = 16 * 1024 * 1024 })
+    lists:flush()
+    local server, port = helper.server{ workers = 4, handler = function(conn)
+      conn:on_data(function()
+        local l = require("multiloop.shared")("spec.lists.workers")
+        for i = 1, 2000 do assert(l:rpush("q", conn.worker.id * 10000 + i)) end
+        conn:write("done\n")
+      end)
+    end }
+    finally(function() server:stop() end)
+    local clients = {}
+    for i = 1, 4 do clients[i] = helper.connect(port) end
+    finally(function() for _, c in ipairs(clients) do c:close() end end)
+    for _, c in ipairs(clients) do assert(c:send("go\n")) end
+    for _, c in ipairs(clients) do assert.are.equal("done", helper.line(c)) end
+    assert.are.equal(8000, lists:llen("q"))
+    local last = {}
+    for _, v in ipairs(lists:lrange("q", 0, -1)) do        -- each worker's in its order
+      local w, i = v // 10000, v % 10000
+      assert.are.equal((last[w] or 0) + 1, i)
+      last[w] = i
+    end
+    for w = 1, 4 do assert.are.equal(2000, last[w]) end
+  end)
+
+  it("raises naming the argument when a list method gets a wrong one", function()
+    local cases = {
+      { function() d:lpush(1, "v") end, "bad argument #1 to 'lpush' (string expected, got number)" },
+      { function() d:rpush("k") end,
+        "bad argument #2 to 'rpush' (string or number expected, got no value)" },
+      { function() d:rpush("k", true) end,
+        "bad argument #2 to 'rpush' (string or number expected, got boolean)" },
+      { function() d:lpush("k", {}) end,
+        "bad argument #2 to 'lpush' (string or number expected, got table)" },
+      { function() d:lpop() end, "bad argument #1 to 'lpop' (string expected, got no value)" },
+      { function() d:rpop(false) end, "bad argument #1 to 'rpop' (string expected, got boolean)" },
+      { function() d:llen({}) end, "bad argument #1 to 'llen' (string expected, got table)" },
+      { function() d:lrange("k") end, "bad argument #2 to 'lrange' (number expected, got no value)" },
+      { function() d:lrange("k", 0) end, "bad argument #3 to 'lrange' (number expected, got no value)" },
+      { function() d:lrange("k", 0, 1.5) end,
+        "bad argument #3 to 'lrange' (number has no integer representation)" },
+      { function() d:lrange(nil, 0, 1) end, "bad argument #1 to 'lrange' (string expected, got nil)" },
+      { function() d.lpush(nil, "k", 1) end,
+        "bad argument #1 to 'lpush' (multiloop.shared expected, got nil)" },
+    }
+    for _, case in ipairs(cases) do
+      assert.are.equal(case[2], error_of(case[1]))
+    end
+  end)
+end)
+
+describe("the space of a dictionary", function()
+  -- The largest string value that "probe" takes, by bisection (nothing else
+  -- is stored meanwhile, so set never has to evict).
+  local function largest(d)
+    local lo, hi = 0, d:capacity()
+    while lo < hi do
+      local mid = (lo + hi + 1) // 2
+      if d:set("probe", string.rep("x", mid)) then
+        lo = mid
+        assert.is_true(d:delete("probe"))
+      else
+        hi = mid - 1
+      end
+    end
+    return lo
+  end
+
+  it("is all usable again after many small sets and a flush (the buckets shrink)", function()
+    local fresh = largest(shared("spec.space.fresh"))
+    local d = shared("spec.space")
+    for i = 1, 20000 do assert(d:set("k" .. i, i)) end    -- evicts: 1 MiB holds ~12,000
+    assert.is_true(d:count() > 10000)
+    d:flush()
+    assert.are.equal(fresh, largest(d))                     -- was 57,267 after 65,395
+    assert.are.equal(d:capacity(), d:free_space())          -- was 917,504
+    -- A stripe's share, less one entry's header and key: no bucket counts yet.
+    assert.are.equal(1024 * 1024 / 16 - 72 - #"probe", fresh)
+  end)
+
+  it("is all usable again once the entries are deleted, or expire", function()
+    local d = shared("spec.space.delete")
+    local fresh = largest(d)
+    for i = 1, 8000 do assert(d:set("k" .. i, i)) end
+    assert.are.equal(8000, d:count())
+    for i = 1, 8000 do assert.is_true(d:delete("k" .. i)) end
+    assert.are.equal(fresh, largest(d))                     -- was 61,363 after 65,395
+    assert.are.equal(d:capacity(), d:free_space())
+    for i = 1, 8000 do assert(d:set("k" .. i, i, 10)) end
+    helper.sleep(30)
+    assert.are.equal(8000, d:flush_expired())
+    assert.are.equal(d:capacity(), d:free_space())
+    assert.are.equal(fresh, largest(d))
+  end)
+
+  it("adds the stripes' shares up to the capacity, whatever it is", function()
+    for _, cap in ipairs({ 4096, 4097, 200001, 1000003, 16 * 1024 * 1024 + 15 }) do
+      local d = shared("spec.space.odd" .. cap, { capacity = cap })
+      assert.are.equal(cap, d:free_space())
+    end
+  end)
+end)
+
+describe("OpenResty's other methods", function()
+  local d
+  before_each(function()
+    d = shared("spec.parity")
+    d:flush()
+  end)
+
+  it("incr with init_ttl: the ttl applies only to an entry made from init", function()
+    assert.are.same(all(1, nil, false), all(d:incr("c", 1, 0, 40)))
+    local ttl = d:ttl("c")
+    assert.is_true(ttl >= 1 and ttl <= 40, tostring(ttl))
+    assert.are.equal(2, d:incr("c", 1, 0, 60000))            -- exists: the ttl stays
+    assert.is_true(d:ttl("c") <= 40)
+    assert.is_true(helper.eventually(function() return d:get("c") == nil end, 1000))
+    assert.are.equal(1, d:incr("c", 1, 0, 60000))            -- made again, with the new ttl
+    assert.is_true(d:ttl("c") > 59000)
+    assert.are.equal(5, d:incr("z", 5, 0, 0))                -- 0: no expiry
+    assert.are.equal(0, d:ttl("z"))
+    assert.are.equal(2.5, d:incr("f", 2, 0.5, 60000))
+    assert.are.equal("float", math.type(d:get("f")))
+    assert.is_true(d:ttl("f") > 59000)
+  end)
+
+  it("expire sets or removes the ttl of a live key: true, or nil, 'not found'", function()
+    assert.are.same(all(nil, "not found"), all(d:expire("k", 100)))
+    d:set("k", "v")
+    assert.are.same(all(true), all(d:expire("k", 60000)))
+    assert.is_true(d:ttl("k") > 59000)
+    assert.are.same(all(true), all(d:expire("k", 0)))
+    assert.are.equal(0, d:ttl("k"))
+    assert.is_true(d:expire("k", 20))
+    assert.are.equal("v", d:get("k"))
+    assert.is_true(helper.eventually(function() return d:get("k") == nil end, 1000))
+    assert.are.same(all(nil, "not found"), all(d:expire("k", 0)))   -- an expired key stays gone
+    assert.is_nil(d:get("k"))
+  end)
+
+  it("get_stale reads an expired entry not yet freed: value, nil, stale", function()
+    assert.are.same(all(nil), all(d:get_stale("missing")))
+    d:set("live", 42)
+    assert.are.same(all(42, nil, false), all(d:get_stale("live")))
+    d:set("old", "bytes\0", 10)
+    d:set("oldnum", 1.5, 10)
+    helper.sleep(30)
+    -- Nothing has looked at them since they expired, so they are still there.
+    assert.are.same(all("bytes\0", nil, true), all(d:get_stale("old")))
+    assert.are.same(all(1.5, nil, true), all(d:get_stale("oldnum")))
+    assert.are.same(all("bytes\0", nil, true), all(d:get_stale("old")))   -- and stay
+    assert.is_nil(d:get("old"))                                 -- get frees it
+    assert.are.same(all(nil), all(d:get_stale("old")))
+    assert.are.equal(1, d:flush_expired())
+    assert.are.same(all(nil), all(d:get_stale("oldnum")))
+  end)
+
+  it("safe_set and safe_add never evict a live entry: false, 'no memory'", function()
+    local small = shared("spec.parity.small", { capacity = 4096 })
+    small:flush()
+    local value = string.rep("v", 200)
+    local n = 0
+    while true do
+      local ok, err = small:safe_set("k" .. n + 1, value)
+      if not ok then
+        assert.are.same({ false, "no memory" }, { ok, err })
+        break
+      end
+      n = n + 1
+      assert.is_true(n < 30)
+    end
+    assert.are.same(all(false, "no memory"), all(small:safe_add("new", value)))
+    assert.are.same(all(false, "exists"), all(small:safe_add("k1", value)))
+    assert.are.equal(n, small:count())
+    for i = 1, n do assert.are.equal(value, small:get("k" .. i)) end
+    -- Replacing a key counts its old bytes as free; a larger value still needs room.
+    assert.are.same(all(true, nil), all(small:safe_set("k1", string.rep("w", 200))))
+    assert.are.same(all(false, "no memory"), all(small:safe_set("k1", string.rep("w", 1000))))
+    assert.are.equal(string.rep("w", 200), small:get("k1"))
+    -- Expired entries at the LRU end are freed to make room; set still evicts.
+    small:flush()
+    for i = 1, n do small:set("e" .. i, value, 10) end
+    helper.sleep(30)
+    for i = 1, n do
+      assert.are.same(all(true, nil), all(small:safe_set("s" .. i, value)), "s" .. i)
+    end
+    assert.are.same(all(true, nil, true), all(small:set("forced", value)))
+  end)
+
+  it("flush_expired frees the expired entries, max of them, and says how many", function()
+    for i = 1, 5 do d:set("t" .. i, i, 10) end
+    d:rpush("tl", 1)
+    d:expire("tl", 10)
+    for i = 1, 3 do d:set("k" .. i, i) end
+    assert.are.same(all(0), all(d:flush_expired()))
+    helper.sleep(30)
+    assert.are.same(all(2), all(d:flush_expired(2)))
+    assert.are.same(all(4), all(d:flush_expired(0)))
+    assert.are.same(all(0), all(d:flush_expired()))
+    assert.are.equal(3, d:count())
+  end)
+
+  it("raises naming the argument when one of them gets a wrong one", function()
+    local cases = {
+      { function() d:incr("k", 1, nil, 100) end, "bad argument #4 to 'incr' (init_ttl_ms needs init)" },
+      { function() d:incr("k", 1, 0, -1) end,
+        "bad argument #4 to 'incr' (init_ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:incr("k", 1, 0, "5") end,
+        "bad argument #4 to 'incr' (number expected, got string)" },
+      { function() d:incr("k", 1, 0, 0.5) end,
+        "bad argument #4 to 'incr' (number has no integer representation)" },
+      { function() d:expire("k") end, "bad argument #2 to 'expire' (number expected, got no value)" },
+      { function() d:expire("k", -5) end,
+        "bad argument #2 to 'expire' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:expire("k", 2e12) end,
+        "bad argument #2 to 'expire' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:expire(5, 1) end, "bad argument #1 to 'expire' (string expected, got number)" },
+      { function() d:get_stale({}) end, "bad argument #1 to 'get_stale' (string expected, got table)" },
+      { function() d:safe_set("k") end,
+        "bad argument #2 to 'safe_set' (string, number or boolean expected, got no value)" },
+      { function() d:safe_add(1, 1) end, "bad argument #1 to 'safe_add' (string expected, got number)" },
+      { function() d:safe_set("k", 1, -1) end,
+        "bad argument #3 to 'safe_set' (ttl_ms must be from 0 to 1e12; 0 means no expiry)" },
+      { function() d:set("k", 1, "10") end, "bad argument #3 to 'set' (number expected, got string)" },
+      { function() d:flush_expired(-1) end,
+        "bad argument #1 to 'flush_expired' (max must not be negative; 0 means all)" },
+      { function() d:flush_expired("all") end,
+        "bad argument #1 to 'flush_expired' (number expected, got string)" },
+    }
+    for _, case in ipairs(cases) do
+      assert.are.equal(case[2], error_of(case[1]))
     end
   end)
 end)

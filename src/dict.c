@@ -2,8 +2,10 @@
  * dict.c: the dictionaries behind multiloop.shared (shared.c is their Lua
  * object): a process-wide registry of named dictionaries, each a set of
  * striped hash tables with an LRU list and expiry. Keys are byte strings;
- * values booleans, integers, floats or byte strings (multiloop_value_t).
- * No Lua API is used here, so no Lua error can ever longjmp past a lock.
+ * values booleans, integers, floats or byte strings (multiloop_value_t), or
+ * lists of integers, floats and strings (a doubly linked list of nodes that
+ * the entry owns, as OpenResty's). No Lua API is used here, so no Lua error
+ * can ever longjmp past a lock.
  *
  * Owns: the registry (dictionaries by name), the dictionaries and their
  * entries. The registry is a list under one mutex, initialised once; it is
@@ -12,13 +14,21 @@
  *
  * Memory is bounded by the capacity, split evenly over the stripes (16 from
  * 1 MiB up; below that fewer, each at least 64 KiB): a stripe's bytes are
- * its entries (header, key, string value) plus its hash buckets; malloc's
- * own overhead is not counted. When an entry does not fit, the stripe's
+ * its entries (header, key, string value; a list's header and nodes) plus
+ * the hash buckets it grew beyond the first INITIAL_BUCKETS; malloc's own
+ * overhead is not counted. The buckets double when there are more entries
+ * than buckets and halve when there are fewer than a quarter (the gap keeps
+ * resizing O(1) amortised), and flush goes back to the first size, so space
+ * the buckets took is usable again once the entries are gone. The capacity
+ * is a ceiling, not a reservation: entries are malloc'ed one at a time, and
+ * a malloc that fails reports no memory. When an entry does not fit, the stripe's
  * least recently used entries are freed until it does (a store reports
  * MULTILOOP_DICT_STORED_FORCED when a live one went); an entry larger than
  * a stripe's share is refused (MULTILOOP_DICT_NO_MEMORY) and nothing
- * changes. Expired entries are freed lazily: when a lookup meets one, when
- * eviction reaches it, and by count and keys. Time is uv_hrtime():
+ * changes. A "safe" store and a list push never evict a live entry: they
+ * free expired ones from the LRU end and else report no memory. Expired
+ * entries are freed lazily: when a lookup meets one, when eviction reaches
+ * it, and by count, keys and flush_expired. Time is uv_hrtime():
  * monotonic, one clock for every thread.
  *
  * Threads: any thread. The registry lock guards the list and every
@@ -43,18 +53,39 @@
 #define STRIPE_MIN_BYTES (64 * 1024)     /* fewer stripes below 16 * this */
 #define INITIAL_BUCKETS 8                /* a power of two */
 #define NS_PER_MS UINT64_C(1000000)
+#define T_LIST 100                       /* entry->type of a list: no MULTILOOP_V_* */
+
+/* One element of a list: an integer, a float or a string's bytes. */
+typedef struct lnode_s {
+  struct lnode_s *prev, *next;
+  size_t len;                            /* strings only */
+  union {
+    lua_Integer i;
+    lua_Number n;
+  } v;
+  int type;                              /* MULTILOOP_V_INTEGER, _FLOAT or _STRING */
+  char data[];
+} lnode;
+
+/* A list entry's value, malloc'ed apart (the entry points at it). */
+typedef struct {
+  lnode *head, *tail;
+  size_t len;                            /* elements */
+} list;
 
 typedef struct entry_s {
   struct entry_s *hnext;                 /* hash chain */
   struct entry_s *prev, *next;           /* LRU list: head is the most recent */
   uint64_t hash;
   uint64_t expires;                      /* uv_hrtime() in ns; 0: never */
-  size_t klen, vlen;                     /* vlen: string values only */
-  int type;                              /* MULTILOOP_V_* */
+  size_t klen;
+  size_t vlen;                           /* a string's bytes; a list's (header, nodes) */
+  int type;                              /* MULTILOOP_V_* or T_LIST */
   union {
     int b;
     lua_Integer i;
     lua_Number n;
+    list *l;
   } v;
   char data[];                           /* the key, then a string value */
 } entry;
@@ -67,7 +98,7 @@ typedef struct {
   size_t nbuckets;                       /* a power of two */
   entry *head, *tail;
   size_t count;                          /* entries, expired ones included */
-  size_t used;                           /* bytes: entries and buckets */
+  size_t used;                           /* bytes: entries and buckets past the first */
   size_t cap;                            /* this stripe's share of the capacity */
 } __attribute__((aligned(64))) stripe;
 
@@ -96,8 +127,31 @@ static void registry_init(void) {
 
 /* --- one stripe ----------------------------------------------------------- */
 
+/* What an entry counts against its stripe; for a list, vlen is its header
+ * and nodes (list_node_size each). */
 static size_t entry_size(size_t klen, size_t vlen) {
   return sizeof(entry) + klen + vlen;
+}
+
+static size_t list_node_size(const multiloop_value_t *v) {
+  return sizeof(lnode) + (v->type == MULTILOOP_V_STRING ? v->len : 0);
+}
+
+/* The buckets beyond the first INITIAL_BUCKETS, which a stripe always has. */
+static size_t bucket_bytes(size_t nbuckets) {
+  return (nbuckets - INITIAL_BUCKETS) * sizeof(entry *);
+}
+
+static void entry_free(entry *e) {
+  if (e->type == T_LIST) {
+    lnode *n = e->v.l->head, *next;
+    for (; n != NULL; n = next) {
+      next = n->next;
+      free(n);
+    }
+    free(e->v.l);
+  }
+  free(e);
 }
 
 static int expired(const entry *e, uint64_t now) {
@@ -135,6 +189,38 @@ static entry **lookup(stripe *s, uint64_t h, const char *k, size_t kn) {
   return pp;
 }
 
+/* Moves every entry into a table of n buckets, which the caller allocated
+ * zeroed, and frees the old one. */
+static void rehash(stripe *s, entry **b, size_t n) {
+  size_t i;
+  for (i = 0; i < s->nbuckets; i++) {
+    entry *e = s->buckets[i], *next;
+    for (; e != NULL; e = next) {
+      next = e->hnext;
+      e->hnext = b[e->hash & (n - 1)];
+      b[e->hash & (n - 1)] = e;
+    }
+  }
+  free(s->buckets);
+  s->used -= bucket_bytes(s->nbuckets);
+  s->used += bucket_bytes(n);
+  s->buckets = b;
+  s->nbuckets = n;
+}
+
+/* Halves the buckets when fewer than a quarter are used, so that the space
+ * a crowd of entries made them take comes back once the entries go (after
+ * a shrink the table is half full: a grow needs as many inserts again).
+ * Never fails: without memory for the smaller table, the old one stays. */
+static void maybe_shrink(stripe *s) {
+  entry **b;
+  if (s->nbuckets <= INITIAL_BUCKETS || s->count >= s->nbuckets / 4) return;
+  if ((b = calloc(s->nbuckets / 2, sizeof *b)) == NULL) return;
+  rehash(s, b, s->nbuckets / 2);
+}
+
+/* Unlinks and frees the entry. Callers hold no pointer into the buckets
+ * across this call: it may resize them. */
 static void remove_entry(stripe *s, entry *e) {
   entry **pp = &s->buckets[e->hash & (s->nbuckets - 1)];
   while (*pp != e) pp = &(*pp)->hnext;
@@ -142,7 +228,8 @@ static void remove_entry(stripe *s, entry *e) {
   lru_unlink(s, e);
   s->used -= entry_size(e->klen, e->vlen);
   s->count--;
-  free(e);
+  entry_free(e);
+  maybe_shrink(s);
 }
 
 /* The live entry for the key, or NULL; an expired one is freed on the way. */
@@ -155,39 +242,43 @@ static entry *find(stripe *s, uint64_t h, const char *k, size_t kn, uint64_t now
   return e;
 }
 
-static void purge_expired(stripe *s, uint64_t now) {
+/* Frees up to max expired entries (0: all); returns how many went. */
+static size_t purge_expired(stripe *s, uint64_t now, size_t max) {
   entry *e = s->head, *next;
-  for (; e != NULL; e = next) {
+  size_t n = 0;
+  for (; e != NULL && (max == 0 || n < max); e = next) {
     next = e->next;
-    if (expired(e, now)) remove_entry(s, e);
+    if (expired(e, now)) {
+      remove_entry(s, e);
+      n++;
+    }
   }
+  return n;
 }
 
 /* Doubles the buckets when the table is loaded, if the bytes fit in the
  * stripe's share; otherwise chains just grow longer. Never fails. */
 static void maybe_grow(stripe *s) {
-  size_t n = s->nbuckets * 2, i;
+  size_t n = s->nbuckets * 2;
   entry **b;
   if (s->count <= s->nbuckets) return;
   if (s->used + s->nbuckets * sizeof *b > s->cap) return;  /* n - nbuckets more */
   if ((b = calloc(n, sizeof *b)) == NULL) return;
-  for (i = 0; i < s->nbuckets; i++) {
-    entry *e = s->buckets[i], *next;
-    for (; e != NULL; e = next) {
-      next = e->hnext;
-      e->hnext = b[e->hash & (n - 1)];
-      b[e->hash & (n - 1)] = e;
-    }
-  }
-  free(s->buckets);
-  s->used += (n - s->nbuckets) * sizeof *b;
-  s->buckets = b;
-  s->nbuckets = n;
+  rehash(s, b, n);
 }
 
-/* Whether an entry of `size` bytes fits once every other entry is gone. */
+/* Whether an entry of `size` bytes fits once every other entry is gone
+ * (the buckets may shrink on the way: this is the cautious answer). */
 static int fits(const stripe *s, size_t size) {
-  return size <= s->cap && s->nbuckets * sizeof(entry *) <= s->cap - size;
+  return size <= s->cap && bucket_bytes(s->nbuckets) <= s->cap - size;
+}
+
+/* Whether `size` more bytes fit once the expired entries at the LRU end
+ * are freed; nothing live is evicted. For safe stores and list pushes. */
+static int room_without_eviction(stripe *s, size_t size, uint64_t now) {
+  while (s->used + size > s->cap && s->tail != NULL && expired(s->tail, now))
+    remove_entry(s, s->tail);
+  return size <= s->cap && s->used <= s->cap - size;
 }
 
 /* Frees entries from the LRU end until `size` more bytes fit (the caller
@@ -248,16 +339,24 @@ static entry *new_entry(uint64_t h, const char *k, size_t kn, const multiloop_va
   return e;
 }
 
+/* Frees every entry and goes back to the first bucket array (keeping the
+ * larger one, emptied, if even that small calloc fails). */
 static void stripe_clear(stripe *s) {
-  entry *e = s->head, *next;
+  entry *e = s->head, *next, **b;
   for (; e != NULL; e = next) {
     next = e->next;
-    free(e);
+    entry_free(e);
   }
-  memset(s->buckets, 0, s->nbuckets * sizeof *s->buckets);
+  if (s->nbuckets > INITIAL_BUCKETS && (b = calloc(INITIAL_BUCKETS, sizeof *b)) != NULL) {
+    free(s->buckets);
+    s->buckets = b;
+    s->nbuckets = INITIAL_BUCKETS;
+  } else {
+    memset(s->buckets, 0, s->nbuckets * sizeof *s->buckets);
+  }
   s->head = s->tail = NULL;
   s->count = 0;
-  s->used = s->nbuckets * sizeof *s->buckets;
+  s->used = bucket_bytes(s->nbuckets);
 }
 
 /* --- a dictionary --------------------------------------------------------- */
@@ -314,14 +413,14 @@ static multiloop_dict_t *dict_new(const char *name, size_t namelen, size_t capac
   for (i = 0; i < n; i++) {
     stripe *s = &d->stripes[i];
     s->nbuckets = INITIAL_BUCKETS;
-    s->cap = capacity / n;
+    s->cap = capacity / n + (i == 0 ? capacity % n : 0);  /* they add up to capacity */
     s->buckets = calloc(s->nbuckets, sizeof *s->buckets);
     if (s->buckets == NULL || uv_mutex_init(&s->lock) != 0) {
       free(s->buckets);
       dict_free(d, i);
       return NULL;
     }
-    s->used = s->nbuckets * sizeof *s->buckets;
+    s->used = 0;
   }
   return d;
 }
@@ -375,18 +474,21 @@ static int copy_out(multiloop_scratch_t *buf, size_t off, const char *p, size_t 
 }
 
 /* Stores v under the key (mode: MULTILOOP_DICT_SET, _ADD only when absent,
- * _REPLACE only when present), expiring after ttl_ms (0: never). Returns
- * MULTILOOP_DICT_STORED, _STORED_FORCED (live entries were evicted), or
- * _EXISTS, _NOT_FOUND, _NO_MEMORY with nothing changed. */
+ * _REPLACE only when present; or'ed with MULTILOOP_DICT_SAFE, never evict a
+ * live entry), expiring after ttl_ms (0: never). A list under the key is
+ * replaced like any value. Returns MULTILOOP_DICT_STORED, _STORED_FORCED
+ * (live entries were evicted), or _EXISTS, _NOT_FOUND, _NO_MEMORY with
+ * nothing changed. */
 int multiloop_dict_store(multiloop_dict_t *d, int mode, const char *k, size_t kn,
                          const multiloop_value_t *v, uint64_t ttl_ms) {
   uint64_t now = uv_hrtime(), expires = ttl_ms == 0 ? 0 : now + ttl_ms * NS_PER_MS;
   uint64_t h = hash_key(d, k, kn);
   stripe *s = stripe_of(d, h);
-  size_t vlen = v->type == MULTILOOP_V_STRING ? v->len : 0;
+  size_t vlen = v->type == MULTILOOP_V_STRING ? v->len : 0, size = entry_size(kn, vlen);
+  int safe = (mode & MULTILOOP_DICT_SAFE) != 0, forced = 0;
   entry *old, *e;
-  int forced;
 
+  mode &= ~MULTILOOP_DICT_SAFE;
   uv_mutex_lock(&s->lock);
   old = find(s, h, k, kn, now);
   if (mode == MULTILOOP_DICT_ADD && old != NULL) {
@@ -397,45 +499,86 @@ int multiloop_dict_store(multiloop_dict_t *d, int mode, const char *k, size_t kn
     uv_mutex_unlock(&s->lock);
     return MULTILOOP_DICT_NOT_FOUND;
   }
-  if (old != NULL && old->vlen == vlen) { /* same size (all numbers): in place */
+  if (old != NULL && old->type != T_LIST && old->vlen == vlen) {  /* same size: in place */
     put_value(old, v);
     old->expires = expires;
     lru_touch(s, old);
     uv_mutex_unlock(&s->lock);
     return MULTILOOP_DICT_STORED;
   }
+  /* A safe store counts the old entry's bytes as free: it goes either way. */
+  if (safe) {
+    size_t old_size = old != NULL ? entry_size(old->klen, old->vlen) : 0;
+    if (size > old_size && !room_without_eviction(s, size - old_size, now)) {
+      uv_mutex_unlock(&s->lock);
+      return MULTILOOP_DICT_NO_MEMORY;
+    }
+  }
   /* Allocate before dropping the old entry, so a failure changes nothing. */
-  if (!fits(s, entry_size(kn, vlen)) || (e = new_entry(h, k, kn, v, expires)) == NULL) {
+  if (!fits(s, size) || (e = new_entry(h, k, kn, v, expires)) == NULL) {
     uv_mutex_unlock(&s->lock);
     return MULTILOOP_DICT_NO_MEMORY;
   }
   if (old != NULL) remove_entry(s, old);
-  forced = make_room(s, entry_size(kn, vlen), now);
+  if (!safe) forced = make_room(s, size, now);
   insert(s, e);
   uv_mutex_unlock(&s->lock);
   return forced ? MULTILOOP_DICT_STORED_FORCED : MULTILOOP_DICT_STORED;
 }
 
+/* Copies the entry's value out: a string's bytes into buf (which out->s
+ * then points at). 1, or MULTILOOP_DICT_OOM. */
+static int read_value(const entry *e, multiloop_value_t *out, multiloop_scratch_t *buf) {
+  get_value(e, out);
+  if (e->type != MULTILOOP_V_STRING) return 1;
+  if (copy_out(buf, 0, e->data + e->klen, e->vlen) != 0) return MULTILOOP_DICT_OOM;
+  out->s = buf->p;
+  out->len = e->vlen;
+  return 1;
+}
+
 /* The live value for the key into *out (a string's bytes into buf, which
  * out->s then points at); the entry becomes the most recently used. Returns
- * 1, 0 when absent or expired, or -1 when buf could not grow. */
+ * 1, 0 when absent or expired, MULTILOOP_DICT_WRONG_KIND for a list, or
+ * MULTILOOP_DICT_OOM when buf could not grow. */
 int multiloop_dict_get(multiloop_dict_t *d, const char *k, size_t kn, multiloop_value_t *out,
                        multiloop_scratch_t *buf) {
   uint64_t h = hash_key(d, k, kn);
   stripe *s = stripe_of(d, h);
   entry *e;
-  int rc = 1;
+  int rc = 0;
   uv_mutex_lock(&s->lock);
   if ((e = find(s, h, k, kn, uv_hrtime())) == NULL) {
     rc = 0;
+  } else if (e->type == T_LIST) {
+    rc = MULTILOOP_DICT_WRONG_KIND;
   } else {
     lru_touch(s, e);
-    get_value(e, out);
-    if (e->type == MULTILOOP_V_STRING) {
-      if (copy_out(buf, 0, e->data + e->klen, e->vlen) != 0) rc = -1;
-      out->s = buf->p;
-      out->len = e->vlen;
-    }
+    rc = read_value(e, out, buf);
+  }
+  uv_mutex_unlock(&s->lock);
+  return rc;
+}
+
+/* As get, but an expired entry that is still there is read too (and left
+ * there), *stale saying whether it had expired. A live entry becomes the
+ * most recently used; a stale one does not. */
+int multiloop_dict_get_stale(multiloop_dict_t *d, const char *k, size_t kn,
+                             multiloop_value_t *out, multiloop_scratch_t *buf, int *stale) {
+  uint64_t h = hash_key(d, k, kn);
+  stripe *s = stripe_of(d, h);
+  entry *e;
+  int rc = 0;
+  *stale = 0;
+  uv_mutex_lock(&s->lock);
+  if ((e = *lookup(s, h, k, kn)) == NULL) {
+    rc = 0;
+  } else if (e->type == T_LIST) {
+    rc = MULTILOOP_DICT_WRONG_KIND;
+  } else {
+    *stale = expired(e, uv_hrtime());
+    if (!*stale) lru_touch(s, e);
+    rc = read_value(e, out, buf);
   }
   uv_mutex_unlock(&s->lock);
   return rc;
@@ -456,13 +599,14 @@ int64_t multiloop_dict_ttl(multiloop_dict_t *d, const char *k, size_t kn) {
 }
 
 /* Adds n (a number) to the key's number, atomically, into *sum. A missing
- * key starts from *init (NULL: MULTILOOP_DICT_NOT_FOUND). Integers add as
- * integers (wrapping around, as in Lua); with a float on either side the
- * sum is a float. An existing entry keeps its ttl; one made from init has
- * none. Returns MULTILOOP_DICT_STORED (or _FORCED), or _NOT_FOUND,
- * _NOT_A_NUMBER, _NO_MEMORY. */
+ * key starts from *init (NULL: MULTILOOP_DICT_NOT_FOUND) and then expires
+ * after init_ttl_ms (0: never). Integers add as integers (wrapping around,
+ * as in Lua); with a float on either side the sum is a float. An existing
+ * entry keeps its ttl. Returns MULTILOOP_DICT_STORED (or _FORCED), or
+ * _NOT_FOUND, _NOT_A_NUMBER (a list too), _NO_MEMORY. */
 int multiloop_dict_incr(multiloop_dict_t *d, const char *k, size_t kn, const multiloop_value_t *n,
-                        const multiloop_value_t *init, multiloop_value_t *sum) {
+                        const multiloop_value_t *init, uint64_t init_ttl_ms,
+                        multiloop_value_t *sum) {
   uint64_t h = hash_key(d, k, kn), now = uv_hrtime();
   stripe *s = stripe_of(d, h);
   multiloop_value_t base;
@@ -475,9 +619,10 @@ int multiloop_dict_incr(multiloop_dict_t *d, const char *k, size_t kn, const mul
   uv_mutex_lock(&s->lock);
   e = find(s, h, k, kn, now);
   if (e != NULL) {
-    get_value(e, &base);
-    if (base.type != MULTILOOP_V_INTEGER && base.type != MULTILOOP_V_FLOAT)
+    if (e->type != MULTILOOP_V_INTEGER && e->type != MULTILOOP_V_FLOAT)
       rc = MULTILOOP_DICT_NOT_A_NUMBER;
+    else
+      get_value(e, &base);
   } else if (init == NULL) {
     rc = MULTILOOP_DICT_NOT_FOUND;
   }
@@ -493,7 +638,9 @@ int multiloop_dict_incr(multiloop_dict_t *d, const char *k, size_t kn, const mul
     if (e != NULL) {
       put_value(e, sum);
       lru_touch(s, e);
-    } else if (!fits(s, entry_size(kn, 0)) || (e = new_entry(h, k, kn, sum, 0)) == NULL) {
+    } else if (!fits(s, entry_size(kn, 0)) ||
+               (e = new_entry(h, k, kn, sum,
+                              init_ttl_ms == 0 ? 0 : now + init_ttl_ms * NS_PER_MS)) == NULL) {
       rc = MULTILOOP_DICT_NO_MEMORY;
     } else {
       if (make_room(s, entry_size(kn, 0), now)) rc = MULTILOOP_DICT_STORED_FORCED;
@@ -502,6 +649,18 @@ int multiloop_dict_incr(multiloop_dict_t *d, const char *k, size_t kn, const mul
   }
   uv_mutex_unlock(&s->lock);
   return rc;
+}
+
+/* Sets the live key's expiry to ttl_ms from now (0: never expires). 1, or 0
+ * when the key is absent. */
+int multiloop_dict_expire(multiloop_dict_t *d, const char *k, size_t kn, uint64_t ttl_ms) {
+  uint64_t h = hash_key(d, k, kn), now = uv_hrtime();
+  stripe *s = stripe_of(d, h);
+  entry *e;
+  uv_mutex_lock(&s->lock);
+  if ((e = find(s, h, k, kn, now)) != NULL) e->expires = ttl_ms == 0 ? 0 : now + ttl_ms * NS_PER_MS;
+  uv_mutex_unlock(&s->lock);
+  return e != NULL;
 }
 
 /* 1 when a live entry was removed, 0 when the key was absent. */
@@ -513,6 +672,206 @@ int multiloop_dict_delete(multiloop_dict_t *d, const char *k, size_t kn) {
   if ((e = find(s, h, k, kn, uv_hrtime())) != NULL) remove_entry(s, e);
   uv_mutex_unlock(&s->lock);
   return e != NULL;
+}
+
+/* --- lists ------------------------------------------------------------------ */
+
+/* The live list under the key into *out: 1, 0 when absent, or
+ * MULTILOOP_DICT_WRONG_KIND when the key holds another value. */
+static int find_list(stripe *s, uint64_t h, const char *k, size_t kn, uint64_t now,
+                     entry **out) {
+  entry *e = find(s, h, k, kn, now);
+  *out = e;
+  if (e == NULL) return 0;
+  return e->type == T_LIST ? 1 : MULTILOOP_DICT_WRONG_KIND;
+}
+
+/* Pushes v (an integer, float or string) at the head (left) or the tail of
+ * the key's list, made when absent; *len is the new length. Never evicts a
+ * live entry (as OpenResty): only expired ones at the LRU end make room.
+ * Returns MULTILOOP_DICT_STORED, or _NOT_A_LIST, _NO_MEMORY with nothing
+ * changed. */
+int multiloop_dict_push(multiloop_dict_t *d, const char *k, size_t kn, int left,
+                        const multiloop_value_t *v, size_t *len) {
+  uint64_t h = hash_key(d, k, kn), now = uv_hrtime();
+  stripe *s = stripe_of(d, h);
+  size_t nsize = list_node_size(v), need = nsize;
+  entry *e;
+  lnode *n;
+  list *l = NULL;
+  int found;
+
+  *len = 0;
+  uv_mutex_lock(&s->lock);
+  found = find_list(s, h, k, kn, now, &e);
+  if (found < 0) {
+    uv_mutex_unlock(&s->lock);
+    return MULTILOOP_DICT_NOT_A_LIST;
+  }
+  if (!found) need += entry_size(kn, sizeof(list));
+  /* The entry (a live one is not evicted) must fit whole, then the room. */
+  if (!fits(s, (found ? entry_size(kn, e->vlen) : 0) + need) ||
+      !room_without_eviction(s, need, now) || (n = malloc(nsize)) == NULL) {
+    uv_mutex_unlock(&s->lock);
+    return MULTILOOP_DICT_NO_MEMORY;
+  }
+  if (!found) {
+    multiloop_value_t none;
+    memset(&none, 0, sizeof none);
+    none.type = MULTILOOP_V_INTEGER;
+    if ((l = calloc(1, sizeof *l)) == NULL || (e = new_entry(h, k, kn, &none, 0)) == NULL) {
+      free(l);
+      free(n);
+      uv_mutex_unlock(&s->lock);
+      return MULTILOOP_DICT_NO_MEMORY;
+    }
+    e->type = T_LIST;
+    e->v.l = l;
+    e->vlen = sizeof(list);
+  } else {
+    l = e->v.l;
+    lru_touch(s, e);
+  }
+  n->type = v->type;
+  n->len = 0;
+  if (v->type == MULTILOOP_V_INTEGER) n->v.i = v->i;
+  else if (v->type == MULTILOOP_V_FLOAT) n->v.n = v->n;
+  else memcpy(n->data, v->s, n->len = v->len);
+  if (left) {
+    n->prev = NULL;
+    n->next = l->head;
+    if (l->head) l->head->prev = n;
+    else l->tail = n;
+    l->head = n;
+  } else {
+    n->next = NULL;
+    n->prev = l->tail;
+    if (l->tail) l->tail->next = n;
+    else l->head = n;
+    l->tail = n;
+  }
+  l->len++;
+  e->vlen += nsize;
+  if (found) s->used += nsize;
+  else insert(s, e);                     /* counts the entry, header and node */
+  *len = l->len;
+  uv_mutex_unlock(&s->lock);
+  return MULTILOOP_DICT_STORED;
+}
+
+/* A list element as a value (a string's bytes stay where they are). */
+static void node_value(const lnode *n, multiloop_value_t *v) {
+  memset(v, 0, sizeof *v);
+  v->type = n->type;
+  if (n->type == MULTILOOP_V_INTEGER) v->i = n->v.i;
+  else if (n->type == MULTILOOP_V_FLOAT) v->n = n->v.n;
+  else v->len = n->len;
+}
+
+/* Removes the head (left) or tail element of the key's list into *out (a
+ * string's bytes into buf); a list left empty is removed. Returns 1, 0 when
+ * the key is absent, MULTILOOP_DICT_WRONG_KIND when it is not a list, or
+ * MULTILOOP_DICT_OOM (nothing removed) when buf could not grow. */
+int multiloop_dict_pop(multiloop_dict_t *d, const char *k, size_t kn, int left,
+                       multiloop_value_t *out, multiloop_scratch_t *buf) {
+  uint64_t h = hash_key(d, k, kn);
+  stripe *s = stripe_of(d, h);
+  entry *e;
+  lnode *n;
+  list *l;
+  int rc;
+  uv_mutex_lock(&s->lock);
+  rc = find_list(s, h, k, kn, uv_hrtime(), &e);
+  if (rc != 1) goto done;
+  l = e->v.l;
+  n = left ? l->head : l->tail;          /* never NULL: an empty list is removed */
+  node_value(n, out);
+  if (n->type == MULTILOOP_V_STRING) {
+    if (copy_out(buf, 0, n->data, n->len) != 0) {
+      rc = MULTILOOP_DICT_OOM;
+      goto done;
+    }
+    out->s = buf->p;
+  }
+  if (n->prev) n->prev->next = n->next;
+  else l->head = n->next;
+  if (n->next) n->next->prev = n->prev;
+  else l->tail = n->prev;
+  l->len--;
+  e->vlen -= sizeof(lnode) + n->len;
+  s->used -= sizeof(lnode) + n->len;
+  free(n);
+  if (l->len == 0) remove_entry(s, e);
+  else lru_touch(s, e);
+done:
+  uv_mutex_unlock(&s->lock);
+  return rc;
+}
+
+/* The length of the key's list into *len (0 when absent): 0, or
+ * MULTILOOP_DICT_WRONG_KIND when the key is not a list. */
+int multiloop_dict_llen(multiloop_dict_t *d, const char *k, size_t kn, size_t *len) {
+  uint64_t h = hash_key(d, k, kn);
+  stripe *s = stripe_of(d, h);
+  entry *e;
+  int rc;
+  *len = 0;
+  uv_mutex_lock(&s->lock);
+  rc = find_list(s, h, k, kn, uv_hrtime(), &e);
+  if (rc == 1) {
+    *len = e->v.l->len;
+    lru_touch(s, e);
+  }
+  uv_mutex_unlock(&s->lock);
+  return rc < 0 ? rc : 0;
+}
+
+/* The elements start..stop of the key's list, by Redis's rules (0-based,
+ * negative counts from the end, both ends included, clipped to the list),
+ * copied into buf as records: a multiloop_value_t (s NULL), then a
+ * string's bytes; *count says how many. Returns 0 (an absent key has no
+ * elements), MULTILOOP_DICT_WRONG_KIND when the key is not a list, or
+ * MULTILOOP_DICT_OOM when buf could not grow. */
+int multiloop_dict_lrange(multiloop_dict_t *d, const char *k, size_t kn, int64_t start,
+                          int64_t stop, multiloop_scratch_t *buf, size_t *count) {
+  uint64_t h = hash_key(d, k, kn);
+  stripe *s = stripe_of(d, h);
+  size_t off = 0, i;
+  int64_t len;
+  entry *e;
+  lnode *n;
+  int rc;
+  *count = 0;
+  uv_mutex_lock(&s->lock);
+  rc = find_list(s, h, k, kn, uv_hrtime(), &e);
+  if (rc != 1) goto done;
+  rc = 0;
+  lru_touch(s, e);
+  len = (int64_t)e->v.l->len;
+  if (start < 0) start = start < -len ? 0 : start + len;
+  if (stop < 0) stop += len;             /* may stay negative: then empty */
+  if (stop >= len) stop = len - 1;
+  if (start > stop) goto done;
+  /* Walk from the nearer end. */
+  if (start <= len - 1 - stop) {
+    for (n = e->v.l->head, i = 0; i < (size_t)start; i++) n = n->next;
+  } else {
+    for (n = e->v.l->tail, i = (size_t)(len - 1); i > (size_t)start; i--) n = n->prev;
+  }
+  for (i = (size_t)start; i <= (size_t)stop; i++, n = n->next) {
+    multiloop_value_t v;
+    node_value(n, &v);
+    if (copy_out(buf, off, (const char *)&v, sizeof v) != 0 ||
+        copy_out(buf, off + sizeof v, n->data, n->len) != 0) {
+      rc = MULTILOOP_DICT_OOM;
+      break;
+    }
+    off += sizeof v + n->len;
+    (*count)++;
+  }
+done:
+  uv_mutex_unlock(&s->lock);
+  return rc < 0 ? rc : 0;
 }
 
 /* --- the whole dictionary: one stripe at a time, so not a snapshot -------- */
@@ -530,7 +889,7 @@ int multiloop_dict_keys(multiloop_dict_t *d, size_t max, multiloop_scratch_t *bu
     stripe *s = &d->stripes[i];
     entry *e;
     uv_mutex_lock(&s->lock);
-    purge_expired(s, now);
+    purge_expired(s, now, 0);
     for (e = s->head; e != NULL && (max == 0 || n < max); e = e->next) {
       if (copy_out(buf, off, (const char *)&e->klen, sizeof e->klen) != 0 ||
           copy_out(buf, off + sizeof e->klen, e->data, e->klen) != 0) {
@@ -554,13 +913,28 @@ size_t multiloop_dict_count(multiloop_dict_t *d) {
   for (i = 0; i < d->nstripes; i++) {
     stripe *s = &d->stripes[i];
     uv_mutex_lock(&s->lock);
-    purge_expired(s, now);
+    purge_expired(s, now, 0);
     total += s->count;
     uv_mutex_unlock(&s->lock);
   }
   return total;
 }
 
+/* Frees up to max expired entries (0: every one); returns how many. */
+size_t multiloop_dict_flush_expired(multiloop_dict_t *d, size_t max) {
+  uint64_t now = uv_hrtime();
+  size_t total = 0;
+  unsigned i;
+  for (i = 0; i < d->nstripes && (max == 0 || total < max); i++) {
+    stripe *s = &d->stripes[i];
+    uv_mutex_lock(&s->lock);
+    total += purge_expired(s, now, max == 0 ? 0 : max - total);
+    uv_mutex_unlock(&s->lock);
+  }
+  return total;
+}
+
+/* Frees every entry; the buckets go back to their first size. */
 void multiloop_dict_flush(multiloop_dict_t *d) {
   unsigned i;
   for (i = 0; i < d->nstripes; i++) {

@@ -302,16 +302,23 @@ typedef struct {                       /* where reads copy strings to */
 } multiloop_scratch_t;
 
 enum { MULTILOOP_DICT_SET, MULTILOOP_DICT_ADD, MULTILOOP_DICT_REPLACE };
+#define MULTILOOP_DICT_SAFE 0x10       /* or'ed into a mode: never evict a live entry */
 enum {
   MULTILOOP_DICT_STORED,
   MULTILOOP_DICT_STORED_FORCED,        /* stored, evicting live entries */
   MULTILOOP_DICT_EXISTS,
   MULTILOOP_DICT_NOT_FOUND,
   MULTILOOP_DICT_NOT_A_NUMBER,
-  MULTILOOP_DICT_NO_MEMORY
+  MULTILOOP_DICT_NO_MEMORY,
+  MULTILOOP_DICT_NOT_A_LIST            /* a list operation met another value */
 };
+/* Negative results of the reads (get, pop, llen, lrange). */
+#define MULTILOOP_DICT_OOM (-1)        /* the scratch buffer could not grow */
+#define MULTILOOP_DICT_WRONG_KIND (-2) /* get met a list; a list read met a value */
 
 #define MULTILOOP_DICT_MAX_TTL_MS INT64_C(1000000000000)   /* about 31 years */
+#define MULTILOOP_DICT_MIN_CAPACITY 4096
+#define MULTILOOP_DICT_MAX_CAPACITY (INT64_C(1) << 40)    /* 1 TiB: a ceiling, not a reservation */
 
 multiloop_dict_t *multiloop_dict_acquire(const char *name, size_t namelen, size_t capacity);
 void multiloop_dict_release(multiloop_dict_t *d);
@@ -322,9 +329,21 @@ int multiloop_dict_store(multiloop_dict_t *d, int mode, const char *k, size_t kn
 int multiloop_dict_get(multiloop_dict_t *d, const char *k, size_t kn, multiloop_value_t *out,
                        multiloop_scratch_t *buf);
 int64_t multiloop_dict_ttl(multiloop_dict_t *d, const char *k, size_t kn);
+int multiloop_dict_get_stale(multiloop_dict_t *d, const char *k, size_t kn,
+                             multiloop_value_t *out, multiloop_scratch_t *buf, int *stale);
 int multiloop_dict_incr(multiloop_dict_t *d, const char *k, size_t kn, const multiloop_value_t *n,
-                        const multiloop_value_t *init, multiloop_value_t *sum);
+                        const multiloop_value_t *init, uint64_t init_ttl_ms,
+                        multiloop_value_t *sum);
+int multiloop_dict_expire(multiloop_dict_t *d, const char *k, size_t kn, uint64_t ttl_ms);
 int multiloop_dict_delete(multiloop_dict_t *d, const char *k, size_t kn);
+int multiloop_dict_push(multiloop_dict_t *d, const char *k, size_t kn, int left,
+                        const multiloop_value_t *v, size_t *len);
+int multiloop_dict_pop(multiloop_dict_t *d, const char *k, size_t kn, int left,
+                       multiloop_value_t *out, multiloop_scratch_t *buf);
+int multiloop_dict_llen(multiloop_dict_t *d, const char *k, size_t kn, size_t *len);
+int multiloop_dict_lrange(multiloop_dict_t *d, const char *k, size_t kn, int64_t start,
+                          int64_t stop, multiloop_scratch_t *buf, size_t *count);
+size_t multiloop_dict_flush_expired(multiloop_dict_t *d, size_t max);
 int multiloop_dict_keys(multiloop_dict_t *d, size_t max, multiloop_scratch_t *buf,
                         size_t *count);
 size_t multiloop_dict_count(multiloop_dict_t *d);

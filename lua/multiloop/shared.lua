@@ -17,6 +17,11 @@
 local core = require("multiloop.core")
 
 local MIN_CAPACITY = 4096                 -- src/shared.c says the same
+-- A ceiling, not a reservation: entries are allocated one at a time, so this
+-- only bounds how far a dictionary may grow before it evicts. 1 TiB keeps
+-- every size sum far from overflow; a capacity beyond the machine's memory
+-- is still the caller's mistake to avoid (the eviction would never come).
+local MAX_CAPACITY = 1 << 40              -- and this
 
 local defaults = {
   capacity = 1024 * 1024,
@@ -33,8 +38,9 @@ end
 local checks = {
   capacity = function(v)
     local n = type(v) == "number" and math.tointeger(v)
-    if not n or n < MIN_CAPACITY then
-      fail("capacity", ("must be an integer number of bytes, at least %d"):format(MIN_CAPACITY), v)
+    if not n or n < MIN_CAPACITY or n > MAX_CAPACITY then
+      fail("capacity", ("must be an integer number of bytes from %d to 2^40 (1 TiB)")
+        :format(MIN_CAPACITY), v)
     end
     return n
   end,
