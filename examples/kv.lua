@@ -29,18 +29,22 @@
 -- canonical text of a 64-bit integer ("42", "-7", not "007" or "+1") is
 -- stored as an integer, so that INCR is a single atomic incr on the
 -- dictionary. Memory is bounded by the dictionary's capacity
--- (worker.config.capacity, default 16 MiB): when full, its least recently
--- used keys are evicted; a value too large for it gets an OOM error.
+-- (worker.config.capacity, default 64 MiB): when full, its least recently
+-- used keys are evicted; a value too large for it gets an OOM error. One key
+-- lives in one of the dictionary's 16 stripes, so a value, or a whole list,
+-- holds at most a 16th of the capacity (4 MiB: a list of about 90,000 short
+-- values; redis-benchmark -n 20000 grows one to 40,000), and a push never
+-- evicts another key to make room: it gets the OOM error.
 --
 -- Atomicity: each dictionary call is atomic, so a command that is one call
--- is (SET, GET, SETNX, DEL of one key, INCR, a single-value LPUSH, an LPOP
--- without a count, LLEN, LRANGE). The others are several calls, and another
+-- is (SET, GET, SETNX, DEL of one key, INCR, EXPIRE, a single-value LPUSH,
+-- an LPOP without a count, LLEN, LRANGE). The others are several calls, and another
 -- worker's command may land in between: MSET, MGET, DEL and EXISTS of many
 -- keys act key by key; LPUSH and RPUSH with several values push them one by
 -- one (another client's push or pop may come between two of them, and the
 -- length replied is the one after the last); LPOP and RPOP with a count pop
--- one by one; GETSET, APPEND and EXPIRE read the value and write it back
--- (a write from another worker in between is lost). APPEND copies the whole
+-- one by one; GETSET and APPEND read the value and write it back (a write
+-- from another worker in between is lost). APPEND copies the whole
 -- value each time (the dictionary has no in-place append), so building a
 -- large value with many APPENDs costs what its size squared does.
 local multiloop = require("multiloop")
@@ -413,18 +417,14 @@ function commands.decrby(args)
 end
 
 -- EXPIRE key seconds: 1 when the key exists (a time of 0 or less deletes
--- it), 0 when it does not.
+-- it), 0 when it does not. One atomic call, for lists too.
 function commands.expire(args)
   if #args ~= 3 then return wrong_args("expire") end
   local s = canonical_integer(args[3])
   if not s then return NOT_INTEGER end
   if s <= 0 then return int(db:delete(args[2]) and 1 or 0) end
   if s > MAX_TTL_MS // 1000 then return err("ERR invalid expire time in 'expire' command") end
-  local v = db:get(args[2])
-  if v == nil then return int(0) end
-  local ok, why = db:replace(args[2], v, s * 1000)
-  if ok then return int(1) end
-  return why == "no memory" and OOM or int(0)
+  return int(db:expire(args[2], s * 1000) and 1 or 0)
 end
 
 -- TTL/PTTL key: -2 when missing, -1 without expiry, else the time left,
@@ -559,13 +559,23 @@ end
 -- CONFIG GET parameter [parameter ...]: the few parameters there are, by
 -- name (case-insensitive, answered with the name as asked) or by glob
 -- pattern (answered with their own names), each once. redis-benchmark asks
--- for "save" and "appendonly": nothing is saved. Other subcommands, CONFIG
--- SET included, get Redis's answer to a subcommand it does not know.
+-- for "save" and "appendonly": nothing is saved. CONFIG HELP lists GET;
+-- other subcommands, CONFIG SET included, get Redis's answer to a
+-- subcommand it does not know.
 local config_names = { "save", "appendonly", "databases", "maxmemory", "maxmemory-policy" }
+
+local CONFIG_HELP = array({
+  "+CONFIG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:\r\n",
+  "+GET <pattern>\r\n",
+  "+    Return parameters matching the glob-like <pattern> and their values.\r\n",
+  "+HELP\r\n", "+    Prints this help.\r\n",
+})
 
 function commands.config(args)
   if #args < 2 then return wrong_args("config") end
-  if args[2]:lower() ~= "get" then return unknown_subcommand(args) end
+  local sub = args[2]:lower()
+  if sub == "help" then return #args == 2 and CONFIG_HELP or wrong_args("config|help") end
+  if sub ~= "get" then return unknown_subcommand(args) end
   if #args < 3 then return wrong_args("config|get") end
   local values = {
     save = "", appendonly = "no", databases = "1",
@@ -695,7 +705,7 @@ local kv = {}
 
 function kv.init(worker)
   local config = worker.config or {}
-  local capacity = config.capacity or 16 * 1024 * 1024
+  local capacity = config.capacity or 64 * 1024 * 1024
   db = multiloop.shared(config.name or "kv", { capacity = capacity })
   max_bulk = math.max(capacity, 1024 * 1024)
   local stat = io.open("/proc/self/stat")     -- the process id, for INFO
