@@ -21,8 +21,8 @@
  * resizing O(1) amortised), and flush goes back to the first size, so space
  * the buckets took is usable again once the entries are gone. The capacity
  * is a ceiling, not a reservation: entries are malloc'ed one at a time, and
- * a malloc that fails reports no memory. When an entry does not fit, the stripe's
- * least recently used entries are freed until it does (a store reports
+ * a malloc that fails reports no memory. When an entry does not fit, the
+ * stripe's least recently used entries are freed until it does (a store reports
  * MULTILOOP_DICT_STORED_FORCED when a live one went); an entry larger than
  * a stripe's share is refused (MULTILOOP_DICT_NO_MEMORY) and nothing
  * changes. A "safe" store and a list push never evict a live entry: they
@@ -339,17 +339,19 @@ static entry *new_entry(uint64_t h, const char *k, size_t kn, const multiloop_va
   return e;
 }
 
-/* Frees every entry and goes back to the first bucket array (keeping the
- * larger one, emptied, if even that small calloc fails). */
-static void stripe_clear(stripe *s) {
-  entry *e = s->head, *next, **b;
+/* Frees every entry and goes back to the first bucket array `small` (a
+ * zeroed one of INITIAL_BUCKETS, or NULL), keeping the larger one, emptied,
+ * when there is none. Returns the array left over for the caller to free:
+ * the old one, or `small` when it was not needed. */
+static entry **stripe_clear(stripe *s, entry **small) {
+  entry *e = s->head, *next, **old = small;
   for (; e != NULL; e = next) {
     next = e->next;
     entry_free(e);
   }
-  if (s->nbuckets > INITIAL_BUCKETS && (b = calloc(INITIAL_BUCKETS, sizeof *b)) != NULL) {
-    free(s->buckets);
-    s->buckets = b;
+  if (s->nbuckets > INITIAL_BUCKETS && small != NULL) {
+    old = s->buckets;
+    s->buckets = small;
     s->nbuckets = INITIAL_BUCKETS;
   } else {
     memset(s->buckets, 0, s->nbuckets * sizeof *s->buckets);
@@ -357,6 +359,7 @@ static void stripe_clear(stripe *s) {
   s->head = s->tail = NULL;
   s->count = 0;
   s->used = bucket_bytes(s->nbuckets);
+  return old;
 }
 
 /* --- a dictionary --------------------------------------------------------- */
@@ -381,7 +384,7 @@ static stripe *stripe_of(multiloop_dict_t *d, uint64_t h) {
 static void dict_free(multiloop_dict_t *d, unsigned nready) {
   unsigned i;
   for (i = 0; i < nready; i++) {
-    stripe_clear(&d->stripes[i]);
+    stripe_clear(&d->stripes[i], NULL);
     free(d->stripes[i].buckets);
     uv_mutex_destroy(&d->stripes[i].lock);
   }
@@ -939,9 +942,11 @@ void multiloop_dict_flush(multiloop_dict_t *d) {
   unsigned i;
   for (i = 0; i < d->nstripes; i++) {
     stripe *s = &d->stripes[i];
+    entry **small = calloc(INITIAL_BUCKETS, sizeof *small);  /* outside the lock */
     uv_mutex_lock(&s->lock);
-    stripe_clear(s);
+    small = stripe_clear(s, small);
     uv_mutex_unlock(&s->lock);
+    free(small);                         /* the one not used, or NULL */
   }
 }
 

@@ -136,8 +136,9 @@ static int stored(int status) {
 /* d:set/add/replace(key, value [, ttl_ms]) -> true, nil, forcible
  * or false, "exists" | "not found" | "no memory", false. forcible is true
  * when live (unexpired) entries were evicted to make room.
- * d:safe_set/safe_add(key, value [, ttl_ms]) -> true, nil, or false, "exists"
- * | "no memory": they never evict a live entry (OpenResty's two results). */
+ * d:safe_set/safe_add(key, value [, ttl_ms]) -> the same, but they never
+ * evict a live entry: false, "no memory", false instead (forcible is always
+ * false, as from OpenResty's resty.core). */
 static int store_method(lua_State *L, int mode) {
   shared_ud *u = check_shared(L);
   size_t kn;
@@ -154,8 +155,7 @@ static int store_method(lua_State *L, int mode) {
   } else {
     push_fail(L, 1, status_text(r));
   }
-  if (mode & MULTILOOP_DICT_SAFE) return 2;
-  lua_pushboolean(L, r == MULTILOOP_DICT_STORED_FORCED);
+  lua_pushboolean(L, r == MULTILOOP_DICT_STORED_FORCED);   /* never, when safe */
   return 3;
 }
 
@@ -488,7 +488,8 @@ int multiloop_shared_open(lua_State *L) {
   u = lua_newuserdatauv(L, sizeof *u, 0);
   memset(u, 0, sizeof *u);                          /* a valid, released object first */
   luaL_setmetatable(L, SHARED_MT);
+  /* The capacity is not allocated up front: only the stripes are. */
   if ((u->d = multiloop_dict_acquire(name, namelen, (size_t)capacity)) == NULL)
-    return luaL_error(L, "not enough memory");
+    return luaL_error(L, "multiloop.shared: not enough memory for dictionary '%s'", name);
   return 1;
 }
