@@ -1,17 +1,19 @@
 -- examples/kv.lua: a small Redis-compatible key-value server (RESP2) whose
 -- data lives in a shared dictionary, so every worker serves the same keys.
 -- Loaded in each worker; examples/kv_server.lua runs it (try
--- `redis-cli -p 6380`, or `redis-benchmark -p 6380 -q`).
+-- `redis-cli -p 6380`; its header gives a redis-benchmark run).
 --
 -- Commands: PING, ECHO, SET (EX, PX, NX, XX), GET, MSET, MGET, SETNX,
 -- GETSET, APPEND, STRLEN, DEL, EXISTS, TYPE, KEYS, INCR, INCRBY, DECR,
 -- DECRBY, EXPIRE, TTL, PTTL, LPUSH, RPUSH, LPOP, RPOP (with a count), LLEN,
 -- LRANGE, DBSIZE, FLUSHALL (FLUSHDB), SELECT 0, INFO (the "# Server"
 -- section), CONFIG GET, COMMAND (empty), QUIT. Replies, errors included,
--- are Redis 7.0's bytes; any other command (or CONFIG subcommand) gets
--- Redis's answer to one it does not know. Requests are RESP arrays of bulk
--- strings, or inline commands (words separated by spaces, as typed into
--- telnet).
+-- are the bytes Redis 7.0 sends (spec/kv_spec.lua compares them with
+-- redis-server's) wherever the model is the same: it differs in having one
+-- database, a short INFO and CONFIG values of its own. Any other command (or
+-- CONFIG subcommand) gets Redis's answer to one it does not know. Requests
+-- are RESP arrays of bulk strings, or inline commands (words separated by
+-- spaces, one request a line, as typed into telnet).
 --
 -- The parser is incremental and keeps its place between reads, so requests
 -- split across reads (even byte by byte) and many requests in one read
@@ -38,15 +40,15 @@
 --
 -- Atomicity: each dictionary call is atomic, so a command that is one call
 -- is (SET, GET, SETNX, DEL of one key, INCR, EXPIRE, a single-value LPUSH,
--- an LPOP without a count, LLEN, LRANGE). The others are several calls, and another
--- worker's command may land in between: MSET, MGET, DEL and EXISTS of many
--- keys act key by key; LPUSH and RPUSH with several values push them one by
--- one (another client's push or pop may come between two of them, and the
--- length replied is the one after the last); LPOP and RPOP with a count pop
--- one by one; GETSET and APPEND read the value and write it back (a write
--- from another worker in between is lost). APPEND copies the whole
--- value each time (the dictionary has no in-place append), so building a
--- large value with many APPENDs costs what its size squared does.
+-- an LPOP without a count, LLEN, LRANGE). The others are several calls, and
+-- another worker's command may land in between: MSET, MGET, DEL and EXISTS
+-- of many keys act key by key; LPUSH and RPUSH with several values push
+-- them one by one (another client's push or pop may come between two of
+-- them, and the length replied is the one after the last); LPOP and RPOP
+-- with a count pop one by one; GETSET and APPEND read the value and write it
+-- back (a write from another worker in between is lost). APPEND copies the
+-- whole value each time (the dictionary has no in-place append), so
+-- building a large value with many APPENDs costs what its size squared does.
 local multiloop = require("multiloop")
 
 local MAX_ARGS = 1024 * 1024
