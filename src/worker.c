@@ -402,9 +402,10 @@ int multiloop_worker_start(multiloop_worker_t *w) {
  * ms, or at once (0: the preallocated message, so this cannot fail for lack
  * of memory). Returns 0, or UV_ECANCELED when the worker has already ended. */
 int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout) {
-  multiloop_msg_t *msg = timeout > 0 ? malloc(sizeof *msg) : NULL;
+  multiloop_msg_t *msg;
   int rc;
   if (!w->thread_started || w->failed) return UV_ECANCELED;
+  msg = timeout > 0 ? malloc(sizeof *msg) : NULL;
   if (msg == NULL) {
     msg = w->stop_msg;
     timeout = 0;
