@@ -93,7 +93,7 @@ check-lint-deps:
 # Everything, missing or not (BENCH=yes: the benchmark's peers too).
 deps:
 	$(SUDO) apt-get update -q
-	$(APT_INSTALL) $(BUILD_PACKAGES) $(TEST_PACKAGES) $(if $(filter yes,$(BENCH)),$(BENCH_PACKAGES))
+	$(APT_INSTALL) $(strip $(BUILD_PACKAGES) $(TEST_PACKAGES) $(if $(filter yes,$(BENCH)),$(BENCH_PACKAGES)))
 
 run: check-deps
 	@$(MAKE) --no-print-directory build
