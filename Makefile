@@ -3,7 +3,7 @@
 #   make run      build and start examples/echo.lua on 127.0.0.1:7000
 #   make test     run the specs (prints "N passed, N failed" last)
 #   make lint     luacheck, cppcheck and gcc -fanalyzer, all clean
-#   make deps     install the Debian packages the project needs
+#   make deps     install the Debian packages the project needs that are missing
 #   make install  copy the module and the Lua files to LIBDIR and LUADIR
 # Only `deps`, `run` and `test` install packages, and `run` and `test` only
 # the ones that are missing. Every other goal (the build, `lint`, `asan`,
@@ -90,10 +90,10 @@ check-test-deps:
 check-lint-deps:
 	$(call need,$(BUILD_PACKAGES) $(LINT_PACKAGES))
 
-# Everything, missing or not (BENCH=yes: the benchmark's peers too).
+# Whatever is missing of everything (BENCH=yes: the benchmark's peers too);
+# nothing to do, and no network, when all is installed.
 deps:
-	$(SUDO) apt-get update -q
-	$(APT_INSTALL) $(strip $(BUILD_PACKAGES) $(TEST_PACKAGES) $(if $(filter yes,$(BENCH)),$(BENCH_PACKAGES)))
+	$(call need,$(BUILD_PACKAGES) $(TEST_PACKAGES) $(if $(filter yes,$(BENCH)),$(BENCH_PACKAGES)))
 
 run: check-deps
 	@$(MAKE) --no-print-directory build
