@@ -10,6 +10,9 @@ files["spec"] = {
   max_line_length = false,
   ignore = { "431" },             -- shadowing an upvalue
 }
+-- Fixtures are handlers and scripts that run in a worker or a child lua5.4,
+-- where busted's globals do not exist.
+files["spec/fixtures"] = { std = "lua54" }
 -- Deliberately broken: the specs check how a handler with a syntax error fails.
 exclude_files = { "spec/fixtures/syntax_error.lua" }
 
