@@ -2,15 +2,49 @@
 #   make          build build/multiloop/core.so
 #   make run      build and start examples/echo.lua on 127.0.0.1:7000
 #   make test     run the specs (prints "N passed, N failed" last)
-#   make deps     install the Debian packages the project needs
+#   make lint     luacheck, cppcheck and gcc -fanalyzer, all clean
+#   make deps     install the Debian packages the project needs that are missing
 #   make install  copy the module and the Lua files to LIBDIR and LUADIR
-# `build`, `run` and `test` call `deps` only when a package is missing
-# (CHECK_DEPS=no skips that: `luarocks make` sets it, see the rockspec).
+# Only `deps`, `run` and `test` install packages, and `run` and `test` only
+# the ones that are missing. Every other goal (the build, `lint`, `asan`,
+# `tsan`, `valgrind`, `bench`) stops at once, naming what is missing.
+# CHECK_DEPS=no skips the check (`luarocks make` sets it, see the rockspec).
 
 LUA      ?= lua5.4
-PACKAGES := lua5.4 liblua5.4-dev libuv1-dev pkg-config lua-busted lua-socket
+# Debian packages: what the build needs, and what the specs, the sanitizer
+# runs and `make lint` need on top (the examples' specs drive them with
+# redis-cli and redis-benchmark from redis-tools, ab from apache2-utils, and
+# curl). LINT_PACKAGES is the part of TEST_PACKAGES that `make lint` uses.
+BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev pkg-config
+LINT_PACKAGES  ?= lua-check cppcheck
+TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server apache2-utils curl \
+                  valgrind $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes
+
+# Under these goals a missing package is installed; under any other, named.
+ON_MISSING := $(if $(filter deps run test,$(MAKECMDGOALS)),install,fail)
+
+# $(call need,PACKAGES): a recipe line that checks the Debian packages are
+# installed and, when some are not, installs them (ON_MISSING=install) or
+# stops naming them. Machines without dpkg are not checked.
+APT_INSTALL = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+define need
+@if [ "$(CHECK_DEPS)" != no ] && command -v dpkg-query >/dev/null 2>&1; then \
+  missing() { for p in $(1); do \
+    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || printf ' %s' $$p; \
+  done; }; \
+  m=$$(missing); \
+  if [ -n "$$m" ] && [ "$(ON_MISSING)" = install ]; then \
+    echo "multiloop: installing missing Debian packages:$$m"; \
+    $(SUDO) apt-get update -q && $(APT_INSTALL) $$m; \
+    m=$$(missing); \
+  fi; \
+  if [ -n "$$m" ]; then \
+    echo "multiloop: missing Debian packages:$$m; run 'make deps'" >&2; exit 1; \
+  fi; \
+fi
+endef
 
 SRC      := $(wildcard src/*.c)
 HDR      := $(wildcard src/*.h)
@@ -40,7 +74,7 @@ LIBS_ALL   = -L$(LIBUV_LIBDIR) -luv -pthread $(LIBS)
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
 
-.PHONY: all build run test deps check-deps install clean
+.PHONY: all build run test deps check-deps check-test-deps check-lint-deps lint install clean
 
 all: build
 build: $(MODULE)
@@ -50,25 +84,49 @@ $(MODULE): $(SRC) $(HDR) Makefile | check-deps
 	$(CC) $(CFLAGS_ALL) $(LIBFLAG) -o $@ $(SRC) $(LIBS_ALL)
 
 check-deps:
-ifneq ($(CHECK_DEPS),no)
-	@missing=""; for p in $(PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then echo "missing:$$missing"; $(MAKE) --no-print-directory deps; fi
-endif
+	$(call need,$(BUILD_PACKAGES))
+check-test-deps:
+	$(call need,$(BUILD_PACKAGES) $(TEST_PACKAGES))
+check-lint-deps:
+	$(call need,$(BUILD_PACKAGES) $(LINT_PACKAGES))
 
+# Whatever is missing of everything (BENCH=yes: the benchmark's peers too);
+# nothing to do, and no network, when all is installed.
 deps:
-	$(SUDO) apt-get update -q
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PACKAGES)
+	$(call need,$(BUILD_PACKAGES) $(TEST_PACKAGES) $(if $(filter yes,$(BENCH)),$(BENCH_PACKAGES)))
 
-run: build
+run: check-deps
+	@$(MAKE) --no-print-directory build
 	$(LUA) examples/echo.lua
 
 # SPECS picks spec files: make test SPECS=spec/stop_spec.lua (also asan, valgrind).
+# Each file's stderr (tracebacks the specs provoke, sanitizer reports) goes
+# to $(BUILD)/spec-logs/; spec/run.sh prints its tail when the file fails.
 SPECS ?= spec/*_spec.lua
 
-test: build
-	@LUA=$(LUA) sh spec/run.sh $(SPECS)
+test: check-test-deps
+	@$(MAKE) --no-print-directory build
+	@LUA=$(LUA) SPEC_LOGS=$(BUILD)/spec-logs sh spec/run.sh $(SPECS)
+
+# --- lint -------------------------------------------------------------------
+# luacheck reads .luacheckrc. cppcheck sees our headers only, as its manual
+# advises: the Lua API comes from its own lua.cfg (which knows luaL_error
+# never returns), libc's from posix.cfg; its one suppression is a false
+# positive: lua_pushfstring's %I (a lua_Integer) is not printf's %I.
+# gcc -fanalyzer compiles each file once more, for its warnings only;
+# src/lua_noreturn.h tells it which Lua functions never return.
+CPPCHECK = cppcheck -q --std=c11 --enable=warning,performance,portability \
+           --error-exitcode=1 --inline-suppr --library=posix --library=lua -Isrc \
+           --suppress=missingIncludeSystem --suppress=invalidLengthModifierError
+ANALYZER_CC ?= gcc
+
+lint: check-lint-deps
+	luacheck -q --no-color lua spec examples bench
+	$(CPPCHECK) $(SRC)
+	@for f in $(SRC); do \
+	  echo "$(ANALYZER_CC) -fanalyzer $$f"; \
+	  $(ANALYZER_CC) $(filter-out $(OPTFLAGS),$(CFLAGS_ALL)) -O0 -Werror -fanalyzer -c -o /dev/null $$f || exit 1; \
+	done
 
 install: build
 	install -d $(DESTDIR)$(LIBDIR)/multiloop $(DESTDIR)$(LUADIR)/multiloop
@@ -86,13 +144,13 @@ SAN_FLAGS  := -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=all
 ASAN_RT     = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libubsan.so)
 
 .PHONY: asan valgrind
-asan: | check-deps
+asan: check-test-deps
 	$(MAKE) --no-print-directory BUILD=build-asan \
 	  OPTFLAGS="$(SAN_FLAGS) -fsanitize=address,undefined" LIBS="-fsanitize=address,undefined" build
 	@LD_PRELOAD="$(ASAN_RT)" LUA_CPATH="./build-asan/?.so;;" SANITIZER=asan \
 	  ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=86" \
 	  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-	  LUA=$(LUA) sh spec/run.sh $(SPECS)
+	  SPEC_LOGS=build-asan/spec-logs LUA=$(LUA) sh spec/run.sh $(SPECS)
 
 # ThreadSanitizer: the specs that exercise threads, with the module built
 # under TSan and the runtime preloaded into lua5.4 only (dash crashes under
@@ -106,11 +164,11 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/kv_spec.lua spec/unix_spec.lua
 
 .PHONY: tsan
-tsan: | check-deps
+tsan: check-test-deps
 	$(MAKE) --no-print-directory BUILD=build-tsan \
 	  OPTFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" LIBS="-fsanitize=thread" build
 	@LUA_CPATH="./build-tsan/?.so;;" BUSTED_ARGS="--exclude-tags=child" SANITIZER=tsan \
-	  TSAN_OPTIONS="halt_on_error=1:exitcode=66:io_sync=2:suppressions=$(CURDIR)/spec/tsan.supp" \
+	  SPEC_LOGS=build-tsan/spec-logs TSAN_OPTIONS="halt_on_error=1:exitcode=66:io_sync=2:suppressions=$(CURDIR)/spec/tsan.supp" \
 	  LUA="env LD_PRELOAD=$(TSAN_RT) $(LUA)" sh spec/run.sh $(TSAN_SPECS)
 
 # Valgrind memcheck over the specs: any error, or a definite or indirect leak,
@@ -120,8 +178,9 @@ VALGRIND = valgrind --quiet --error-exitcode=1 --leak-check=full \
            --trace-children=no --suppressions=$(CURDIR)/spec/valgrind.supp
 
 .PHONY: valgrind
-valgrind: build
-	@BUSTED_ARGS="--exclude-tags=stress" SANITIZER=valgrind LUA="$(VALGRIND) $(LUA)" sh spec/run.sh $(SPECS)
+valgrind: check-test-deps
+	@$(MAKE) --no-print-directory build
+	@SPEC_LOGS=$(BUILD)/spec-logs/valgrind BUSTED_ARGS="--exclude-tags=stress" SANITIZER=valgrind LUA="$(VALGRIND) $(LUA)" sh spec/run.sh $(SPECS)
 
 # `make bench` and friends; optional, so the Makefile works without bench/.
 -include bench/bench.mk

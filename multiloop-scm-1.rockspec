@@ -6,10 +6,24 @@ source = {
    url = "git+https://example.invalid/multiloop.git",
 }
 
+-- No homepage: the project has no public address yet (see source.url).
 description = {
-   summary = "A multi-threaded TCP server for Lua 5.4 on libuv: one acceptor thread, N worker threads each with its own loop and Lua state",
+   summary = "A multi-threaded TCP server for Lua 5.4 on libuv: N worker threads, each with its own loop and Lua state",
+   detailed = [[
+multiloop is a TCP (and Unix socket) server for Lua 5.4 that uses every
+core: N worker threads each run their own libuv loop and their own Lua
+state, and the handler you write runs in every one of them. Connections
+reach the workers through SO_REUSEPORT sockets, or from one acceptor
+thread through an in-process queue or over socketpairs. Workers share
+nothing Lua-shaped; they talk through inboxes (send, broadcast) and
+shared dictionaries in the style of OpenResty's ngx.shared.DICT. Written
+in C on libuv and loaded with require("multiloop") from a plain lua5.4.
+]],
    license = "MIT",
 }
+
+-- Linux only: SO_REUSEPORT spreading, the Makefile's Debian package checks.
+supported_platforms = { "linux" }
 
 dependencies = {
    "lua >= 5.4, < 5.5",
@@ -23,9 +37,12 @@ external_dependencies = {
 }
 
 -- The Makefile is the one description of the build: luarocks passes it the
--- paths it found and its install tree. CHECK_DEPS=no: luarocks users manage
--- their own packages (the Makefile would otherwise apt-get what is missing);
--- WERROR empty: a newer compiler's new warning must not fail an install.
+-- paths it found and its install tree. What is missing is named before the
+-- build starts, by luarocks itself: the Lua headers, and uv.h and libuv from
+-- external_dependencies ("Could not find header file for LIBUV"). So
+-- CHECK_DEPS=no: the Makefile's check of Debian packages is skipped, since
+-- luarocks may have found them elsewhere (LIBUV_DIR=/usr/local). WERROR
+-- empty: a newer compiler's new warning must not fail an install.
 build = {
    type = "make",
    build_variables = {
@@ -44,11 +61,14 @@ build = {
    },
 }
 
-test_dependencies = {
-   "busted",
-   "luasocket",
-}
-
+-- `luarocks test` runs the specs as `make test` does (arguments after `--`
+-- go to make: `luarocks test -- SPECS=spec/echo_spec.lua`). No
+-- test_dependencies: busted and LuaSocket come from Debian (lua-busted,
+-- lua-socket), which luarocks cannot see, so listing them would send it to a
+-- rocks server; `make test` installs what is missing with apt-get, as it
+-- does without luarocks. The test builds the module itself (luarocks test
+-- does not build).
 test = {
-   type = "busted",
+   type = "command",
+   command = "make test",
 }

@@ -1,5 +1,5 @@
 # bench/bench.mk: `make bench`, included by the last line of the Makefile.
-#   make bench          build, install the peers that are missing, measure
+#   make bench          build, name the peers that are missing, measure
 #                       (bench/run.sh), write bench/results/ and BENCHMARKS.md
 #   make bench-build    build/bench/loadgen and build/bench/ref_server only
 #   make bench-report   BENCHMARKS.md again from bench/results/raw.tsv
@@ -7,7 +7,7 @@
 # BENCH_QUICK=1, BENCH_WORKERS, BENCH_DISPATCH, BENCH_IDLE_CONNS (bench/run.sh).
 
 BENCH_BUILD    ?= build/bench
-# The peers and tools: installed by `make bench` only when one is missing.
+# The peers and tools, all optional: `make deps BENCH=yes` installs them.
 BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua gnuplot-nox curl
 BENCH_CFLAGS   := -std=gnu11 -O2 -g -Wall -Wextra -Werror -pthread
 
@@ -27,15 +27,14 @@ $(BENCH_BUILD)/ref_server: bench/ref_server.c bench/bench.mk | check-deps
 	$(CC) $(BENCH_CFLAGS) $(shell pkg-config --cflags libuv) -o $@ $< \
 	  $(shell pkg-config --libs libuv) -pthread
 
+# Never installs (only `make deps` does): names the peers that are missing,
+# which bench/run.sh then skips, and the command that installs them.
 bench-deps:
 	@missing=""; for p in $(BENCH_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  echo "bench: installing:$$missing"; \
-	  $(SUDO) apt-get update -q && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
-	    || echo "bench: could not install:$$missing (those peers will be skipped)"; \
+	  echo "bench: not installed:$$missing (those peers are skipped; 'make deps BENCH=yes' installs them)"; \
 	fi
 
 bench-report:

@@ -412,7 +412,8 @@ w_(("  - `idle-mem`: %s connections opened, one 1-byte echo each (so the server 
 w_("    served every one), then held idle; the server's RSS growth (VmRSS of its")
 w_("    process tree) divided by the connections; measured first, on a fresh server.")
 w_("  The echo servers are `examples/echo_handler.lua` (multiloop), `bench/peers/luv_echo.lua`")
-w_("  and `bench/peers/node_echo.js`, all pausing a client that does not read its echoes; luv tries the socket before queueing, as multiloop does.")
+w_("  and `bench/peers/node_echo.js`, all pausing a client that does not read its echoes;"
+  .. " luv tries the socket before queueing, as multiloop does.")
 w_("- **Commands** (PORT: the server's; S: `BENCH_SECONDS`):")
 w_("  `build/bench/loadgen --port PORT --duration S --mode echo --conns 64 --size 64 --depth 1` (or `--depth 16`),")
 w_("  `... --mode connrate --conns 32 --size 64`, `... --mode idle --conns N --duration 120`")
@@ -462,7 +463,8 @@ if #target_lines > 0 then
 end
 w_("## All figures")
 w_("")
-w_("| scenario | workers | server | ops/s (wall) | ops per server CPU-s | server CPU per op | vs raw C | server CPU | p50 | p99 | p99.9 | errors |")
+w_("| scenario | workers | server | ops/s (wall) | ops per server CPU-s | server CPU per op"
+  .. " | vs raw C | server CPU | p50 | p99 | p99.9 | errors |")
 w_("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for _, e in ipairs(md_rows) do
   if e.sc.id == "idle-mem" then
@@ -501,9 +503,10 @@ w_("BENCH_DISPATCH=ipc make bench    # multiloop and the reference both on ipc")
 w_("make bench-report                # BENCHMARKS.md again from bench/results/raw.tsv")
 w_("```")
 w_("")
-w_("`make bench` installs what it is missing with apt-get (lua-luv, wrk, nginx,")
-w_("libnginx-mod-http-lua, gnuplot-nox); `make test` never runs any of it.")
+w_("`make bench` names the peers that are missing and skips them; `make deps BENCH=yes`")
+w_("installs them (lua-luv, wrk, nginx, libnginx-mod-http-lua, gnuplot-nox). `make test` never runs any of it.")
 f = assert(io.open("BENCHMARKS.md", "w"))
 f:write(table.concat(md, "\n"), "\n")
 f:close()
-print("report: wrote " .. dir .. "/latest.txt, BENCHMARKS.md" .. (plot_ok and (", " .. dir .. "/ops_per_cpu.png") or ""))
+print("report: wrote " .. dir .. "/latest.txt, BENCHMARKS.md"
+  .. (plot_ok and (", " .. dir .. "/ops_per_cpu.png") or ""))

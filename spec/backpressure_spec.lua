@@ -19,7 +19,7 @@ describe("backpressure", function()
     server, port = helper.server{ workers = 1, write_high_water = 64 * 1024,
                                   write_low_water = 1024, handler = function(conn)
       local chunk = string.rep("x", 16 * 1024)
-      local writes, buffered = 0, 0
+      local writes, buffered = 0
       repeat
         writes = writes + 1
         local ok = conn:write(chunk)

@@ -2,7 +2,6 @@
 -- concurrency, big payloads, half-close, IPv6. The server runs in this
 -- process; clients are LuaSocket.
 local helper = require("spec.helper")
-local socket = require("socket")
 
 for _, dispatch in ipairs { "ipc", "queue", "reuseport" } do
 for _, workers in ipairs { 1, 2, 4 } do

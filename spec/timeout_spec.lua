@@ -81,7 +81,7 @@ describe("idle timeouts", function()
     local other = helper.connect(port)
     helper.defer(function() other:close() end)
     local times = {}
-    for i = 1, 5 do
+    for _ = 1, 5 do
       assert(dribbler:send("d"))
       for _ = 1, 20 do
         local t = socket.gettime()

@@ -24,6 +24,8 @@
 #include <lua.h>
 #include <uv.h>
 
+#include "lua_noreturn.h"
+
 /* Everything declared here is internal: hidden even when a build (luarocks'
  * builtin one) does not pass -fvisibility=hidden. */
 #pragma GCC visibility push(hidden)
