@@ -171,7 +171,9 @@ function http_hello.connect(conn)
             break
           end
           -- The header lines, up to the empty one.
-          local hosts, shut, ka, cl, te, chunked, expect = 0, false, false, nil, nil, 0, false
+          -- `odd`: a line was looked at (other than "Host:"), so the general
+          -- checks below are needed.
+          local hosts, odd, shut, ka, cl, te, chunked, expect = 0
           local ls, body = le + 1, nil
           while true do
             local c, c2, c3, c4, c5 = byte(buf, ls, ls + 4)
@@ -184,6 +186,7 @@ function http_hello.connect(conn)
             else
               local kind = FIRST[c]
               if kind then
+                odd = true
                 local colon = find(buf, ":", ls, true)
                 if kind == 2 or not colon or colon > le then a = BAD break end
                 local name = lower(sub(buf, ls, colon - 1))
@@ -200,7 +203,7 @@ function http_hello.connect(conn)
                 elseif name == "transfer-encoding" then
                   for coding in gmatch(lower(match(buf, "^[^\r\n]*", colon + 1)), "[^,]+") do
                     coding = match(coding, "^[ \t]*(.-)[ \t]*$")
-                    if coding == "chunked" then chunked = chunked + 1 end
+                    if coding == "chunked" then chunked = (chunked or 0) + 1 end
                     te = coding
                   end
                   te = te or ""
@@ -218,23 +221,28 @@ function http_hello.connect(conn)
           if a then close = true break end
           if not body then break end     -- unfinished (bounded below)
           if body - pos > MAX_HEAD then a, close = TOO_LARGE, true break end
-          if hosts > 1 or (hosts == 0 and minor == 49)
-            or (te and (te ~= "chunked" or chunked ~= 1 or cl or minor == 48)) then
-            a, close = BAD, true
-            break
-          end
-          if minor == 48 and not ka then shut = true end
-          local kind = shut and 3 or minor == 48 and 2 or 1
-          if b == 72 and sub(buf, pos, pos + 4) == "HEAD " then kind = kind + 3 end
-          pos = body
-          if te then
-            state, owed = CHUNK_SIZE, kind
-            if expect and minor == 49 then a, close = CONTINUE, false end
-          elseif cl and cl > 0 then
-            state, owed, skip = BODY_BYTES, kind, cl
-            if expect and minor == 49 then a, close = CONTINUE, false end
+          if not odd and hosts == 1 and minor == 49 then   -- most requests
+            a, close = b == 72 and sub(buf, pos, pos + 4) == "HEAD " and HEAD_OK or OK, false
+            pos = body
           else
-            a, close = ANSWER[kind], shut
+            if hosts > 1 or (hosts == 0 and minor == 49)
+              or (te and (te ~= "chunked" or chunked ~= 1 or cl or minor == 48)) then
+              a, close = BAD, true
+              break
+            end
+            if minor == 48 and not ka then shut = true end
+            local kind = shut and 3 or minor == 48 and 2 or 1
+            if b == 72 and sub(buf, pos, pos + 4) == "HEAD " then kind = kind + 3 end
+            pos = body
+            if te then
+              state, owed = CHUNK_SIZE, kind
+              if expect and minor == 49 then a, close = CONTINUE, false end
+            elseif cl and cl > 0 then
+              state, owed, skip = BODY_BYTES, kind, cl
+              if expect and minor == 49 then a, close = CONTINUE, false end
+            else
+              a, close = ANSWER[kind], shut or false
+            end
           end
         end
       elseif state == BODY_BYTES or state == CHUNK_DATA then
