@@ -8,7 +8,7 @@
 --   and then the answer says "Connection: keep-alive" too (ab -k waits for
 --   it). A close is sticky: "close" anywhere wins over "keep-alive".
 -- - Every answer carries a Date (IMF-fixdate), made at most once a second
---   per worker: the answers are rebuilt when os.time() moves on.
+--   per worker: a timer (init) rebuilds the answers when os.time() moves on.
 -- - Lines may end in CRLF or a bare LF; empty lines before a request line
 --   are ignored; header names are case-insensitive.
 -- - 400 and close: a request line that is not "METHOD TARGET HTTP/1.0|1.1";
@@ -16,8 +16,9 @@
 --   not a number, or several that differ ("5, 5" and two "5" are one); a
 --   Transfer-Encoding whose last coding is not chunked, in HTTP/1.0, or with
 --   a Content-Length as well (RFC 9112 6.3 lets a server reject that, which
---   is safer than picking one: no framing is guessed); whitespace before the
---   colon or a folded line in the headers it reads; a malformed chunk.
+--   is safer than picking one: no framing is guessed); a folded header line,
+--   a bare CR, whitespace before the colon of a header it reads (below); a
+--   malformed chunk.
 -- - Bodies are read and dropped: Content-Length bytes, or chunked (sizes in
 --   hex up to 15 digits, extensions, trailers). The answer goes out once the
 --   body is in, so a bad chunk gets 400 instead of 200; "Expect:
@@ -30,8 +31,9 @@
 -- "\n" over the one buffer (no slicing per request); only lines that start
 -- with C, E, H or T in either case (Connection, Content-Length, Expect,
 -- Host, Transfer-Encoding) are looked at, and "Host:" as most clients spell
--- it costs one short sub. The answers to n identical requests are one
--- string.rep. A head or chunk line split across reads is kept in pieces, and
+-- it is known by its bytes alone. A request with no other such line (wrk's,
+-- a browser's GET) skips the framing checks. The answers to n identical
+-- requests are one string.rep. A head or chunk line split across reads is kept in pieces, and
 -- each new read is searched only for what would end it, so a head arriving
 -- byte by byte costs linear time, not quadratic; it is parsed once, whole.
 local find, byte, sub, rep, lower, match, gmatch, format = string.find, string.byte,
@@ -46,7 +48,8 @@ local CONTINUE = "HTTP/1.1 100 Continue\r\n\r\n"
 -- HTTP/1.1 request, one that says keep-alive (HTTP/1.0), one that closes,
 -- the same three for HEAD, and the two refusals.
 local OK, OK_KA, OK_CLOSE, HEAD_OK, HEAD_KA, HEAD_CLOSE, BAD, TOO_LARGE
-local ANSWER = {}                      -- the six 200s by kind (see owe_kind)
+local ANSWER = {}                      -- the six 200s by kind: 1 keep-alive (1.1),
+                                       -- 2 saying keep-alive, 3 closing; 4-6 for HEAD
 local date_now                         -- the second they were made for
 
 -- Day and month names in English whatever the C locale (os.date's %a and %b
@@ -246,7 +249,7 @@ function http_hello.connect(conn)
           end
         end
       elseif state == BODY_BYTES or state == CHUNK_DATA then
-        if len - pos < skip then       -- all of this read is body
+        if len - pos + 1 < skip then   -- all of this read is body, and more to come
           skip = skip - (len - pos + 1)
           pos = len + 1
           break
