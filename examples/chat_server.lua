@@ -1,6 +1,8 @@
 -- examples/chat_server.lua: a chat room on 127.0.0.1:7001, one worker per core.
 --   lua5.4 examples/chat_server.lua [port]
--- Try it from two or more terminals: nc 127.0.0.1 7001
+-- Try it from two or more terminals (bash's /dev/tcp: Debian ships no nc by
+-- default; type lines, Ctrl-C leaves):
+--   bash -c 'exec 3<>/dev/tcp/127.0.0.1/7001; cat <&3 & cat >&3'
 -- Every line typed in one reaches all the others, whichever worker serves
 -- them (examples/chat.lua: broadcast between workers, message hook).
 local multiloop = require("multiloop")

@@ -1,6 +1,7 @@
 -- examples/echo.lua: an echo server on 127.0.0.1:7000, one worker per core.
 --   lua5.4 examples/echo.lua [port]        (or: make run)
--- Try it: printf 'hello\n' | nc -q1 127.0.0.1 7000
+-- Try it (bash's /dev/tcp, so nothing to install; Debian ships no nc by default):
+--   bash -c 'exec 3<>/dev/tcp/127.0.0.1/7000; echo hello >&3; head -n1 <&3'
 local multiloop = require("multiloop")
 
 local server = multiloop.server{

@@ -1,7 +1,9 @@
 -- examples/http_hello_server.lua: the HTTP responder of examples/http_hello.lua
 -- on 127.0.0.1:8080, one worker per core (or as many as the second argument).
 --   lua5.4 examples/http_hello_server.lua [port] [workers]
--- Try it: curl -v http://127.0.0.1:8080/   (or wrk -c 64 -d 5s http://127.0.0.1:8080/)
+-- Try it: curl -v http://127.0.0.1:8080/ http://127.0.0.1:8080/again   (one
+-- connection), or load it: ab -k -n 20000 -c 50 http://127.0.0.1:8080/
+-- (apache2-utils) or wrk -c 64 -d 5s http://127.0.0.1:8080/
 local multiloop = require("multiloop")
 
 local server = multiloop.server{

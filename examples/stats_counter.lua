@@ -1,7 +1,8 @@
 -- examples/stats_counter.lua: one counter shared by every worker and the
 -- main state, through a shared dictionary.
 --   lua5.4 examples/stats_counter.lua [port]
--- Try it: nc -q1 127.0.0.1 7002   (a few times; then Ctrl-C the server)
+-- Try it: bash -c 'cat < /dev/tcp/127.0.0.1/7002'   (a few times; then Ctrl-C
+-- the server; bash's /dev/tcp, as Debian ships no nc by default)
 --
 -- Each worker counts every connection it serves with an atomic incr on the
 -- dictionary "stats" (the total, and its own key) and tells the client its
