@@ -1,6 +1,7 @@
 -- start/stop leave nothing behind; <close>, garbage collection and run()
 -- under SIGINT/SIGTERM stop the server.
 local helper = require("spec.helper")
+local procsig = require("spec.fixtures.procsig")
 local multiloop = require("multiloop")
 local socket = require("socket")
 
@@ -134,6 +135,8 @@ describe("server:run()", function()
     it("serves until SIG" .. sig .. ", then stops and returns #child", function()
       local child = helper.spawn("examples.echo_handler 2")
       helper.defer(child.kill)
+      -- The child prints its port before run() catches the signal: wait for it.
+      assert(helper.eventually(function() return procsig.caught(child.pid, sig) end, 5000))
       local c = helper.connect(child.port)
       assert.are.equal("alive", helper.echo(c, "alive"))
       child.signal(sig)
