@@ -20,6 +20,7 @@
  * end, on a loop that lives as long as the watcher.
  */
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -107,6 +108,8 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
   free(rt->acceptor.pipes);
   free(rt->acceptor.pipe_fds);
   free(rt->workers);
+  uv_cond_destroy(&rt->start_cond);
+  uv_mutex_destroy(&rt->start_lock);
   uv_mutex_destroy(&rt->resume_lock);
   uv_sem_destroy(&rt->ready);
   free(rt);
@@ -158,6 +161,26 @@ static void block_signals(sigset_t *old) {
 
 static void restore_signals(const sigset_t *old) { pthread_sigmask(SIG_SETMASK, old, NULL); }
 
+/* Waits until each of the first `started` workers has loaded the handler
+ * and run its init, or failed, for up to cfg->start_timeout ms in all. Past
+ * that, the ones still in their Lua code are interrupted (worker.c), and
+ * the wait goes on until they have failed: a worker is joined, never left
+ * running. */
+static void wait_started(multiloop_runtime_t *rt, int started) {
+  uint64_t now = uv_hrtime(), deadline = now + rt->cfg->start_timeout * UINT64_C(1000000);
+  int i;
+  uv_mutex_lock(&rt->start_lock);
+  while (rt->nready < started && (now = uv_hrtime()) < deadline)
+    (void)uv_cond_timedwait(&rt->start_cond, &rt->start_lock, deadline - now);
+  for (i = 0; i < started && rt->nready < started; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    w->start_phase_at_deadline = w->start_phase;
+    multiloop_worker_interrupt(w);
+  }
+  while (rt->nready < started) uv_cond_wait(&rt->start_cond, &rt->start_lock);
+  uv_mutex_unlock(&rt->start_lock);
+}
+
 /* Returns the runtime, or NULL with a message in err[]. */
 static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *err,
                                           size_t errlen) {
@@ -170,6 +193,19 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
     goto nomem;
   }
   if (uv_mutex_init(&rt->resume_lock) != 0) {
+    uv_sem_destroy(&rt->ready);
+    free(rt);
+    goto nomem;
+  }
+  if (uv_mutex_init(&rt->start_lock) != 0) {
+    uv_mutex_destroy(&rt->resume_lock);
+    uv_sem_destroy(&rt->ready);
+    free(rt);
+    goto nomem;
+  }
+  if (uv_cond_init(&rt->start_cond) != 0) {
+    uv_mutex_destroy(&rt->start_lock);
+    uv_mutex_destroy(&rt->resume_lock);
     uv_sem_destroy(&rt->ready);
     free(rt);
     goto nomem;
@@ -220,9 +256,17 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
     started++;
   }
   restore_signals(&mask);
-  for (i = 0; i < started; i++) uv_sem_wait(&rt->ready);
+  wait_started(rt, started);
   if (started < n) goto fail;
   for (i = 0; i < n; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    if (w->interrupted) {
+      snprintf(err, errlen, "worker %d: %s within %llu ms", i + 1,
+               w->start_phase_at_deadline == MULTILOOP_START_INIT
+                   ? "init did not finish" : "the handler did not load",
+               (unsigned long long)cfg->start_timeout);
+      goto fail;
+    }
     if (rt->workers[i].failed) {
       snprintf(err, errlen, "worker %d failed to load the handler: %s", i + 1,
                rt->workers[i].error);
@@ -324,6 +368,13 @@ int multiloop_server_new(lua_State *L) {
   s->cfg.write_high_water = (size_t)int_field(L, 1, "write_high_water");
   s->cfg.write_low_water = (size_t)int_field(L, 1, "write_low_water");
   s->cfg.keepalive = (unsigned)int_field(L, 1, "keepalive_seconds");
+  lua_getfield(L, 1, "start_timeout");        /* start timeout: ms, 1 to INT_MAX */
+  {
+    lua_Integer ms = luaL_optinteger(L, -1, 30000);
+    luaL_argcheck(L, ms >= 1 && ms <= INT_MAX, 1, "start_timeout must be from 1 to 2147483647 ms");
+    s->cfg.start_timeout = (uint64_t)ms;
+  }
+  lua_pop(L, 1);
   lua_getfield(L, 1, "nodelay");
   s->cfg.nodelay = lua_toboolean(L, -1);
   lua_pop(L, 1);

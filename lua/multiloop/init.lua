@@ -104,6 +104,7 @@ local checks = {
     return v
   end,
   workers = function(v) return integer_in("workers", v, 1, MAX_WORKERS) end,
+  start_timeout = function(v) return integer_in("start_timeout", v, 1, MAX_MS) end,
   backlog = function(v) return integer_in("backlog", v, 1, 65535) end,
   config = function(v) return v end,       -- copied (and checked) by the core
   idle_timeout = function(v) return integer_in("idle_timeout", v, 0, MAX_MS) end,
@@ -143,6 +144,7 @@ local defaults = {
   max_connections = 0,
   nodelay = true,
   write_high_water = 1024 * 1024,
+  start_timeout = 30000,
 }
 
 local Server = {}
