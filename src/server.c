@@ -588,15 +588,17 @@ static int signals_wait(lua_State *L) {
   for (;;) {
     if (w->head != w->tail) {
       push_signal_name(L, w->queue[w->head++ % SIGNALS_QUEUE]);
-      return 1;
+      break;
     }
-    if (until_stopped && (s->rt == NULL || runtime_finished(s->rt))) break;
+    if (until_stopped && (s->rt == NULL || runtime_finished(s->rt))) {
+      lua_pushnil(L);
+      break;
+    }
     if (until_stopped && !uv_is_active((uv_handle_t *)&w->poll))
       uv_timer_start(&w->poll, watch_poll_cb, 20, 20);   /* once per stop */
     uv_run(&w->loop, UV_RUN_DEFAULT);      /* until a signal or a poll */
   }
   uv_timer_stop(&w->poll);
-  lua_pushnil(L);
   return 1;
 }
 
