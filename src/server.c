@@ -563,6 +563,8 @@ static int server_signals(lua_State *L) {
   uv_timer_init(&w->loop, &w->poll);
   w->sigint.data = w->sigterm.data = w->poll.data = w;
   w->open = 1;
+  /* SIGINT first: the specs take a caught SIGTERM (/proc SigCgt) to mean
+   * both are, since lua.c catches SIGINT anyway while a script runs. */
   if ((rc = uv_signal_start(&w->sigint, watch_signal_cb, SIGINT)) != 0 ||
       (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0) {
     signals_close(w);
