@@ -58,12 +58,15 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
 
 /* Main thread, holding rt->start_lock, past the start timeout: gives up on
  * a worker that has not finished starting. A worker running Lua (loading
- * the handler or in init) gets the hook: lua_sethook is the one call the
- * Lua manual allows asynchronously (lua.c sets it from a signal handler),
- * and the lock keeps the state alive and still loading meanwhile. One not
- * in Lua yet sees `interrupted` at its next phase and stops there. Lua code
- * the hook cannot reach (a coroutine made before it was set, a C call that
- * never returns) is not interrupted, and start() keeps waiting for it. */
+ * the handler or in init) gets the hook: lua_sethook is the one Lua call
+ * written to be made asynchronously (ldebug.c: "can be called during a
+ * signal"; lua.c does it from its SIGINT handler). From another thread it
+ * is a benign race (word-sized stores the worker sees at its next
+ * instruction), and the lock keeps the state alive and still in its Lua
+ * code meanwhile. One not in Lua yet sees `interrupted` at its next phase
+ * and stops there. Lua code the hook cannot reach (a coroutine made before
+ * it was set, a C call that never returns) is not interrupted, and start()
+ * keeps waiting for it. */
 void multiloop_worker_interrupt(multiloop_worker_t *w) {
   if (w->start_phase >= MULTILOOP_START_OPENING) return;   /* done with Lua: wait */
   w->interrupted = 1;
