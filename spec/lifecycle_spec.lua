@@ -1,6 +1,7 @@
 -- start/stop leave nothing behind; <close>, garbage collection and run()
 -- under SIGINT/SIGTERM stop the server.
 local helper = require("spec.helper")
+local procsig = require("spec.fixtures.procsig")
 local multiloop = require("multiloop")
 local socket = require("socket")
 
@@ -123,6 +124,59 @@ describe("lifecycle", function()
     end
   end)
 
+  -- A port that was free a moment ago: the spec must know it to bind it
+  -- again after a start that failed.
+  local function free_port()
+    local probe = assert(socket.bind("127.0.0.1", 0))
+    local _, port = probe:getsockname()
+    probe:close()
+    return tonumber(port)
+  end
+
+  for _, case in ipairs {
+    { handler = "spec.fixtures.init_loops", what = "worker 2: init did not finish" },
+    { handler = "spec.fixtures.init_loops", config = { catch = true },
+      what = "worker 2: init did not finish" },
+    { handler = "spec.fixtures.load_loops", what = "worker 1: the handler did not load" },
+  } do for _, dispatch in ipairs { "reuseport", "queue" } do
+    it(("start() gives up on a worker stuck in Lua at start_timeout (%s%s, %s)"):format(
+         case.handler, case.config and ", catching errors" or "", dispatch), function()
+      local port = free_port()
+      local s = multiloop.server{ port = port, workers = 3, dispatch = dispatch,
+                                  handler = case.handler, config = case.config,
+                                  start_timeout = 300 }
+      local t = socket.gettime()
+      local ok, err = pcall(s.start, s)
+      local took = socket.gettime() - t
+      assert.is_false(ok)
+      assert.are.equal(("multiloop.server: start: %s within 300 ms"):format(case.what), err)
+      assert.is_true(took >= 0.29 and took < 5, ("start took %.3f s"):format(took))
+      assert.is_false(s._core:running())
+      -- Nothing holds the port: a plain bind (no SO_REUSEPORT) takes it.
+      local again = assert(socket.bind("127.0.0.1", port))
+      again:close()
+      -- The threads and fds are checked by after_each.
+    end)
+  end end
+
+  it("rejects a bad start_timeout, naming it", function()
+    for _, bad in ipairs { 0, -1, 1.5, "10", 0x80000000 } do
+      local ok, err = pcall(multiloop.server, { port = 0, handler = "examples.echo_handler",
+                                                start_timeout = bad })
+      assert.is_false(ok)
+      assert.matches("multiloop.server: option 'start_timeout' must be an integer from 1 to "
+                     .. "2147483647 (got ", err, 1, true)
+    end
+    -- The core checks it too.
+    local ok, err = pcall(package.loaded["multiloop.core"].new, {
+      port = 0, host = "127.0.0.1", workers = 1, backlog = 1, max_connections = 0,
+      idle_timeout = 0, write_high_water = 2, write_low_water = 1, keepalive_seconds = 0,
+      handler_kind = "module", handler = "examples.echo_handler", package_path = "",
+      package_cpath = "", start_timeout = 0 })
+    assert.is_false(ok)
+    assert.matches("option 'start_timeout' must be an integer from 1 to 2147483647 (got 0)", err, 1, true)
+  end)
+
   it("require returns the same module every time", function()
     assert.are.equal(multiloop, require("multiloop"))
     assert.are.equal(package.loaded["multiloop.core"], require("multiloop.core"))
@@ -134,6 +188,10 @@ describe("server:run()", function()
     it("serves until SIG" .. sig .. ", then stops and returns #child", function()
       local child = helper.spawn("examples.echo_handler 2")
       helper.defer(child.kill)
+      -- The child prints its port before run() catches the signals: wait
+      -- for SIGTERM, which run() catches right after SIGINT (lua.c catches
+      -- SIGINT while the script runs, so that bit says nothing).
+      assert(helper.eventually(function() return procsig.caught(child.pid, "TERM") end, 5000))
       local c = helper.connect(child.port)
       assert.are.equal("alive", helper.echo(c, "alive"))
       child.signal(sig)

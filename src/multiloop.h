@@ -77,6 +77,8 @@ typedef struct {
   size_t inbox_limit;         /* bytes of messages queued per worker: send says "full" past it */
   /* Unix socket permissions (listener.c) */
   int mode;                   /* chmod'ed after bind, before listen; -1: leave the umask's */
+  /* Start timeout (server.c, worker.c) */
+  uint64_t start_timeout;     /* ms a worker may take to load the handler and run init */
 } multiloop_config_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
@@ -207,9 +209,14 @@ struct multiloop_worker_s {
   multiloop_timer_t *timers;           /* open timers, closed when the worker closes */
   atomic_int msg_ready;                /* the inbox takes messages */
 
-  /* Start handshake: written by the worker before it posts rt->ready. */
+  /* Start handshake: written by the worker before it reports ready
+   * (multiloop_worker_ready: rt->start_lock). */
   int failed;
   char *error;                         /* malloc'd message when failed */
+  /* Start timeout: both under rt->start_lock. */
+  int start_phase;                     /* MULTILOOP_START_* */
+  int interrupted;                     /* the main thread gave up waiting for it */
+  int start_phase_at_deadline;         /* main thread only: for the message */
 
   /* Counters: written by this worker, read by the main thread (stats). */
   atomic_int active;
@@ -237,10 +244,25 @@ typedef struct {
   char *error;
 } multiloop_acceptor_t;
 
+/* Where a worker's start is (start timeout): what the message of a stuck
+ * one names. */
+enum {
+  MULTILOOP_START_NEW,                 /* no Lua state yet */
+  MULTILOOP_START_LOADING,             /* loading the handler */
+  MULTILOOP_START_INIT,                /* in the handler's init(worker) */
+  MULTILOOP_START_OPENING,             /* past the Lua code: opening its handles */
+  MULTILOOP_START_DONE                 /* up, or failed for good */
+};
+
 /* Everything that exists between start() and stop(). */
 struct multiloop_runtime_s {
   const multiloop_config_t *cfg;
-  uv_sem_t ready;                      /* each thread posts once it is up or has failed */
+  uv_sem_t ready;                      /* the acceptor posts once it is up or has failed */
+  /* Start timeout: the workers' start handshake, which the main thread
+   * waits for with a deadline. */
+  uv_mutex_t start_lock;
+  uv_cond_t start_cond;                /* signalled as each worker gets to DONE */
+  int nready;                          /* workers at MULTILOOP_START_DONE */
   atomic_uint_fast64_t next_conn_id;
   atomic_int active;                   /* accepted and not yet closed */
   atomic_int accept_waiting;           /* the acceptor paused at max_connections */
@@ -300,6 +322,7 @@ void multiloop_acceptor_released(multiloop_runtime_t *rt);  /* any thread */
 
 /* worker.c */
 int multiloop_worker_start(multiloop_worker_t *w);
+void multiloop_worker_interrupt(multiloop_worker_t *w);  /* main, holding rt->start_lock */
 int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout);  /* main */
 void multiloop_worker_join(multiloop_worker_t *w);
 void multiloop_worker_drained(multiloop_worker_t *w);  /* the last conn closed at stop */

@@ -15,10 +15,14 @@
  * stop(): stop the acceptor (no new connections), then every worker (each
  * closes its connections, runs its loop dry, closes its Lua state), then join
  * every thread and free the runtime. __gc and __close stop a running server.
- * The main thread's blocking waits (server:wait_stopped, core.wait_signal)
- * are here too, on a loop of their own made and closed by each call.
+ * The main thread's blocking waits are here too: server:wait_stopped and
+ * core.wait_signal on a loop of their own made and closed by each call, and
+ * the signal watcher (server:signals) that run() keeps open from start to
+ * end, on a loop that lives as long as the watcher.
  */
 #include <errno.h>
+#include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,6 +109,8 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
   free(rt->acceptor.pipes);
   free(rt->acceptor.pipe_fds);
   free(rt->workers);
+  uv_cond_destroy(&rt->start_cond);
+  uv_mutex_destroy(&rt->start_lock);
   uv_mutex_destroy(&rt->resume_lock);
   uv_sem_destroy(&rt->ready);
   free(rt);
@@ -141,10 +147,46 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   return 0;
 }
 
+/* SIGINT and SIGTERM are the main thread's: the threads made between
+ * block_signals and restore_signals inherit a mask that blocks them (a new
+ * thread starts with its creator's mask), so the kernel always delivers
+ * them to the thread that waits for them (run()'s watcher), and a worker's
+ * system calls are never interrupted by one. */
+static void block_signals(sigset_t *old) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, old);
+}
+
+static void restore_signals(const sigset_t *old) { pthread_sigmask(SIG_SETMASK, old, NULL); }
+
+/* Waits until each of the first `started` workers has loaded the handler
+ * and run its init, or failed, for up to cfg->start_timeout ms in all. Past
+ * that, the ones still in their Lua code are interrupted (worker.c), and
+ * the wait goes on until they have failed: a worker is joined, never left
+ * running. */
+static void wait_started(multiloop_runtime_t *rt, int started) {
+  uint64_t now = uv_hrtime(), deadline = now + rt->cfg->start_timeout * UINT64_C(1000000);
+  int i;
+  uv_mutex_lock(&rt->start_lock);
+  while (rt->nready < started && (now = uv_hrtime()) < deadline)
+    (void)uv_cond_timedwait(&rt->start_cond, &rt->start_lock, deadline - now);
+  for (i = 0; i < started && rt->nready < started; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    w->start_phase_at_deadline = w->start_phase;
+    multiloop_worker_interrupt(w);
+  }
+  while (rt->nready < started) uv_cond_wait(&rt->start_cond, &rt->start_lock);
+  uv_mutex_unlock(&rt->start_lock);
+}
+
 /* Returns the runtime, or NULL with a message in err[]. */
 static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *err,
                                           size_t errlen) {
   int i, n = cfg->nworkers, started = 0, rc;
+  sigset_t mask;
   multiloop_runtime_t *rt = calloc(1, sizeof *rt);
   if (rt == NULL) goto nomem;
   if (uv_sem_init(&rt->ready, 0) != 0) {
@@ -152,6 +194,19 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
     goto nomem;
   }
   if (uv_mutex_init(&rt->resume_lock) != 0) {
+    uv_sem_destroy(&rt->ready);
+    free(rt);
+    goto nomem;
+  }
+  if (uv_mutex_init(&rt->start_lock) != 0) {
+    uv_mutex_destroy(&rt->resume_lock);
+    uv_sem_destroy(&rt->ready);
+    free(rt);
+    goto nomem;
+  }
+  if (uv_cond_init(&rt->start_cond) != 0) {
+    uv_mutex_destroy(&rt->start_lock);
+    uv_mutex_destroy(&rt->resume_lock);
     uv_sem_destroy(&rt->ready);
     free(rt);
     goto nomem;
@@ -193,6 +248,7 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
       rt->workers[i].pipe_fd = fds[1];
     }
   }
+  block_signals(&mask);
   for (i = 0; i < n; i++) {
     if ((rc = multiloop_worker_start(&rt->workers[i])) != 0) {
       snprintf(err, errlen, "worker %d: cannot start a thread: %s", i + 1, uv_strerror(rc));
@@ -200,18 +256,32 @@ static multiloop_runtime_t *runtime_start(const multiloop_config_t *cfg, char *e
     }
     started++;
   }
-  for (i = 0; i < started; i++) uv_sem_wait(&rt->ready);
+  restore_signals(&mask);
+  wait_started(rt, started);
   if (started < n) goto fail;
   for (i = 0; i < n; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    if (w->interrupted) {
+      snprintf(err, errlen, "worker %d: %s within %llu ms", i + 1,
+               w->start_phase_at_deadline == MULTILOOP_START_INIT
+                   ? "init did not finish" : "the handler did not load",
+               (unsigned long long)cfg->start_timeout);
+      goto fail;
+    }
     if (rt->workers[i].failed) {
       snprintf(err, errlen, "worker %d failed to load the handler: %s", i + 1,
                rt->workers[i].error);
       goto fail;
     }
   }
-  if (cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT && multiloop_acceptor_start(rt) != 0) {
-    snprintf(err, errlen, "%s", rt->acceptor.error);
-    goto fail;
+  if (cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT) {
+    block_signals(&mask);
+    rc = multiloop_acceptor_start(rt);
+    restore_signals(&mask);
+    if (rc != 0) {
+      snprintf(err, errlen, "%s", rt->acceptor.error);
+      goto fail;
+    }
   }
   return rt;
 
@@ -377,6 +447,13 @@ int multiloop_server_new(lua_State *L) {
   cfg->write_low_water = (size_t)int_field(L, "write_low_water", 0, MAX_BYTES);
   cfg->keepalive = (unsigned)int_field(L, "keepalive_seconds", 0, MAX_MS / 1000 + 1);
   cfg->nodelay = bool_field(L, "nodelay");
+  /* start_timeout: ms a worker may take to load the handler and run init; nil: the default. */
+  if (lua_getfield(L, 1, "start_timeout") == LUA_TNIL) {
+    cfg->start_timeout = 30000;
+  } else {
+    cfg->start_timeout = (uint64_t)int_field(L, "start_timeout", 1, INT_MAX);
+  }
+  lua_pop(L, 1);
   /* inbox_limit bounds memory, so it is checked here too; nil: the default. */
   if (lua_getfield(L, 1, "inbox_limit") == LUA_TNIL) {
     cfg->inbox_limit = MULTILOOP_INBOX_LIMIT_DEFAULT;
@@ -485,68 +562,184 @@ static void poll_finished_cb(uv_timer_t *t) {
   if (runtime_finished(t->data)) uv_stop(t->loop);
 }
 
-static void signal_cb(uv_signal_t *h, int signum) {
-  *(int *)h->loop->data = signum;
-  uv_stop(h->loop);
-}
-
 /* Blocks the calling thread on a loop of its own, made and closed here,
- * until `rt` (when given) has finished stopping, or (with `signals`) SIGINT
- * or SIGTERM arrives. Returns that signal, 0 for none, -1 when no loop could
- * be made. The workers keep serving meanwhile. */
-static int block_until(multiloop_runtime_t *rt, int signals) {
+ * until `rt` has finished stopping. Returns 0, or -1 when no loop could be
+ * made. The workers keep serving meanwhile. */
+static int block_until_finished(multiloop_runtime_t *rt) {
   uv_loop_t loop;
   uv_timer_t poll;
-  uv_signal_t sigint, sigterm;
-  int got = 0;
   if (uv_loop_init(&loop) != 0) return -1;
-  loop.data = &got;
-  if (rt) {                                 /* polled every 20 ms: once per stop */
-    uv_timer_init(&loop, &poll);
-    poll.data = rt;
-    uv_timer_start(&poll, poll_finished_cb, 20, 20);
-  }
-  if (signals) {
-    uv_signal_init(&loop, &sigint);
-    uv_signal_init(&loop, &sigterm);
-    uv_signal_start(&sigint, signal_cb, SIGINT);
-    uv_signal_start(&sigterm, signal_cb, SIGTERM);
-  }
+  uv_timer_init(&loop, &poll);              /* polled every 20 ms: once per stop */
+  poll.data = rt;
+  uv_timer_start(&poll, poll_finished_cb, 20, 20);
   uv_run(&loop, UV_RUN_DEFAULT);
-  if (rt) uv_close((uv_handle_t *)&poll, NULL);
-  if (signals) {
-    uv_close((uv_handle_t *)&sigint, NULL);
-    uv_close((uv_handle_t *)&sigterm, NULL);
-  }
+  uv_close((uv_handle_t *)&poll, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
-  return got;
+  return 0;
+}
+
+/* --- the signal watcher ("multiloop.core.signals") ------------------------ */
+
+/* SIGINT and SIGTERM caught for as long as the watcher is open, on a loop of
+ * its own that runs only while the main thread waits. libuv's handler writes
+ * every signal that arrives in between to the loop's signal pipe, so none is
+ * lost and the default action (death, without shutdown hooks or clean-up)
+ * never comes back while the watcher is open: run() keeps one from its first
+ * line to its last. A fresh uv_signal_t per wait would leave a gap between
+ * one wait's close and the next one's start, and a second signal landing in
+ * it killed the process. Only the creating thread uses it. */
+#define SIGNALS_MT "multiloop.core.signals"
+#define SIGNALS_QUEUE 16
+
+typedef struct {
+  uv_loop_t loop;
+  uv_signal_t sigint, sigterm;
+  uv_timer_t poll;                     /* while waiting for a stop: the workers */
+  int open;
+  unsigned count;                      /* signals seen since open */
+  unsigned head, tail;                 /* queue[head..tail): not yet waited for */
+  int queue[SIGNALS_QUEUE];
+} signals_t;
+
+static void watch_signal_cb(uv_signal_t *h, int signum) {
+  signals_t *w = h->data;
+  w->count++;
+  if (w->tail - w->head < SIGNALS_QUEUE) w->queue[w->tail++ % SIGNALS_QUEUE] = signum;
+  uv_stop(&w->loop);
+}
+
+static void watch_poll_cb(uv_timer_t *t) { uv_stop(t->loop); }
+
+/* Runs the loop without blocking: delivers the signals already written to
+ * its pipe. */
+static void signals_collect(signals_t *w) {
+  if (w->open) uv_run(&w->loop, UV_RUN_NOWAIT);
+}
+
+static void signals_close(signals_t *w) {
+  if (!w->open) return;
+  signals_collect(w);
+  w->open = 0;
+  uv_close((uv_handle_t *)&w->sigint, NULL);
+  uv_close((uv_handle_t *)&w->sigterm, NULL);
+  uv_close((uv_handle_t *)&w->poll, NULL);
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&w->loop);
+}
+
+static signals_t *check_signals(lua_State *L) {
+  signals_t *w = luaL_checkudata(L, 1, SIGNALS_MT);
+  if (!w->open) luaL_error(L, "the signal watcher is closed");
+  return w;
+}
+
+/* server:signals(): a watcher, open from now until closed (or collected).
+ * The server is its user value: wait(true) reads the server's workers. */
+static int server_signals(lua_State *L) {
+  signals_t *w;
+  int rc;
+  luaL_checkudata(L, 1, SERVER_MT);
+  w = lua_newuserdatauv(L, sizeof *w, 1);
+  memset(w, 0, sizeof *w);                 /* closed first */
+  luaL_setmetatable(L, SIGNALS_MT);
+  lua_pushvalue(L, 1);
+  lua_setiuservalue(L, -2, 1);
+  if ((rc = uv_loop_init(&w->loop)) != 0)
+    return luaL_error(L, "signals: cannot make a loop: %s", uv_strerror(rc));
+  uv_signal_init(&w->loop, &w->sigint);
+  uv_signal_init(&w->loop, &w->sigterm);
+  uv_timer_init(&w->loop, &w->poll);
+  w->sigint.data = w->sigterm.data = w->poll.data = w;
+  w->open = 1;
+  /* SIGINT first: the specs take a caught SIGTERM (/proc SigCgt) to mean
+   * both are, since lua.c catches SIGINT anyway while a script runs. */
+  if ((rc = uv_signal_start(&w->sigint, watch_signal_cb, SIGINT)) != 0 ||
+      (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0) {
+    signals_close(w);
+    return luaL_error(L, "signals: cannot catch SIGINT and SIGTERM: %s", uv_strerror(rc));
+  }
+  return 1;
 }
 
 static void push_signal_name(lua_State *L, int signum) {
   lua_pushstring(L, signum == SIGINT ? "SIGINT" : "SIGTERM");
 }
 
-/* server:wait_stopped([signals]): blocks until every worker has finished a
- * graceful stop; with `signals`, a SIGINT or SIGTERM ends the wait early and
- * its name is returned. The workers are polled rather than given a way to
- * reach the main thread. */
-static int server_wait_stopped(lua_State *L) {
-  server_t *s = check_server(L);
-  int signals = lua_toboolean(L, 2), got;
-  if (s->rt == NULL || runtime_finished(s->rt)) return 0;
-  if ((got = block_until(s->rt, signals)) < 0)
-    return luaL_error(L, "wait_stopped: cannot make a loop");
-  if (got == 0) return 0;
-  push_signal_name(L, got);
+/* watcher:wait([until_stopped]): the name of the next signal not yet waited
+ * for, blocking until one comes; with until_stopped, nil as soon as the
+ * server's workers have all finished a graceful stop (or it is not running). */
+static int signals_wait(lua_State *L) {
+  signals_t *w = check_signals(L);
+  int until_stopped = lua_toboolean(L, 2);
+  server_t *s;
+  lua_getiuservalue(L, 1, 1);
+  s = luaL_checkudata(L, -1, SERVER_MT);
+  signals_collect(w);
+  for (;;) {
+    if (w->head != w->tail) {
+      push_signal_name(L, w->queue[w->head++ % SIGNALS_QUEUE]);
+      break;
+    }
+    if (until_stopped && (s->rt == NULL || runtime_finished(s->rt))) {
+      lua_pushnil(L);
+      break;
+    }
+    if (until_stopped && !uv_is_active((uv_handle_t *)&w->poll))
+      uv_timer_start(&w->poll, watch_poll_cb, 20, 20);   /* once per stop */
+    uv_run(&w->loop, UV_RUN_DEFAULT);      /* until a signal or a poll */
+  }
+  uv_timer_stop(&w->poll);
   return 1;
 }
 
+/* watcher:count(): how many SIGINT and SIGTERM arrived since it opened
+ * (two sent closer together than the kernel delivers them count as one). */
+static int signals_count(lua_State *L) {
+  signals_t *w = check_signals(L);
+  signals_collect(w);
+  lua_pushinteger(L, (lua_Integer)w->count);
+  return 1;
+}
+
+static int signals_gc(lua_State *L) {
+  signals_close(luaL_checkudata(L, 1, SIGNALS_MT));
+  return 0;
+}
+
+/* server:wait_stopped(): blocks until every worker has finished a graceful
+ * stop. The workers are polled rather than given a way to reach the main
+ * thread. */
+static int server_wait_stopped(lua_State *L) {
+  server_t *s = check_server(L);
+  if (s->rt == NULL || runtime_finished(s->rt)) return 0;
+  if (block_until_finished(s->rt) < 0) return luaL_error(L, "wait_stopped: cannot make a loop");
+  return 0;
+}
+
+static void wait_signal_cb(uv_signal_t *h, int signum) {
+  *(int *)h->loop->data = signum;
+  uv_stop(h->loop);
+}
+
 /* core.wait_signal(): blocks this thread until SIGINT or SIGTERM arrives and
- * returns its name. */
+ * returns its name. The handlers exist only during the call: run() uses a
+ * watcher instead. */
 int multiloop_wait_signal(lua_State *L) {
-  int got = block_until(NULL, 1);
-  if (got < 0) return luaL_error(L, "wait_signal: cannot make a loop");
+  uv_loop_t loop;
+  uv_signal_t sigint, sigterm;
+  int got = 0;
+  if (uv_loop_init(&loop) != 0) return luaL_error(L, "wait_signal: cannot make a loop");
+  loop.data = &got;
+  uv_signal_init(&loop, &sigint);
+  uv_signal_init(&loop, &sigterm);
+  uv_signal_start(&sigint, wait_signal_cb, SIGINT);
+  uv_signal_start(&sigterm, wait_signal_cb, SIGTERM);
+  while (got == 0) uv_run(&loop, UV_RUN_DEFAULT);
+  uv_close((uv_handle_t *)&sigint, NULL);
+  uv_close((uv_handle_t *)&sigterm, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
   push_signal_name(L, got);
   return 1;
 }
@@ -602,6 +795,7 @@ static const luaL_Reg server_methods[] = {
   { "address", server_address },
   { "stop_begin", server_stop_begin },
   { "wait_stopped", server_wait_stopped },
+  { "signals", server_signals },
   { "stats", server_stats },
   { "running", server_running },
   { "send", server_send },
@@ -615,11 +809,31 @@ static const luaL_Reg server_meta[] = {
   { NULL, NULL }
 };
 
-/* module.c: the server's metatable, in the state that loads the module. */
+static const luaL_Reg signals_methods[] = {
+  { "wait", signals_wait },
+  { "count", signals_count },
+  { "close", signals_gc },
+  { NULL, NULL }
+};
+
+static const luaL_Reg signals_meta[] = {
+  { "__gc", signals_gc },
+  { "__close", signals_gc },
+  { NULL, NULL }
+};
+
+/* module.c: the server's and the watcher's metatables, in the state that
+ * loads the module. */
 void multiloop_server_register(lua_State *L) {
   if (luaL_newmetatable(L, SERVER_MT)) {
     luaL_setfuncs(L, server_meta, 0);
     luaL_newlib(L, server_methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, SIGNALS_MT)) {
+    luaL_setfuncs(L, signals_meta, 0);
+    luaL_newlib(L, signals_methods);
     lua_setfield(L, -2, "__index");
   }
   lua_pop(L, 1);

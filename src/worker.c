@@ -29,6 +29,50 @@
 
 #include "multiloop.h"
 
+/* --- the start handshake -------------------------------------------------- */
+
+/* Moves the worker's start to `phase` under rt->start_lock; at DONE the
+ * main thread, waiting in server.c, is woken. Returns whether the main
+ * thread has given up on this worker (start_timeout). */
+static int start_phase(multiloop_worker_t *w, int phase) {
+  multiloop_runtime_t *rt = w->rt;
+  int interrupted;
+  uv_mutex_lock(&rt->start_lock);
+  w->start_phase = phase;
+  if (phase == MULTILOOP_START_DONE) {
+    rt->nready++;
+    uv_cond_signal(&rt->start_cond);
+  }
+  interrupted = w->interrupted;
+  uv_mutex_unlock(&rt->start_lock);
+  return interrupted;
+}
+
+/* A count hook: raises at every instruction, so that a loop in the
+ * handler's top level or its init cannot go on, even one that catches
+ * errors with pcall (the loop's own instructions raise outside it). */
+static void interrupt_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  luaL_error(L, "start_timeout: interrupted");
+}
+
+/* Main thread, holding rt->start_lock, past the start timeout: gives up on
+ * a worker that has not finished starting. A worker running Lua (loading
+ * the handler or in init) gets the hook: lua_sethook is the one Lua call
+ * written to be made asynchronously (ldebug.c: "can be called during a
+ * signal"; lua.c does it from its SIGINT handler). From another thread it
+ * is a benign race (word-sized stores the worker sees at its next
+ * instruction), and the lock keeps the state alive and still in its Lua
+ * code meanwhile. One not in Lua yet sees `interrupted` at its next phase
+ * and stops there. Lua code the hook cannot reach (a coroutine made before
+ * it was set, a C call that never returns) is not interrupted, and start()
+ * keeps waiting for it. */
+void multiloop_worker_interrupt(multiloop_worker_t *w) {
+  if (w->start_phase >= MULTILOOP_START_OPENING) return;   /* done with Lua: wait */
+  w->interrupted = 1;
+  if (w->start_phase != MULTILOOP_START_NEW) lua_sethook(w->L, interrupt_hook, LUA_MASKCOUNT, 1);
+}
+
 /* Protected (run by lua_pcall): prepares the state and loads the handler. */
 static int load_handler(lua_State *L) {
   multiloop_worker_t *w = lua_touserdata(L, 1);
@@ -84,6 +128,7 @@ static int load_handler(lua_State *L) {
   switch (lua_getfield(L, handler, "init")) {
     case LUA_TNIL: break;
     case LUA_TFUNCTION:
+      start_phase(w, MULTILOOP_START_INIT);        /* interrupted: the hook raises */
       lua_pushvalue(L, worker);
       lua_call(L, 1, 0);
       break;
@@ -378,11 +423,20 @@ static void worker_main(void *arg) {
   w->handler_ref = w->worker_ref = LUA_NOREF;
   if (w->read_buffer == NULL || w->L == NULL) {
     fail(w, "not enough memory");
+  } else if (start_phase(w, MULTILOOP_START_LOADING)) {
+    fail(w, "start_timeout: interrupted");          /* given up before it began */
   } else {
     lua_pushcfunction(w->L, load_handler);
     lua_pushlightuserdata(w->L, w);
     if (lua_pcall(w->L, 1, 0, 0) != LUA_OK) fail(w, lua_tostring(w->L, -1));
     lua_settop(w->L, 0);
+    uv_mutex_lock(&w->rt->start_lock);             /* no hook can be set after this */
+    if (w->interrupted) {
+      lua_sethook(w->L, NULL, 0, 0);
+      if (!w->failed) fail(w, "start_timeout: interrupted");
+    }
+    w->start_phase = MULTILOOP_START_OPENING;      /* no longer interrupted */
+    uv_mutex_unlock(&w->rt->start_lock);
   }
   if (!w->failed && (rc = open_handles(w)) != 0) {   /* its inbox's uv_async_init, its pipe */
     snprintf(why, sizeof why, "cannot open its handles: %s (%s)", uv_strerror(rc),
@@ -391,7 +445,7 @@ static void worker_main(void *arg) {
   }
   if (w->failed) multiloop_timers_close(w);        /* any init() started: the loop must end */
   else multiloop_message_open(w);                  /* other threads may post to us now */
-  uv_sem_post(&w->rt->ready);                      /* up, or failed for good */
+  start_phase(w, MULTILOOP_START_DONE);            /* up, or failed for good */
 
   uv_run(&w->loop, UV_RUN_DEFAULT);
   if ((rc = uv_loop_close(&w->loop)) != 0)
@@ -404,7 +458,8 @@ static void worker_main(void *arg) {
   atomic_store(&w->finished, 1);
 }
 
-/* Main thread. Starts the thread; the caller waits on rt->ready for it. */
+/* Main thread. Starts the thread; the caller waits for it to reach
+ * MULTILOOP_START_DONE (server.c). */
 int multiloop_worker_start(multiloop_worker_t *w) {
   int rc = uv_thread_create(&w->thread, worker_main, w);
   if (rc == 0) w->thread_started = 1;

@@ -117,6 +117,7 @@ local checks = {
     return v
   end,
   workers = function(v) return integer_in("workers", v, 1, MAX_WORKERS) end,
+  start_timeout = function(v) return integer_in("start_timeout", v, 1, MAX_MS) end,
   backlog = function(v) return integer_in("backlog", v, 1, 65535) end,
   config = function(v) return v end,       -- copied (and checked) by the core
   idle_timeout = function(v) return integer_in("idle_timeout", v, 0, MAX_MS) end,
@@ -168,6 +169,7 @@ local defaults = {
   nodelay = true,
   write_high_water = 1024 * 1024,
   inbox_limit = 64 * 1024 * 1024,          -- src/multiloop.h says the same
+  start_timeout = 30000,
 }
 
 local Server = {}
@@ -315,20 +317,24 @@ end
 --- Starts (unless running) and serves until SIGINT or SIGTERM. The first
 -- signal stops gracefully, giving connections opts.timeout ms (default
 -- 5000) to finish; a second one stops at once. Returns the first signal's
--- name.
+-- name and how many signals arrived during run().
 function Server:run(opts)
   check_server(self, "run")
   local timeout = opts and opts.timeout or 5000
   local ok, err = pcall(integer_in, "timeout", timeout, 0, MAX_MS)
   if not ok then error(err:gsub("multiloop.server: option", "multiloop.server: run: option"), 2) end
+  -- One watcher from here to the end: SIGINT and SIGTERM stay caught for the
+  -- whole of run(), and one that arrives while nothing waits (during start,
+  -- between the two waits, during the final stop) is kept, not lost.
+  local signals <close> = self._core:signals()
   if not self._core:running() then self:start() end
-  local sig = core.wait_signal()
+  local sig = signals:wait(false)
   if timeout > 0 then
     self._core:stop_begin(timeout)
-    self._core:wait_stopped(true)              -- a second signal ends the wait
+    signals:wait(true)                         -- a second signal ends the wait
   end
   self._core:stop()
-  return sig
+  return sig, signals:count()
 end
 
 --- Sends a copy of value (nil, booleans, integers and floats kept apart,
