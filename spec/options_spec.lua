@@ -174,6 +174,7 @@ describe("multiloop.core.new", function()
     { { write_high_water = -1 }, "option 'write_high_water' must be an integer from 1 to 2147483647 (got -1)" },
     { { write_low_water = -1 }, "option 'write_low_water' must be an integer from 0 to 2147483647 (got -1)" },
     { { write_low_water = 1024 }, "option 'write_low_water' must be below write_high_water (1024) (got 1024)" },
+    { { write_low_water = 4096.0 }, "option 'write_low_water' must be below write_high_water (1024) (got 4096.0)" },
     { { keepalive_seconds = -1 }, "option 'keepalive_seconds' must be an integer from 0 to 2147484 (got -1)" },
     { { keepalive_seconds = 1 << 33 }, "option 'keepalive_seconds' must be an integer from 0 to 2147484 (got 8589934592)" },
     { { host = ("h"):rep(254) }, "option 'host' must be a string of 1 to 253 bytes (got a string of 254 bytes)" },
