@@ -174,6 +174,7 @@ describe("multiloop.core.new", function()
     { { write_high_water = -1 }, "option 'write_high_water' must be an integer from 1 to 2147483647 (got -1)" },
     { { write_low_water = -1 }, "option 'write_low_water' must be an integer from 0 to 2147483647 (got -1)" },
     { { write_low_water = 1024 }, "option 'write_low_water' must be below write_high_water (1024) (got 1024)" },
+    { { write_low_water = 4096.0 }, "option 'write_low_water' must be below write_high_water (1024) (got 4096.0)" },
     { { keepalive_seconds = -1 }, "option 'keepalive_seconds' must be an integer from 0 to 2147484 (got -1)" },
     { { keepalive_seconds = 1 << 33 }, "option 'keepalive_seconds' must be an integer from 0 to 2147484 (got 8589934592)" },
     { { host = ("h"):rep(254) }, "option 'host' must be a string of 1 to 253 bytes (got a string of 254 bytes)" },
@@ -359,4 +360,33 @@ describe("start() out of file descriptors", function()
       assert.matches("again ok\n$", out)
     end)
   end
+end)
+
+-- A uv_loop_init that fails before it made its epoll fd (out of memory)
+-- leaves backend_fd 0, from the memset it starts with: multiloop_loop_init
+-- closed that, the process's fd 0, which may be anyone's by then. Made to
+-- happen by an LD_PRELOAD shim (the only way to fail that allocation on
+-- demand), in a child process.
+describe("start() when a worker's uv_loop_init fails before its epoll fd", function()
+  it("fails naming the worker, and closes no fd it does not own #child", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. dir))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    local so = dir .. "/mutex_init_fails.so"
+    assert(os.execute(("env -u LD_PRELOAD cc -shared -fPIC -o %s spec/fixtures/mutex_init_fails.c -ldl")
+      :format(so)))
+    -- Under ASan its runtime must stay first; any other preload (valgrind's
+    -- own, under make valgrind) is not for a child that runs natively.
+    local preload = so
+    if os.getenv("SANITIZER") == "asan" then preload = os.getenv("LD_PRELOAD") .. " " .. so end
+    local cmd = ("env LD_PRELOAD='%s' %s spec/fixtures/loop_init_fails.lua "
+      .. "< spec/fixtures/loop_init_fails.lua 2>&1"):format(preload, os.getenv("CHILD_LUA") or "lua5.4")
+    local p = assert(io.popen(cmd))
+    local out = p:read("*a")
+    local _, _, code = p:close()
+    assert.are.equal(0, code, out)
+    assert.are.equal("multiloop.server: start: worker 1 failed to load the handler: cannot make "
+      .. "its loop: not enough memory (ENOMEM)\nstdin ok\n", out)
+  end)
 end)

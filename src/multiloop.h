@@ -278,11 +278,14 @@ struct multiloop_runtime_s {
 
 /* uv_loop_init, without the fd it leaks on failure: before libuv 1.51
  * (libuv PR #4757) its error path forgot the epoll fd it had made, so each
- * start that failed for want of fds lost one more. */
+ * start that failed for want of fds lost one more. It begins by zeroing the
+ * loop, so a failure before it sets backend_fd (out of memory for its
+ * internal fields, or their mutex) leaves 0 there: the process's fd 0, not
+ * ours (an epoll fd that really is 0 then leaks, as before). */
 static inline int multiloop_loop_init(uv_loop_t *loop) {
   int rc = uv_loop_init(loop);
 #if UV_VERSION_HEX < 0x013300
-  if (rc != 0 && loop->backend_fd >= 0) {
+  if (rc != 0 && loop->backend_fd > 0) {
     close(loop->backend_fd);
     loop->backend_fd = -1;
   }

@@ -419,7 +419,8 @@ int multiloop_server_new(lua_State *L) {
   static const char *const kinds[] = { "module", "path", "bytecode", NULL };
   server_t *s;
   multiloop_config_t *cfg;
-  int nworkers;
+  int nworkers, isint;
+  lua_Integer low;
   size_t size;
   luaL_checktype(L, 1, LUA_TTABLE);
   nworkers = (int)int_field(L, "workers", 1, MULTILOOP_MAX_WORKERS);
@@ -436,9 +437,9 @@ int multiloop_server_new(lua_State *L) {
   cfg->max_connections = (int)int_field(L, "max_connections", 0, INT32_MAX);
   cfg->idle_timeout = (uint64_t)int_field(L, "idle_timeout", 0, MAX_MS);
   cfg->write_high_water = (size_t)int_field(L, "write_high_water", 1, MAX_BYTES);
-  lua_getfield(L, 1, "write_low_water");
-  if (lua_isinteger(L, -1) && (size_t)lua_tointeger(L, -1) >= cfg->write_high_water &&
-      lua_tointeger(L, -1) >= 0) {
+  lua_getfield(L, 1, "write_low_water");     /* an integral float counts, as in int_field */
+  if (lua_type(L, -1) == LUA_TNUMBER && (low = lua_tointegerx(L, -1, &isint), isint) &&
+      low >= 0 && (size_t)low >= cfg->write_high_water) {
     char what[80];
     snprintf(what, sizeof what, "must be below write_high_water (%zu)", cfg->write_high_water);
     bad_option(L, "write_low_water", what);
