@@ -2,6 +2,7 @@
 -- Every client call has a timeout, so a server that never answers fails a
 -- test instead of hanging it.
 local socket = require("socket")
+local procsig = require("spec.fixtures.procsig")
 
 local M = { TIMEOUT = 5 }
 
@@ -167,7 +168,16 @@ function M.spawn(args, prefix)
   child.pid = tonumber(p:read("*l"))
   local ready = p:read("*l") or ""
   child.port = tonumber(ready:match("port (%d+)"))
-  function child.signal(sig) os.execute(("kill -%s %d"):format(sig, child.pid)) end
+  -- serve.lua prints its port before it calls run(), which installs the
+  -- SIGINT/SIGTERM handlers (both at once): an INT or TERM sent before then
+  -- meets the default action. So wait until the child catches TERM first.
+  function child.signal(sig)
+    if sig == "TERM" or sig == "INT" then
+      assert(M.eventually(function() return procsig.caught(child.pid, "TERM") end, 10000),
+             "the child never caught SIGTERM")
+    end
+    os.execute(("kill -%s %d"):format(sig, child.pid))
+  end
   function child.wait()             -- the rest of stdout, exit status
     local rest = p:read("*a")
     local _, _, code = p:close()

@@ -332,7 +332,7 @@ describe("start() out of file descriptors", function()
     it("fails cleanly whichever thread runs out (" .. dispatch .. ") #child", function()
       local frees = {}
       for i = 0, 14 do frees[#frees + 1] = i end
-      local cmd = ("prlimit --nofile=64 %s spec/fixtures/fd_starved.lua %s %s 2>&1"):format(
+      local cmd = ("timeout 120 prlimit --nofile=64 %s spec/fixtures/fd_starved.lua %s %s 2>&1"):format(
         os.getenv("CHILD_LUA") or "lua5.4", dispatch, table.concat(frees, " "))
       local p = assert(io.popen(cmd))
       local out = p:read("*a")

@@ -414,8 +414,8 @@ static void worker_main(void *arg) {
   if ((rc = multiloop_loop_init(&w->loop)) != 0) {
     snprintf(why, sizeof why, "cannot make its loop: %s (%s)", uv_strerror(rc), uv_err_name(rc));
     fail(w, why);
-    uv_sem_post(&w->rt->ready);
     atomic_store(&w->finished, 1);
+    start_phase(w, MULTILOOP_START_DONE);          /* failed for good: wake the start */
     return;
   }
   w->read_buffer = malloc(MULTILOOP_READ_BUFFER_SIZE);
