@@ -14,11 +14,13 @@ LUA      ?= lua5.4
 # Debian packages: what the build needs, and what the specs, the sanitizer
 # runs and `make lint` need on top (the examples' specs drive them with
 # redis-cli and redis-benchmark from redis-tools, ab from apache2-utils, and
-# curl). LINT_PACKAGES is the part of TEST_PACKAGES that `make lint` uses.
+# curl; packaging_spec runs `luarocks make` and `luarocks test`, offline in
+# a network namespace made with iproute2). LINT_PACKAGES is the part of
+# TEST_PACKAGES that `make lint` uses.
 BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
 TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server apache2-utils curl \
-                  valgrind $(LINT_PACKAGES)
+                  valgrind luarocks iproute2 $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes
 
