@@ -74,6 +74,65 @@ describe("idle timeouts", function()
     assert.are.equal("timeout 2000", helper.line(c))
   end)
 
+  -- The deadline lists (src/deadline.c) while their timer walks them: an
+  -- expiry callback that closes a connection queued behind it in the same
+  -- list, and moves itself to a duration no list has yet (a list made during
+  -- the walk); the walk goes on to the next entry, and every list empties.
+  it("on_timeout may close a neighbour and move itself to a new duration", function()
+    server, port = helper.server{ workers = 1, handler = function(conn)
+      _G.CONNS = _G.CONNS or {}
+      conn:on_data(function(name)
+        _G.CONNS[name] = conn
+        conn:set_timeout(150)
+        conn:on_close(function(err)
+          local a = _G.CONNS.A
+          if a and a ~= conn then a:write(("closed %s %s\n"):format(name, tostring(err))) end
+        end)
+        if name == "A" then
+          local n = 0
+          conn:on_timeout(function()
+            n = n + 1
+            conn:write("A" .. n .. "\n")
+            if n == 1 then
+              _G.CONNS.B:close()
+              conn:set_timeout(250)
+            else
+              conn:set_timeout(0)
+            end
+          end)
+        elseif name == "B" then
+          conn:on_timeout(function() conn:write("B timed out\n") end)
+        end
+        conn:write("ok\n")
+      end)
+    end }
+    local socks = {}
+    for _, name in ipairs{ "A", "B", "C" } do      -- in this order in the 150 ms list
+      local c = helper.connect(port)
+      helper.defer(function() c:close() end)
+      assert(c:send(name))
+      assert.are.equal("ok", helper.line(c))
+      socks[name] = c
+    end
+    local t0 = socket.gettime()
+    assert.are.equal("A1", helper.line(socks.A))
+    -- B's close() shuts down first, so C's timeout may close C before B.
+    local closed = { helper.line(socks.A), helper.line(socks.A) }
+    table.sort(closed)
+    assert.are.same({ "closed B nil", "closed C timeout" }, closed)
+    assert.are.equal("A2", helper.line(socks.A))
+    assert.is_true(socket.gettime() - t0 >= 0.2, "A's second period is 250 ms")
+    for _, name in ipairs{ "B", "C" } do
+      local data, err = socks[name]:receive(1)
+      assert.is_nil(data)
+      assert.are.equal("closed", err)
+    end
+    socks.A:settimeout(0.4)
+    local data, err = socks.A:receive("*l")   -- no deadline left: A stays open, silent
+    assert.is_nil(data)
+    assert.are.equal("timeout", err)
+  end)
+
   it("a client dribbling a byte every 200 ms does not slow other clients down", function()
     server, port = helper.server{ workers = 1, handler = "examples.echo_handler" }
     local dribbler = helper.connect(port)

@@ -15,7 +15,9 @@
  *
  * Backpressure: write() returns false once the bytes queued in libuv pass the
  * server's write_high_water; on_drain runs when they fall to write_low_water.
- * pause()/resume() stop and restart reading. Idle timeouts live in idle.c.
+ * pause()/resume() stop and restart reading. The idle timeout is a deadline
+ * (deadline.c) whose expiry callback, conn_idle, is set here; reads and
+ * writes touch it.
  *
  * Lifecycle: the connection closes when the peer has ended and our side is
  * shut down, when conn:close() is called (after queued writes flush), on a
@@ -48,7 +50,7 @@ struct multiloop_conn_s {
   } h;
   multiloop_worker_t *w;
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
-  multiloop_idle_t idle;               /* its place in the worker's idle lists */
+  multiloop_deadline_t idle;           /* the idle timeout: expires in conn_idle */
   lua_Integer id;
   int ref;                             /* pins the userdata while the handle is open */
   unsigned callbacks;                  /* bit n set: user value n is a function */
@@ -146,7 +148,7 @@ static void conn_close(multiloop_conn_t *c, const char *reason) {
   else if (w->conns == c) w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
-  multiloop_idle_remove(w, &c->idle);
+  multiloop_deadline_remove(&c->idle);
   uv_close(&c->h.handle, close_cb);
   if (w->stopping && w->conns == NULL) multiloop_worker_drained(w);
 }
@@ -198,7 +200,7 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   multiloop_conn_t *c = s->data;
   if (nread > 0) {
     atomic_fetch_add_explicit(&c->w->bytes_in, (uint64_t)nread, memory_order_relaxed);
-    multiloop_idle_touch(c->w, &c->idle);
+    multiloop_deadline_touch(c->w, &c->idle);
     if (HAS(c, ON_DATA) && call(c, ON_DATA, buf->base, (size_t)nread) != LUA_OK)
       conn_close(c, "error");
   } else if (nread == UV_EOF) {
@@ -217,16 +219,17 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
 }
 
-/* Idle for `ms`: on_timeout if set (the timeout starts again: it fires once
- * per idle period), otherwise close with reason "timeout". */
-void multiloop_conn_idle(multiloop_idle_t *n, uint64_t ms) {
-  multiloop_conn_t *c = (multiloop_conn_t *)((char *)n - offsetof(multiloop_conn_t, idle));
+/* The idle deadline expired, `ms` after the last read or write: on_timeout
+ * if set (the timeout starts again: it fires once per idle period),
+ * otherwise close with reason "timeout". */
+static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
+  multiloop_conn_t *c = (multiloop_conn_t *)((char *)d - offsetof(multiloop_conn_t, idle));
   if (c->closing) return;
   if (!HAS(c, ON_TIMEOUT)) {
     conn_close(c, "timeout");
     return;
   }
-  multiloop_idle_set(c->w, &c->idle, ms);
+  multiloop_deadline_set(c->w, &c->idle, ms);
   if (call(c, ON_TIMEOUT, NULL, 0) != LUA_OK) conn_close(c, "error");
 }
 
@@ -257,6 +260,7 @@ static int accept_body(lua_State *L) {
   c->closing = 1;                          /* closed until the fd is ours */
   c->ref = LUA_NOREF;
   c->w = w;
+  multiloop_deadline_init(&c->idle, conn_idle);
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
   c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -287,7 +291,7 @@ static int accept_body(lua_State *L) {
     if (w->cfg->nodelay) uv_tcp_nodelay(&c->h.tcp, 1);
     if (w->cfg->keepalive) uv_tcp_keepalive(&c->h.tcp, 1, w->cfg->keepalive);
   }
-  if (multiloop_idle_set(w, &c->idle, w->cfg->idle_timeout) != 0)
+  if (multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
     return luaL_error(L, "not enough memory");
 
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
@@ -319,7 +323,7 @@ static void write_cb(uv_write_t *req, int status) {
   int cb_ref = wr->cb_ref, rc = LUA_OK;
   if (status == 0) {
     atomic_fetch_add_explicit(&c->w->bytes_out, wr->len, memory_order_relaxed);
-    multiloop_idle_touch(c->w, &c->idle);
+    multiloop_deadline_touch(c->w, &c->idle);
   }
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
   free(wr);
@@ -400,7 +404,7 @@ static int conn_write(lua_State *L) {
       }
       if (n > 0) {
         atomic_fetch_add_explicit(&c->w->bytes_out, (uint64_t)n, memory_order_relaxed);
-        multiloop_idle_touch(c->w, &c->idle);
+        multiloop_deadline_touch(c->w, &c->idle);
       }
       if (n == (int)len) return push_write_result(L, c);
       if (n > 0) {
@@ -489,7 +493,7 @@ static int conn_set_timeout(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   lua_Integer ms = check_ms(L, 2);
   if (c->closing) return 0;
-  if (multiloop_idle_set(c->w, &c->idle, (uint64_t)ms) != 0)
+  if (multiloop_deadline_set(c->w, &c->idle, (uint64_t)ms) != 0)
     return luaL_error(L, "not enough memory");
   return 0;
 }

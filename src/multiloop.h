@@ -135,14 +135,21 @@ typedef struct {
   multiloop_worker_t *owner;
   multiloop_inbox_handler handle;
 } multiloop_inbox_t;
-typedef struct multiloop_idle_list_s multiloop_idle_list_t;
+typedef struct multiloop_deadline_list_s multiloop_deadline_list_t;
+typedef struct multiloop_deadline_s multiloop_deadline_t;
 
-/* A connection's place in its worker's idle lists (idle.c). */
-typedef struct multiloop_idle_s {
-  multiloop_idle_list_t *list;         /* NULL: no timeout */
-  struct multiloop_idle_s *prev, *next;
-  uint64_t last;                       /* loop time of the last activity, ms */
-} multiloop_idle_t;
+/* Runs on the worker thread when a deadline of `ms` expires; the entry has
+ * already left its list, so the callback may set it again. */
+typedef void (*multiloop_deadline_cb)(multiloop_deadline_t *d, uint64_t ms);
+
+/* A deadline, embedded in its owner (deadline.c): its place in one of the
+ * worker's per-duration lists, and what to call when it expires. */
+struct multiloop_deadline_s {
+  multiloop_deadline_list_t *list;     /* NULL: not running */
+  multiloop_deadline_t *prev, *next;
+  uint64_t last;                       /* loop time the period began (set or touch), ms */
+  multiloop_deadline_cb expire;
+};
 typedef struct multiloop_conn_s multiloop_conn_t;
 typedef struct multiloop_timer_s multiloop_timer_t;   /* timer.c */
 
@@ -196,9 +203,9 @@ struct multiloop_worker_s {
   int closing;                         /* every handle is being closed: the loop ends */
   char *read_buffer;                   /* one per loop, shared by every read */
   multiloop_conn_t *conns;             /* open connections, to close them at stop */
-  uv_timer_t idle_timer;               /* one timer for every idle timeout */
-  uint64_t idle_due;
-  multiloop_idle_list_t *idle_lists;
+  uv_timer_t deadline_timer;           /* one timer for every deadline (deadline.c) */
+  uint64_t deadline_due;               /* when it fires, while it is active */
+  multiloop_deadline_list_t *deadline_lists;
   int handler_ref;                     /* registry: the handler table */
   int worker_ref;                      /* registry: the `worker` table */
   int stopping;
@@ -340,15 +347,15 @@ multiloop_msg_t *multiloop_inbox_close(multiloop_inbox_t *box);  /* what was que
 void multiloop_inbox_destroy(multiloop_inbox_t *box);  /* after the owner is joined */
 void multiloop_msg_free(multiloop_msg_t *msg);
 
-/* idle.c: runs only on a worker thread. */
-void multiloop_idle_init(multiloop_worker_t *w);
-void multiloop_idle_close(multiloop_worker_t *w);
-int multiloop_idle_set(multiloop_worker_t *w, multiloop_idle_t *n, uint64_t ms);
-void multiloop_idle_touch(multiloop_worker_t *w, multiloop_idle_t *n);
-void multiloop_idle_remove(multiloop_worker_t *w, multiloop_idle_t *n);
+/* deadline.c: runs only on a worker thread. */
+void multiloop_deadlines_init(multiloop_worker_t *w);
+void multiloop_deadlines_close(multiloop_worker_t *w);   /* after every entry is removed */
+void multiloop_deadline_init(multiloop_deadline_t *d, multiloop_deadline_cb expire);
+int multiloop_deadline_set(multiloop_worker_t *w, multiloop_deadline_t *d, uint64_t ms);
+void multiloop_deadline_touch(multiloop_worker_t *w, multiloop_deadline_t *d);
+void multiloop_deadline_remove(multiloop_deadline_t *d);
 
 /* conn.c: runs only on a worker thread. */
-void multiloop_conn_idle(multiloop_idle_t *n, uint64_t ms);
 void multiloop_conn_register(lua_State *L);
 int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd);
 void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);

@@ -302,7 +302,7 @@ static void drop_queued(multiloop_worker_t *w, multiloop_msg_t *msg) {
 static void finish(multiloop_worker_t *w) {
   if (w->closing) return;
   w->closing = 1;
-  multiloop_idle_close(w);
+  multiloop_deadlines_close(w);
   multiloop_timers_close(w);
   drop_queued(w, multiloop_inbox_close(&w->inbox));
   multiloop_listener_close(&w->listener);
@@ -380,10 +380,10 @@ static int open_handles(multiloop_worker_t *w) {
   int rc;
   uv_timer_init(&w->loop, &w->grace_timer);
   w->grace_timer.data = w;
-  multiloop_idle_init(w);
+  multiloop_deadlines_init(w);
   if ((rc = multiloop_inbox_init(&w->inbox, &w->loop, w, inbox_cb)) != 0) {
     close_if_open((uv_handle_t *)&w->grace_timer);
-    multiloop_idle_close(w);
+    multiloop_deadlines_close(w);
     return rc;
   }
   if (cfg->dispatch == MULTILOOP_DISPATCH_IPC) {
