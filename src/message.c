@@ -1,6 +1,8 @@
 /*
  * message.c: Lua values sent between states. In a worker: worker.send(id,
- * value) and worker.broadcast(value) (to every other worker); in the main
+ * value) and worker.broadcast(value) (to every other worker), the C
+ * functions of worker.c's core table that lua/multiloop/worker.lua hands out
+ * as they are, arguments checked here; in the main
  * state: server:send(id, value) and server:broadcast(value) (to every
  * worker). A worker receives them in its handler's message(worker, value,
  * from) hook, `from` being the sender's worker id, or 0 for the main state.

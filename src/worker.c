@@ -2,10 +2,15 @@
  * worker.c: a worker thread, its uv loop and its lua_State.
  *
  * The worker builds its own Lua state (standard libraries, the creating
- * state's package.path/cpath, the connection metatable), loads the user's
- * handler, calls its optional init(worker), and then serves the connections
- * that reach it: from the acceptor over its end of an IPC socketpair (ipc) or
- * through its inbox (queue), or from its own listening socket (reuseport).
+ * state's package.path/cpath, the connection and timer metatables), then the
+ * `worker` object: a core table made here (id, count, the copied config, and
+ * the C primitives timer.c and message.c export as luaL_Reg arrays) handed to
+ * lua/multiloop/worker.lua, found through that package.path, which returns
+ * the object. It then loads the user's handler, calls its optional
+ * init(worker), and serves the connections that reach it: from the acceptor
+ * over its end of an IPC socketpair (ipc) or through its inbox (queue), or
+ * from its own listening socket (reuseport). Connection callbacks, timers
+ * and messages are then called from C directly: worker.lua runs at start.
  *
  * Threads: multiloop_worker_start, _request_stop and _join are called by the
  * main thread; everything else runs on the worker thread, which alone uses the
