@@ -19,6 +19,8 @@
 -- Runs on the worker's thread only; nothing here is shared with another
 -- state.
 
+local type, tointeger, tostring, select, error = type, math.tointeger, tostring, select, error
+
 -- What argument i of n was, for an error message: a number as itself, else
 -- its type ("no value" past the last one, as luaL_typename says).
 local function shown(n, i, v)
@@ -37,7 +39,7 @@ local function timer_maker(make, who, min)
   local what = min > 0 and "positive" or "non-negative"
   return function(...)
     local ms, fn = ...
-    local n = type(ms) == "number" and math.tointeger(ms)
+    local n = type(ms) == "number" and tointeger(ms)
     if not n or n < min then
       error(("%s: ms must be a %s integer (got %s)"):format(who, what, shown(select("#", ...), 1, ms)), 0)
     end
