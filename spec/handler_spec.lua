@@ -272,3 +272,35 @@ describe("a Lua error in a callback", function()
     assert.are.equal(0, code)
   end)
 end)
+
+describe("the worker object", function()
+  local server
+  after_each(function() if server then server:stop() end server = nil end)
+
+  it("is built by lua/multiloop/worker.lua; now, send and broadcast stay C functions", function()
+    local port
+    server, port = helper.server{ workers = 1, config = {}, handler = "spec.fixtures.worker_object" }
+    local c = helper.connect(port)
+    helper.defer(function() c:close() end)
+    assert.are.equal("broadcast config count every id now send timer", helper.line(c))
+    assert.are.equal("now=C send=C broadcast=C timer=Lua every=Lua", helper.line(c))
+    assert.are.equal("true", helper.line(c))
+  end)
+
+  it("start fails naming multiloop.worker when the worker's package.path lacks it", function()
+    local multiloop = require("multiloop")
+    local threads = helper.thread_count()
+    local saved = package.path
+    package.path = "/nonexistent/?.lua"              -- copied into the workers here
+    local made, s = pcall(multiloop.server, { host = "127.0.0.1", port = 0, workers = 1,
+                                              handler = function(conn) conn:close() end })
+    package.path = saved
+    assert(made, s)
+    local ok, err = pcall(s.start, s)
+    assert.is_false(ok)
+    assert.are.equal("multiloop.server: start: worker 1 failed to load the handler: cannot find "
+      .. "multiloop.worker (lua/multiloop/worker.lua, installed with the module) in the worker's "
+      .. "package.path:\n\tno file '/nonexistent/multiloop/worker.lua'", err)
+    assert.are.equal(threads, helper.thread_count())
+  end)
+end)

@@ -1,6 +1,8 @@
 /*
  * message.c: Lua values sent between states. In a worker: worker.send(id,
- * value) and worker.broadcast(value) (to every other worker); in the main
+ * value) and worker.broadcast(value) (to every other worker), the C
+ * functions of worker.c's core table that lua/multiloop/worker.lua hands out
+ * as they are, arguments checked here; in the main
  * state: server:send(id, value) and server:broadcast(value) (to every
  * worker). A worker receives them in its handler's message(worker, value,
  * from) hook, `from` being the sender's worker id, or 0 for the main state.
@@ -133,22 +135,14 @@ static int worker_broadcast(lua_State *L) {
   return broadcast_value(L, w->rt, w->id, 1, "worker.broadcast");
 }
 
-static const luaL_Reg worker_funcs[] = {
+/* For worker.c's core table, which lua/multiloop/worker.lua hands out as
+ * worker.send and worker.broadcast themselves (no Lua in between): each
+ * closes over the worker (one light userdata upvalue). */
+const luaL_Reg multiloop_message_funcs[] = {
   { "send", worker_send },
   { "broadcast", worker_broadcast },
   { NULL, NULL }
 };
-
-/* worker.c: adds send/broadcast (here) and timer/every/now (timer.c) to the
- * `worker` table at idx, before the handler loads. Protected: may raise. */
-void multiloop_worker_api(lua_State *L, multiloop_worker_t *w, int idx) {
-  idx = lua_absindex(L, idx);
-  multiloop_timer_api(L, w, idx);
-  lua_pushvalue(L, idx);
-  lua_pushlightuserdata(L, w);
-  luaL_setfuncs(L, worker_funcs, 1);           /* each closes over the worker */
-  lua_pop(L, 1);
-}
 
 typedef struct {
   multiloop_worker_t *w;

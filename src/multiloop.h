@@ -438,13 +438,16 @@ size_t multiloop_dict_free_space(multiloop_dict_t *d);
  * state. core.shared(name, capacity). */
 int multiloop_shared_open(lua_State *L);
 
-/* timer.c: worker.timer/every/now; worker thread only. */
-void multiloop_timer_api(lua_State *L, multiloop_worker_t *w, int idx);
+/* timer.c: the timer metatable, and the core table's timer/every/now
+ * (each closes over the worker); worker thread only. */
+extern const luaL_Reg multiloop_timer_funcs[];
+void multiloop_timer_register(lua_State *L);
 void multiloop_timers_close(multiloop_worker_t *w);
 
-/* message.c: worker.send/broadcast and the message hook (worker thread);
- * server:send/broadcast (main state, rt NULL when stopped: raises). */
-void multiloop_worker_api(lua_State *L, multiloop_worker_t *w, int idx);
+/* message.c: the core table's send/broadcast (each closes over the worker)
+ * and the message hook (worker thread); server:send/broadcast (main state,
+ * rt NULL when stopped: raises). */
+extern const luaL_Reg multiloop_message_funcs[];
 void multiloop_message_open(multiloop_worker_t *w);
 void multiloop_message_deliver(multiloop_worker_t *w, multiloop_msg_t *msg);
 int multiloop_server_send(lua_State *L, multiloop_runtime_t *rt);

@@ -1,7 +1,10 @@
 /*
- * timer.c: timers in a worker's Lua state: worker.timer(ms, fn) (once),
- * worker.every(ms, fn) (repeating), worker.now(), and the timer object
- * ("multiloop.timer") with :stop().
+ * timer.c: timers in a worker's Lua state: the primitives under
+ * worker.timer(ms, fn) (once), worker.every(ms, fn) (repeating) and
+ * worker.now(), which worker.c puts in the worker's core table and
+ * lua/multiloop/worker.lua builds the `worker` object from, and the timer
+ * object ("multiloop.timer") with :stop(). A timer's callback is called from
+ * here directly, with no Lua in between.
  *
  * Runs only on the worker thread that owns the loop and the Lua state. Each
  * timer is a full userdata with the uv_timer_t embedded; its callback lives
@@ -95,34 +98,19 @@ static void timer_cb(uv_timer_t *h) {
 
 /* --- the Lua API ----------------------------------------------------------- */
 
-/* What an argument was, for an error message: a number as itself, else its
- * type. */
-static const char *shown(lua_State *L, int arg) {
-  return lua_type(L, arg) == LUA_TNUMBER ? luaL_tolstring(L, arg, NULL) : luaL_typename(L, arg);
-}
-
-/* The delay in ms: an integer (a float with an integral value will do) of at
- * least `min`. Raises "worker.timer: ms must be ..." otherwise. */
-static lua_Integer check_delay(lua_State *L, const char *who, lua_Integer min) {
-  int ok = 0;
-  lua_Integer ms = lua_type(L, 1) == LUA_TNUMBER ? lua_tointegerx(L, 1, &ok) : 0;
-  if (!ok || ms < min)
-    luaL_error(L, "%s: ms must be a %s integer (got %s)", who,
-               min > 0 ? "positive" : "non-negative", shown(L, 1));
-  return ms;
-}
-
-/* Makes a timer firing after `ms`, then every `ms` when `repeat`. Upvalue 1
- * is the worker (light userdata). */
+/* core.timer(ms, fn) and core.every(ms, fn), the primitives under
+ * worker.timer and worker.every: lua/multiloop/worker.lua checks their
+ * arguments first, naming them as the worker object's functions. Here only
+ * the bounds libuv relies on are checked again (a delay of at least 0, at
+ * least 1 for every: every(0) would run again in the same pass of libuv
+ * 1.44's timer loop, starving everything else), and that fn is a function.
+ * Upvalue 1 is the worker (light userdata). */
 static int start_timer(lua_State *L, int repeat) {
   multiloop_worker_t *w = lua_touserdata(L, lua_upvalueindex(1));
-  /* every(0) would run again in the same pass of libuv 1.44's timer loop,
-   * starving everything else: a repeating timer needs at least 1 ms. */
-  const char *who = repeat ? "worker.every" : "worker.timer";
-  lua_Integer ms = check_delay(L, who, repeat ? 1 : 0);
+  lua_Integer ms = luaL_checkinteger(L, 1);
   multiloop_timer_t *t;
-  if (!lua_isfunction(L, 2))
-    return luaL_error(L, "%s: fn must be a function (got %s)", who, luaL_typename(L, 2));
+  luaL_argcheck(L, ms >= (repeat ? 1 : 0), 1, repeat ? "at least 1" : "at least 0");
+  luaL_checktype(L, 2, LUA_TFUNCTION);
   if (w->closing) {
     lua_pushnil(L);
     lua_pushliteral(L, "stopped");
@@ -151,15 +139,15 @@ static int start_timer(lua_State *L, int repeat) {
   return 1;
 }
 
-/* worker.timer(ms, fn): fn(timer) once, after ms. */
-static int worker_timer(lua_State *L) { return start_timer(L, 0); }
+/* core.timer(ms, fn): fn(timer) once, after ms. */
+static int core_timer(lua_State *L) { return start_timer(L, 0); }
 
-/* worker.every(ms, fn): fn(timer) every ms (at least 1) until stopped. */
-static int worker_every(lua_State *L) { return start_timer(L, 1); }
+/* core.every(ms, fn): fn(timer) every ms (at least 1) until stopped. */
+static int core_every(lua_State *L) { return start_timer(L, 1); }
 
-/* worker.now(): the loop's cached time in ms (uv_now), updated once per turn
- * of the loop. */
-static int worker_now(lua_State *L) {
+/* core.now(), which worker.lua hands out as worker.now itself: the loop's
+ * cached time in ms (uv_now), updated once per turn of the loop. */
+static int core_now(lua_State *L) {
   multiloop_worker_t *w = lua_touserdata(L, lua_upvalueindex(1));
   lua_pushinteger(L, (lua_Integer)uv_now(&w->loop));
   return 1;
@@ -185,26 +173,23 @@ static const luaL_Reg timer_methods[] = {
   { NULL, NULL }
 };
 
-static const luaL_Reg worker_funcs[] = {
-  { "timer", worker_timer },
-  { "every", worker_every },
-  { "now", worker_now },
+/* For worker.c's core table: each function closes over the worker (one
+ * light userdata upvalue). */
+const luaL_Reg multiloop_timer_funcs[] = {
+  { "timer", core_timer },
+  { "every", core_every },
+  { "now", core_now },
   { NULL, NULL }
 };
 
-/* Makes the timer metatable and adds timer/every/now to the `worker` table at
- * `idx`. Runs while the worker loads its handler (protected). */
-void multiloop_timer_api(lua_State *L, multiloop_worker_t *w, int idx) {
-  idx = lua_absindex(L, idx);
+/* Makes the timer metatable in a worker's state, before its core table.
+ * Runs while the worker loads its handler (protected). */
+void multiloop_timer_register(lua_State *L) {
   if (luaL_newmetatable(L, TIMER_MT)) {
     luaL_newlib(L, timer_methods);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, timer_tostring);
     lua_setfield(L, -2, "__tostring");
   }
-  lua_pop(L, 1);
-  lua_pushvalue(L, idx);
-  lua_pushlightuserdata(L, w);
-  luaL_setfuncs(L, worker_funcs, 1);           /* each closes over the worker */
   lua_pop(L, 1);
 }

@@ -2,10 +2,15 @@
  * worker.c: a worker thread, its uv loop and its lua_State.
  *
  * The worker builds its own Lua state (standard libraries, the creating
- * state's package.path/cpath, the connection metatable), loads the user's
- * handler, calls its optional init(worker), and then serves the connections
- * that reach it: from the acceptor over its end of an IPC socketpair (ipc) or
- * through its inbox (queue), or from its own listening socket (reuseport).
+ * state's package.path/cpath, the connection and timer metatables), then the
+ * `worker` object: a core table made here (id, count, the copied config, and
+ * the C primitives timer.c and message.c export as luaL_Reg arrays) handed to
+ * lua/multiloop/worker.lua, found through that package.path, which returns
+ * the object. It then loads the user's handler, calls its optional
+ * init(worker), and serves the connections that reach it: from the acceptor
+ * over its end of an IPC socketpair (ipc) or through its inbox (queue), or
+ * from its own listening socket (reuseport). Connection callbacks, timers
+ * and messages are then called from C directly: worker.lua runs at start.
  *
  * Threads: multiloop_worker_start, _request_stop and _join are called by the
  * main thread; everything else runs on the worker thread, which alone uses the
@@ -73,7 +78,49 @@ void multiloop_worker_interrupt(multiloop_worker_t *w) {
   if (w->start_phase != MULTILOOP_START_NEW) lua_sethook(w->L, interrupt_hook, LUA_MASKCOUNT, 1);
 }
 
-/* Protected (run by lua_pcall): prepares the state and loads the handler. */
+/* Protected: pushes the function lua/multiloop/worker.lua returns, found
+ * through the worker's package.path (copied from the creating state) as a
+ * handler module would be. Not through require, so that package.loaded is
+ * left as the handler would find it without us. Raises naming the file. */
+static void load_front(lua_State *L) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "searchpath");
+  lua_pushliteral(L, "multiloop.worker");
+  lua_getfield(L, -3, "path");
+  lua_call(L, 2, 2);                               /* package filename|nil tried */
+  if (lua_isnil(L, -2))
+    luaL_error(L, "cannot find multiloop.worker (lua/multiloop/worker.lua, installed with "
+                  "the module) in the worker's package.path:\n\t%s", lua_tostring(L, -1));
+  if (luaL_loadfilex(L, lua_tostring(L, -2), "t") != LUA_OK) lua_error(L);
+  lua_call(L, 0, 1);                               /* package filename tried build */
+  if (!lua_isfunction(L, -1))
+    luaL_error(L, "%s: must return a function (got %s)", lua_tostring(L, -3),
+               luaL_typename(L, -1));
+  lua_replace(L, -4);                              /* build filename tried */
+  lua_pop(L, 2);                                   /* build */
+}
+
+/* Protected: the worker's core table: its id, count and copied config, and
+ * the C primitives of timer.c and message.c, each closing over the worker.
+ * worker.lua builds the public `worker` object from it. */
+static void push_core(lua_State *L, multiloop_worker_t *w) {
+  const multiloop_config_t *cfg = w->cfg;
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, w->id);
+  lua_setfield(L, -2, "id");
+  lua_pushinteger(L, cfg->nworkers);
+  lua_setfield(L, -2, "count");
+  multiloop_copy_decode(L, cfg->config, cfg->config_len);
+  lua_setfield(L, -2, "config");
+  lua_pushlightuserdata(L, w);
+  luaL_setfuncs(L, multiloop_timer_funcs, 1);      /* timer, every, now */
+  lua_pushlightuserdata(L, w);
+  luaL_setfuncs(L, multiloop_message_funcs, 1);    /* send, broadcast */
+}
+
+/* Protected (run by lua_pcall): prepares the state, builds the `worker`
+ * object (lua/multiloop/worker.lua over the core table) and loads the
+ * handler. */
 static int load_handler(lua_State *L) {
   multiloop_worker_t *w = lua_touserdata(L, 1);
   const multiloop_config_t *cfg = w->cfg;
@@ -87,16 +134,14 @@ static int load_handler(lua_State *L) {
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
   multiloop_conn_register(L);
+  multiloop_timer_register(L);
 
-  lua_createtable(L, 0, 3);                        /* the `worker` table */
-  lua_pushinteger(L, w->id);
-  lua_setfield(L, -2, "id");
-  lua_pushinteger(L, cfg->nworkers);
-  lua_setfield(L, -2, "count");
-  multiloop_copy_decode(L, cfg->config, cfg->config_len);
-  lua_setfield(L, -2, "config");
+  load_front(L);                                   /* build */
+  push_core(L, w);                                 /* build core */
+  lua_call(L, 1, 1);                               /* worker */
+  if (!lua_istable(L, -1))
+    return luaL_error(L, "multiloop.worker: must build a table (got %s)", luaL_typename(L, -1));
   worker = lua_gettop(L);
-  multiloop_worker_api(L, w, worker);              /* timer, every, now, send, broadcast */
 
   switch (cfg->handler_kind) {
     case MULTILOOP_HANDLER_MODULE:
