@@ -150,7 +150,10 @@ describe("lifecycle", function()
       local took = socket.gettime() - t
       assert.is_false(ok)
       assert.are.equal(("multiloop.server: start: %s within 300 ms"):format(case.what), err)
-      assert.is_true(took >= 0.29 and took < 5, ("start took %.3f s"):format(took))
+      -- Under valgrind the threads take turns on one core and the looping
+      -- worker gets its share: there it took up to 7.5 s on a loaded machine.
+      local bound = os.getenv("SANITIZER") == "valgrind" and 60 or 5
+      assert.is_true(took >= 0.29 and took < bound, ("start took %.3f s"):format(took))
       assert.is_false(s._core:running())
       -- Nothing holds the port: a plain bind (no SO_REUSEPORT) takes it.
       local again = assert(socket.bind("127.0.0.1", port))
