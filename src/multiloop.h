@@ -358,7 +358,7 @@ void multiloop_deadline_remove(multiloop_deadline_t *d);
 /* conn.c: runs only on a worker thread. */
 void multiloop_conn_register(lua_State *L);
 int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd);
-void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
+void multiloop_conn_close_all(multiloop_worker_t *w);   /* reason "stopped" */
 
 /* server.c: the main state's server object. core.new(opts); the metatable. */
 int multiloop_server_new(lua_State *L);
