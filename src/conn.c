@@ -72,6 +72,9 @@ _Static_assert(N_USER_VALUES < 8, "a callback bit per user value fits in `callba
 #define HAS(c, slot) ((c)->callbacks & (1u << (slot)))
 #define CONN(st) ((multiloop_conn_t *)(st))
 #define WORKER(c) multiloop_stream_worker(&(c)->s)
+/* A read or a write restarts the idle timeout, if there is one: the test
+ * here saves a call per read and per write when there is none. */
+#define TOUCH(w, c) ((c)->idle.list ? multiloop_deadline_touch((w), &(c)->idle) : (void)0)
 
 static const char *reason_name(int reason) {
   switch (reason) {
@@ -102,9 +105,8 @@ static int call_body(lua_State *L) {
   call_ev *ev = lua_touserdata(L, 1);
   int nargs = 1;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ev->c->ref);      /* 2: the connection */
-  if (ev->slot == 0) lua_rawgeti(L, LUA_REGISTRYINDEX, ev->ref);
-  else lua_getiuservalue(L, 2, ev->slot);
-  if (!lua_isfunction(L, -1)) return 0;
+  if (ev->slot != 0) lua_getiuservalue(L, 2, ev->slot);  /* a function: HAS() said so */
+  else if (lua_rawgeti(L, LUA_REGISTRYINDEX, ev->ref) != LUA_TFUNCTION) return 0;
   if (ev->data) {
     lua_pushlstring(L, ev->data, ev->len);
     nargs = 2;
@@ -137,7 +139,7 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 
 static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
   multiloop_conn_t *c = CONN(s);
-  multiloop_deadline_touch(WORKER(c), &c->idle);
+  TOUCH(WORKER(c), c);
   if (HAS(c, ON_DATA) && call(c, ON_DATA, data, len) != LUA_OK)
     multiloop_stream_close(s, REASON_ERROR);
   return len;                               /* a callback connection keeps nothing */
@@ -155,7 +157,7 @@ static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int st
   write_req *wr = (write_req *)w;
   lua_State *L = WORKER(c)->L;
   int cb_ref = wr->cb_ref, rc = LUA_OK;
-  if (status == 0) multiloop_deadline_touch(WORKER(c), &c->idle);
+  if (status == 0) TOUCH(WORKER(c), c);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
   free(wr);
   if (cb_ref != LUA_NOREF) {
@@ -341,7 +343,7 @@ static int conn_write(lua_State *L) {
     if (len == 0) return push_write_result(L, c);
     n = multiloop_stream_try_write(&c->s, data, len);  /* the cheap way first */
     if (n < 0) return fail(L, "write", n);             /* the stream closed */
-    if (n > 0) multiloop_deadline_touch(WORKER(c), &c->idle);
+    if (n > 0) TOUCH(WORKER(c), c);
     if (n == (int)len) return push_write_result(L, c);
     off = (size_t)n;
   }
@@ -493,21 +495,24 @@ static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
 static int conn_peer(lua_State *L) { return push_address(L, check_conn(L), 1); }
 static int conn_address(lua_State *L) { return push_address(L, check_conn(L), 0); }
 
+/* The fields, marked in the methods table by their number. */
+enum { FIELD_ID = 1, FIELD_WORKER };
+
 /* Methods first, straight from the methods table (upvalue 2): every
  * conn:method() call comes through here, and needs no check (the method
  * checks its `self`). Only the fields read the connection, so only they
  * check it. */
 static int conn_index(lua_State *L) {
-  const char *key;
-  lua_pushvalue(L, 2);
-  if (lua_rawget(L, lua_upvalueindex(2)) != LUA_TNIL) return 1;  /* a method */
-  key = lua_tostring(L, 2);
-  if (key == NULL) return 1;
-  if (strcmp(key, "id") == 0) lua_pushinteger(L, check_conn(L)->id);
-  else if (strcmp(key, "worker") == 0)
-    lua_rawgeti(L, LUA_REGISTRYINDEX, WORKER(check_conn(L))->worker_ref);
-  else lua_pushnil(L);
-  return 1;
+  /* The key is the top (Lua calls __index with two arguments); rawget
+   * replaces it with its entry, saving a copy on every method call. */
+  switch (lua_rawget(L, lua_upvalueindex(2))) {
+  case LUA_TFUNCTION: return 1;             /* a method */
+  case LUA_TNUMBER:                         /* a field: FIELD_* */
+    if (lua_tointeger(L, -1) == FIELD_ID) lua_pushinteger(L, check_conn(L)->id);
+    else lua_rawgeti(L, LUA_REGISTRYINDEX, WORKER(check_conn(L))->worker_ref);
+    return 1;
+  default: return 1;                        /* nil */
+  }
 }
 
 static int conn_tostring(lua_State *L) {
@@ -544,6 +549,10 @@ void multiloop_conn_register(lua_State *L) {
   luaL_newlibtable(L, conn_methods);               /* mt methods */
   lua_pushvalue(L, -2);
   luaL_setfuncs(L, conn_methods, 1);
+  lua_pushinteger(L, FIELD_ID);
+  lua_setfield(L, -2, "id");
+  lua_pushinteger(L, FIELD_WORKER);
+  lua_setfield(L, -2, "worker");
   lua_pushvalue(L, -2);                            /* mt methods mt */
   lua_insert(L, -2);                               /* mt mt methods */
   lua_pushcclosure(L, conn_index, 2);              /* upvalues: mt, methods */

@@ -41,7 +41,32 @@
 #define STREAM_KEEP_CAP (64 * 1024)
 
 #define EVENTS(s) ((const multiloop_stream_events_t *)(s)->h.handle.data)
-#define TRANSPORT(s) ((s)->ext && (s)->ext->tp ? (s)->ext->tp : &multiloop_transport_plain)
+/* Another transport than plain, or NULL. A plain stream calls the plain
+ * functions directly: an indirect call per read and write is what the
+ * callback echo would pay for a TLS transport it does not use. */
+static inline const multiloop_transport_t *other_tp(const multiloop_stream_t *s) {
+  return s->ext ? s->ext->tp : NULL;
+}
+/* `tp`: a variable holding other_tp(s). */
+#define TP_CALL(tp, fn, ...) ((tp) ? (tp)->fn(__VA_ARGS__) : plain_##fn(__VA_ARGS__))
+
+static int plain_read_start(multiloop_stream_t *s);
+static void plain_read_stop(multiloop_stream_t *s);
+static int plain_try_write(multiloop_stream_t *s, const char *buf, size_t len);
+static int plain_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
+                       size_t len);
+static int plain_shutdown(multiloop_stream_t *s);
+static void plain_close(multiloop_stream_t *s);
+
+static void read_start(multiloop_stream_t *s) {
+  const multiloop_transport_t *tp = other_tp(s);
+  TP_CALL(tp, read_start, s);
+}
+
+static void read_stop(multiloop_stream_t *s) {
+  const multiloop_transport_t *tp = other_tp(s);
+  TP_CALL(tp, read_stop, s);
+}
 
 /* --- closing --------------------------------------------------------------- */
 
@@ -56,12 +81,14 @@ static void close_cb(uv_handle_t *h) {
 }
 
 void multiloop_stream_close(multiloop_stream_t *s, int reason) {
+  const multiloop_transport_t *tp;
   if (s->closing) return;
   s->closing = 1;
   /* libuv's error codes are well inside 16 bits (UV_EOF, the lowest, is
    * -4095); anything else becomes a plain I/O error. */
   s->reason = reason >= -32768 && reason <= 32767 ? reason : UV_EIO;
-  TRANSPORT(s)->close(s);
+  tp = other_tp(s);
+  TP_CALL(tp, close, s);
   EVENTS(s)->closing(s);
 }
 
@@ -81,10 +108,12 @@ static void shutdown_cb(uv_shutdown_t *req, int status) {
 
 /* Half-closes once every queued write has gone out. */
 void multiloop_stream_shutdown(multiloop_stream_t *s) {
+  const multiloop_transport_t *tp;
   int rc;
   if (s->closing || s->shutdown_requested) return;
   s->shutdown_requested = 1;
-  if ((rc = TRANSPORT(s)->shutdown(s)) != 0) multiloop_stream_close(s, rc);
+  tp = other_tp(s);
+  if ((rc = TP_CALL(tp, shutdown, s)) != 0) multiloop_stream_close(s, rc);
 }
 
 /* Closes once the queued writes have gone out (at once when none are). */
@@ -95,7 +124,7 @@ void multiloop_stream_close_flushed(multiloop_stream_t *s) {
     return;
   }
   s->close_when_flushed = 1;                 /* flush first: drop no queued data */
-  TRANSPORT(s)->read_stop(s);
+  read_stop(s);
   if (!s->shutdown_requested) multiloop_stream_shutdown(s);  /* else shutdown_cb closes */
 }
 
@@ -151,24 +180,28 @@ static void input_consume(multiloop_stream_input_t *in, size_t used) {
 
 /* --- reading --------------------------------------------------------------- */
 
-/* Into the worker's read buffer, unless bytes are kept: then after them. A
- * buffer that cannot grow gives libuv no room, and the read fails ENOBUFS. */
+/* Bytes are kept: room after them. A buffer that cannot grow gives libuv
+ * no room, and the read fails ENOBUFS. */
+static uv_buf_t alloc_kept(multiloop_stream_ext_t *x) {
+  if (input_reserve(x, STREAM_READ_CHUNK) != 0) return uv_buf_init(NULL, 0);
+  return uv_buf_init(x->in.base + x->in.end, (unsigned)(x->in.cap - x->in.end));
+}
+
+/* Into the worker's read buffer, unless bytes are kept: then after them. */
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   multiloop_stream_t *s = (multiloop_stream_t *)h;
-  multiloop_stream_input_t *in;
   (void)suggested;
-  if (s->ext == NULL || s->ext->in.end == s->ext->in.start) {
-    *buf = uv_buf_init(multiloop_stream_worker(s)->read_buffer, MULTILOOP_READ_BUFFER_SIZE);
+  if (s->ext != NULL && s->ext->in.end != s->ext->in.start) {
+    *buf = alloc_kept(s->ext);
     return;
   }
-  in = &s->ext->in;
-  if (input_reserve(s->ext, STREAM_READ_CHUNK) != 0) *buf = uv_buf_init(NULL, 0);
-  else *buf = uv_buf_init(in->base + in->end, (unsigned)(in->cap - in->end));
+  buf->base = multiloop_stream_worker(s)->read_buffer;
+  buf->len = MULTILOOP_READ_BUFFER_SIZE;
 }
 
 static void read_eof(multiloop_stream_t *s) {
   s->read_ended = 1;
-  TRANSPORT(s)->read_stop(s);
+  read_stop(s);
   EVENTS(s)->eof(s);
   if (!s->closing && s->shut_down) multiloop_stream_close(s, 0);  /* both directions are done */
 }
@@ -205,13 +238,13 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
 
 void multiloop_stream_start(multiloop_stream_t *s) {
   if (!s->closing && !s->paused && !s->read_ended && !s->close_when_flushed)
-    TRANSPORT(s)->read_start(s);
+    read_start(s);
 }
 
 void multiloop_stream_pause(multiloop_stream_t *s) {
   if (!s->closing && !s->paused) {
     s->paused = 1;
-    TRANSPORT(s)->read_stop(s);
+    read_stop(s);
   }
 }
 
@@ -246,9 +279,11 @@ static void write_cb(uv_write_t *req, int status) {
 /* Sends what the socket takes now, if nothing is queued (else 0): the bytes
  * taken, or a libuv error (the stream is closed then). */
 int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t len) {
+  const multiloop_transport_t *tp;
   int n;
   if (s->closing || s->h.stream.write_queue_size != 0) return 0;
-  n = TRANSPORT(s)->try_write(s, buf, len);
+  tp = other_tp(s);
+  n = TP_CALL(tp, try_write, s, buf, len);
   if (n < 0) {
     multiloop_stream_close(s, n);
     return n;
@@ -264,19 +299,13 @@ int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t le
  * then and wr is still the caller's. */
 int multiloop_stream_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
                            size_t len) {
+  const multiloop_transport_t *tp;
   int rc;
   if (s->closing) return UV_EPIPE;
   wr->len = len;
-  if ((rc = TRANSPORT(s)->write(s, wr, buf, len)) != 0) multiloop_stream_close(s, rc);
+  tp = other_tp(s);
+  if ((rc = TP_CALL(tp, write, s, wr, buf, len)) != 0) multiloop_stream_close(s, rc);
   return rc;
-}
-
-/* True while the queue is under the high-water mark; false (and `drained`
- * later) once over it. */
-int multiloop_stream_below_high_water(multiloop_stream_t *s) {
-  int under = s->h.stream.write_queue_size < multiloop_stream_worker(s)->cfg->write_high_water;
-  if (!under) s->need_drain = 1;
-  return under;
 }
 
 /* --- opening --------------------------------------------------------------- */

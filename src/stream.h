@@ -132,6 +132,14 @@ static inline size_t multiloop_stream_queued(const multiloop_stream_t *s) {
   return s->closing ? 0 : s->h.stream.write_queue_size;
 }
 
+/* True while the queue is under the server's write_high_water; false (and
+ * `drained` later) once over it. Inline: every write asks. */
+static inline int multiloop_stream_below_high_water(multiloop_stream_t *s) {
+  int under = s->h.stream.write_queue_size < multiloop_stream_worker(s)->cfg->write_high_water;
+  if (!under) s->need_drain = 1;
+  return under;
+}
+
 /* Makes the handle (a Unix socket one with `is_unix`) on w's loop, closed
  * until opened; `ev` is how the stream reports to its owner. */
 void multiloop_stream_init(multiloop_stream_t *s, multiloop_worker_t *w, int is_unix,
@@ -146,7 +154,6 @@ void multiloop_stream_resume(multiloop_stream_t *s);
 int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t len);
 int multiloop_stream_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
                            size_t len);
-int multiloop_stream_below_high_water(multiloop_stream_t *s);
 void multiloop_stream_shutdown(multiloop_stream_t *s);
 void multiloop_stream_close_flushed(multiloop_stream_t *s);
 void multiloop_stream_close(multiloop_stream_t *s, int reason);
