@@ -1,30 +1,32 @@
 /*
- * conn.c: a client connection inside a worker, and its Lua object.
+ * conn.c: a client connection's Lua object ("multiloop.conn") and its
+ * methods, over the stream (stream.c) that does the I/O.
  *
  * Runs only on the worker thread that accepted the connection. The C struct,
- * uv_tcp_t included, lives inside a full userdata ("multiloop.conn"); its
- * Lua callbacks live in the userdata's user values. While the handle is open
- * a registry ref pins the userdata, so the garbage collector cannot free the
- * memory libuv is using; the close callback drops the ref, and the object
- * then lives on in the "closed" state for as long as Lua code holds it.
+ * stream and uv handle included, lives inside a full userdata; its Lua
+ * callbacks live in the userdata's user values. While the handle is open a
+ * registry ref pins the userdata, so the garbage collector cannot free the
+ * memory libuv is using; the stream's `closed` event drops the ref, and the
+ * object then lives on in the "closed" state for as long as Lua code holds
+ * it.
  *
- * Reads use the worker's one read buffer; the bytes are copied into a Lua
- * string inside the protected call. A write first tries the socket
- * (uv_try_write); only what the kernel did not take is queued, and a queued
- * write pins the Lua string itself (a registry ref) instead of copying it.
+ * This file implements the stream's events (stream.h) by calling into Lua
+ * through multiloop_enter, and nothing else calls Lua for a connection. The
+ * bytes of a read are copied into a Lua string inside the protected call
+ * (a callback connection consumes every byte: the stream keeps none). A
+ * queued write pins the Lua string itself (a registry ref) instead of
+ * copying it, until the stream hands the request back.
  *
- * Backpressure: write() returns false once the bytes queued in libuv pass the
- * server's write_high_water; on_drain runs when they fall to write_low_water.
- * pause()/resume() stop and restart reading. The idle timeout is a deadline
- * (deadline.c) whose expiry callback, conn_idle, is set here; reads and
- * writes touch it.
+ * Also here: the idle timeout, a deadline (deadline.c) whose expiry callback
+ * is conn_idle, touched by reads and writes; the worker's list of open
+ * connections (to close them at stop); and the connection's slot with the
+ * acceptor, released when the stream is closed.
  *
  * Lifecycle: the connection closes when the peer has ended and our side is
  * shut down, when conn:close() is called (after queued writes flush), on a
  * read or write error (reason: the libuv error name), on a Lua error in a
  * callback (reason "error"), when idle too long without on_timeout (reason
- * "timeout"), or when the worker stops (reason "stopped"). Every connection
- * the acceptor counted is released to it in the close callback.
+ * "timeout"), or when the worker stops (reason "stopped").
  */
 #include <limits.h>
 #include <stdlib.h>
@@ -35,48 +37,54 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
-#include "multiloop.h"
+#include "stream.h"
 
 #define CONN_MT "multiloop.conn"
 
 enum { ON_DATA = 1, ON_END, ON_CLOSE, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
 
+/* Our own close reasons, beside the stream's libuv errors (stream.h). */
+enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED };
+
 struct multiloop_conn_s {
-  union {                              /* first: libuv hands us &h.handle etc. */
-    uv_handle_t handle;
-    uv_stream_t stream;
-    uv_tcp_t tcp;
-    uv_pipe_t pipe;                    /* a Unix socket connection */
-  } h;
-  multiloop_worker_t *w;
+  multiloop_stream_t s;                /* first: the stream's events get &c->s */
+  int ref;                             /* pins the userdata while the handle is open */
+  unsigned callbacks : 8;              /* bit n set: user value n is a function */
+  unsigned counted : 1;                /* holds one of the acceptor's slots */
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
   multiloop_deadline_t idle;           /* the idle timeout: expires in conn_idle */
   lua_Integer id;
-  int ref;                             /* pins the userdata while the handle is open */
-  /* One word of flags after `ref`, so the struct stays at 352 bytes (the
-   * next malloc size class up costs an idle connection 16 B more). */
-  unsigned callbacks : 8;              /* bit n set: user value n is a function */
-  unsigned closing : 1;                /* uv_close called, or never opened */
-  unsigned read_ended : 1;             /* the peer sent EOF */
-  unsigned shutdown_requested : 1;
-  unsigned shut_down : 1;              /* our FIN is out */
-  unsigned close_when_flushed : 1;     /* conn:close() with writes queued */
-  unsigned paused : 1;                 /* conn:pause() */
-  unsigned need_drain : 1;             /* write() returned false: on_drain is due */
-  unsigned counted : 1;                /* holds one of the acceptor's slots */
-  unsigned is_unix : 1;
-  const char *reason;                  /* for on_close: NULL or a static string */
 };
 
+/* An idle connection is the userdata (Lua's header and 5 user values, 120 B)
+ * plus this: 472 B, malloc's 480 B class. 8 B more would cost every idle
+ * connection 16 B (the worker is the loop's `data`, and the close reason a
+ * 16-bit code, to make room for the stream's ext pointer). */
+_Static_assert(sizeof(multiloop_conn_t) <= 352, "an idle connection fits malloc's 480 B class");
+
 typedef struct {
-  uv_write_t req;
+  multiloop_stream_write_t w;          /* first: the stream hands this back */
   int ref;                             /* the Lua string being written */
   int cb_ref;                          /* conn:write's callback, or LUA_NOREF */
-  unsigned len;                        /* bytes queued, for the bytes_out counter */
 } write_req;
 
 _Static_assert(N_USER_VALUES < 8, "a callback bit per user value fits in `callbacks`");
 #define HAS(c, slot) ((c)->callbacks & (1u << (slot)))
+#define CONN(st) ((multiloop_conn_t *)(st))
+#define WORKER(c) multiloop_stream_worker(&(c)->s)
+/* A read or a write restarts the idle timeout, if there is one: the test
+ * here saves a call per read and per write when there is none. */
+#define TOUCH(w, c) ((c)->idle.list ? multiloop_deadline_touch((w), &(c)->idle) : (void)0)
+
+static const char *reason_name(int reason) {
+  switch (reason) {
+  case 0: return NULL;
+  case REASON_ERROR: return "error";
+  case REASON_TIMEOUT: return "timeout";
+  case REASON_STOPPED: return "stopped";
+  default: return uv_err_name(reason);
+  }
+}
 
 /* --- calling into Lua ------------------------------------------------------ */
 
@@ -97,9 +105,8 @@ static int call_body(lua_State *L) {
   call_ev *ev = lua_touserdata(L, 1);
   int nargs = 1;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ev->c->ref);      /* 2: the connection */
-  if (ev->slot == 0) lua_rawgeti(L, LUA_REGISTRYINDEX, ev->ref);
-  else lua_getiuservalue(L, 2, ev->slot);
-  if (!lua_isfunction(L, -1)) return 0;
+  if (ev->slot != 0) lua_getiuservalue(L, 2, ev->slot);  /* a function: HAS() said so */
+  else if (lua_rawgeti(L, LUA_REGISTRYINDEX, ev->ref) != LUA_TFUNCTION) return 0;
   if (ev->data) {
     lua_pushlstring(L, ev->data, ev->len);
     nargs = 2;
@@ -118,108 +125,84 @@ static const char *const slot_names[] = { "write callback", "on_data", "on_end",
 /* Calls the callback in `slot` with `data`, or with no argument (data NULL). */
 static int call(multiloop_conn_t *c, int slot, const char *data, size_t len) {
   call_ev ev = { c, slot, LUA_NOREF, data, len, 0 };
-  return multiloop_enter(c->w, call_body, &ev, &c->id, slot_names[slot]);
+  return multiloop_enter(WORKER(c), call_body, &ev, &c->id, slot_names[slot]);
 }
 
 /* Calls the callback in `slot`, or the registry `ref` when slot is 0, with
  * `reason` or nil. */
 static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *reason) {
   call_ev ev = { c, slot, ref, reason, reason ? strlen(reason) : 0, reason == NULL };
-  return multiloop_enter(c->w, call_body, &ev, &c->id, slot_names[slot]);
+  return multiloop_enter(WORKER(c), call_body, &ev, &c->id, slot_names[slot]);
 }
 
-/* --- closing --------------------------------------------------------------- */
+/* --- the stream's events --------------------------------------------------- */
 
-static void close_cb(uv_handle_t *h) {
-  multiloop_conn_t *c = h->data;
-  lua_State *L = c->w->L;
-  if (c->counted) {
-    atomic_fetch_sub_explicit(&c->w->active, 1, memory_order_relaxed);
-    multiloop_acceptor_released(c->w->rt);
+static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
+  multiloop_conn_t *c = CONN(s);
+  TOUCH(WORKER(c), c);
+  if (HAS(c, ON_DATA) && call(c, ON_DATA, data, len) != LUA_OK)
+    multiloop_stream_close(s, REASON_ERROR);
+  return len;                               /* a callback connection keeps nothing */
+}
+
+/* Without on_end, shut down: the stream closes once our writes flush. */
+static void ev_eof(multiloop_stream_t *s) {
+  multiloop_conn_t *c = CONN(s);
+  if (!HAS(c, ON_END)) multiloop_stream_shutdown(s);
+  else if (call(c, ON_END, NULL, 0) != LUA_OK) multiloop_stream_close(s, REASON_ERROR);
+}
+
+static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int status) {
+  multiloop_conn_t *c = CONN(s);
+  write_req *wr = (write_req *)w;
+  lua_State *L = WORKER(c)->L;
+  int cb_ref = wr->cb_ref, rc = LUA_OK;
+  if (status == 0) TOUCH(WORKER(c), c);
+  luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
+  free(wr);
+  if (cb_ref != LUA_NOREF) {
+    rc = call_with_reason(c, 0, cb_ref, status < 0 ? uv_err_name(status) : NULL);
+    luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
   }
-  if (HAS(c, ON_CLOSE)) call_with_reason(c, ON_CLOSE, LUA_NOREF, c->reason);
-  luaL_unref(L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
+  return rc == LUA_OK ? 0 : REASON_ERROR;
 }
 
-/* Closes at once; pending writes are cancelled (their callbacks free them). */
-static void conn_close(multiloop_conn_t *c, const char *reason) {
-  multiloop_worker_t *w = c->w;
-  if (c->closing) return;
-  c->closing = 1;
-  c->reason = reason;
+static void ev_drained(multiloop_stream_t *s) {
+  multiloop_conn_t *c = CONN(s);
+  if (HAS(c, ON_DRAIN) && call(c, ON_DRAIN, NULL, 0) != LUA_OK)
+    multiloop_stream_close(s, REASON_ERROR);
+}
+
+/* Out of the worker's list and the deadlines at once, so that stop sees the
+ * connection gone (the handle closes on the next loop turn). */
+static void ev_closing(multiloop_stream_t *s) {
+  multiloop_conn_t *c = CONN(s);
+  multiloop_worker_t *w = WORKER(c);
   if (c->prev) c->prev->next = c->next;
   else if (w->conns == c) w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
   multiloop_deadline_remove(&c->idle);
-  uv_close(&c->h.handle, close_cb);
   if (w->stopping && w->conns == NULL) multiloop_worker_drained(w);
 }
 
-void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason) {
-  while (w->conns) conn_close(w->conns, reason);
+static void ev_closed(multiloop_stream_t *s, int reason) {
+  multiloop_conn_t *c = CONN(s);
+  multiloop_worker_t *w = WORKER(c);
+  if (c->counted) {
+    atomic_fetch_sub_explicit(&w->active, 1, memory_order_relaxed);
+    multiloop_acceptor_released(w->rt);
+  }
+  if (HAS(c, ON_CLOSE)) call_with_reason(c, ON_CLOSE, LUA_NOREF, reason_name(reason));
+  luaL_unref(w->L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
 }
 
-/* The request is malloc'd: a connection shuts down at most once, and idle
- * connections should not carry 80 bytes for it. */
-static void shutdown_cb(uv_shutdown_t *req, int status) {
-  multiloop_conn_t *c = req->handle->data;
-  free(req);
-  if (status == UV_ECANCELED) return;       /* closed meanwhile */
-  if (status < 0) {
-    conn_close(c, uv_err_name(status));
-    return;
-  }
-  c->shut_down = 1;
-  if (c->close_when_flushed || c->read_ended) conn_close(c, NULL);
-}
+static const multiloop_stream_events_t conn_events = {
+  ev_read, ev_eof, ev_written, ev_drained, ev_closing, ev_closed
+};
 
-/* Half-closes once every queued write has gone out. */
-static void conn_shutdown(multiloop_conn_t *c) {
-  uv_shutdown_t *req;
-  int rc;
-  if (c->closing || c->shutdown_requested) return;
-  c->shutdown_requested = 1;
-  if ((req = malloc(sizeof *req)) == NULL) {
-    conn_close(c, uv_err_name(UV_ENOMEM));
-    return;
-  }
-  rc = uv_shutdown(req, &c->h.stream, shutdown_cb);
-  if (rc != 0) {
-    free(req);
-    conn_close(c, uv_err_name(rc));
-  }
-}
-
-/* --- reading --------------------------------------------------------------- */
-
-static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  multiloop_conn_t *c = h->data;
-  (void)suggested;
-  *buf = uv_buf_init(c->w->read_buffer, MULTILOOP_READ_BUFFER_SIZE);
-}
-
-static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-  multiloop_conn_t *c = s->data;
-  if (nread > 0) {
-    atomic_fetch_add_explicit(&c->w->bytes_in, (uint64_t)nread, memory_order_relaxed);
-    multiloop_deadline_touch(c->w, &c->idle);
-    if (HAS(c, ON_DATA) && call(c, ON_DATA, buf->base, (size_t)nread) != LUA_OK)
-      conn_close(c, "error");
-  } else if (nread == UV_EOF) {
-    c->read_ended = 1;
-    uv_read_stop(s);
-    if (!HAS(c, ON_END)) {
-      conn_shutdown(c);                       /* closes once writes flush */
-      if (c->shut_down) conn_close(c, NULL);
-    } else if (call(c, ON_END, NULL, 0) != LUA_OK) {
-      conn_close(c, "error");
-    } else if (c->shut_down) {
-      conn_close(c, NULL);                    /* both directions are done */
-    }
-  } else if (nread < 0) {
-    conn_close(c, uv_err_name((int)nread));
-  }
+void multiloop_conn_close_all(multiloop_worker_t *w) {
+  while (w->conns) multiloop_stream_close(&w->conns->s, REASON_STOPPED);
 }
 
 /* The idle deadline expired, `ms` after the last read or write: on_timeout
@@ -227,18 +210,13 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
  * otherwise close with reason "timeout". */
 static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
   multiloop_conn_t *c = (multiloop_conn_t *)((char *)d - offsetof(multiloop_conn_t, idle));
-  if (c->closing) return;
+  if (c->s.closing) return;
   if (!HAS(c, ON_TIMEOUT)) {
-    conn_close(c, "timeout");
+    multiloop_stream_close(&c->s, REASON_TIMEOUT);
     return;
   }
-  multiloop_deadline_set(c->w, &c->idle, ms);
-  if (call(c, ON_TIMEOUT, NULL, 0) != LUA_OK) conn_close(c, "error");
-}
-
-static void start_reading(multiloop_conn_t *c) {
-  if (!c->closing && !c->paused && !c->read_ended && !c->close_when_flushed)
-    uv_read_start(&c->h.stream, alloc_cb, read_cb);
+  multiloop_deadline_set(WORKER(c), &c->idle, ms);
+  if (call(c, ON_TIMEOUT, NULL, 0) != LUA_OK) multiloop_stream_close(&c->s, REASON_ERROR);
 }
 
 /* --- accepting ------------------------------------------------------------- */
@@ -260,28 +238,20 @@ static int accept_body(lua_State *L) {
   multiloop_conn_t *c = lua_newuserdatauv(L, sizeof *c, N_USER_VALUES);
   int rc;
   memset(c, 0, sizeof *c);
-  c->closing = 1;                          /* closed until the fd is ours */
+  c->s.closing = 1;                        /* no handle yet: nothing to close */
   c->ref = LUA_NOREF;
-  c->w = w;
   multiloop_deadline_init(&c->idle, conn_idle);
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
   c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  c->is_unix = w->cfg->path != NULL;
-  if (c->is_unix) uv_pipe_init(&w->loop, &c->h.pipe, 0);
-  else uv_tcp_init(&w->loop, &c->h.tcp);
-  c->h.handle.data = c;
+  multiloop_stream_init(&c->s, w, w->cfg->path != NULL, &conn_events);
   c->counted = 1;                          /* the listener counted this fd */
   ev->taken = 1;
-  if (ev->fd < 0) rc = uv_accept((uv_stream_t *)&w->pipe, &c->h.stream);
-  else if (c->is_unix) rc = uv_pipe_open(&c->h.pipe, ev->fd);
-  else rc = uv_tcp_open(&c->h.tcp, ev->fd);
-  if (rc != 0 && ev->fd >= 0) close(ev->fd);
-  c->closing = 0;
+  rc = multiloop_stream_open(&c->s, ev->fd, (uv_stream_t *)&w->pipe);
   if (w->cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT)   /* else the acceptor counted it */
     atomic_fetch_add_explicit(&w->active, 1, memory_order_relaxed);
   if (rc != 0) {
-    conn_close(c, uv_err_name(rc));
+    multiloop_stream_close(&c->s, rc);
     return 0;
   }
   atomic_fetch_add_explicit(&w->accepted, 1, memory_order_relaxed);
@@ -290,9 +260,9 @@ static int accept_body(lua_State *L) {
   if (w->conns) w->conns->prev = c;
   w->conns = c;
   ev->c = c;
-  if (!c->is_unix) {
-    if (w->cfg->nodelay) uv_tcp_nodelay(&c->h.tcp, 1);
-    if (w->cfg->keepalive) uv_tcp_keepalive(&c->h.tcp, 1, w->cfg->keepalive);
+  if (!multiloop_stream_is_unix(&c->s)) {
+    if (w->cfg->nodelay) uv_tcp_nodelay(&c->s.h.tcp, 1);
+    if (w->cfg->keepalive) uv_tcp_keepalive(&c->s.h.tcp, 1, w->cfg->keepalive);
   }
   if (multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
     return luaL_error(L, "not enough memory");
@@ -312,38 +282,12 @@ int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd) {
   int rc = multiloop_enter(w, accept_body, &ev, &ev.id, "connect");
   multiloop_conn_t *c = ev.c;
   if (c == NULL) return ev.taken;
-  if (rc != LUA_OK) conn_close(c, "error");
-  else start_reading(c);
+  if (rc != LUA_OK) multiloop_stream_close(&c->s, REASON_ERROR);
+  else multiloop_stream_start(&c->s);
   return 1;
 }
 
-/* --- writing --------------------------------------------------------------- */
-
-static void write_cb(uv_write_t *req, int status) {
-  write_req *wr = (write_req *)req;
-  multiloop_conn_t *c = req->handle->data;
-  lua_State *L = c->w->L;
-  int cb_ref = wr->cb_ref, rc = LUA_OK;
-  if (status == 0) {
-    atomic_fetch_add_explicit(&c->w->bytes_out, wr->len, memory_order_relaxed);
-    multiloop_deadline_touch(c->w, &c->idle);
-  }
-  luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
-  free(wr);
-  if (cb_ref != LUA_NOREF) {
-    rc = call_with_reason(c, 0, cb_ref, status < 0 ? uv_err_name(status) : NULL);
-    luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
-  }
-  if (status < 0 && status != UV_ECANCELED) {
-    conn_close(c, uv_err_name(status));
-  } else if (rc != LUA_OK) {
-    conn_close(c, "error");
-  } else if (c->need_drain && !c->closing &&
-             c->h.stream.write_queue_size <= c->w->cfg->write_low_water) {
-    c->need_drain = 0;
-    if (HAS(c, ON_DRAIN) && call(c, ON_DRAIN, NULL, 0) != LUA_OK) conn_close(c, "error");
-  }
-}
+/* --- the methods ----------------------------------------------------------- */
 
 static int fail(lua_State *L, const char *op, int err) {
   lua_pushnil(L);
@@ -375,9 +319,7 @@ static int closed(lua_State *L) {
 /* true while the queue is under the high-water mark; false (and on_drain
  * later) once over it. */
 static int push_write_result(lua_State *L, multiloop_conn_t *c) {
-  int under = c->h.stream.write_queue_size < c->w->cfg->write_high_water;
-  if (!under) c->need_drain = 1;
-  lua_pushboolean(L, under);
+  lua_pushboolean(L, multiloop_stream_below_high_water(&c->s));
   return 1;
 }
 
@@ -387,34 +329,23 @@ static int push_write_result(lua_State *L, multiloop_conn_t *c) {
  * write() returns. */
 static int conn_write(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
-  size_t len;
+  size_t len, off = 0;
   const char *data = luaL_checklstring(L, 2, &len);
   int has_cb = !lua_isnoneornil(L, 3);
-  uv_buf_t buf = uv_buf_init((char *)(uintptr_t)data, (unsigned)len);  /* libuv only reads it */
   write_req *wr;
   int ref, cb_ref = LUA_NOREF, rc;
 
   luaL_argcheck(L, len <= INT_MAX, 2, "string too long for one write (2 GiB at most)");
   luaL_argexpected(L, !has_cb || lua_isfunction(L, 3), 3, "function or nil");
-  if (c->closing || c->shutdown_requested) return closed(L);
+  if (c->s.closing || c->s.shutdown_requested) return closed(L);
   if (!has_cb) {
+    int n;
     if (len == 0) return push_write_result(L, c);
-    if (c->h.stream.write_queue_size == 0) {      /* the cheap way first */
-      int n = uv_try_write(&c->h.stream, &buf, 1);
-      if (n < 0 && n != UV_EAGAIN) {
-        conn_close(c, uv_err_name(n));
-        return fail(L, "write", n);
-      }
-      if (n > 0) {
-        atomic_fetch_add_explicit(&c->w->bytes_out, (uint64_t)n, memory_order_relaxed);
-        multiloop_deadline_touch(c->w, &c->idle);
-      }
-      if (n == (int)len) return push_write_result(L, c);
-      if (n > 0) {
-        buf.base += n;
-        buf.len -= (unsigned)n;
-      }
-    }
+    n = multiloop_stream_try_write(&c->s, data, len);  /* the cheap way first */
+    if (n < 0) return fail(L, "write", n);             /* the stream closed */
+    if (n > 0) TOUCH(WORKER(c), c);
+    if (n == (int)len) return push_write_result(L, c);
+    off = (size_t)n;
   }
   lua_pushvalue(L, 2);
   ref = luaL_ref(L, LUA_REGISTRYINDEX);      /* may raise: nothing to undo yet */
@@ -430,19 +361,15 @@ static int conn_write(lua_State *L) {
   }
   wr->ref = ref;
   wr->cb_ref = cb_ref;
-  wr->len = buf.len;
-  rc = uv_write(&wr->req, &c->h.stream, &buf, 1, write_cb);
-  if (rc != 0) {
+  rc = multiloop_stream_write(&c->s, &wr->w, data + off, len - off);
+  if (rc != 0) {                              /* the stream closed */
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
     luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
     free(wr);
-    conn_close(c, uv_err_name(rc));
     return fail(L, "write", rc);
   }
   return push_write_result(L, c);
 }
-
-/* --- the other methods ----------------------------------------------------- */
 
 static int set_callback(lua_State *L, int slot) {
   multiloop_conn_t *c = check_conn(L);
@@ -462,26 +389,18 @@ static int conn_on_drain(lua_State *L) { return set_callback(L, ON_DRAIN); }
 static int conn_on_timeout(lua_State *L) { return set_callback(L, ON_TIMEOUT); }
 
 static int conn_pause(lua_State *L) {
-  multiloop_conn_t *c = check_conn(L);
-  if (!c->closing && !c->paused) {
-    c->paused = 1;
-    uv_read_stop(&c->h.stream);
-  }
+  multiloop_stream_pause(&check_conn(L)->s);
   return 0;
 }
 
 static int conn_resume(lua_State *L) {
-  multiloop_conn_t *c = check_conn(L);
-  if (c->paused) {
-    c->paused = 0;
-    start_reading(c);
-  }
+  multiloop_stream_resume(&check_conn(L)->s);
   return 0;
 }
 
 static int conn_buffered(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
-  lua_pushinteger(L, c->closing ? 0 : (lua_Integer)c->h.stream.write_queue_size);
+  lua_pushinteger(L, (lua_Integer)multiloop_stream_queued(&c->s));
   return 1;
 }
 
@@ -495,8 +414,8 @@ static lua_Integer check_ms(lua_State *L, int arg) {
 static int conn_set_timeout(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   lua_Integer ms = check_ms(L, 2);
-  if (c->closing) return 0;
-  if (multiloop_deadline_set(c->w, &c->idle, (uint64_t)ms) != 0)
+  if (c->s.closing) return 0;
+  if (multiloop_deadline_set(WORKER(c), &c->idle, (uint64_t)ms) != 0)
     return luaL_error(L, "not enough memory");
   return 0;
 }
@@ -505,9 +424,9 @@ static int conn_set_nodelay(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   int rc;
   luaL_checktype(L, 2, LUA_TBOOLEAN);
-  if (c->closing) return closed(L);
-  if (c->is_unix) return fail(L, "set_nodelay", UV_ENOTSUP);
-  if ((rc = uv_tcp_nodelay(&c->h.tcp, lua_toboolean(L, 2))) != 0)
+  if (c->s.closing) return closed(L);
+  if (multiloop_stream_is_unix(&c->s)) return fail(L, "set_nodelay", UV_ENOTSUP);
+  if ((rc = uv_tcp_nodelay(&c->s.h.tcp, lua_toboolean(L, 2))) != 0)
     return fail(L, "set_nodelay", rc);
   lua_pushboolean(L, 1);
   return 1;
@@ -523,30 +442,21 @@ static int conn_set_keepalive(lua_State *L) {
   on = lua_toboolean(L, 2);
   ms = lua_isnoneornil(L, 3) ? 60000 : check_ms(L, 3);
   luaL_argcheck(L, ms <= (lua_Integer)INT_MAX * 1000, 3, "keepalive delay too large");
-  if (c->closing) return closed(L);
-  if (c->is_unix) return fail(L, "set_keepalive", UV_ENOTSUP);
-  rc = uv_tcp_keepalive(&c->h.tcp, on, on ? (unsigned)((ms + 999) / 1000 > 0 ? (ms + 999) / 1000 : 1) : 0);
+  if (c->s.closing) return closed(L);
+  if (multiloop_stream_is_unix(&c->s)) return fail(L, "set_keepalive", UV_ENOTSUP);
+  rc = uv_tcp_keepalive(&c->s.h.tcp, on, on ? (unsigned)((ms + 999) / 1000 > 0 ? (ms + 999) / 1000 : 1) : 0);
   if (rc != 0) return fail(L, "set_keepalive", rc);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 static int conn_shutdown_method(lua_State *L) {
-  conn_shutdown(check_conn(L));
+  multiloop_stream_shutdown(&check_conn(L)->s);
   return 0;
 }
 
 static int conn_close_method(lua_State *L) {
-  multiloop_conn_t *c = check_conn(L);
-  if (c->closing) return 0;
-  if (c->h.stream.write_queue_size > 0) {        /* flush first: drop no queued data */
-    c->close_when_flushed = 1;
-    uv_read_stop(&c->h.stream);
-    if (c->shutdown_requested) return 0;   /* shutdown_cb will close */
-    conn_shutdown(c);
-  } else {
-    conn_close(c, NULL);
-  }
+  multiloop_stream_close_flushed(&check_conn(L)->s);   /* drops no queued data */
   return 0;
 }
 
@@ -556,23 +466,23 @@ static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
   struct sockaddr_storage ss;
   int len = sizeof ss, rc;
   char ip[INET6_ADDRSTRLEN];
-  if (c->closing) return closed(L);
-  if (c->is_unix) {
+  if (c->s.closing) return closed(L);
+  if (multiloop_stream_is_unix(&c->s)) {
     /* Asked of the kernel directly: libuv 1.44's uv_pipe_getpeername reads
      * past what getpeername filled in for an unnamed peer (valgrind). */
     struct sockaddr_un sun;
     socklen_t sunlen = sizeof sun;
     uv_os_fd_t fd;
     memset(&sun, 0, sizeof sun);
-    if ((rc = uv_fileno(&c->h.handle, &fd)) != 0) return fail(L, peer ? "peer" : "address", rc);
+    if ((rc = uv_fileno(&c->s.h.handle, &fd)) != 0) return fail(L, peer ? "peer" : "address", rc);
     if ((peer ? getpeername(fd, (struct sockaddr *)&sun, &sunlen)
               : getsockname(fd, (struct sockaddr *)&sun, &sunlen)) != 0)
       return fail(L, peer ? "peer" : "address", uv_translate_sys_error(errno));
     lua_pushstring(L, sun.sun_path);       /* zeroed: "" for an unnamed peer */
     return 1;
   }
-  rc = peer ? uv_tcp_getpeername(&c->h.tcp, (struct sockaddr *)&ss, &len)
-            : uv_tcp_getsockname(&c->h.tcp, (struct sockaddr *)&ss, &len);
+  rc = peer ? uv_tcp_getpeername(&c->s.h.tcp, (struct sockaddr *)&ss, &len)
+            : uv_tcp_getsockname(&c->s.h.tcp, (struct sockaddr *)&ss, &len);
   if (rc != 0) return fail(L, peer ? "peer" : "address", rc);
   uv_ip_name((struct sockaddr *)&ss, ip, sizeof ip);
   lua_pushstring(L, ip);
@@ -585,27 +495,30 @@ static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
 static int conn_peer(lua_State *L) { return push_address(L, check_conn(L), 1); }
 static int conn_address(lua_State *L) { return push_address(L, check_conn(L), 0); }
 
+/* The fields, marked in the methods table by their number. */
+enum { FIELD_ID = 1, FIELD_WORKER };
+
 /* Methods first, straight from the methods table (upvalue 2): every
  * conn:method() call comes through here, and needs no check (the method
  * checks its `self`). Only the fields read the connection, so only they
  * check it. */
 static int conn_index(lua_State *L) {
-  const char *key;
-  lua_pushvalue(L, 2);
-  if (lua_rawget(L, lua_upvalueindex(2)) != LUA_TNIL) return 1;  /* a method */
-  key = lua_tostring(L, 2);
-  if (key == NULL) return 1;
-  if (strcmp(key, "id") == 0) lua_pushinteger(L, check_conn(L)->id);
-  else if (strcmp(key, "worker") == 0)
-    lua_rawgeti(L, LUA_REGISTRYINDEX, check_conn(L)->w->worker_ref);
-  else lua_pushnil(L);
-  return 1;
+  /* The key is the top (Lua calls __index with two arguments); rawget
+   * replaces it with its entry, saving a copy on every method call. */
+  switch (lua_rawget(L, lua_upvalueindex(2))) {
+  case LUA_TFUNCTION: return 1;             /* a method */
+  case LUA_TNUMBER:                         /* a field: FIELD_* */
+    if (lua_tointeger(L, -1) == FIELD_ID) lua_pushinteger(L, check_conn(L)->id);
+    else lua_rawgeti(L, LUA_REGISTRYINDEX, WORKER(check_conn(L))->worker_ref);
+    return 1;
+  default: return 1;                        /* nil */
+  }
 }
 
 static int conn_tostring(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
-  lua_pushfstring(L, "multiloop.conn %I (worker %d%s)", c->id, c->w->id,
-                  c->closing ? ", closed" : "");
+  lua_pushfstring(L, "multiloop.conn %I (worker %d%s)", c->id, WORKER(c)->id,
+                  c->s.closing ? ", closed" : "");
   return 1;
 }
 
@@ -636,6 +549,10 @@ void multiloop_conn_register(lua_State *L) {
   luaL_newlibtable(L, conn_methods);               /* mt methods */
   lua_pushvalue(L, -2);
   luaL_setfuncs(L, conn_methods, 1);
+  lua_pushinteger(L, FIELD_ID);
+  lua_setfield(L, -2, "id");
+  lua_pushinteger(L, FIELD_WORKER);
+  lua_setfield(L, -2, "worker");
   lua_pushvalue(L, -2);                            /* mt methods mt */
   lua_insert(L, -2);                               /* mt mt methods */
   lua_pushcclosure(L, conn_index, 2);              /* upvalues: mt, methods */

@@ -4,7 +4,8 @@
  * Threads:
  *   - the main thread runs the Lua state that created the server (server.c);
  *   - one acceptor thread owns the listening socket and its own uv loop (acceptor.c);
- *   - N worker threads each own a uv loop and a lua_State (worker.c, conn.c).
+ *   - N worker threads each own a uv loop and a lua_State (worker.c, conn.c,
+ *     stream.c).
  * Nothing Lua-shaped crosses a thread. The main thread writes multiloop_config_t
  * before any thread starts and frees it after every thread is joined; the other
  * threads only read it. Connections cross as file descriptors over a socketpair
@@ -66,7 +67,7 @@ typedef struct {
   size_t config_len;
   char *package_path;
   char *package_cpath;
-  /* Connections (conn.c) */
+  /* Connections (conn.c; the water marks: stream.c) */
   int max_connections;        /* 0: unlimited */
   uint64_t idle_timeout;      /* ms, 0: none */
   size_t write_high_water;    /* write() returns false above this many queued bytes */
@@ -358,7 +359,7 @@ void multiloop_deadline_remove(multiloop_deadline_t *d);
 /* conn.c: runs only on a worker thread. */
 void multiloop_conn_register(lua_State *L);
 int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd);
-void multiloop_conn_close_all(multiloop_worker_t *w, const char *reason);
+void multiloop_conn_close_all(multiloop_worker_t *w);   /* reason "stopped" */
 
 /* server.c: the main state's server object. core.new(opts); the metatable. */
 int multiloop_server_new(lua_State *L);

@@ -363,7 +363,7 @@ void multiloop_worker_drained(multiloop_worker_t *w) { finish(w); }
 
 static void grace_timer_cb(uv_timer_t *t) {
   multiloop_worker_t *w = t->data;
-  multiloop_conn_close_all(w, "stopped");
+  multiloop_conn_close_all(w);
   finish(w);
 }
 
@@ -388,7 +388,7 @@ static void begin_stop(multiloop_worker_t *w, uint64_t timeout) {
     multiloop_enter(w, shutdown_body, w, NULL, "shutdown");
   }
   if (timeout == 0 || w->conns == NULL) {
-    multiloop_conn_close_all(w, "stopped");
+    multiloop_conn_close_all(w);
     finish(w);
   } else if (!uv_is_active((uv_handle_t *)&w->grace_timer)) {
     uv_timer_start(&w->grace_timer, grace_timer_cb, timeout, 0);
@@ -463,6 +463,7 @@ static void worker_main(void *arg) {
     start_phase(w, MULTILOOP_START_DONE);          /* failed for good: wake the start */
     return;
   }
+  w->loop.data = w;                    /* how a stream finds its worker (stream.h) */
   w->read_buffer = malloc(MULTILOOP_READ_BUFFER_SIZE);
   w->L = luaL_newstate();
   w->handler_ref = w->worker_ref = LUA_NOREF;

@@ -1,0 +1,161 @@
+/*
+ * stream.h: a connection's byte stream (stream.c) and the transport under it.
+ *
+ * Arrows run one way: its owner (conn.c) -> stream -> transport. A stream
+ * reports what happens through the events table its owner gives it, never by
+ * calling its owner by name; a transport is a table of functions the stream
+ * calls. Plain TCP or Unix socket over libuv is the one transport today
+ * (stream.c); a TLS transport and a PROXY-header phase hang off the stream's
+ * `ext` block when they land, so a plain stream pays one NULL pointer for them.
+ * Worker thread only, like everything that holds a uv handle.
+ */
+#ifndef MULTILOOP_STREAM_H
+#define MULTILOOP_STREAM_H
+
+#include "multiloop.h"
+
+typedef struct multiloop_stream_s multiloop_stream_t;
+typedef struct multiloop_stream_ext_s multiloop_stream_ext_t;
+
+/* One queued write. The owner allocates it, usually as the first member of a
+ * larger struct holding what keeps the bytes alive (a Lua string's registry
+ * ref, or a buffer the owner frees), and gets it back in `written` once the
+ * transport is done with the bytes; only then may it free them. */
+typedef struct {
+  uv_write_t req;                      /* the plain transport's */
+  size_t len;                          /* bytes queued, for bytes_out */
+} multiloop_stream_write_t;
+
+/* What a stream tells its owner. Every one runs on the worker thread from a
+ * libuv callback (or, for `closing`, from whatever closed the stream), and
+ * may call any multiloop_stream_* function on the stream, closing included. */
+typedef struct {
+  /* Bytes arrived: `data` is every unconsumed byte (only the new ones unless
+   * the owner kept some before). Returns how many it consumed; the stream
+   * keeps the rest in its input buffer (allocated then) and hands them back,
+   * with what follows, on the next read. Returning `len` keeps nothing. */
+  size_t (*read)(multiloop_stream_t *s, const char *data, size_t len);
+  /* The peer sent EOF (reading has stopped). If the owner neither shuts down
+   * nor closes, the stream stays half open; once our side is shut down too
+   * it closes with reason 0. */
+  void (*eof)(multiloop_stream_t *s);
+  /* A queued write is done: status 0, a libuv error, or UV_ECANCELED when the
+   * stream closed first. Returns 0, or a reason (> 0) to close the stream with
+   * (its callback failed); a write error closes the stream anyway. */
+  int (*written)(multiloop_stream_t *s, multiloop_stream_write_t *wr, int status);
+  /* The queue fell to write_low_water after a write found it over
+   * write_high_water (multiloop_stream_below_high_water returned 0). */
+  void (*drained)(multiloop_stream_t *s);
+  /* The stream began to close (synchronously, whoever closed it): from here
+   * on every call on it is a no-op or fails "closed". */
+  void (*closing)(multiloop_stream_t *s);
+  /* The handle is closed and its memory is the owner's again. `reason`: 0
+   * (an ordinary close), a libuv error (< 0: a read, write or shutdown
+   * failed) or the owner's own code (> 0) it passed to multiloop_stream_close. */
+  void (*closed)(multiloop_stream_t *s, int reason);
+} multiloop_stream_events_t;
+
+/* A transport moves bytes between the stream and the socket. Each function
+ * gets the stream; the handle is s->h. Incoming bytes go through the
+ * stream's read path (stream.c: alloc_cb/read_cb for the plain transport; a
+ * TLS transport would decrypt in its own read callback and hand the
+ * plaintext on the same way). Queued bytes are counted by the handle's
+ * write_queue_size, since every transport ends in uv_write. */
+typedef struct {
+  const char *name;                    /* "plain" */
+  int (*read_start)(multiloop_stream_t *s);
+  void (*read_stop)(multiloop_stream_t *s);
+  /* Sends what it can now without queueing: the bytes taken (0 when the
+   * socket would block), or a libuv error. Only with nothing queued. */
+  int (*try_write)(multiloop_stream_t *s, const char *buf, size_t len);
+  /* Queues `len` bytes behind what is queued; they must stay valid until
+   * `written`. Returns 0 or a libuv error (then wr is the caller's again). */
+  int (*write)(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf, size_t len);
+  /* Half-closes after the queued writes; returns 0 or a libuv error. */
+  int (*shutdown)(multiloop_stream_t *s);
+  void (*close)(multiloop_stream_t *s);  /* uv_close, ending in `closed` */
+} multiloop_transport_t;
+
+extern const multiloop_transport_t multiloop_transport_plain;
+
+/* Unconsumed input, kept only once an owner's read left bytes unconsumed:
+ * base[start..end) is the data, `cap` the allocation. */
+typedef struct {
+  char *base;
+  size_t start, end, cap;
+} multiloop_stream_input_t;
+
+/* What only some streams need, malloc'd the first time one does and freed in
+ * the close callback: a transport other than plain (with its state), and the
+ * input buffer. A PROXY-header phase (a function that eats the first bytes
+ * before `read` sees any) belongs here too. */
+struct multiloop_stream_ext_s {
+  const multiloop_transport_t *tp;     /* NULL: plain */
+  void *tp_state;                      /* the transport's, freed by its close */
+  multiloop_stream_input_t in;
+};
+
+/* Embedded first in its owner (so the owner is found from the stream by a
+ * cast or offsetof), and the handle first in the stream (so the stream is
+ * found from the handle). The handle's `data` holds the events table. The
+ * flags and the close reason share one word: an idle connection costs the
+ * same 352 bytes as before the split (conn.c). */
+struct multiloop_stream_s {
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;                    /* a Unix socket connection */
+  } h;
+  multiloop_stream_ext_t *ext;         /* NULL for a plain stream with no input kept */
+  signed int reason : 16;              /* for `closed`: see the events table */
+  unsigned closing : 1;                /* closed, closing, or not opened yet */
+  unsigned read_ended : 1;             /* the peer sent EOF */
+  unsigned shutdown_requested : 1;
+  unsigned shut_down : 1;              /* our FIN is out */
+  unsigned close_when_flushed : 1;     /* multiloop_stream_close_flushed with writes queued */
+  unsigned paused : 1;                 /* multiloop_stream_pause */
+  unsigned need_drain : 1;             /* a write found the queue over high water */
+};
+
+/* The worker whose loop the stream is on (worker.c sets loop.data). */
+static inline multiloop_worker_t *multiloop_stream_worker(const multiloop_stream_t *s) {
+  return (multiloop_worker_t *)s->h.handle.loop->data;
+}
+
+static inline int multiloop_stream_is_unix(const multiloop_stream_t *s) {
+  return s->h.handle.type == UV_NAMED_PIPE;
+}
+
+/* Bytes queued and not yet taken by the kernel. */
+static inline size_t multiloop_stream_queued(const multiloop_stream_t *s) {
+  return s->closing ? 0 : s->h.stream.write_queue_size;
+}
+
+/* True while the queue is under the server's write_high_water; false (and
+ * `drained` later) once over it. Inline: every write asks. */
+static inline int multiloop_stream_below_high_water(multiloop_stream_t *s) {
+  int under = s->h.stream.write_queue_size < multiloop_stream_worker(s)->cfg->write_high_water;
+  if (!under) s->need_drain = 1;
+  return under;
+}
+
+/* Makes the handle (a Unix socket one with `is_unix`) on w's loop, closed
+ * until opened; `ev` is how the stream reports to its owner. */
+void multiloop_stream_init(multiloop_stream_t *s, multiloop_worker_t *w, int is_unix,
+                           const multiloop_stream_events_t *ev);
+/* Takes `fd` (closed here on failure), or with fd < 0 the next connection
+ * pending on the IPC pipe `server`. Returns 0 or a libuv error; either way
+ * the stream is then open, and must be closed. */
+int multiloop_stream_open(multiloop_stream_t *s, uv_os_sock_t fd, uv_stream_t *server);
+void multiloop_stream_start(multiloop_stream_t *s);   /* start reading */
+void multiloop_stream_pause(multiloop_stream_t *s);
+void multiloop_stream_resume(multiloop_stream_t *s);
+int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t len);
+int multiloop_stream_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
+                           size_t len);
+void multiloop_stream_shutdown(multiloop_stream_t *s);
+void multiloop_stream_close_flushed(multiloop_stream_t *s);
+void multiloop_stream_close(multiloop_stream_t *s, int reason);
+
+#endif
