@@ -150,8 +150,8 @@ describe("worker timers", function()
   it("a timer callback runs as a light thread: it may sleep, and an error after its sleep stops only that timer", function()
     local c = serve(function(conn)
       local w = conn.worker
-      local n, slept, every = 0, nil, nil
-      every = w.every(5, function()
+      local n, slept = 0, nil
+      local every = w.every(5, function()
         n = n + 1
         if n == 2 then
           local t0 = w.now()
