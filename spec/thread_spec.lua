@@ -171,6 +171,19 @@ describe("light threads", function()
     assert.are.equal("ran", helper.eventually(function() return d:get("init thread") end))
   end)
 
+  it("a failing init() does not wait for the threads it spawned: they get nil, 'stopped'", function()
+    d:delete("failed init's thread")
+    local s = multiloop.server{ host = "127.0.0.1", port = 0, workers = 1, config = { fail = true },
+                                handler = "spec.fixtures.threads" }
+    local t0 = socket.gettime()
+    local ok, err = pcall(s.start, s)
+    assert.is_false(ok)
+    assert.matches("worker 1 failed to load the handler: [^\n]*init fails with a thread asleep", err)
+    assert.is_true(socket.gettime() - t0 < 5)
+    assert.are.equal("nil stopped", d:get("failed init's thread"))
+    assert.are.equal(0, s:stats().threads)
+  end)
+
   it("checks its arguments, naming them", function()
     local c = serve(function(conn)
       local w, out = conn.worker, {}
