@@ -500,9 +500,10 @@ void multiloop_timers_close(multiloop_worker_t *w);
  *   3. or records t where its event will find it, arms that event (a
  *      uv_timer, a deadline entry, a read) and ends with
  *        return multiloop_await(L, t, cancel, ctx, k);
- *      `cancel(t)` disarms the event if the thread is killed or the worker
- *      closes first (it must not resume anything); k (may be NULL) is the
- *      lua_KFunction that runs on resumption with ctx, to look again (a
+ *      `cancel(t)` (never NULL: a yield without one counts as a bare
+ *      coroutine.yield, resumed on the next turn) disarms the event if the
+ *      thread is killed or closed first; it must not resume anything. k
+ *      (may be NULL) is the lua_KFunction that runs on resumption with ctx, to look again (a
  *      receive that needs more bytes awaits again from k). Without k the
  *      values the thread is woken with are the primitive's results;
  *   4. the libuv callback of that event wakes it, once:
@@ -513,8 +514,12 @@ void multiloop_timers_close(multiloop_worker_t *w);
  *      it awaits again or ends, through multiloop_resume (the door).
  * Never resume from inside the primitive that made the thread ready: wake
  * from the event's callback (or queue it with multiloop_thread_ready, run on
- * the next turn of the loop). While the worker closes (multiloop_threads_
- * closing), a primitive returns nil, "stopped" instead of awaiting. */
+ * the next turn of the loop, with push's values, or true when push is NULL). While the worker closes (multiloop_threads_
+ * closing), a primitive returns nil, "stopped" instead of awaiting. As the
+ * worker closes, multiloop_threads_stop wakes only sleepers; a primitive on
+ * another event wakes its thread from that event's own end (a connection's
+ * close resumes its reader with nil, "closed" or "stopped"), or the thread
+ * is closed (lua_closethread) once the loop has run dry. */
 typedef void (*multiloop_await_cancel)(multiloop_thread_t *t);
 multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who);
 int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel cancel,

@@ -143,10 +143,13 @@ static void timer_close_cb(uv_handle_t *h) {
 
 static void ready_cb(uv_idle_t *h);
 
-/* Queues t to be resumed with `push`'s values on the next turn of the loop. */
+/* Queues t (suspended) to be resumed with `push`'s values on the next turn
+ * of the loop: with true when push is NULL (nil, "stopped" once closing).
+ * Whatever it awaited is forgotten: kill or close now take it off the queue. */
 void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push) {
   multiloop_worker_t *w = t->w;
   unqueue(t);
+  t->cancel = unqueue;
   t->ready_push = push;
   enqueue(&w->th.ready, t);
   if (w->th.open) uv_idle_start(&w->th.ready_idle, ready_cb);
@@ -213,7 +216,6 @@ static void settled(multiloop_thread_t *t, lua_State *from, int status, int nres
   if (status == LUA_YIELD) {
     if (t->cancel == NULL) {                       /* a bare coroutine.yield: sleep(0) */
       lua_pop(t->co, nres);
-      t->cancel = unqueue;
       multiloop_thread_ready(t, NULL);
     }
     return;
@@ -495,7 +497,6 @@ void multiloop_threads_stop(multiloop_worker_t *w) {
   for (t = w->th.live; t; t = t->next) {
     if (t->cancel == cancel_sleep) {
       uv_timer_stop(&t->timer);
-      t->cancel = unqueue;
       multiloop_thread_ready(t, push_stopped);
     } else if (t->queue == &w->th.ready && t->ready_push == NULL) {
       t->ready_push = push_stopped;                /* sleep(0) */
