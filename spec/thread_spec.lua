@@ -125,6 +125,23 @@ describe("light threads", function()
     assert.are.equal("closed kill true wait false killed dead nil dead", helper.line(c))
   end)
 
+  it("a light thread closed by hand with coroutine.close ends, and is no longer counted", function()
+    local c = serve(function(conn)
+      local w, holder = conn.worker, {}
+      local t = w.spawn(function()
+        holder.co = coroutine.running()
+        w.sleep(30)
+      end)
+      local closed = coroutine.close(holder.co)
+      w.spawn(function()
+        local ok = w.wait(t)
+        conn:write(("%s %s %s\n"):format(tostring(closed), tostring(ok), tostring(t)))
+      end)
+    end)
+    assert.are.equal("true false multiloop.thread (worker 1, dead)", helper.line(c))
+    assert(helper.eventually(function() return server:stats().threads == 0 end))
+  end)
+
   it("a timer callback runs as a light thread, so it may sleep", function()
     local c = serve(function(conn)
       local w = conn.worker

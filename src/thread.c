@@ -258,13 +258,24 @@ int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel 
   return lua_yieldk(L, 0, ctx, k);
 }
 
-void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev) {
-  if (t->ended || t->running || lua_status(t->co) != LUA_YIELD) {   /* resumed by hand */
-    lua_settop(t->co, lua_gettop(t->co) - nargs);
+/* Resumes a suspended thread from a loop callback. One that Lua code has
+ * resumed by hand (coroutine.resume: running now) is left alone; one it has
+ * closed or run to its end by hand (coroutine.close) has ended. */
+static void wake_thread(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev) {
+  t->cancel = NULL;
+  if (t->running || lua_status(t->co) != LUA_YIELD) {
+    lua_pop(t->co, nargs);
+    if (!t->running) {
+      t->ok = 0;
+      end_thread(t, t->w->L);
+    }
     return;
   }
-  t->cancel = NULL;
   resume_thread(t, t->w->L, nargs, push, ev);
+}
+
+void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev) {
+  wake_thread(t, nargs, push, ev);
 }
 
 lua_State *multiloop_thread_co(multiloop_thread_t *t) { return t->co; }
@@ -279,13 +290,12 @@ static void ready_cb(uv_idle_t *h) {
     multiloop_thread_t *t = w->th.ready.head;
     multiloop_push_fn push = t->ready_push;
     unqueue(t);
-    t->cancel = NULL;
     if (push == NULL && w->th.closing) push = push_stopped;
     if (push) {
-      resume_thread(t, w->L, 0, push, t);
+      wake_thread(t, 0, push, t);
     } else {                                       /* sleep(0): true, or "stopped" */
       lua_pushboolean(t->co, 1);
-      resume_thread(t, w->L, 1, NULL, NULL);
+      wake_thread(t, 1, NULL, NULL);
     }
   }
   if (w->th.ready.head == NULL) uv_idle_stop(h);
