@@ -93,8 +93,10 @@ describe("stats", function()
     local s = server:stats()
     assert.are.equal(0, s.accepted)
     assert.are.equal(0, s.bytes_in)
-    assert.are.same({ { accepted = 0, active = 0, bytes_in = 0, bytes_out = 0 },
-                      { accepted = 0, active = 0, bytes_in = 0, bytes_out = 0 } }, s.workers)
+    assert.are.equal(0, s.threads)
+    assert.are.same({ { accepted = 0, active = 0, bytes_in = 0, bytes_out = 0, threads = 0 },
+                      { accepted = 0, active = 0, bytes_in = 0, bytes_out = 0, threads = 0 } },
+                    s.workers)
   end)
 
   it("keep the last run's figures after stop, and start from zero on a restart", function()

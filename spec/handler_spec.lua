@@ -277,13 +277,15 @@ describe("the worker object", function()
   local server
   after_each(function() if server then server:stop() end server = nil end)
 
-  it("is built by lua/multiloop/worker.lua; timer, every, now, send and broadcast stay C functions", function()
+  it("is built by lua/multiloop/worker.lua; timer, every, now, send, broadcast and the light thread functions stay C functions", function()
     local port
     server, port = helper.server{ workers = 1, config = {}, handler = "spec.fixtures.worker_object" }
     local c = helper.connect(port)
     helper.defer(function() c:close() end)
-    assert.are.equal("broadcast config count every id now send timer", helper.line(c))
-    assert.are.equal("now=C send=C broadcast=C timer=C every=C", helper.line(c))
+    assert.are.equal("broadcast config count every id kill now send sleep spawn timer wait",
+                     helper.line(c))
+    assert.are.equal("now=C send=C broadcast=C timer=C every=C spawn=C wait=C sleep=C kill=C",
+                     helper.line(c))
     assert.are.equal("true", helper.line(c))
   end)
 

@@ -147,6 +147,30 @@ describe("worker timers", function()
     assert.are.equal("bad 3 good 10", helper.line(c2))
   end)
 
+  it("a timer callback runs as a light thread: it may sleep, and an error after its sleep stops only that timer", function()
+    local c = serve(function(conn)
+      local w = conn.worker
+      local n, slept = 0, nil
+      local every = w.every(5, function()
+        n = n + 1
+        if n == 2 then
+          local t0 = w.now()
+          slept = ("%s %s"):format(tostring(w.sleep(15)), tostring(w.now() - t0 >= 15))
+          error("late failure")
+        end
+      end)
+      w.timer(200, function()
+        local seen = n
+        w.sleep(50)
+        conn:write(("%s %s %s %s\n"):format(slept, tostring(n == seen), tostring(n >= 3),
+                                            tostring(every:stop())))
+      end)
+    end)
+    -- slept, the every timer stopped (n no longer grows), it ran while one
+    -- callback slept, and stop() finds it already stopped.
+    assert.are.equal("true true true true false", helper.line(c))
+  end)
+
   it("runs timers during a graceful stop; stop frees the ones still pending", function()
     local c = serve("spec.fixtures.timers")
     assert.are.equal("bad 3 good 10", helper.line(c))

@@ -106,6 +106,23 @@ typedef struct {
 typedef struct multiloop_runtime_s multiloop_runtime_t;
 typedef struct multiloop_worker_s multiloop_worker_t;
 
+/* Light threads (thread.c): a coroutine of a worker's state that the worker
+ * resumes from its loop callbacks. Opaque outside thread.c. */
+typedef struct multiloop_thread_s multiloop_thread_t;
+typedef struct {                       /* a FIFO of threads (intrusive) */
+  multiloop_thread_t *head, *tail;
+  int n;
+} multiloop_tqueue_t;
+typedef struct {                       /* a worker's light threads */
+  multiloop_thread_t *live;            /* every live thread (spawned, or a timer's that yielded) */
+  multiloop_tqueue_t ready;            /* to resume on the next turn of the loop */
+  uv_idle_t ready_idle;                /* runs `ready`; open from start to the end of the loop */
+  multiloop_thread_t *spare;           /* a timer callback's thread, kept while callbacks do not yield */
+  int count;                           /* live threads */
+  int closing;                         /* the worker is closing: sleep returns nil, "stopped" */
+  int open;                            /* ready_idle is initialised */
+} multiloop_threads_t;
+
 /* A message for a worker's inbox (inbox.c): plain C data only. */
 typedef enum {
   MULTILOOP_MSG_FD,                    /* a connection to serve (queue dispatch) */
@@ -217,6 +234,11 @@ struct multiloop_worker_s {
   multiloop_timer_t *timers;           /* open timers, closed when the worker closes */
   atomic_int msg_ready;                /* the inbox takes messages */
 
+  /* Light threads (thread.c): the worker thread's alone, but `nthreads`,
+   * which it publishes (relaxed) for stats. */
+  multiloop_threads_t th;
+  atomic_int nthreads;                 /* th.count, for server:stats() */
+
   /* Start handshake: written by the worker before it reports ready
    * (multiloop_worker_ready: rt->start_lock). */
   int failed;
@@ -305,6 +327,28 @@ static inline int multiloop_loop_init(uv_loop_t *loop) {
 int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
                     const lua_Integer *conn_id, const char *what);
 int multiloop_traceback(lua_State *L);
+
+/* enter.c: the same door for a light thread. Never raises. Resumes `co` (a
+ * light thread's coroutine) from a loop callback (from = w->L) or from
+ * worker.spawn (from = its caller's state). `nargs` values are on co already,
+ * pushed without allocating; `push` (may be NULL) pushes more on `from`,
+ * protected, and they are moved onto co. Returns lua_resume's status, with
+ * *nres as lua_resume sets it. On an error in the thread, or in push (co then
+ * stays suspended, not resumed), reports "multiloop: worker N: <what>: <msg>"
+ * and co's traceback on stderr, and leaves the error object on top of co. */
+typedef int (*multiloop_push_fn)(lua_State *L, void *ev);   /* returns how many */
+int multiloop_resume(multiloop_worker_t *w, lua_State *from, lua_State *co, int nargs,
+                     multiloop_push_fn push, void *ev, int *nres, const lua_Integer *conn_id,
+                     const char *what);
+
+/* Lua 5.4.6 replaced lua_resetthread(co) with lua_closethread(co, from);
+ * Debian 12's 5.4.4 has only the former. Both close co's pending
+ * to-be-closed variables and leave an error (if one) on top of its stack. */
+#if LUA_VERSION_RELEASE_NUM >= 50406
+#define multiloop_closethread(co, from) lua_closethread((co), (from))
+#else
+#define multiloop_closethread(co, from) ((void)(from), lua_resetthread(co))
+#endif
 
 /* copy.c: Lua values as plain bytes, to cross a thread. */
 int multiloop_copy_encode(lua_State *L, int idx, const char *root, char **out,
@@ -444,6 +488,62 @@ int multiloop_shared_open(lua_State *L);
 extern const luaL_Reg multiloop_timer_funcs[];
 void multiloop_timer_register(lua_State *L);
 void multiloop_timers_close(multiloop_worker_t *w);
+
+/* thread.c: light threads; worker thread only.
+ *
+ * The await template. Every blocking-style primitive (worker.sleep and
+ * worker.wait now; conn:receive and conn:send next) is a C function that
+ *   1. finds its thread: t = multiloop_thread_self(L, "conn:receive"), which
+ *      raises "conn:receive: cannot yield here (...: use worker.spawn)"
+ *      outside a light thread or across a C-call boundary;
+ *   2. completes at once when it can (the fast path: no yield), returning
+ *      its results as any C function does;
+ *   3. or records t where its event will find it, arms that event (a
+ *      uv_timer, a deadline entry, a read) and ends with
+ *        return multiloop_await(L, t, cancel, ctx, k);
+ *      `cancel(t)` (never NULL: a yield without one counts as a bare
+ *      coroutine.yield, resumed on the next turn) disarms the event if the
+ *      thread is killed or closed first; it must not resume anything. k
+ *      (may be NULL) is the lua_KFunction that runs on resumption with ctx, to look again (a
+ *      receive that needs more bytes awaits again from k). Without k the
+ *      values the thread is woken with are the primitive's results;
+ *   4. the libuv callback of that event wakes it, once:
+ *        multiloop_thread_wake(t, nargs, push, ev);
+ *      with nargs values already pushed on multiloop_thread_co(t) (no
+ *      allocation: booleans, integers, lua_rawgeti) and/or `push(L, ev)`
+ *      pushing more, run protected (strings, tables). The thread runs until
+ *      it awaits again or ends, through multiloop_resume (the door).
+ * Never resume from inside the primitive that made the thread ready: wake
+ * from the event's callback (or queue it with multiloop_thread_ready, run on
+ * the next turn of the loop, with push's values, or true when push is NULL). While the worker closes (multiloop_threads_
+ * closing), a primitive returns nil, "stopped" instead of awaiting. As the
+ * worker closes, multiloop_threads_stop wakes only sleepers; a primitive on
+ * another event wakes its thread from that event's own end (a connection's
+ * close resumes its reader with nil, "closed" or "stopped"), or the thread
+ * is closed (lua_closethread) once the loop has run dry. */
+typedef void (*multiloop_await_cancel)(multiloop_thread_t *t);
+multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who);
+int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel cancel,
+                    lua_KContext ctx, lua_KFunction k);
+void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev);
+void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push);
+lua_State *multiloop_thread_co(multiloop_thread_t *t);
+int multiloop_threads_closing(multiloop_worker_t *w);
+/* The core table's spawn, wait, sleep and kill (each closes over the worker). */
+extern const luaL_Reg multiloop_thread_funcs[];
+void multiloop_thread_register(lua_State *L);       /* the metatable; protected */
+void multiloop_threads_init(multiloop_worker_t *w);   /* after the loop, before Lua */
+void multiloop_threads_stop(multiloop_worker_t *w);   /* closing: sleepers get "stopped" */
+void multiloop_threads_close(multiloop_worker_t *w);  /* the loop ran dry: close the rest */
+/* Timer callbacks (timer.c): the spare thread's coroutine, empty, to push the
+ * function and its arguments on without allocating (NULL: none could be
+ * made, reported); then run them as a light thread. `failed(data)` runs if
+ * the callback raises (even after yielding); `pin_ref` (a registry ref, or
+ * LUA_NOREF) is held by the thread while it is suspended, so that `data`
+ * stays valid. */
+lua_State *multiloop_thread_spare(multiloop_worker_t *w);
+void multiloop_thread_run(multiloop_worker_t *w, int nargs, const char *what,
+                          void (*failed)(void *data), void *data, int pin_ref);
 
 /* message.c: the core table's send/broadcast (each closes over the worker)
  * and the message hook (worker thread); server:send/broadcast (main state,

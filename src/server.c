@@ -37,6 +37,7 @@
 /* One row of server:stats(): row 0 holds the totals, row i worker i. */
 typedef struct {
   uint64_t accepted, active, handed_off, accept_errors, bytes_in, bytes_out;
+  uint64_t threads;                    /* live light threads (thread.c) */
 } counts_t;
 
 typedef struct {
@@ -67,10 +68,13 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
     multiloop_worker_t *w = &rt->workers[i];
     counts_t *c = &counts[i + 1];
     int active = LOAD(w->active);
+    int threads = LOAD(w->nthreads);
     c->accepted = LOAD(w->accepted);
     c->active = active > 0 ? (uint64_t)active : 0;
     c->bytes_in = LOAD(w->bytes_in);
     c->bytes_out = LOAD(w->bytes_out);
+    c->threads = threads > 0 ? (uint64_t)threads : 0;
+    total->threads += c->threads;
     total->accepted += c->accepted;
     total->active += c->active;
     total->bytes_in += c->bytes_in;
@@ -757,14 +761,15 @@ static int server_stats(lua_State *L) {
   server_t *s = check_server(L);
   int i, n = s->cfg.nworkers;
   if (s->rt != NULL) runtime_counts(s->rt, s->counts);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
   lua_createtable(L, n, 0);
   for (i = 1; i <= n; i++) {
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 5);
     set_counter(L, "accepted", s->counts[i].accepted);
     set_counter(L, "active", s->counts[i].active);
     set_counter(L, "bytes_in", s->counts[i].bytes_in);
     set_counter(L, "bytes_out", s->counts[i].bytes_out);
+    set_counter(L, "threads", s->counts[i].threads);
     lua_rawseti(L, -2, i);
   }
   lua_setfield(L, -2, "workers");
@@ -774,6 +779,7 @@ static int server_stats(lua_State *L) {
   set_counter(L, "accept_errors", s->counts[0].accept_errors);
   set_counter(L, "bytes_in", s->counts[0].bytes_in);
   set_counter(L, "bytes_out", s->counts[0].bytes_out);
+  set_counter(L, "threads", s->counts[0].threads);
   return 1;
 }
 

@@ -3,8 +3,8 @@
  * worker.timer(ms, fn) (once), worker.every(ms, fn) (repeating) and
  * worker.now(), which worker.c puts in the worker's core table and
  * lua/multiloop/worker.lua builds the `worker` object from, and the timer
- * object ("multiloop.timer") with :stop(). A timer's callback is called from
- * here directly, with no Lua in between.
+ * object ("multiloop.timer") with :stop(). A timer's callback runs as a
+ * light thread (thread.c), with no Lua in between, so it may sleep.
  *
  * Runs only on the worker thread that owns the loop and the Lua state. Each
  * timer is a full userdata with the uv_timer_t embedded; its callback lives
@@ -14,7 +14,8 @@
  *
  * A timer is open from creation until it is done: a once timer when it has
  * fired, any timer on :stop(), on a Lua error in its callback (reported by
- * multiloop_enter as "timer", naming the worker; only that timer stops), or
+ * multiloop_resume as "timer", naming the worker; only that timer stops,
+ * also when the error comes after the callback yielded), or
  * when the worker closes (multiloop_timers_close, from worker.c's finish and
  * after a failed start). Done means uv_close: the close callback drops the
  * ref and the callback, and the object lives on, stopped, for as long as Lua
@@ -77,23 +78,28 @@ void multiloop_timers_close(multiloop_worker_t *w) {
 
 /* --- firing ---------------------------------------------------------------- */
 
-/* Protected: fn(timer). */
-static int fire_body(lua_State *L) {
-  multiloop_timer_t *t = lua_touserdata(L, 1);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref);   /* timer */
-  lua_getiuservalue(L, -1, 1);                 /* timer fn */
-  lua_insert(L, -2);                           /* fn timer */
-  lua_call(L, 1, 0);
-  return 0;
-}
+/* thread.c: the callback raised (maybe after yielding: the thread pins the
+ * timer's userdata meanwhile). */
+static void fire_failed(void *data) { timer_close(data); }
 
+/* fn(timer), as a light thread (thread.c): in the worker's spare coroutine,
+ * pushed without allocating, so a callback that does not yield costs no
+ * more than a protected call. */
 static void timer_cb(uv_timer_t *h) {
   multiloop_timer_t *t = h->data;
+  lua_State *co;
   /* A once timer is done before its callback runs, so that :stop() inside it
    * returns false. The ref (and so t) lives until close_cb, which runs on a
    * later turn of the loop. */
   if (!t->repeat) timer_close(t);
-  if (multiloop_enter(t->w, fire_body, t, NULL, "timer") != LUA_OK) timer_close(t);
+  if ((co = multiloop_thread_spare(t->w)) == NULL) {   /* no memory: reported */
+    timer_close(t);
+    return;
+  }
+  lua_rawgeti(co, LUA_REGISTRYINDEX, t->ref);  /* timer */
+  lua_getiuservalue(co, -1, 1);                /* timer fn */
+  lua_insert(co, -2);                          /* fn timer */
+  multiloop_thread_run(t->w, 1, "timer", fire_failed, t, t->ref);
 }
 
 /* --- the Lua API ----------------------------------------------------------- */

@@ -116,6 +116,8 @@ static void push_core(lua_State *L, multiloop_worker_t *w) {
   luaL_setfuncs(L, multiloop_timer_funcs, 1);      /* timer, every, now */
   lua_pushlightuserdata(L, w);
   luaL_setfuncs(L, multiloop_message_funcs, 1);    /* send, broadcast */
+  lua_pushlightuserdata(L, w);
+  luaL_setfuncs(L, multiloop_thread_funcs, 1);     /* spawn, wait, sleep, kill */
 }
 
 /* Protected (run by lua_pcall): prepares the state, builds the `worker`
@@ -135,6 +137,7 @@ static int load_handler(lua_State *L) {
   lua_pop(L, 1);
   multiloop_conn_register(L);
   multiloop_timer_register(L);
+  multiloop_thread_register(L);
 
   load_front(L);                                   /* build */
   push_core(L, w);                                 /* build core */
@@ -349,6 +352,7 @@ static void finish(multiloop_worker_t *w) {
   w->closing = 1;
   multiloop_deadlines_close(w);
   multiloop_timers_close(w);
+  multiloop_threads_stop(w);                       /* sleepers get "stopped" */
   drop_queued(w, multiloop_inbox_close(&w->inbox));
   multiloop_listener_close(&w->listener);
   if (w->pipe.loop != NULL && !uv_is_closing((uv_handle_t *)&w->pipe)) {
@@ -358,8 +362,11 @@ static void finish(multiloop_worker_t *w) {
   close_if_open((uv_handle_t *)&w->grace_timer);
 }
 
-/* conn.c: the last connection closed while stopping. */
-void multiloop_worker_drained(multiloop_worker_t *w) { finish(w); }
+/* conn.c: the last connection closed while stopping; thread.c: the last
+ * light thread ended while stopping. The stop ends once both are gone. */
+void multiloop_worker_drained(multiloop_worker_t *w) {
+  if (w->stopping && w->conns == NULL && w->th.count == 0) finish(w);
+}
 
 static void grace_timer_cb(uv_timer_t *t) {
   multiloop_worker_t *w = t->data;
@@ -378,7 +385,8 @@ static int shutdown_body(lua_State *L) {
 }
 
 /* Stop: take no new connections, tell the handler, then let the connections
- * close by themselves for up to `timeout` ms (0: close them now). A second
+ * close and the light threads end by themselves for up to `timeout` ms (0:
+ * close them now; sleeping threads get nil, "stopped": thread.c). A second
  * stop with timeout 0 cuts a graceful one short. */
 static void begin_stop(multiloop_worker_t *w, uint64_t timeout) {
   if (w->closing) return;
@@ -387,7 +395,7 @@ static void begin_stop(multiloop_worker_t *w, uint64_t timeout) {
     multiloop_listener_close(&w->listener);        /* the pipe closes in finish() */
     multiloop_enter(w, shutdown_body, w, NULL, "shutdown");
   }
-  if (timeout == 0 || w->conns == NULL) {
+  if (timeout == 0 || (w->conns == NULL && w->th.count == 0)) {
     multiloop_conn_close_all(w);
     finish(w);
   } else if (!uv_is_active((uv_handle_t *)&w->grace_timer)) {
@@ -464,9 +472,12 @@ static void worker_main(void *arg) {
     return;
   }
   w->loop.data = w;                    /* how a stream finds its worker (stream.h) */
+  multiloop_threads_init(w);
   w->read_buffer = malloc(MULTILOOP_READ_BUFFER_SIZE);
   w->L = luaL_newstate();
   w->handler_ref = w->worker_ref = LUA_NOREF;
+  /* Not a light thread: coroutines copy this, and thread.c sets its own. */
+  if (w->L) *(void **)lua_getextraspace(w->L) = NULL;
   if (w->read_buffer == NULL || w->L == NULL) {
     fail(w, "not enough memory");
   } else if (start_phase(w, MULTILOOP_START_LOADING)) {
@@ -489,11 +500,16 @@ static void worker_main(void *arg) {
              uv_err_name(rc));
     fail(w, why);
   }
-  if (w->failed) multiloop_timers_close(w);        /* any init() started: the loop must end */
+  if (w->failed) {                                 /* any init() started: the loop must end */
+    multiloop_timers_close(w);
+    multiloop_threads_stop(w);
+  }
   else multiloop_message_open(w);                  /* other threads may post to us now */
   start_phase(w, MULTILOOP_START_DONE);            /* up, or failed for good */
 
   uv_run(&w->loop, UV_RUN_DEFAULT);
+  multiloop_threads_close(w);                      /* what is still suspended */
+  uv_run(&w->loop, UV_RUN_DEFAULT);                /* their close callbacks */
   if ((rc = uv_loop_close(&w->loop)) != 0)
     fprintf(stderr, "multiloop: worker %d: loop closed with handles open: %s\n",
             w->id, uv_err_name(rc));

@@ -5,7 +5,8 @@
 -- from the state that made the server), loads it before the handler and calls
 -- what it returns with the worker's core table: its `id`, `count` and copied
 -- `config`, and the C primitives of src/timer.c (`timer`, `every`, `now`) and
--- src/message.c (`send`, `broadcast`), each closing over its worker. The table
+-- src/message.c (`send`, `broadcast`) and src/thread.c (`spawn`, `wait`,
+-- `sleep`, `kill`), each closing over its worker. The table
 -- returned here is the `worker` object itself (documented in the README, "The
 -- handler"); the core table stays private to this file.
 --
@@ -27,5 +28,9 @@ return function(core)
     now = core.now,
     send = core.send,
     broadcast = core.broadcast,
+    spawn = core.spawn,       -- light threads (src/thread.c)
+    wait = core.wait,
+    sleep = core.sleep,
+    kill = core.kill,
   }
 end
