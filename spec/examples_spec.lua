@@ -11,60 +11,9 @@
 local helper = require("spec.helper")
 local multiloop = require("multiloop")
 
--- The server of the running test; after_each stops it.
-local server, port
-
-local function serve(opts)
-  opts.workers, opts.dispatch, opts.balance = 2, "queue", "round_robin"
-  server, port = helper.server(opts)
-  return server, port
-end
-
-local function stop_server()
-  if not server then return end
-  local s = server
-  server = nil
-  assert.is_true(s:stop())
-  assert.are.equal(0, s:stats().active)
-end
-
--- A connected client, closed when the test ends whatever its outcome.
-local function client()
-  local c = helper.connect(port)
-  helper.defer(function() c:close() end)
-  return c
-end
-
--- Whether the server has closed c, having sent nothing more.
-local function closed(c)
-  local line, err, partial = c:receive("*l")
-  return line == nil and err == "closed" and partial == ""
-end
-
--- Sends data, then waits until the server has read all of it, so that
--- whatever is sent next arrives in a read of its own. Only c may be sending.
-local function send_apart(c, data)
-  local before = server:stats().bytes_in
-  assert(c:send(data))
-  assert(helper.eventually(function()
-    return server:stats().bytes_in >= before + #data
-  end), ("the server never read %q"):format(data))
-end
-
--- Waits (boundedly) until worker 1 has `one` open connections and worker 2
--- has `two`: a worker counts a connection once it has taken it, and uncounts
--- it once it has closed it, both a little after what a client sees.
-local function expect_spread(one, two)
-  local function spread()
-    local w = server:stats().workers
-    return { w[1].active, w[2].active }
-  end
-  helper.eventually(function()
-    local now = spread()
-    return now[1] == one and now[2] == two
-  end)
-  assert.are.same({ one, two }, spread())
-end
+local ex = require("spec.example_server")
+local serve, stop_server, client, closed = ex.serve, ex.stop, ex.client, ex.closed
+local send_apart, expect_spread = ex.send_apart, ex.expect_spread
 
 -- ---------------------------------------------------------------------------
 

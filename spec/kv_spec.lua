@@ -14,59 +14,9 @@ local helper = require("spec.helper")
 local socket = require("socket")
 local multiloop = require("multiloop")
 
--- The server of the running test; after_each stops it.
-local server, port
-
-local function serve(opts)
-  opts.workers, opts.dispatch, opts.balance = 2, "queue", "round_robin"
-  server, port = helper.server(opts)
-  return server, port
-end
-
-local function stop_server()
-  if not server then return end
-  local s = server
-  server = nil
-  assert.is_true(s:stop())
-  assert.are.equal(0, s:stats().active)
-end
-
--- A connected client, closed when the test ends whatever its outcome.
-local function client()
-  local c = helper.connect(port)
-  helper.defer(function() c:close() end)
-  return c
-end
-
--- Whether the server has closed c, having sent nothing more.
-local function closed(c)
-  local line, err, partial = c:receive("*l")
-  return line == nil and err == "closed" and partial == ""
-end
-
--- Sends data, then waits until the server has read all of it, so that
--- whatever is sent next arrives in a read of its own. Only c may be sending.
-local function send_apart(c, data)
-  local before = server:stats().bytes_in
-  assert(c:send(data))
-  assert(helper.eventually(function()
-    return server:stats().bytes_in >= before + #data
-  end), ("the server never read %q"):format(data))
-end
-
--- Waits (boundedly) until worker 1 has `one` open connections and worker 2
--- has `two`.
-local function expect_spread(one, two)
-  local function spread()
-    local w = server:stats().workers
-    return { w[1].active, w[2].active }
-  end
-  helper.eventually(function()
-    local now = spread()
-    return now[1] == one and now[2] == two
-  end)
-  assert.are.same({ one, two }, spread())
-end
+local ex = require("spec.example_server")
+local serve, stop_server, client, closed = ex.serve, ex.stop, ex.client, ex.closed
+local send_apart, expect_spread = ex.send_apart, ex.expect_spread
 
 -- ---------------------------------------------------------------------------
 
@@ -639,7 +589,7 @@ describe("examples/kv.lua with 2 workers", function()
     assert.are.equal("# Server\r\n", body:sub(1, 10))
     assert.is_truthy(body:find("\r\nredis_version:7%.0%.0\r\n"))
     assert.is_truthy(body:find("\r\nredis_mode:standalone\r\n"))
-    assert.is_truthy(body:find("\r\ntcp_port:" .. port .. "\r\n", 1, true))
+    assert.is_truthy(body:find("\r\ntcp_port:" .. ex.port .. "\r\n", 1, true))
     assert.is_truthy(body:find("\r\nprocess_id:" .. helper.pid() .. "\r\n", 1, true))
     for line in body:gmatch("(.-)\r\n") do
       assert.is_truthy(line == "# Server" or line:match("^[%w_]+:[^\r\n]*$"), line)
@@ -708,7 +658,7 @@ describe("examples/kv.lua with real clients #child", function()
     end
     start()
     local function cli(args, stdin)
-      return (run(("timeout 10 redis-cli -p %d %s"):format(port, args), stdin))
+      return (run(("timeout 10 redis-cli -p %d %s"):format(ex.port, args), stdin))
     end
     assert.are.equal("PONG\n", cli("PING"))
     assert.are.equal("OK\n", cli("SET city Lisbon EX 60"))
@@ -760,7 +710,7 @@ describe("examples/kv.lua with real clients #child", function()
     -- 300 LRANGE_100 a second, so there it is 2,000 requests per test.
     local n = os.getenv("SANITIZER") == "valgrind" and 2000 or 20000
     local out, status = run(("timeout 120 redis-benchmark -p %d -q -n %d "
-      .. "-t ping,set,get,incr,lpush,rpush,lpop,rpop,lrange_100,mset"):format(port, n))
+      .. "-t ping,set,get,incr,lpush,rpush,lpop,rpop,lrange_100,mset"):format(ex.port, n))
     -- Without the "\r"-rewritten progress lines, so a failure shows results.
     assert.are.equal(0, status, (out:gsub("[^\r\n]*rps=[^\r\n]*[\r\n]?", "")))
     -- -q prints each test's progress on one line, rewritten after "\r",
