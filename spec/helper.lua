@@ -89,6 +89,18 @@ function M.server(opts)
   return s, port
 end
 
+-- A server with `handler` (1 worker unless opts say otherwise) and a client
+-- connected to it, closed when the test ends: server, port, client.
+function M.serve_client(handler, opts)
+  opts = opts or {}
+  opts.workers = opts.workers or 1
+  opts.handler = handler
+  local s, port = M.server(opts)
+  local c = M.connect(port)
+  M.defer(function() c:close() end)
+  return s, port, c
+end
+
 -- The calling process: its pid, how many fds it has open and its threads.
 function M.pid()
   local f = assert(io.open("/proc/self/stat"))

@@ -15,12 +15,8 @@ describe("worker timers", function()
   end)
 
   local function serve(handler, opts)
-    opts = opts or {}
-    opts.workers = opts.workers or 1
-    opts.handler = handler
-    server, port = helper.server(opts)
-    local c = helper.connect(port)
-    helper.defer(function() c:close() end)
+    local c
+    server, port, c = helper.serve_client(handler, opts)
     return c
   end
 
