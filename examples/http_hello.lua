@@ -88,6 +88,16 @@ local BODY_BYTES, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER = 1, 2, 3, 4, 5
 -- The number in a Content-Length value (from `at` to the line's end, OWS
 -- around it), also when it is a list of one number repeated; nil when it is
 -- not one number or has over 15 digits.
+-- Appends `n` copies of the answer `run` to the reply list (made when first
+-- needed) and returns the list: consecutive equal answers are one rep.
+local function flush(list, run, n)
+  if n > 0 then
+    list = list or {}
+    list[#list + 1] = n == 1 and run or rep(run, n)
+  end
+  return list
+end
+
 local function content_length(buf, at)
   local v = match(buf, "^[ \t]*0*(%d+)[ \t]*\r?\n", at)
   if v then return #v <= 15 and tonumber(v) or nil end
@@ -304,22 +314,14 @@ function http_hello.connect(conn)
         if a == run then
           n = n + 1
         else
-          if n > 0 then
-            list = list or {}
-            list[#list + 1] = n == 1 and run or rep(run, n)
-          end
-          run, n = a, 1
+          list, run, n = flush(list, run, n), a, 1
         end
         a = nil
         if close then break end
       end
     end
     if a then                          -- a refusal: the last thing sent
-      if n > 0 then
-        list = list or {}
-        list[#list + 1] = n == 1 and run or rep(run, n)
-      end
-      run, n = a, 1
+      list, run, n = flush(list, run, n), a, 1
     end
     local out = run and (n == 1 and run or rep(run, n))
     if list and out then
