@@ -195,6 +195,12 @@ function M.spawn(args, prefix)
     local _, _, code = p:close()
     return rest, code
   end
+  function child.stop()             -- SIGTERM, then the rest of stdout and the status
+    child.signal("TERM")
+    local rest, code = child.wait()
+    child.waited = true
+    return rest, code
+  end
   function child.stderr()
     local f = io.open(errfile)
     local s = f and f:read("*a") or ""
