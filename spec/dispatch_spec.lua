@@ -125,20 +125,7 @@ describe("stats", function()
 end)
 
 describe("Unix sockets", function()
-  local n = 0
-  local function sock_path()
-    n = n + 1
-    local path = ("/tmp/multiloop-spec-%d-%d.sock"):format(helper.pid(), n)
-    os.remove(path)
-    helper.defer(function() os.remove(path) end)
-    return path
-  end
-  local function connect(path)
-    local c = assert(unix.stream())
-    c:settimeout(helper.TIMEOUT)
-    assert(c:connect(path))
-    return c
-  end
+  local sock_path, connect = helper.sock_path, helper.connect_unix
   local exists = helper.exists
 
   for _, dispatch in ipairs { "ipc", "queue" } do

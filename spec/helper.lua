@@ -89,6 +89,24 @@ function M.server(opts)
   return s, port
 end
 
+-- A fresh Unix socket path for this process (removed now and when the test
+-- ends), and a client connected to one.
+local nsock = 0
+function M.sock_path()
+  nsock = nsock + 1
+  local path = ("/tmp/multiloop-spec-%d-%d.sock"):format(M.pid(), nsock)
+  os.remove(path)
+  M.defer(function() os.remove(path) end)
+  return path
+end
+
+function M.connect_unix(path)
+  local c = assert(require("socket.unix").stream())
+  c:settimeout(M.TIMEOUT)
+  assert(c:connect(path))
+  return c
+end
+
 -- A server with `handler` (1 worker unless opts say otherwise) and a client
 -- connected to it, closed when the test ends: server, port, client.
 function M.serve_client(handler, opts)

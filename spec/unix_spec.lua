@@ -4,21 +4,7 @@ local helper = require("spec.helper")
 local multiloop = require("multiloop")
 local unix = require("socket.unix")
 
-local n = 0
-local function sock_path()
-  n = n + 1
-  local path = ("/tmp/multiloop-unix-spec-%d-%d.sock"):format(helper.pid(), n)
-  os.remove(path)
-  helper.defer(function() os.remove(path) end)
-  return path
-end
-
-local function connect(path)
-  local c = assert(unix.stream())
-  c:settimeout(helper.TIMEOUT)
-  assert(c:connect(path))
-  return c
-end
+local sock_path, connect = helper.sock_path, helper.connect_unix
 
 local function server(path, extra)
   local o = { path = path, workers = 1, handler = "examples.echo_handler" }
