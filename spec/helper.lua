@@ -241,6 +241,11 @@ function M.spawn(args, prefix)
     os.remove(errfile)
   end
   assert(child.port, "the child server did not start: " .. ready .. child.stderr())
+  -- Ready once run() has begun (its signal watcher is in): a spec that
+  -- floods the child with connections before then can use up the fds run()
+  -- needs for its watcher's loop (limits_spec, 3 runs in 10).
+  assert(M.eventually(function() return procsig.caught(child.pid, "TERM") end, 10000),
+         "the child never caught SIGTERM: " .. child.stderr())
   return child
 end
 
