@@ -278,12 +278,12 @@ describe("start() failures", function()
 
   it("rejects a handler that returns neither a function nor a table", function()
     local err = start_error(opts{ handler = "spec.fixtures.returns_number" })
-    assert.matches("worker 1 failed to load the handler: the handler must be a function or a table with a connect function (got number)", err, 1, true)
+    assert.matches("worker 1 failed to load the handler: the handler must be a function or a table with a connect or a serve function (got number)", err, 1, true)
   end)
 
-  it("rejects a handler table without connect", function()
+  it("rejects a handler table without connect or serve", function()
     local err = start_error(opts{ handler = "spec.fixtures.no_connect" })
-    assert.matches("worker 1 failed to load the handler: the handler's connect must be a function (got nil)", err, 1, true)
+    assert.matches("worker 1 failed to load the handler: the handler must have a connect or a serve function", err, 1, true)
   end)
 
   it("reports a port already in use with the system's message", function()

@@ -37,24 +37,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
-#include "stream.h"
-
-#define CONN_MT "multiloop.conn"
-
-enum { ON_DATA = 1, ON_END, ON_CLOSE, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
-
-/* Our own close reasons, beside the stream's libuv errors (stream.h). */
-enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED };
-
-struct multiloop_conn_s {
-  multiloop_stream_t s;                /* first: the stream's events get &c->s */
-  int ref;                             /* pins the userdata while the handle is open */
-  unsigned callbacks : 8;              /* bit n set: user value n is a function */
-  unsigned counted : 1;                /* holds one of the acceptor's slots */
-  multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
-  multiloop_deadline_t idle;           /* the idle timeout: expires in conn_idle */
-  lua_Integer id;
-};
+#include "conn.h"
 
 /* An idle connection is the userdata (Lua's header and 5 user values, 120 B)
  * plus this: 472 B, malloc's 480 B class. 8 B more would cost every idle
@@ -62,16 +45,12 @@ struct multiloop_conn_s {
  * 16-bit code, to make room for the stream's ext pointer). */
 _Static_assert(sizeof(multiloop_conn_t) <= 352, "an idle connection fits malloc's 480 B class");
 
-typedef struct {
-  multiloop_stream_write_t w;          /* first: the stream hands this back */
-  int ref;                             /* the Lua string being written */
-  int cb_ref;                          /* conn:write's callback, or LUA_NOREF */
-} write_req;
+typedef multiloop_write_req_t write_req;
 
 _Static_assert(N_USER_VALUES < 8, "a callback bit per user value fits in `callbacks`");
 #define HAS(c, slot) ((c)->callbacks & (1u << (slot)))
 #define CONN(st) ((multiloop_conn_t *)(st))
-#define WORKER(c) multiloop_stream_worker(&(c)->s)
+#define WORKER(c) CONN_WORKER(c)
 /* A read or a write restarts the idle timeout, if there is one: the test
  * here saves a call per read and per write when there is none. */
 #define TOUCH(w, c) ((c)->idle.list ? multiloop_deadline_touch((w), &(c)->idle) : (void)0)
@@ -140,6 +119,7 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
   multiloop_conn_t *c = CONN(s);
   TOUCH(WORKER(c), c);
+  if (c->serve) return multiloop_serve_read(c, data, len);
   if (HAS(c, ON_DATA) && call(c, ON_DATA, data, len) != LUA_OK)
     multiloop_stream_close(s, REASON_ERROR);
   return len;                               /* a callback connection keeps nothing */
@@ -148,7 +128,8 @@ static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
 /* Without on_end, shut down: the stream closes once our writes flush. */
 static void ev_eof(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
-  if (!HAS(c, ON_END)) multiloop_stream_shutdown(s);
+  if (c->serve) multiloop_serve_eof(c);      /* the serve code decides */
+  else if (!HAS(c, ON_END)) multiloop_stream_shutdown(s);
   else if (call(c, ON_END, NULL, 0) != LUA_OK) multiloop_stream_close(s, REASON_ERROR);
 }
 
@@ -158,6 +139,7 @@ static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int st
   lua_State *L = WORKER(c)->L;
   int cb_ref = wr->cb_ref, rc = LUA_OK;
   if (status == 0) TOUCH(WORKER(c), c);
+  if (c->serve && status == 0) multiloop_serve_written(c);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
   free(wr);
   if (cb_ref != LUA_NOREF) {
@@ -169,7 +151,8 @@ static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int st
 
 static void ev_drained(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
-  if (HAS(c, ON_DRAIN) && call(c, ON_DRAIN, NULL, 0) != LUA_OK)
+  if (c->serve) multiloop_serve_drained(c);
+  else if (HAS(c, ON_DRAIN) && call(c, ON_DRAIN, NULL, 0) != LUA_OK)
     multiloop_stream_close(s, REASON_ERROR);
 }
 
@@ -183,6 +166,7 @@ static void ev_closing(multiloop_stream_t *s) {
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
   multiloop_deadline_remove(&c->idle);
+  if (c->serve) multiloop_serve_closing(c);  /* its waiting threads: "closed" */
   if (w->stopping && w->conns == NULL) multiloop_worker_drained(w);
 }
 
@@ -235,12 +219,14 @@ typedef struct {
 static int accept_body(lua_State *L) {
   accept_ev *ev = lua_touserdata(L, 1);
   multiloop_worker_t *w = ev->w;
-  multiloop_conn_t *c = lua_newuserdatauv(L, sizeof *c, N_USER_VALUES);
+  size_t size = w->serve ? CONN_SIZE + sizeof(multiloop_serve_t) : sizeof(multiloop_conn_t);
+  multiloop_conn_t *c = lua_newuserdatauv(L, size, N_USER_VALUES);
   int rc;
-  memset(c, 0, sizeof *c);
+  memset(c, 0, size);
   c->s.closing = 1;                        /* no handle yet: nothing to close */
   c->ref = LUA_NOREF;
   multiloop_deadline_init(&c->idle, conn_idle);
+  if (w->serve) multiloop_serve_init(c);
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
   c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -267,6 +253,10 @@ static int accept_body(lua_State *L) {
   if (multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
     return luaL_error(L, "not enough memory");
 
+  if (c->serve) {                          /* serve(conn), in its own light thread */
+    multiloop_serve_start(L, c);
+    return 0;
+  }
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
   lua_getfield(L, -1, "connect");
   lua_pushvalue(L, -3);
@@ -296,19 +286,7 @@ static int fail(lua_State *L, const char *op, int err) {
   return 3;
 }
 
-/* luaL_checkudata without its lookup of the metatable by name: every C
- * function that takes a connection has the metatable as its upvalue 1
- * (multiloop_conn_register), and this runs on every method call. */
-static multiloop_conn_t *check_conn(lua_State *L) {
-  void *p = lua_touserdata(L, 1);
-  if (p != NULL && lua_getmetatable(L, 1)) {
-    int ours = lua_rawequal(L, -1, lua_upvalueindex(1));
-    lua_pop(L, 1);
-    if (ours) return p;
-  }
-  luaL_typeerror(L, 1, CONN_MT);
-  return NULL;
-}
+#define check_conn multiloop_conn_check
 
 static int closed(lua_State *L) {
   lua_pushnil(L);
@@ -371,8 +349,18 @@ static int conn_write(lua_State *L) {
   return push_write_result(L, c);
 }
 
+/* A serve connection reads with receive and writes with send: the callbacks
+ * that would compete with them, and pause/resume (its reads are paced by its
+ * reader), raise. */
+static void not_on_serve(lua_State *L, multiloop_conn_t *c, const char *method) {
+  if (c->serve)
+    luaL_error(L, "conn:%s: not on a serve connection (it reads with conn:receive*, "
+                  "and a serve handler's connection has no callbacks but on_close)", method);
+}
+
 static int set_callback(lua_State *L, int slot) {
   multiloop_conn_t *c = check_conn(L);
+  if (slot != ON_CLOSE) not_on_serve(L, c, slot_names[slot]);
   luaL_argexpected(L, lua_isnoneornil(L, 2) || lua_isfunction(L, 2), 2,
                    "function or nil");
   if (lua_isnoneornil(L, 2)) c->callbacks &= ~(1u << slot);
@@ -389,12 +377,16 @@ static int conn_on_drain(lua_State *L) { return set_callback(L, ON_DRAIN); }
 static int conn_on_timeout(lua_State *L) { return set_callback(L, ON_TIMEOUT); }
 
 static int conn_pause(lua_State *L) {
-  multiloop_stream_pause(&check_conn(L)->s);
+  multiloop_conn_t *c = check_conn(L);
+  not_on_serve(L, c, "pause");
+  multiloop_stream_pause(&c->s);
   return 0;
 }
 
 static int conn_resume(lua_State *L) {
-  multiloop_stream_resume(&check_conn(L)->s);
+  multiloop_conn_t *c = check_conn(L);
+  not_on_serve(L, c, "resume");
+  multiloop_stream_resume(&c->s);
   return 0;
 }
 
@@ -549,6 +541,8 @@ void multiloop_conn_register(lua_State *L) {
   luaL_newlibtable(L, conn_methods);               /* mt methods */
   lua_pushvalue(L, -2);
   luaL_setfuncs(L, conn_methods, 1);
+  lua_pushvalue(L, -2);
+  luaL_setfuncs(L, multiloop_serve_methods, 1);
   lua_pushinteger(L, FIELD_ID);
   lua_setfield(L, -2, "id");
   lua_pushinteger(L, FIELD_WORKER);
@@ -560,5 +554,8 @@ void multiloop_conn_register(lua_State *L) {
   lua_pushvalue(L, -1);
   lua_pushcclosure(L, conn_tostring, 1);
   lua_setfield(L, -2, "__tostring");
+  lua_pushvalue(L, -1);                            /* local c <close> = ...: conn:close() */
+  lua_pushcclosure(L, conn_close_method, 1);
+  lua_setfield(L, -2, "__close");
   lua_pop(L, 1);
 }

@@ -80,11 +80,16 @@ typedef struct {
   int mode;                   /* chmod'ed after bind, before listen; -1: leave the umask's */
   /* Start timeout (server.c, worker.c) */
   uint64_t start_timeout;     /* ms a worker may take to load the handler and run init */
+  /* Sequential connections (serve.c) */
+  size_t receive_limit;       /* bytes a line, an until-pattern or "*a" may buffer */
 } multiloop_config_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
 #define MULTILOOP_INBOX_LIMIT_DEFAULT (64 * 1024 * 1024)
 #define MULTILOOP_INBOX_LIMIT_MAX 0x7fffffff
+/* receive_limit: the default and the bound (as init.lua checks them). */
+#define MULTILOOP_RECEIVE_LIMIT_DEFAULT (1024 * 1024)
+#define MULTILOOP_RECEIVE_LIMIT_MAX 0x7fffffff
 
 /* Bounds that protect memory, checked by core.new (server.c) as well as by
  * lua/multiloop/init.lua. */
@@ -225,6 +230,17 @@ struct multiloop_worker_s {
   uint64_t deadline_due;               /* when it fires, while it is active */
   multiloop_deadline_list_t *deadline_lists;
   int handler_ref;                     /* registry: the handler table */
+  int serve;                           /* the handler has serve (sequential), not connect */
+  /* serve.c: the bytes a read event hands a serve connection, while it is
+   * handing them (the reader it wakes consumes from here), and what that
+   * reader's pattern found in them. One per worker: events do not nest. */
+  struct {
+    multiloop_conn_t *conn;            /* NULL outside a serve connection's read event */
+    const char *p;
+    size_t len, used;
+    int found;                         /* the scan's result for the waiting reader */
+    size_t ret, consume;
+  } view;
   int worker_ref;                      /* registry: the `worker` table */
   int stopping;
 
@@ -521,12 +537,16 @@ void multiloop_timers_close(multiloop_worker_t *w);
  * another event wakes its thread from that event's own end (a connection's
  * close resumes its reader with nil, "closed" or "stopped"), or the thread
  * is closed (lua_closethread) once the loop has run dry. */
-typedef void (*multiloop_await_cancel)(multiloop_thread_t *t);
+typedef void (*multiloop_await_cancel)(multiloop_thread_t *t, void *data);
+typedef void (*multiloop_thread_end_fn)(void *data, int ok);
 multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who);
 int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel cancel,
-                    lua_KContext ctx, lua_KFunction k);
+                    void *data);
 void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev);
-void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push);
+void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push, void *ev);
+void multiloop_thread_start(lua_State *L, multiloop_worker_t *w, const char *what,
+                            const lua_Integer *conn_id, multiloop_thread_end_fn on_end,
+                            void *data);
 lua_State *multiloop_thread_co(multiloop_thread_t *t);
 int multiloop_threads_closing(multiloop_worker_t *w);
 /* The core table's spawn, wait, sleep and kill (each closes over the worker). */
@@ -543,7 +563,7 @@ void multiloop_threads_close(multiloop_worker_t *w);  /* the loop ran dry: close
  * stays valid. */
 lua_State *multiloop_thread_spare(multiloop_worker_t *w);
 void multiloop_thread_run(multiloop_worker_t *w, int nargs, const char *what,
-                          void (*failed)(void *data), void *data, int pin_ref);
+                          multiloop_thread_end_fn on_end, void *data, int pin_ref);
 
 /* message.c: the core table's send/broadcast (each closes over the worker)
  * and the message hook (worker thread); server:send/broadcast (main state,

@@ -466,6 +466,13 @@ int multiloop_server_new(lua_State *L) {
     cfg->inbox_limit = (size_t)int_field(L, "inbox_limit", 1, MULTILOOP_INBOX_LIMIT_MAX);
   }
   lua_pop(L, 1);
+  /* receive_limit bounds what one read may buffer (serve.c); nil: the default. */
+  if (lua_getfield(L, 1, "receive_limit") == LUA_TNIL) {
+    cfg->receive_limit = MULTILOOP_RECEIVE_LIMIT_DEFAULT;
+  } else {
+    cfg->receive_limit = (size_t)int_field(L, "receive_limit", 1, MULTILOOP_RECEIVE_LIMIT_MAX);
+  }
+  lua_pop(L, 1);
   cfg->unlink = bool_field(L, "unlink");
   cfg->dispatch = (multiloop_dispatch)choice_field(L, "dispatch", dispatches,
                                                    MULTILOOP_DISPATCH_IPC);

@@ -178,6 +178,21 @@ static void input_consume(multiloop_stream_input_t *in, size_t used) {
   }
 }
 
+const char *multiloop_stream_kept(const multiloop_stream_t *s, size_t *len) {
+  const multiloop_stream_input_t *in;
+  if (s->ext == NULL || s->ext->in.end == s->ext->in.start) {
+    *len = 0;
+    return NULL;
+  }
+  in = &s->ext->in;
+  *len = in->end - in->start;
+  return in->base + in->start;
+}
+
+void multiloop_stream_consume(multiloop_stream_t *s, size_t n) {
+  if (s->ext != NULL && n > 0) input_consume(&s->ext->in, n);
+}
+
 /* --- reading --------------------------------------------------------------- */
 
 /* Bytes are kept: room after them. A buffer that cannot grow gives libuv

@@ -154,6 +154,11 @@ void multiloop_stream_resume(multiloop_stream_t *s);
 int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t len);
 int multiloop_stream_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
                            size_t len);
+/* The bytes kept (every read's unconsumed rest), outside a `read` event:
+ * NULL with *len 0 when none are. multiloop_stream_consume takes n of them
+ * (n <= *len) off the front. */
+const char *multiloop_stream_kept(const multiloop_stream_t *s, size_t *len);
+void multiloop_stream_consume(multiloop_stream_t *s, size_t n);
 void multiloop_stream_shutdown(multiloop_stream_t *s);
 void multiloop_stream_close_flushed(multiloop_stream_t *s);
 void multiloop_stream_close(multiloop_stream_t *s, int reason);

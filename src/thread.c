@@ -54,9 +54,11 @@ struct multiloop_thread_s {
   multiloop_thread_t *target;          /* worker.wait: the thread waited for */
   multiloop_await_cancel cancel;       /* set while awaiting something */
   multiloop_push_fn ready_push;        /* on w->th.ready: what it is resumed with */
-  const char *what;                    /* "thread", "timer": names it in reports */
-  void (*failed)(void *data);          /* a timer's: stops it on an error */
-  void *failed_data;
+  void *await_data;                    /* cancel's data while awaiting; ready_push's ev when ready */
+  const char *what;                    /* "thread", "timer", "serve": names it in reports */
+  const lua_Integer *conn_id;          /* names a serve thread's connection in reports, or NULL */
+  multiloop_thread_end_fn on_end;      /* a timer's or a connection's: runs as it ends */
+  void *on_end_data;
   unsigned live : 1;                   /* in w->th.live, counted */
   unsigned running : 1;                /* resumed (running, or resuming another) */
   unsigned ended : 1;
@@ -142,15 +144,20 @@ static void timer_close_cb(uv_handle_t *h) {
 }
 
 static void ready_cb(uv_idle_t *h);
+static void cancel_queued(multiloop_thread_t *t, void *data) {
+  (void)data;
+  unqueue(t);
+}
 
 /* Queues t (suspended) to be resumed with `push`'s values on the next turn
  * of the loop: with true when push is NULL (nil, "stopped" once closing).
  * Whatever it awaited is forgotten: kill or close now take it off the queue. */
-void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push) {
+void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push, void *ev) {
   multiloop_worker_t *w = t->w;
   unqueue(t);
-  t->cancel = unqueue;
+  t->cancel = cancel_queued;
   t->ready_push = push;
+  t->await_data = ev;
   enqueue(&w->th.ready, t);
   if (w->th.open) uv_idle_start(&w->th.ready_idle, ready_cb);
 }
@@ -177,7 +184,12 @@ static void end_thread(multiloop_thread_t *t, lua_State *from) {
     w->th.count--;
     publish(w);
   }
-  while (t->waiters.head) multiloop_thread_ready(t->waiters.head, push_wait);
+  while (t->waiters.head) multiloop_thread_ready(t->waiters.head, push_wait, t->waiters.head);
+  if (t->on_end) {                                 /* before the unpin: its data is valid */
+    multiloop_thread_end_fn fn = t->on_end;
+    t->on_end = NULL;
+    fn(t->on_end_data, t->ok);
+  }
   lua_pushnil(from);
   set_uv(from, t, 2);                              /* unpin */
   if (!t->exposed) {
@@ -216,7 +228,7 @@ static void settled(multiloop_thread_t *t, lua_State *from, int status, int nres
   if (status == LUA_YIELD) {
     if (t->cancel == NULL) {                       /* a bare coroutine.yield: sleep(0) */
       lua_pop(t->co, nres);
-      multiloop_thread_ready(t, NULL);
+      multiloop_thread_ready(t, NULL, NULL);
     }
     return;
   }
@@ -228,7 +240,6 @@ static void settled(multiloop_thread_t *t, lua_State *from, int status, int nres
     if (t->exposed) lua_xmove(co, from, 1);        /* kept for waiters */
     close_co(t, from);
     if (t->exposed) lua_xmove(from, co, 1);
-    if (t->failed) t->failed(t->failed_data);
   }
   end_thread(t, from);
 }
@@ -237,7 +248,7 @@ static void resume_thread(multiloop_thread_t *t, lua_State *from, int nargs,
                           multiloop_push_fn push, void *ev) {
   int nres = 0, status;
   t->running = 1;
-  status = multiloop_resume(t->w, from, t->co, nargs, push, ev, &nres, NULL, t->what);
+  status = multiloop_resume(t->w, from, t->co, nargs, push, ev, &nres, t->conn_id, t->what);
   settled(t, from, status, nres);
 }
 
@@ -253,9 +264,10 @@ multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who) {
 }
 
 int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel cancel,
-                    lua_KContext ctx, lua_KFunction k) {
+                    void *data) {
   t->cancel = cancel;
-  return lua_yieldk(L, 0, ctx, k);
+  t->await_data = data;
+  return lua_yield(L, 0);
 }
 
 /* Resumes a suspended thread from a loop callback. One that Lua code has
@@ -292,7 +304,7 @@ static void ready_cb(uv_idle_t *h) {
     unqueue(t);
     if (push == NULL && w->th.closing) push = push_stopped;
     if (push) {
-      wake_thread(t, 0, push, t);
+      wake_thread(t, 0, push, t->await_data);
     } else {                                       /* sleep(0): true, or "stopped" */
       lua_pushboolean(t->co, 1);
       wake_thread(t, 1, NULL, NULL);
@@ -359,7 +371,32 @@ static int core_spawn(lua_State *L) {
   return 1;
 }
 
-static void cancel_sleep(multiloop_thread_t *t) { uv_timer_stop(&t->timer); }
+/* Runs fn(arg), the two values on top of L (popped), in a new light thread at
+ * once, until it first yields or ends; on_end(data, ok) runs as it ends, and
+ * the thread pins `arg` until then, so that `data` (arg's memory, a
+ * connection) stays valid. Protected: raises (with nothing started) only on
+ * a memory error. */
+void multiloop_thread_start(lua_State *L, multiloop_worker_t *w, const char *what,
+                            const lua_Integer *conn_id, multiloop_thread_end_fn on_end,
+                            void *data) {
+  multiloop_thread_t *t = new_thread(L, w, what);  /* fn arg ud */
+  lua_pushvalue(L, -1);
+  t->ref = luaL_ref(L, LUA_REGISTRYINDEX);         /* may raise: nothing started yet */
+  lua_pushvalue(L, -2);
+  lua_setiuservalue(L, -2, 2);                     /* pins arg */
+  lua_pop(L, 1);                                   /* fn arg (the ref holds ud) */
+  lua_xmove(L, t->co, 2);                          /* a new coroutine has room for 2 */
+  t->conn_id = conn_id;
+  t->on_end = on_end;
+  t->on_end_data = data;
+  link_live(t);
+  resume_thread(t, L, 1, NULL, NULL);
+}
+
+static void cancel_sleep(multiloop_thread_t *t, void *data) {
+  (void)data;
+  uv_timer_stop(&t->timer);
+}
 
 static void sleep_cb(uv_timer_t *h) {
   multiloop_thread_t *t = h->data;
@@ -380,8 +417,8 @@ static int core_sleep(lua_State *L) {
   t = multiloop_thread_self(L, "worker.sleep");
   if (w->th.closing) return push_stopped(L, NULL);
   if (ms == 0) {                                   /* once round the loop */
-    multiloop_thread_ready(t, NULL);
-    return multiloop_await(L, t, unqueue, 0, NULL);
+    multiloop_thread_ready(t, NULL, NULL);
+    return multiloop_await(L, t, cancel_queued, NULL);
   }
   if (!t->timer_open) {
     uv_timer_init(&w->loop, &t->timer);            /* cannot fail on Unix */
@@ -389,7 +426,7 @@ static int core_sleep(lua_State *L) {
     t->timer_open = 1;
   }
   uv_timer_start(&t->timer, sleep_cb, (uint64_t)ms, 0);
-  return multiloop_await(L, t, cancel_sleep, 0, NULL);
+  return multiloop_await(L, t, cancel_sleep, NULL);
 }
 
 /* core.wait(thread) -> true, results... | false, err. */
@@ -402,7 +439,7 @@ static int core_wait(lua_State *L) {
   lua_settop(L, 1);                                /* the target stays pinned here */
   t->target = target;
   enqueue(&target->waiters, t);
-  return multiloop_await(L, t, unqueue, 0, NULL);
+  return multiloop_await(L, t, cancel_queued, NULL);
 }
 
 /* core.kill(thread) -> true | nil, "dead" | nil, "running". */
@@ -414,7 +451,7 @@ static int core_kill(lua_State *L) {
     return 2;
   }
   lua_pushliteral(L, "killed");                    /* before anything changes */
-  if (t->cancel) t->cancel(t);
+  if (t->cancel) t->cancel(t, t->await_data);
   t->cancel = NULL;
   close_co(t, L);
   lua_xmove(L, t->co, 1);                          /* waiters get false, "killed" */
@@ -465,16 +502,17 @@ lua_State *multiloop_thread_spare(multiloop_worker_t *w) {
 }
 
 void multiloop_thread_run(multiloop_worker_t *w, int nargs, const char *what,
-                          void (*failed)(void *data), void *data, int pin_ref) {
+                          multiloop_thread_end_fn on_end, void *data, int pin_ref) {
   multiloop_thread_t *t = w->th.spare;
   int nres = 0, status;
   t->what = what;
-  t->failed = failed;
-  t->failed_data = data;
+  t->on_end = on_end;
+  t->on_end_data = data;
   t->running = 1;
   status = multiloop_resume(w, w->L, t->co, nargs, NULL, NULL, &nres, NULL, what);
   if (status == LUA_OK) {                          /* the fast path: kept for the next */
     t->running = 0;
+    t->on_end = NULL;
     lua_settop(t->co, 0);
     return;
   }
@@ -507,7 +545,7 @@ void multiloop_threads_stop(multiloop_worker_t *w) {
   for (t = w->th.live; t; t = t->next) {
     if (t->cancel == cancel_sleep) {
       uv_timer_stop(&t->timer);
-      multiloop_thread_ready(t, push_stopped);
+      multiloop_thread_ready(t, push_stopped, NULL);
     } else if (t->queue == &w->th.ready && t->ready_push == NULL) {
       t->ready_push = push_stopped;                /* sleep(0) */
     }
@@ -526,7 +564,7 @@ void multiloop_threads_close(multiloop_worker_t *w) {
   w->th.closing = 1;
   while (L && w->th.live) {
     multiloop_thread_t *t = w->th.live;
-    if (t->cancel) t->cancel(t);
+    if (t->cancel) t->cancel(t, t->await_data);
     t->cancel = NULL;
     close_co(t, L);                                /* leaves it empty: wait gets false */
     t->ok = 0;

@@ -78,9 +78,11 @@ void multiloop_timers_close(multiloop_worker_t *w) {
 
 /* --- firing ---------------------------------------------------------------- */
 
-/* thread.c: the callback raised (maybe after yielding: the thread pins the
- * timer's userdata meanwhile). */
-static void fire_failed(void *data) { timer_close(data); }
+/* thread.c: a callback that yielded has ended (the thread pins the timer's
+ * userdata meanwhile), or one raised: that stops its timer. */
+static void fire_ended(void *data, int ok) {
+  if (!ok) timer_close(data);
+}
 
 /* fn(timer), as a light thread (thread.c): in the worker's spare coroutine,
  * pushed without allocating, so a callback that does not yield costs no
@@ -99,7 +101,7 @@ static void timer_cb(uv_timer_t *h) {
   lua_rawgeti(co, LUA_REGISTRYINDEX, t->ref);  /* timer */
   lua_getiuservalue(co, -1, 1);                /* timer fn */
   lua_insert(co, -2);                          /* fn timer */
-  multiloop_thread_run(t->w, 1, "timer", fire_failed, t, t->ref);
+  multiloop_thread_run(t->w, 1, "timer", fire_ended, t, t->ref);
 }
 
 /* --- the Lua API ----------------------------------------------------------- */

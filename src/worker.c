@@ -167,12 +167,24 @@ static int load_handler(lua_State *L) {
     lua_setfield(L, -2, "connect");
   } else if (!lua_istable(L, -1)) {
     return luaL_error(L, "the handler must be a function or a table with a "
-                         "connect function (got %s)", luaL_typename(L, -1));
+                         "connect or a serve function (got %s)", luaL_typename(L, -1));
   }
   handler = lua_gettop(L);
-  if (lua_getfield(L, handler, "connect") != LUA_TFUNCTION)
-    return luaL_error(L, "the handler's connect must be a function (got %s)",
-                      luaL_typename(L, -1));
+  {
+    int connect = lua_getfield(L, handler, "connect"), serve = lua_getfield(L, handler, "serve");
+    if (connect != LUA_TNIL && serve != LUA_TNIL)
+      return luaL_error(L, "the handler has both connect and serve (connect is the callback "
+                           "style, serve the sequential one: give it one of them)");
+    if (serve != LUA_TNIL && serve != LUA_TFUNCTION)
+      return luaL_error(L, "the handler's serve must be a function (got %s)",
+                        luaL_typename(L, -1));
+    if (serve == LUA_TNIL && connect != LUA_TFUNCTION)
+      return luaL_error(L, connect == LUA_TNIL
+                               ? "the handler must have a connect or a serve function"
+                               : "the handler's connect must be a function (got %s)",
+                        luaL_typename(L, -2));
+    w->serve = serve == LUA_TFUNCTION;
+  }
   switch (lua_getfield(L, handler, "init")) {
     case LUA_TNIL: break;
     case LUA_TFUNCTION:

@@ -155,6 +155,7 @@ local checks = {
     return v
   end,
   inbox_limit = function(v) return integer_in("inbox_limit", v, 1, MAX_BYTES) end,
+  receive_limit = function(v) return integer_in("receive_limit", v, 1, MAX_BYTES) end,
 }
 
 -- dispatch: the fastest mode on connection rate, measured with `make bench`
@@ -170,6 +171,7 @@ local defaults = {
   write_high_water = 1024 * 1024,
   inbox_limit = 64 * 1024 * 1024,          -- src/multiloop.h says the same
   start_timeout = 30000,
+  receive_limit = 1024 * 1024,             -- src/multiloop.h says the same
 }
 
 local Server = {}

@@ -1,0 +1,89 @@
+/*
+ * conn.h: what conn.c (the connection object and its callback-style
+ * methods) and serve.c (the sequential methods of a `serve` connection)
+ * share. Private to those two files.
+ *
+ * A connection is one full userdata: the struct below, and for a `serve`
+ * connection the serve block right after it (a callback connection does not
+ * pay for it). The stream (stream.h) is embedded first.
+ */
+#ifndef MULTILOOP_CONN_H
+#define MULTILOOP_CONN_H
+
+#include "stream.h"
+
+#define CONN_MT "multiloop.conn"
+
+/* User values: the callbacks of a callback connection. */
+enum { ON_DATA = 1, ON_END, ON_CLOSE, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
+
+/* Our own close reasons, beside the stream's libuv errors (stream.h). */
+enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED };
+
+struct multiloop_conn_s {
+  multiloop_stream_t s;                /* first: the stream's events get &c->s */
+  int ref;                             /* pins the userdata while the handle is open */
+  unsigned callbacks : 8;              /* bit n set: user value n is a function */
+  unsigned counted : 1;                /* holds one of the acceptor's slots */
+  unsigned serve : 1;                  /* a serve connection: the serve block follows */
+  multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
+  multiloop_deadline_t idle;           /* the idle timeout: expires in conn_idle */
+  lua_Integer id;
+};
+
+/* A serve connection's sequential state (serve.c). One reader and one writer
+ * at a time; what the waiting reader asked for is kept here, so the read
+ * event can tell when it is satisfied. */
+typedef struct {
+  multiloop_thread_t *reader, *writer; /* waiting in receive* / send, or NULL */
+  multiloop_deadline_t read_dl, send_dl;
+  uint32_t connect_ms, send_ms, read_ms;  /* settimeouts; 0: none */
+  unsigned op : 3;                     /* the waiting reader's pattern: READ_* (serve.c) */
+  unsigned inclusive : 1;              /* receiveuntil's option */
+  unsigned until_done : 1;             /* an inclusive reader(size) returned the pattern */
+  size_t n;                            /* receive(n): n; receiveany: max; reader(size): size */
+  size_t scanned;                      /* bytes searched without a match, from the front */
+  const char *pat;                     /* receiveuntil's pattern (its reader holds it) */
+  size_t patlen;
+  size_t send_len;                     /* what the waiting send returns */
+} multiloop_serve_t;
+
+#define CONN_SIZE ((sizeof(multiloop_conn_t) + 15) & ~(size_t)15)
+#define SERVE(c) ((multiloop_serve_t *)(void *)((char *)(c) + CONN_SIZE))
+#define CONN_OF_SERVE(sv) ((multiloop_conn_t *)(void *)((char *)(sv) - CONN_SIZE))
+#define CONN_WORKER(c) multiloop_stream_worker(&(c)->s)
+
+/* One queued write: the stream hands `w` back in `written`. */
+typedef struct {
+  multiloop_stream_write_t w;          /* first */
+  int ref;                             /* the Lua string being written */
+  int cb_ref;                          /* conn:write's callback, or LUA_NOREF */
+} multiloop_write_req_t;
+
+/* luaL_checkudata without its lookup of the metatable by name: every C
+ * function that takes a connection has the metatable as its upvalue 1
+ * (multiloop_conn_register), and this runs on every method call. */
+static inline multiloop_conn_t *multiloop_conn_check(lua_State *L) {
+  void *p = lua_touserdata(L, 1);
+  if (p != NULL && lua_getmetatable(L, 1)) {
+    int ours = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (ours) return p;
+  }
+  luaL_typeerror(L, 1, CONN_MT);
+  return NULL;
+}
+
+/* serve.c, called by conn.c's stream events for a serve connection. */
+void multiloop_serve_init(multiloop_conn_t *c);
+size_t multiloop_serve_read(multiloop_conn_t *c, const char *data, size_t len);
+void multiloop_serve_eof(multiloop_conn_t *c);
+void multiloop_serve_written(multiloop_conn_t *c);
+void multiloop_serve_drained(multiloop_conn_t *c);
+void multiloop_serve_closing(multiloop_conn_t *c);
+/* Protected: starts handler.serve(conn), the conn on top of L. */
+void multiloop_serve_start(lua_State *L, multiloop_conn_t *c);
+/* The methods (each with the metatable as upvalue 1). */
+extern const luaL_Reg multiloop_serve_methods[];
+
+#endif

@@ -1,0 +1,668 @@
+/*
+ * serve.c: the sequential methods of a `serve` connection: receive patterns
+ * read from the stream's input buffer, a send that waits while the queue is
+ * full, read and send timeouts, and the light thread that runs
+ * handler.serve(conn).
+ *
+ * Runs only on the worker thread. conn.c makes the connection (with the
+ * serve block after it: conn.h) and forwards the stream's events here; this
+ * file calls the stream (stream.h), the deadlines and the await template
+ * (thread.c), never conn.c's internals.
+ *
+ * Reading. Bytes are scanned where they lie, in C, and one Lua string is made
+ * per result, never per fragment (LuaSocket's buffer.c and OpenResty's
+ * receive patterns are the models). A method first looks at the input it
+ * has: the bytes the stream kept from earlier reads, or, while a read event
+ * is handing this connection new bytes, those (the worker's `view`). When
+ * the pattern is satisfied it returns at once (the fast path pipelined
+ * protocols live on); otherwise it records what it waits for in the serve
+ * block, arms its read deadline and awaits. The read event scans the new
+ * bytes for the waiting reader and wakes it with its result; the woken
+ * thread may go on reading from the same bytes without a copy, and only
+ * what is left when the event ends is kept by the stream. A "*l" or an
+ * until-pattern remembers how far it has searched, so a long line in small
+ * reads costs linear time. Without a reader, reads go on until 64 KiB are
+ * kept (then reading pauses until a reader needs more). The peer's EOF
+ * wakes the reader with what it finds; a close wakes it on the next turn
+ * with nil, "closed" (or "stopped" when the worker stops).
+ *
+ * Errors follow OpenResty's cosockets: nil, err, partial, where partial is
+ * every byte buffered for that read (and consumed): "closed", "timeout",
+ * "too long" (a line, an until-pattern or "*a" past receive_limit), and
+ * "busy reading" / "busy writing" for a second reader or writer.
+ *
+ * Writing: send tries the socket first and queues the rest, pinning the Lua
+ * string; it waits only while the queue is over write_high_water, until the
+ * stream's `drained` event (or its send timeout).
+ */
+#define _GNU_SOURCE                    /* memmem */
+#include <stdlib.h>
+#include <string.h>
+
+#include "conn.h"
+
+enum { READ_NONE, READ_LINE, READ_ALL, READ_N, READ_ANY, READ_UNTIL };
+/* What a scan of the input found for a reader. */
+enum { SCAN_MORE, SCAN_DATA, SCAN_DONE, SCAN_LONG, SCAN_CLOSED };
+
+/* Bytes kept for no reader before reading pauses. */
+#define READ_AHEAD (64 * 1024)
+/* settimeout(s): the default (OpenResty's) and the largest (as init.lua's). */
+#define DEFAULT_TIMEOUT 60000
+#define MAX_TIMEOUT 0x7fffffff
+/* How deep send's nested tables may go. */
+#define SEND_MAX_DEPTH 32
+
+#define TOUCH(w, c) ((c)->idle.list ? multiloop_deadline_touch((w), &(c)->idle) : (void)0)
+
+static void read_expired(multiloop_deadline_t *d, uint64_t ms);
+static void send_expired(multiloop_deadline_t *d, uint64_t ms);
+
+void multiloop_serve_init(multiloop_conn_t *c) {
+  multiloop_serve_t *sv = SERVE(c);
+  c->serve = 1;
+  multiloop_deadline_init(&sv->read_dl, read_expired);
+  multiloop_deadline_init(&sv->send_dl, send_expired);
+  sv->connect_ms = sv->send_ms = sv->read_ms = DEFAULT_TIMEOUT;
+}
+
+/* --- the input --------------------------------------------------------------- */
+
+/* The bytes this connection has for a reader now. */
+static const char *input(multiloop_conn_t *c, size_t *len) {
+  multiloop_worker_t *w = CONN_WORKER(c);
+  if (w->view.conn == c) {
+    *len = w->view.len - w->view.used;
+    return w->view.p + w->view.used;
+  }
+  if (c->s.closing) {                      /* its buffer goes with the handle */
+    *len = 0;
+    return NULL;
+  }
+  return multiloop_stream_kept(&c->s, len);
+}
+
+static void consume(multiloop_conn_t *c, size_t n) {
+  multiloop_worker_t *w = CONN_WORKER(c);
+  SERVE(c)->scanned = 0;
+  if (w->view.conn == c) w->view.used += n;
+  else if (!c->s.closing) multiloop_stream_consume(&c->s, n);
+}
+
+/* The longest end of p[0..len) that begins the pattern (shorter than it). */
+static size_t pattern_start_at_end(const char *p, size_t len, const char *pat, size_t patlen) {
+  size_t k = patlen - 1 < len ? patlen - 1 : len;
+  for (; k > 0; k--)
+    if (memcmp(p + len - k, pat, k) == 0) return k;
+  return 0;
+}
+
+static int scan_until(multiloop_serve_t *sv, const char *p, size_t len, size_t *ret,
+                      size_t *used) {
+  const char *at = NULL;
+  if (len >= sv->patlen && len - sv->scanned >= sv->patlen)
+    at = memmem(p + sv->scanned, len - sv->scanned, sv->pat, sv->patlen);
+  if (at != NULL) {
+    size_t i = (size_t)(at - p);
+    if (sv->n == 0) {                      /* reader(): all of it up to the pattern */
+      *ret = sv->inclusive ? i + sv->patlen : i;
+      *used = i + sv->patlen;
+      return SCAN_DATA;
+    }
+    if (i > 0) {                           /* reader(size): a chunk before it */
+      *ret = *used = i < sv->n ? i : sv->n;
+      return SCAN_DATA;
+    }
+    *used = sv->patlen;                    /* the pattern itself is next */
+    if (!sv->inclusive) return SCAN_DONE;
+    *ret = sv->patlen;
+    sv->until_done = 1;                    /* and the call after returns nil, nil */
+    return SCAN_DATA;
+  }
+  sv->scanned = len >= sv->patlen ? len - sv->patlen + 1 : 0;
+  /* reader(size): size bytes once that many cannot be the pattern's start
+   * (as OpenResty's, fewer only when the pattern comes sooner). */
+  if (sv->n > 0 && len >= sv->n && len - pattern_start_at_end(p, len, sv->pat, sv->patlen) >= sv->n) {
+    *ret = *used = sv->n;
+    return SCAN_DATA;
+  }
+  return SCAN_MORE;
+}
+
+/* Does the input satisfy the reader's pattern? With `ended` (the peer sent
+ * EOF) it always decides. *ret: bytes to return; *used: bytes to consume. */
+static int scan(multiloop_conn_t *c, const char *p, size_t len, int ended, size_t *ret,
+                size_t *used) {
+  multiloop_serve_t *sv = SERVE(c);
+  int found = SCAN_MORE;
+  switch (sv->op) {
+    case READ_LINE: {
+      const char *lf = len > sv->scanned ? memchr(p + sv->scanned, '\n', len - sv->scanned) : NULL;
+      if (lf != NULL) {
+        size_t i = (size_t)(lf - p);
+        *used = i + 1;
+        *ret = i > 0 && p[i - 1] == '\r' ? i - 1 : i;
+        return SCAN_DATA;
+      }
+      sv->scanned = len;
+      break;
+    }
+    case READ_ALL:
+      if (ended) {
+        *ret = *used = len;
+        return SCAN_DATA;
+      }
+      break;
+    case READ_N:
+      if (len >= sv->n) {
+        *ret = *used = sv->n;
+        return SCAN_DATA;
+      }
+      if (!ended) return SCAN_MORE;        /* no limit: the code asked for n */
+      break;
+    case READ_ANY:
+      if (len > 0) {
+        *ret = *used = len < sv->n ? len : sv->n;
+        return SCAN_DATA;
+      }
+      break;
+    case READ_UNTIL:
+      if ((found = scan_until(sv, p, len, ret, used)) != SCAN_MORE) return found;
+      break;
+  }
+  *ret = *used = len;
+  if (ended) return SCAN_CLOSED;
+  if (len >= CONN_WORKER(c)->cfg->receive_limit && sv->op != READ_ANY) return SCAN_LONG;
+  return SCAN_MORE;
+}
+
+/* Pushes what scan found (it said other than SCAN_MORE), and consumes it.
+ * A memory error raises before anything is consumed. */
+static int push_found(lua_State *L, multiloop_conn_t *c, const char *p, int found, size_t ret,
+                      size_t used) {
+  switch (found) {
+    case SCAN_DATA:
+      lua_pushlstring(L, p, ret);
+      consume(c, used);
+      return 1;
+    case SCAN_DONE:
+      consume(c, used);
+      lua_pushnil(L);
+      lua_pushnil(L);
+      return 2;
+    default:
+      lua_pushnil(L);
+      lua_pushstring(L, found == SCAN_LONG ? "too long" : "closed");
+      lua_pushlstring(L, p, ret);
+      consume(c, used);
+      return 3;
+  }
+}
+
+/* --- waking a reader or a writer -------------------------------------------- */
+
+static const char *closed_word(multiloop_conn_t *c) {
+  return c->s.closing && c->s.reason == REASON_STOPPED ? "stopped" : "closed";
+}
+
+/* multiloop_push_fn: the result the event stored in the worker's view. */
+static int push_stored(lua_State *L, void *ev) {
+  multiloop_conn_t *c = ev;
+  multiloop_worker_t *w = CONN_WORKER(c);
+  size_t len;
+  const char *p = input(c, &len);
+  return push_found(L, c, p, w->view.found, w->view.ret, w->view.consume);
+}
+
+static int push_timeout(lua_State *L, void *ev) {
+  multiloop_conn_t *c = ev;
+  size_t len;
+  const char *p = input(c, &len);
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  lua_pushlstring(L, p ? p : "", len);
+  consume(c, len);
+  return 3;
+}
+
+static int push_read_closed(lua_State *L, void *ev) {
+  lua_pushnil(L);
+  lua_pushstring(L, closed_word(ev));
+  lua_pushliteral(L, "");
+  return 3;
+}
+
+static int push_send_closed(lua_State *L, void *ev) {
+  lua_pushnil(L);
+  lua_pushstring(L, closed_word(ev));
+  return 2;
+}
+
+static int push_send_timeout(lua_State *L, void *ev) {
+  (void)ev;
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  return 2;
+}
+
+/* Takes the reader off the connection: it is about to be woken. */
+static multiloop_thread_t *take_reader(multiloop_serve_t *sv) {
+  multiloop_thread_t *t = sv->reader;
+  sv->reader = NULL;
+  sv->op = READ_NONE;
+  multiloop_deadline_remove(&sv->read_dl);
+  return t;
+}
+
+static multiloop_thread_t *take_writer(multiloop_serve_t *sv) {
+  multiloop_thread_t *t = sv->writer;
+  sv->writer = NULL;
+  multiloop_deadline_remove(&sv->send_dl);
+  return t;
+}
+
+/* From a loop callback: wakes the reader with what scan found. */
+static void wake_reader(multiloop_conn_t *c, int found, size_t ret, size_t used) {
+  multiloop_worker_t *w = CONN_WORKER(c);
+  multiloop_thread_t *t = take_reader(SERVE(c));
+  w->view.found = found;
+  w->view.ret = ret;
+  w->view.consume = used;
+  multiloop_thread_wake(t, 0, push_stored, c);
+}
+
+static void cancel_read(multiloop_thread_t *t, void *data) {
+  (void)t;
+  take_reader(SERVE((multiloop_conn_t *)data));
+}
+
+static void cancel_send(multiloop_thread_t *t, void *data) {
+  (void)t;
+  take_writer(SERVE((multiloop_conn_t *)data));
+}
+
+static void read_expired(multiloop_deadline_t *d, uint64_t ms) {
+  multiloop_serve_t *sv = (multiloop_serve_t *)(void *)((char *)d - offsetof(multiloop_serve_t, read_dl));
+  multiloop_conn_t *c = CONN_OF_SERVE(sv);
+  (void)ms;
+  if (sv->reader) multiloop_thread_wake(take_reader(sv), 0, push_timeout, c);
+}
+
+static void send_expired(multiloop_deadline_t *d, uint64_t ms) {
+  multiloop_serve_t *sv = (multiloop_serve_t *)(void *)((char *)d - offsetof(multiloop_serve_t, send_dl));
+  multiloop_conn_t *c = CONN_OF_SERVE(sv);
+  (void)ms;
+  if (sv->writer) multiloop_thread_wake(take_writer(sv), 0, push_send_timeout, c);
+}
+
+/* --- the stream's events, from conn.c ------------------------------------------ */
+
+size_t multiloop_serve_read(multiloop_conn_t *c, const char *data, size_t len) {
+  multiloop_worker_t *w = CONN_WORKER(c);
+  multiloop_serve_t *sv = SERVE(c);
+  size_t used = 0, ret = 0;
+  w->view.conn = c;
+  w->view.p = data;
+  w->view.len = len;
+  w->view.used = 0;
+  if (sv->reader) {
+    int found = scan(c, data, len, 0, &ret, &used);
+    if (found != SCAN_MORE) wake_reader(c, found, ret, used);
+    else multiloop_deadline_touch(w, &sv->read_dl);   /* the timeout counts from progress */
+  }
+  used = w->view.used;
+  w->view.conn = NULL;
+  if (!c->s.closing && sv->reader == NULL && len - used >= READ_AHEAD)
+    multiloop_stream_pause(&c->s);         /* a reader that needs more resumes it */
+  return used;
+}
+
+/* The peer sent EOF: the reader gets what it finds (its data, or nil,
+ * "closed", partial). The connection stays open for writing. */
+void multiloop_serve_eof(multiloop_conn_t *c) {
+  multiloop_serve_t *sv = SERVE(c);
+  size_t len, ret = 0, used = 0;
+  const char *p;
+  int found;
+  if (sv->reader == NULL) return;
+  p = input(c, &len);
+  found = scan(c, p, len, 1, &ret, &used);
+  wake_reader(c, found, ret, used);
+}
+
+void multiloop_serve_written(multiloop_conn_t *c) {
+  multiloop_serve_t *sv = SERVE(c);
+  if (sv->writer) multiloop_deadline_touch(CONN_WORKER(c), &sv->send_dl);
+}
+
+void multiloop_serve_drained(multiloop_conn_t *c) {
+  multiloop_serve_t *sv = SERVE(c);
+  multiloop_thread_t *t;
+  if (sv->writer == NULL) return;
+  t = take_writer(sv);
+  lua_pushinteger(multiloop_thread_co(t), (lua_Integer)sv->send_len);
+  multiloop_thread_wake(t, 1, NULL, NULL);
+}
+
+/* Whoever closed it may be a method of another thread: the waiting ones
+ * are woken on the next turn of the loop, never from here. */
+void multiloop_serve_closing(multiloop_conn_t *c) {
+  multiloop_serve_t *sv = SERVE(c);
+  if (sv->reader) multiloop_thread_ready(take_reader(sv), push_read_closed, c);
+  if (sv->writer) multiloop_thread_ready(take_writer(sv), push_send_closed, c);
+}
+
+/* --- the serve thread -------------------------------------------------------- */
+
+/* serve(conn) returned (ok): close once the writes are out; it failed: close
+ * at once, as a callback error does. */
+static void serve_ended(void *data, int ok) {
+  multiloop_conn_t *c = data;
+  if (ok) multiloop_stream_close_flushed(&c->s);
+  else multiloop_stream_close(&c->s, REASON_ERROR);
+}
+
+void multiloop_serve_start(lua_State *L, multiloop_conn_t *c) {
+  multiloop_worker_t *w = CONN_WORKER(c);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);   /* conn handler */
+  lua_getfield(L, -1, "serve");                        /* conn handler serve */
+  lua_pushvalue(L, -3);                                /* conn handler serve conn */
+  multiloop_thread_start(L, w, "serve", &c->id, serve_ended, c);
+  lua_pop(L, 1);
+}
+
+/* --- the methods --------------------------------------------------------------- */
+
+static multiloop_conn_t *check_serve(lua_State *L, const char *who) {
+  multiloop_conn_t *c = multiloop_conn_check(L);
+  if (!c->serve)
+    luaL_error(L, "%s: only on a serve connection (a callback connection's bytes go to its "
+                  "on_data; a handler with serve gets connections that read this way)", who);
+  return c;
+}
+
+static int nil_err(lua_State *L, const char *what) {
+  lua_pushnil(L);
+  lua_pushstring(L, what);
+  return 2;
+}
+
+/* The reader's pattern is in the serve block: returns its result now, or
+ * awaits it. */
+static int do_read(lua_State *L, multiloop_conn_t *c, const char *who) {
+  multiloop_serve_t *sv = SERVE(c);
+  multiloop_worker_t *w = CONN_WORKER(c);
+  size_t len, ret = 0, used = 0;
+  const char *p;
+  int found, op = sv->op;
+  multiloop_thread_t *t;
+  sv->scanned = 0;
+  if (c->s.closing) {
+    sv->op = READ_NONE;
+    return push_read_closed(L, c);
+  }
+  p = input(c, &len);
+  found = scan(c, p, len, c->s.read_ended, &ret, &used);
+  if (found != SCAN_MORE) {
+    sv->op = READ_NONE;
+    return push_found(L, c, p, found, ret, used);
+  }
+  sv->op = READ_NONE;                      /* in case the next line raises */
+  t = multiloop_thread_self(L, who);
+  sv->op = op;
+  if (sv->read_ms > 0 && multiloop_deadline_set(w, &sv->read_dl, sv->read_ms) != 0) {
+    sv->op = READ_NONE;
+    return luaL_error(L, "not enough memory");
+  }
+  sv->reader = t;
+  multiloop_stream_resume(&c->s);          /* if read-ahead had paused it */
+  return multiloop_await(L, t, cancel_read, c);
+}
+
+/* conn:receive([pattern]): "*l" (the default), "*a", or a byte count. */
+static int serve_receive(lua_State *L) {
+  multiloop_conn_t *c = check_serve(L, "conn:receive");
+  multiloop_serve_t *sv = SERVE(c);
+  int op;
+  lua_Integer n = 0;
+  if (lua_isnoneornil(L, 2)) {
+    op = READ_LINE;
+  } else if (lua_type(L, 2) == LUA_TNUMBER) {
+    int isint;
+    n = lua_tointegerx(L, 2, &isint);
+    if (!isint || n < 0)
+      return luaL_error(L, "conn:receive: a byte count must be a non-negative integer (got %s)",
+                        luaL_tolstring(L, 2, NULL));
+    op = READ_N;
+  } else {
+    const char *pat = lua_tostring(L, 2);
+    if (lua_type(L, 2) == LUA_TSTRING && (strcmp(pat, "*l") == 0 || strcmp(pat, "l") == 0))
+      op = READ_LINE;
+    else if (lua_type(L, 2) == LUA_TSTRING && (strcmp(pat, "*a") == 0 || strcmp(pat, "a") == 0))
+      op = READ_ALL;
+    else
+      return luaL_error(L, "conn:receive: the pattern must be \"*l\", \"*a\" or a byte count "
+                           "(got %s)", lua_type(L, 2) == LUA_TSTRING ? lua_pushfstring(L, "'%s'", pat)
+                                                                     : luaL_typename(L, 2));
+  }
+  if (sv->reader) return nil_err(L, "busy reading");
+  if (op == READ_N && n == 0) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  sv->op = (unsigned)op;
+  sv->n = (size_t)n;
+  lua_settop(L, 1);
+  return do_read(L, c, "conn:receive");
+}
+
+/* conn:receiveany(max): at least one byte, at most max. */
+static int serve_receiveany(lua_State *L) {
+  multiloop_conn_t *c = check_serve(L, "conn:receiveany");
+  multiloop_serve_t *sv = SERVE(c);
+  int isint = 0;
+  lua_Integer max = lua_type(L, 2) == LUA_TNUMBER ? lua_tointegerx(L, 2, &isint) : 0;
+  if (!isint || max < 1)
+    return luaL_error(L, "conn:receiveany: max must be a positive integer (got %s)",
+                      lua_type(L, 2) == LUA_TNUMBER ? luaL_tolstring(L, 2, NULL)
+                                                    : luaL_typename(L, 2));
+  if (sv->reader) return nil_err(L, "busy reading");
+  sv->op = READ_ANY;
+  sv->n = (size_t)max;
+  lua_settop(L, 1);
+  return do_read(L, c, "conn:receiveany");
+}
+
+/* The function receiveuntil returns: upvalues conn, pattern, inclusive. */
+static int until_reader(lua_State *L) {
+  multiloop_conn_t *c = lua_touserdata(L, lua_upvalueindex(1));
+  multiloop_serve_t *sv = SERVE(c);
+  lua_Integer size = 0;
+  if (!lua_isnoneornil(L, 1)) {
+    int isint = 0;
+    size = lua_type(L, 1) == LUA_TNUMBER ? lua_tointegerx(L, 1, &isint) : 0;
+    if (!isint || size < 1)
+      return luaL_error(L, "receiveuntil's reader: size must be a positive integer (got %s)",
+                        lua_type(L, 1) == LUA_TNUMBER ? luaL_tolstring(L, 1, NULL)
+                                                      : luaL_typename(L, 1));
+  }
+  if (sv->reader) return nil_err(L, "busy reading");
+  if (sv->until_done) {                    /* an inclusive reader(size) returned the pattern */
+    sv->until_done = 0;
+    lua_pushnil(L);
+    lua_pushnil(L);
+    return 2;
+  }
+  sv->op = READ_UNTIL;
+  sv->n = (size_t)size;
+  sv->pat = lua_tolstring(L, lua_upvalueindex(2), &sv->patlen);  /* held by this closure */
+  sv->inclusive = (unsigned)lua_toboolean(L, lua_upvalueindex(3));
+  return do_read(L, c, "receiveuntil's reader");
+}
+
+/* conn:receiveuntil(pattern [, { inclusive = bool }]) -> reader([size]). */
+static int serve_receiveuntil(lua_State *L) {
+  size_t len;
+  int inclusive = 0;
+  check_serve(L, "conn:receiveuntil");
+  if (lua_type(L, 2) != LUA_TSTRING || (lua_tolstring(L, 2, &len), len == 0))
+    return luaL_error(L, "conn:receiveuntil: the pattern must be a non-empty string (got %s)",
+                      lua_type(L, 2) == LUA_TSTRING ? "an empty string" : luaL_typename(L, 2));
+  if (!lua_isnoneornil(L, 3)) {
+    if (!lua_istable(L, 3))
+      return luaL_error(L, "conn:receiveuntil: options must be a table (got %s)",
+                        luaL_typename(L, 3));
+    lua_getfield(L, 3, "inclusive");
+    if (!lua_isnil(L, -1) && !lua_isboolean(L, -1))
+      return luaL_error(L, "conn:receiveuntil: option 'inclusive' must be a boolean (got %s)",
+                        luaL_typename(L, -1));
+    inclusive = lua_toboolean(L, -1);
+  }
+  lua_settop(L, 2);
+  lua_pushboolean(L, inclusive);
+  lua_pushcclosure(L, until_reader, 3);
+  return 1;
+}
+
+/* send's argument at idx: a string, a number, or an array of them (nested).
+ * With out == NULL, returns its length, raising naming what it cannot send;
+ * then again with room for that length, copies it to out. */
+static size_t add_piece(lua_State *L, int idx, char *out, int depth) {
+  switch (lua_type(L, idx)) {
+    case LUA_TSTRING:
+    case LUA_TNUMBER: {
+      size_t len;
+      const char *s = lua_tolstring(L, idx, &len);   /* a number's copy on the stack */
+      if (out) memcpy(out, s, len);
+      return len;
+    }
+    case LUA_TTABLE: {
+      lua_Integer i, n = (lua_Integer)lua_rawlen(L, idx);
+      size_t total = 0;
+      if (depth >= SEND_MAX_DEPTH)
+        luaL_error(L, "conn:send: tables nested more than %d deep", SEND_MAX_DEPTH);
+      luaL_checkstack(L, 2, "conn:send: tables nested too deep");
+      for (i = 1; i <= n; i++) {
+        size_t len;
+        lua_rawgeti(L, idx, i);
+        len = add_piece(L, lua_gettop(L), out ? out + total : NULL, depth + 1);
+        lua_pop(L, 1);
+        if (len > SIZE_MAX / 2 - total) luaL_error(L, "conn:send: data too long");
+        total += len;
+      }
+      return total;
+    }
+    default:
+      return (size_t)luaL_error(L, "conn:send: data must be a string, a number or an array "
+                                   "of them (found %s)", luaL_typename(L, idx));
+  }
+}
+
+/* conn:send(data) -> bytes | nil, err. */
+static int serve_send(lua_State *L) {
+  multiloop_conn_t *c = check_serve(L, "conn:send");
+  multiloop_serve_t *sv = SERVE(c);
+  multiloop_worker_t *w = CONN_WORKER(c);
+  multiloop_write_req_t *wr;
+  multiloop_thread_t *t = NULL;
+  const char *data;
+  size_t len, off = 0;
+  int n, rc;
+  if (lua_type(L, 2) == LUA_TTABLE) {        /* one string: measured, then copied */
+    luaL_Buffer b;
+    size_t total = add_piece(L, 2, NULL, 0);
+    char *out = luaL_buffinitsize(L, &b, total);
+    add_piece(L, 2, out, 0);                /* no buffer call between: out stays put */
+    luaL_pushresultsize(&b, total);
+    lua_replace(L, 2);
+  } else if (lua_type(L, 2) != LUA_TSTRING && lua_type(L, 2) != LUA_TNUMBER) {
+    return luaL_error(L, "conn:send: data must be a string, a number or an array of them "
+                         "(got %s)", luaL_typename(L, 2));
+  }
+  data = lua_tolstring(L, 2, &len);
+  lua_settop(L, 2);
+  if (sv->writer) return nil_err(L, "busy writing");
+  if (c->s.closing || c->s.shutdown_requested) {
+    lua_pushnil(L);
+    lua_pushstring(L, closed_word(c));
+    return 2;
+  }
+  if (len > UINT32_MAX) return luaL_error(L, "conn:send: data too long for one send (4 GiB at most)");
+  if (len == 0) {
+    lua_pushinteger(L, 0);
+    return 1;
+  }
+  /* Would this have to wait? Then it must be able to, before anything is
+   * queued: a send that raises has sent nothing. */
+  if (multiloop_stream_queued(&c->s) + len >= w->cfg->write_high_water)
+    t = multiloop_thread_self(L, "conn:send");
+  n = multiloop_stream_try_write(&c->s, data, len);    /* the cheap way first */
+  if (n < 0) return nil_err(L, closed_word(c));           /* the stream closed */
+  if (n > 0) TOUCH(w, c);
+  off = (size_t)n;
+  if (off < len) {
+    int ref;
+    lua_pushvalue(L, 2);
+    ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if ((wr = malloc(sizeof *wr)) == NULL) {
+      luaL_unref(L, LUA_REGISTRYINDEX, ref);
+      return luaL_error(L, "not enough memory");
+    }
+    wr->ref = ref;
+    wr->cb_ref = LUA_NOREF;
+    if ((rc = multiloop_stream_write(&c->s, &wr->w, data + off, len - off)) != 0) {
+      luaL_unref(L, LUA_REGISTRYINDEX, ref);
+      free(wr);
+      return nil_err(L, closed_word(c));
+    }
+  }
+  if (t == NULL || multiloop_stream_below_high_water(&c->s)) {
+    lua_pushinteger(L, (lua_Integer)len);
+    return 1;
+  }
+  if (sv->send_ms > 0 && multiloop_deadline_set(w, &sv->send_dl, sv->send_ms) != 0)
+    return luaL_error(L, "not enough memory");
+  sv->writer = t;
+  sv->send_len = len;
+  return multiloop_await(L, t, cancel_send, c);
+}
+
+static uint32_t check_timeout(lua_State *L, int arg, const char *who) {
+  int isint = 0;
+  lua_Integer ms = lua_type(L, arg) == LUA_TNUMBER ? lua_tointegerx(L, arg, &isint) : 0;
+  if (!isint || ms < 0 || ms > MAX_TIMEOUT)
+    luaL_error(L, "%s: a timeout must be an integer from 0 to %d ms (got %s)", who, MAX_TIMEOUT,
+               lua_type(L, arg) == LUA_TNUMBER ? luaL_tolstring(L, arg, NULL)
+                                               : luaL_typename(L, arg));
+  return (uint32_t)ms;
+}
+
+/* conn:settimeout(ms): connect, send and read; 0: none. */
+static int serve_settimeout(lua_State *L) {
+  multiloop_conn_t *c = check_serve(L, "conn:settimeout");
+  multiloop_serve_t *sv = SERVE(c);
+  sv->connect_ms = sv->send_ms = sv->read_ms = check_timeout(L, 2, "conn:settimeout");
+  return 0;
+}
+
+/* conn:settimeouts(connect, send, read). */
+static int serve_settimeouts(lua_State *L) {
+  multiloop_conn_t *c = check_serve(L, "conn:settimeouts");
+  multiloop_serve_t *sv = SERVE(c);
+  uint32_t cms = check_timeout(L, 2, "conn:settimeouts");
+  uint32_t sms = check_timeout(L, 3, "conn:settimeouts");
+  sv->read_ms = check_timeout(L, 4, "conn:settimeouts");
+  sv->connect_ms = cms;
+  sv->send_ms = sms;
+  return 0;
+}
+
+const luaL_Reg multiloop_serve_methods[] = {
+  { "receive", serve_receive },
+  { "receiveany", serve_receiveany },
+  { "receiveuntil", serve_receiveuntil },
+  { "send", serve_send },
+  { "settimeout", serve_settimeout },
+  { "settimeouts", serve_settimeouts },
+  { NULL, NULL }
+};
