@@ -53,7 +53,8 @@ _Static_assert(N_USER_VALUES < 8, "a callback bit per user value fits in `callba
 #define WORKER(c) CONN_WORKER(c)
 /* A read or a write restarts the idle timeout, if there is one: the test
  * here saves a call per read and per write when there is none. */
-#define TOUCH(w, c) ((c)->idle.list ? multiloop_deadline_touch((w), &(c)->idle) : (void)0)
+#define TOUCH(w, c) \
+  ((c)->idle.list && !(c)->serve ? multiloop_deadline_touch((w), &(c)->idle) : (void)0)
 
 static const char *reason_name(int reason) {
   switch (reason) {
@@ -98,8 +99,8 @@ static int call_body(lua_State *L) {
   return 0;
 }
 
-static const char *const slot_names[] = { "write callback", "on_data", "on_end",
-                                          "on_close", "on_drain", "on_timeout" };
+static const char *const slot_names[] = { "write callback", "on_close", "on_data", "on_end",
+                                          "on_drain", "on_timeout" };
 
 /* Calls the callback in `slot` with `data`, or with no argument (data NULL). */
 static int call(multiloop_conn_t *c, int slot, const char *data, size_t len) {
@@ -118,8 +119,8 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 
 static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
   multiloop_conn_t *c = CONN(s);
-  TOUCH(WORKER(c), c);
   if (c->serve) return multiloop_serve_read(c, data, len);
+  TOUCH(WORKER(c), c);
   if (HAS(c, ON_DATA) && call(c, ON_DATA, data, len) != LUA_OK)
     multiloop_stream_close(s, REASON_ERROR);
   return len;                               /* a callback connection keeps nothing */
@@ -220,7 +221,7 @@ static int accept_body(lua_State *L) {
   accept_ev *ev = lua_touserdata(L, 1);
   multiloop_worker_t *w = ev->w;
   size_t size = w->serve ? CONN_SIZE + sizeof(multiloop_serve_t) : sizeof(multiloop_conn_t);
-  multiloop_conn_t *c = lua_newuserdatauv(L, size, N_USER_VALUES);
+  multiloop_conn_t *c = lua_newuserdatauv(L, size, w->serve ? 1 : N_USER_VALUES);
   int rc;
   memset(c, 0, size);
   c->s.closing = 1;                        /* no handle yet: nothing to close */
@@ -250,7 +251,7 @@ static int accept_body(lua_State *L) {
     if (w->cfg->nodelay) uv_tcp_nodelay(&c->s.h.tcp, 1);
     if (w->cfg->keepalive) uv_tcp_keepalive(&c->s.h.tcp, 1, w->cfg->keepalive);
   }
-  if (multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
+  if (!c->serve && multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
     return luaL_error(L, "not enough memory");
 
   if (c->serve) {                          /* serve(conn), in its own light thread */
@@ -406,6 +407,7 @@ static lua_Integer check_ms(lua_State *L, int arg) {
 static int conn_set_timeout(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   lua_Integer ms = check_ms(L, 2);
+  not_on_serve(L, c, "set_timeout");
   if (c->s.closing) return 0;
   if (multiloop_deadline_set(WORKER(c), &c->idle, (uint64_t)ms) != 0)
     return luaL_error(L, "not enough memory");

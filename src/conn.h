@@ -14,8 +14,9 @@
 
 #define CONN_MT "multiloop.conn"
 
-/* User values: the callbacks of a callback connection. */
-enum { ON_DATA = 1, ON_END, ON_CLOSE, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
+/* User values: the callbacks of a callback connection; a serve connection
+ * has only the first. */
+enum { ON_CLOSE = 1, ON_DATA, ON_END, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
 
 /* Our own close reasons, beside the stream's libuv errors (stream.h). */
 enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED };
@@ -27,7 +28,7 @@ struct multiloop_conn_s {
   unsigned counted : 1;                /* holds one of the acceptor's slots */
   unsigned serve : 1;                  /* a serve connection: the serve block follows */
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
-  multiloop_deadline_t idle;           /* the idle timeout: expires in conn_idle */
+  multiloop_deadline_t idle;           /* the idle timeout (conn_idle); serve: the read timeout */
   lua_Integer id;
 };
 
@@ -36,8 +37,8 @@ struct multiloop_conn_s {
  * event can tell when it is satisfied. */
 typedef struct {
   multiloop_thread_t *reader, *writer; /* waiting in receive* / send, or NULL */
-  multiloop_deadline_t read_dl, send_dl;
-  uint32_t connect_ms, send_ms, read_ms;  /* settimeouts; 0: none */
+  multiloop_deadline_t send_dl;        /* the read timeout is the connection's `idle` entry */
+  uint32_t send_ms, read_ms;           /* settimeouts; 0: none (connect's is for outbound) */
   unsigned op : 3;                     /* the waiting reader's pattern: READ_* (serve.c) */
   unsigned inclusive : 1;              /* receiveuntil's option */
   unsigned until_done : 1;             /* an inclusive reader(size) returned the pattern */

@@ -53,17 +53,15 @@ enum { SCAN_MORE, SCAN_DATA, SCAN_DONE, SCAN_LONG, SCAN_CLOSED };
 /* How deep send's nested tables may go. */
 #define SEND_MAX_DEPTH 32
 
-#define TOUCH(w, c) ((c)->idle.list ? multiloop_deadline_touch((w), &(c)->idle) : (void)0)
-
 static void read_expired(multiloop_deadline_t *d, uint64_t ms);
 static void send_expired(multiloop_deadline_t *d, uint64_t ms);
 
 void multiloop_serve_init(multiloop_conn_t *c) {
   multiloop_serve_t *sv = SERVE(c);
   c->serve = 1;
-  multiloop_deadline_init(&sv->read_dl, read_expired);
+  multiloop_deadline_init(&c->idle, read_expired);
   multiloop_deadline_init(&sv->send_dl, send_expired);
-  sv->connect_ms = sv->send_ms = sv->read_ms = DEFAULT_TIMEOUT;
+  sv->send_ms = sv->read_ms = DEFAULT_TIMEOUT;
 }
 
 /* --- the input --------------------------------------------------------------- */
@@ -246,11 +244,12 @@ static int push_send_timeout(lua_State *L, void *ev) {
 }
 
 /* Takes the reader off the connection: it is about to be woken. */
-static multiloop_thread_t *take_reader(multiloop_serve_t *sv) {
+static multiloop_thread_t *take_reader(multiloop_conn_t *c) {
+  multiloop_serve_t *sv = SERVE(c);
   multiloop_thread_t *t = sv->reader;
   sv->reader = NULL;
   sv->op = READ_NONE;
-  multiloop_deadline_remove(&sv->read_dl);
+  multiloop_deadline_remove(&c->idle);
   return t;
 }
 
@@ -264,7 +263,7 @@ static multiloop_thread_t *take_writer(multiloop_serve_t *sv) {
 /* From a loop callback: wakes the reader with what scan found. */
 static void wake_reader(multiloop_conn_t *c, int found, size_t ret, size_t used) {
   multiloop_worker_t *w = CONN_WORKER(c);
-  multiloop_thread_t *t = take_reader(SERVE(c));
+  multiloop_thread_t *t = take_reader(c);
   w->view.found = found;
   w->view.ret = ret;
   w->view.consume = used;
@@ -273,7 +272,7 @@ static void wake_reader(multiloop_conn_t *c, int found, size_t ret, size_t used)
 
 static void cancel_read(multiloop_thread_t *t, void *data) {
   (void)t;
-  take_reader(SERVE((multiloop_conn_t *)data));
+  take_reader(data);
 }
 
 static void cancel_send(multiloop_thread_t *t, void *data) {
@@ -282,10 +281,9 @@ static void cancel_send(multiloop_thread_t *t, void *data) {
 }
 
 static void read_expired(multiloop_deadline_t *d, uint64_t ms) {
-  multiloop_serve_t *sv = (multiloop_serve_t *)(void *)((char *)d - offsetof(multiloop_serve_t, read_dl));
-  multiloop_conn_t *c = CONN_OF_SERVE(sv);
+  multiloop_conn_t *c = (multiloop_conn_t *)(void *)((char *)d - offsetof(multiloop_conn_t, idle));
   (void)ms;
-  if (sv->reader) multiloop_thread_wake(take_reader(sv), 0, push_timeout, c);
+  if (SERVE(c)->reader) multiloop_thread_wake(take_reader(c), 0, push_timeout, c);
 }
 
 static void send_expired(multiloop_deadline_t *d, uint64_t ms) {
@@ -308,7 +306,7 @@ size_t multiloop_serve_read(multiloop_conn_t *c, const char *data, size_t len) {
   if (sv->reader) {
     int found = scan(c, data, len, 0, &ret, &used);
     if (found != SCAN_MORE) wake_reader(c, found, ret, used);
-    else multiloop_deadline_touch(w, &sv->read_dl);   /* the timeout counts from progress */
+    else multiloop_deadline_touch(w, &c->idle);   /* the timeout counts from progress */
   }
   used = w->view.used;
   w->view.conn = NULL;
@@ -348,7 +346,7 @@ void multiloop_serve_drained(multiloop_conn_t *c) {
  * are woken on the next turn of the loop, never from here. */
 void multiloop_serve_closing(multiloop_conn_t *c) {
   multiloop_serve_t *sv = SERVE(c);
-  if (sv->reader) multiloop_thread_ready(take_reader(sv), push_read_closed, c);
+  if (sv->reader) multiloop_thread_ready(take_reader(c), push_read_closed, c);
   if (sv->writer) multiloop_thread_ready(take_writer(sv), push_send_closed, c);
 }
 
@@ -410,7 +408,7 @@ static int do_read(lua_State *L, multiloop_conn_t *c, const char *who) {
   sv->op = READ_NONE;                      /* in case the next line raises */
   t = multiloop_thread_self(L, who);
   sv->op = op;
-  if (sv->read_ms > 0 && multiloop_deadline_set(w, &sv->read_dl, sv->read_ms) != 0) {
+  if (sv->read_ms > 0 && multiloop_deadline_set(w, &c->idle, sv->read_ms) != 0) {
     sv->op = READ_NONE;
     return luaL_error(L, "not enough memory");
   }
@@ -598,7 +596,6 @@ static int serve_send(lua_State *L) {
     t = multiloop_thread_self(L, "conn:send");
   n = multiloop_stream_try_write(&c->s, data, len);    /* the cheap way first */
   if (n < 0) return nil_err(L, closed_word(c));           /* the stream closed */
-  if (n > 0) TOUCH(w, c);
   off = (size_t)n;
   if (off < len) {
     int ref;
@@ -641,7 +638,7 @@ static uint32_t check_timeout(lua_State *L, int arg, const char *who) {
 static int serve_settimeout(lua_State *L) {
   multiloop_conn_t *c = check_serve(L, "conn:settimeout");
   multiloop_serve_t *sv = SERVE(c);
-  sv->connect_ms = sv->send_ms = sv->read_ms = check_timeout(L, 2, "conn:settimeout");
+  sv->send_ms = sv->read_ms = check_timeout(L, 2, "conn:settimeout");
   return 0;
 }
 
@@ -649,10 +646,10 @@ static int serve_settimeout(lua_State *L) {
 static int serve_settimeouts(lua_State *L) {
   multiloop_conn_t *c = check_serve(L, "conn:settimeouts");
   multiloop_serve_t *sv = SERVE(c);
-  uint32_t cms = check_timeout(L, 2, "conn:settimeouts");
-  uint32_t sms = check_timeout(L, 3, "conn:settimeouts");
+  uint32_t sms;
+  check_timeout(L, 2, "conn:settimeouts");   /* connect's: for outbound connections */
+  sms = check_timeout(L, 3, "conn:settimeouts");
   sv->read_ms = check_timeout(L, 4, "conn:settimeouts");
-  sv->connect_ms = cms;
   sv->send_ms = sms;
   return 0;
 }

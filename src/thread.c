@@ -36,6 +36,7 @@
  * stop waits for live threads as it waits for connections.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "multiloop.h"
@@ -43,7 +44,7 @@
 #define THREAD_MT "multiloop.thread"
 
 struct multiloop_thread_s {
-  uv_timer_t timer;                    /* worker.sleep; first: libuv hands us &timer */
+  uv_timer_t *timer;                   /* worker.sleep's, malloc'd by the first sleep */
   multiloop_worker_t *w;
   lua_State *co;
   int ref;                             /* pins the userdata while live (and its timer open) */
@@ -139,6 +140,8 @@ static void set_uv(lua_State *from, multiloop_thread_t *t, int n) {
 static void timer_close_cb(uv_handle_t *h) {
   multiloop_thread_t *t = h->data;
   int ref = t->ref;
+  free(h);
+  t->timer = NULL;
   t->ref = LUA_NOREF;
   luaL_unref(t->w->L, LUA_REGISTRYINDEX, ref);     /* may free t: touch nothing after */
 }
@@ -198,7 +201,7 @@ static void end_thread(multiloop_thread_t *t, lua_State *from) {
   }
   if (t->timer_open) {
     t->timer_open = 0;
-    uv_close((uv_handle_t *)&t->timer, timer_close_cb);
+    uv_close((uv_handle_t *)t->timer, timer_close_cb);
   } else {
     int ref = t->ref;
     t->ref = LUA_NOREF;
@@ -395,7 +398,7 @@ void multiloop_thread_start(lua_State *L, multiloop_worker_t *w, const char *wha
 
 static void cancel_sleep(multiloop_thread_t *t, void *data) {
   (void)data;
-  uv_timer_stop(&t->timer);
+  uv_timer_stop(t->timer);
 }
 
 static void sleep_cb(uv_timer_t *h) {
@@ -420,12 +423,14 @@ static int core_sleep(lua_State *L) {
     multiloop_thread_ready(t, NULL, NULL);
     return multiloop_await(L, t, cancel_queued, NULL);
   }
-  if (!t->timer_open) {
-    uv_timer_init(&w->loop, &t->timer);            /* cannot fail on Unix */
-    t->timer.data = t;
+  if (!t->timer_open) {                            /* most threads never sleep */
+    if ((t->timer = malloc(sizeof *t->timer)) == NULL)
+      return luaL_error(L, "worker.sleep: not enough memory");
+    uv_timer_init(&w->loop, t->timer);             /* cannot fail on Unix */
+    t->timer->data = t;
     t->timer_open = 1;
   }
-  uv_timer_start(&t->timer, sleep_cb, (uint64_t)ms, 0);
+  uv_timer_start(t->timer, sleep_cb, (uint64_t)ms, 0);
   return multiloop_await(L, t, cancel_sleep, NULL);
 }
 
@@ -544,7 +549,7 @@ void multiloop_threads_stop(multiloop_worker_t *w) {
   w->th.closing = 1;
   for (t = w->th.live; t; t = t->next) {
     if (t->cancel == cancel_sleep) {
-      uv_timer_stop(&t->timer);
+      uv_timer_stop(t->timer);
       multiloop_thread_ready(t, push_stopped, NULL);
     } else if (t->queue == &w->th.ready && t->ready_push == NULL) {
       t->ready_push = push_stopped;                /* sleep(0) */
