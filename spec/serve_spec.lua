@@ -213,7 +213,7 @@ describe("serve", function()
     assert.are.equal("true for the first", helper.line(c))
   end)
 
-  it("an error in serve is reported with the connection and closes only that one", function()
+  it("an error in serve is reported with the connection and closes only that one #child", function()
     local child = helper.spawn("spec.fixtures.sequential 1 case=error")
     helper.defer(function() child.kill() end)
     local c = helper.connect(child.port)
@@ -276,7 +276,7 @@ describe("serve", function()
                    .. "use worker%.spawn%)$", sort)
   end)
 
-  it("2,000 connections wait in receive at once, and all are served", function()
+  it("2,000 connections wait in receive at once, and all are served #stress", function()
     server, port = helper.server({ workers = 2, handler = "spec.fixtures.sequential",
                                    config = { case = "many" } })
     local clients = {}
