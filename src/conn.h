@@ -42,6 +42,7 @@ typedef struct {
   unsigned op : 3;                     /* the waiting reader's pattern: READ_* (serve.c) */
   unsigned inclusive : 1;              /* receiveuntil's option */
   unsigned until_done : 1;             /* an inclusive reader(size) returned the pattern */
+  unsigned woke : 2;                   /* why the reader was woken: WOKE_* (serve.c) */
   size_t n;                            /* receive(n): n; receiveany: max; reader(size): size */
   size_t scanned;                      /* bytes searched without a match, from the front */
   const char *pat;                     /* receiveuntil's pattern (its reader holds it) */

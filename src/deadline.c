@@ -105,6 +105,16 @@ void multiloop_deadline_touch(multiloop_worker_t *w, multiloop_deadline_t *d) {
   append(l, d);
 }
 
+/* multiloop_deadline_set, but an entry already running with that duration
+ * is only touched (O(1): no list search, no timer call). */
+int multiloop_deadline_restart(multiloop_worker_t *w, multiloop_deadline_t *d, uint64_t ms) {
+  if (ms != 0 && d->list != NULL && d->list->ms == ms) {
+    multiloop_deadline_touch(w, d);
+    return 0;
+  }
+  return multiloop_deadline_set(w, d, ms);
+}
+
 static void deadline_timer_cb(uv_timer_t *t) {
   multiloop_worker_t *w = t->data;
   uint64_t now = uv_now(&w->loop), next = UINT64_MAX;

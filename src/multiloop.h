@@ -414,6 +414,7 @@ void multiloop_deadlines_close(multiloop_worker_t *w);   /* after every entry is
 void multiloop_deadline_init(multiloop_deadline_t *d, multiloop_deadline_cb expire);
 int multiloop_deadline_set(multiloop_worker_t *w, multiloop_deadline_t *d, uint64_t ms);
 void multiloop_deadline_touch(multiloop_worker_t *w, multiloop_deadline_t *d);
+int multiloop_deadline_restart(multiloop_worker_t *w, multiloop_deadline_t *d, uint64_t ms);
 void multiloop_deadline_remove(multiloop_deadline_t *d);
 
 /* conn.c: runs only on a worker thread. */
@@ -507,8 +508,9 @@ void multiloop_timers_close(multiloop_worker_t *w);
 
 /* thread.c: light threads; worker thread only.
  *
- * The await template. Every blocking-style primitive (worker.sleep and
- * worker.wait now; conn:receive and conn:send next) is a C function that
+ * The await template. Every blocking-style primitive (worker.sleep,
+ * worker.wait, a serve connection's receive and send: serve.c) is a C
+ * function that
  *   1. finds its thread: t = multiloop_thread_self(L, "conn:receive"), which
  *      raises "conn:receive: cannot yield here (...: use worker.spawn)"
  *      outside a light thread or across a C-call boundary;
@@ -516,13 +518,16 @@ void multiloop_timers_close(multiloop_worker_t *w);
  *      its results as any C function does;
  *   3. or records t where its event will find it, arms that event (a
  *      uv_timer, a deadline entry, a read) and ends with
- *        return multiloop_await(L, t, cancel, ctx, k);
- *      `cancel(t)` (never NULL: a yield without one counts as a bare
+ *        return multiloop_await(L, t, cancel, data, k);
+ *      `cancel(t, data)` (never NULL: a yield without one counts as a bare
  *      coroutine.yield, resumed on the next turn) disarms the event if the
  *      thread is killed or closed first; it must not resume anything. k
- *      (may be NULL) is the lua_KFunction that runs on resumption with ctx, to look again (a
- *      receive that needs more bytes awaits again from k). Without k the
- *      values the thread is woken with are the primitive's results;
+ *      (may be NULL) is a lua_KFunction that runs inside the thread when it
+ *      is resumed, with `data` as its context: it pushes the primitive's
+ *      results there, where an error (out of memory making a string) is the
+ *      thread's own, so the waking callback needs no protected call (a
+ *      receive's k makes its string from the bytes the read event holds).
+ *      Without k, the values the thread is woken with are the results;
  *   4. the libuv callback of that event wakes it, once:
  *        multiloop_thread_wake(t, nargs, push, ev);
  *      with nargs values already pushed on multiloop_thread_co(t) (no
@@ -531,8 +536,9 @@ void multiloop_timers_close(multiloop_worker_t *w);
  *      it awaits again or ends, through multiloop_resume (the door).
  * Never resume from inside the primitive that made the thread ready: wake
  * from the event's callback (or queue it with multiloop_thread_ready, run on
- * the next turn of the loop, with push's values, or true when push is NULL). While the worker closes (multiloop_threads_
- * closing), a primitive returns nil, "stopped" instead of awaiting. As the
+ * the next turn of the loop, with push's values, or true when push is NULL).
+ * While the worker closes (multiloop_threads_closing), a primitive returns
+ * nil, "stopped" instead of awaiting. As the
  * worker closes, multiloop_threads_stop wakes only sleepers; a primitive on
  * another event wakes its thread from that event's own end (a connection's
  * close resumes its reader with nil, "closed" or "stopped"), or the thread
@@ -541,7 +547,7 @@ typedef void (*multiloop_await_cancel)(multiloop_thread_t *t, void *data);
 typedef void (*multiloop_thread_end_fn)(void *data, int ok);
 multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who);
 int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel cancel,
-                    void *data);
+                    void *data, lua_KFunction k);
 void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev);
 void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push, void *ev);
 void multiloop_thread_start(lua_State *L, multiloop_worker_t *w, const char *what,

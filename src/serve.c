@@ -44,6 +44,8 @@
 enum { READ_NONE, READ_LINE, READ_ALL, READ_N, READ_ANY, READ_UNTIL };
 /* What a scan of the input found for a reader. */
 enum { SCAN_MORE, SCAN_DATA, SCAN_DONE, SCAN_LONG, SCAN_CLOSED };
+/* Why a waiting reader was woken (its k, read_k, pushes the results). */
+enum { WOKE_NONE, WOKE_FOUND, WOKE_TIMEOUT, WOKE_CLOSED };
 
 /* Bytes kept for no reader before reading pauses. */
 #define READ_AHEAD (64 * 1024)
@@ -203,17 +205,7 @@ static const char *closed_word(multiloop_conn_t *c) {
   return c->s.closing && c->s.reason == REASON_STOPPED ? "stopped" : "closed";
 }
 
-/* multiloop_push_fn: the result the event stored in the worker's view. */
-static int push_stored(lua_State *L, void *ev) {
-  multiloop_conn_t *c = ev;
-  multiloop_worker_t *w = CONN_WORKER(c);
-  size_t len;
-  const char *p = input(c, &len);
-  return push_found(L, c, p, w->view.found, w->view.ret, w->view.consume);
-}
-
-static int push_timeout(lua_State *L, void *ev) {
-  multiloop_conn_t *c = ev;
+static int push_timeout(lua_State *L, multiloop_conn_t *c) {
   size_t len;
   const char *p = input(c, &len);
   lua_pushnil(L);
@@ -223,9 +215,9 @@ static int push_timeout(lua_State *L, void *ev) {
   return 3;
 }
 
-static int push_read_closed(lua_State *L, void *ev) {
+static int push_read_closed(lua_State *L, multiloop_conn_t *c) {
   lua_pushnil(L);
-  lua_pushstring(L, closed_word(ev));
+  lua_pushstring(L, closed_word(c));
   lua_pushliteral(L, "");
   return 3;
 }
@@ -243,13 +235,14 @@ static int push_send_timeout(lua_State *L, void *ev) {
   return 2;
 }
 
-/* Takes the reader off the connection: it is about to be woken. */
+/* Takes the reader off the connection: it is about to be woken. Its read
+ * deadline is left running: the next read that waits restarts it in O(1),
+ * and one that expires with no reader waiting does nothing. */
 static multiloop_thread_t *take_reader(multiloop_conn_t *c) {
   multiloop_serve_t *sv = SERVE(c);
   multiloop_thread_t *t = sv->reader;
   sv->reader = NULL;
   sv->op = READ_NONE;
-  multiloop_deadline_remove(&c->idle);
   return t;
 }
 
@@ -260,19 +253,43 @@ static multiloop_thread_t *take_writer(multiloop_serve_t *sv) {
   return t;
 }
 
-/* From a loop callback: wakes the reader with what scan found. */
+/* From a loop callback: wakes the reader with what scan found, which its
+ * read_k pushes from the worker's view at once. */
 static void wake_reader(multiloop_conn_t *c, int found, size_t ret, size_t used) {
   multiloop_worker_t *w = CONN_WORKER(c);
   multiloop_thread_t *t = take_reader(c);
   w->view.found = found;
   w->view.ret = ret;
   w->view.consume = used;
-  multiloop_thread_wake(t, 0, push_stored, c);
+  SERVE(c)->woke = WOKE_FOUND;
+  multiloop_thread_wake(t, 0, NULL, NULL);
+}
+
+/* The reader's continuation, in its own thread: its results, by why it was
+ * woken (anything else resuming it counts as a close). */
+static int read_k(lua_State *L, int status, lua_KContext ctx) {
+  multiloop_conn_t *c = (multiloop_conn_t *)ctx;
+  multiloop_worker_t *w = CONN_WORKER(c);
+  int woke = SERVE(c)->woke;
+  size_t len;
+  const char *p;
+  (void)status;
+  SERVE(c)->woke = WOKE_NONE;
+  switch (woke) {
+    case WOKE_FOUND:
+      p = input(c, &len);
+      return push_found(L, c, p, w->view.found, w->view.ret, w->view.consume);
+    case WOKE_TIMEOUT:
+      return push_timeout(L, c);
+    default:
+      return push_read_closed(L, c);
+  }
 }
 
 static void cancel_read(multiloop_thread_t *t, void *data) {
   (void)t;
   take_reader(data);
+  multiloop_deadline_remove(&((multiloop_conn_t *)data)->idle);
 }
 
 static void cancel_send(multiloop_thread_t *t, void *data) {
@@ -283,7 +300,11 @@ static void cancel_send(multiloop_thread_t *t, void *data) {
 static void read_expired(multiloop_deadline_t *d, uint64_t ms) {
   multiloop_conn_t *c = (multiloop_conn_t *)(void *)((char *)d - offsetof(multiloop_conn_t, idle));
   (void)ms;
-  if (SERVE(c)->reader) multiloop_thread_wake(take_reader(c), 0, push_timeout, c);
+  if (SERVE(c)->reader) {
+    multiloop_thread_t *t = take_reader(c);
+    SERVE(c)->woke = WOKE_TIMEOUT;
+    multiloop_thread_wake(t, 0, NULL, NULL);
+  }
 }
 
 static void send_expired(multiloop_deadline_t *d, uint64_t ms) {
@@ -346,7 +367,11 @@ void multiloop_serve_drained(multiloop_conn_t *c) {
  * are woken on the next turn of the loop, never from here. */
 void multiloop_serve_closing(multiloop_conn_t *c) {
   multiloop_serve_t *sv = SERVE(c);
-  if (sv->reader) multiloop_thread_ready(take_reader(c), push_read_closed, c);
+  if (sv->reader) {
+    multiloop_thread_t *t = take_reader(c);
+    sv->woke = WOKE_CLOSED;
+    multiloop_thread_ready(t, NULL, NULL);
+  }
   if (sv->writer) multiloop_thread_ready(take_writer(sv), push_send_closed, c);
 }
 
@@ -408,13 +433,13 @@ static int do_read(lua_State *L, multiloop_conn_t *c, const char *who) {
   sv->op = READ_NONE;                      /* in case the next line raises */
   t = multiloop_thread_self(L, who);
   sv->op = op;
-  if (sv->read_ms > 0 && multiloop_deadline_set(w, &c->idle, sv->read_ms) != 0) {
+  if (multiloop_deadline_restart(w, &c->idle, sv->read_ms) != 0) {
     sv->op = READ_NONE;
     return luaL_error(L, "not enough memory");
   }
   sv->reader = t;
   multiloop_stream_resume(&c->s);          /* if read-ahead had paused it */
-  return multiloop_await(L, t, cancel_read, c);
+  return multiloop_await(L, t, cancel_read, c, read_k);
 }
 
 /* conn:receive([pattern]): "*l" (the default), "*a", or a byte count. */
@@ -450,7 +475,6 @@ static int serve_receive(lua_State *L) {
   }
   sv->op = (unsigned)op;
   sv->n = (size_t)n;
-  lua_settop(L, 1);
   return do_read(L, c, "conn:receive");
 }
 
@@ -467,7 +491,6 @@ static int serve_receiveany(lua_State *L) {
   if (sv->reader) return nil_err(L, "busy reading");
   sv->op = READ_ANY;
   sv->n = (size_t)max;
-  lua_settop(L, 1);
   return do_read(L, c, "conn:receiveany");
 }
 
@@ -621,7 +644,7 @@ static int serve_send(lua_State *L) {
     return luaL_error(L, "not enough memory");
   sv->writer = t;
   sv->send_len = len;
-  return multiloop_await(L, t, cancel_send, c);
+  return multiloop_await(L, t, cancel_send, c, NULL);
 }
 
 static uint32_t check_timeout(lua_State *L, int arg, const char *who) {

@@ -267,10 +267,10 @@ multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who) {
 }
 
 int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel cancel,
-                    void *data) {
+                    void *data, lua_KFunction k) {
   t->cancel = cancel;
   t->await_data = data;
-  return lua_yield(L, 0);
+  return lua_yieldk(L, 0, (lua_KContext)data, k);
 }
 
 /* Resumes a suspended thread from a loop callback. One that Lua code has
@@ -421,7 +421,7 @@ static int core_sleep(lua_State *L) {
   if (w->th.closing) return push_stopped(L, NULL);
   if (ms == 0) {                                   /* once round the loop */
     multiloop_thread_ready(t, NULL, NULL);
-    return multiloop_await(L, t, cancel_queued, NULL);
+    return multiloop_await(L, t, cancel_queued, NULL, NULL);
   }
   if (!t->timer_open) {                            /* most threads never sleep */
     if ((t->timer = malloc(sizeof *t->timer)) == NULL)
@@ -431,7 +431,7 @@ static int core_sleep(lua_State *L) {
     t->timer_open = 1;
   }
   uv_timer_start(t->timer, sleep_cb, (uint64_t)ms, 0);
-  return multiloop_await(L, t, cancel_sleep, NULL);
+  return multiloop_await(L, t, cancel_sleep, NULL, NULL);
 }
 
 /* core.wait(thread) -> true, results... | false, err. */
@@ -444,7 +444,7 @@ static int core_wait(lua_State *L) {
   lua_settop(L, 1);                                /* the target stays pinned here */
   t->target = target;
   enqueue(&target->waiters, t);
-  return multiloop_await(L, t, cancel_queued, NULL);
+  return multiloop_await(L, t, cancel_queued, NULL, NULL);
 }
 
 /* core.kill(thread) -> true | nil, "dead" | nil, "running". */
