@@ -11,7 +11,9 @@
  * it.
  *
  * This file implements the stream's events (stream.h) by calling into Lua
- * through multiloop_enter, and nothing else calls Lua for a connection. The
+ * through multiloop_enter, or, for a connection of a handler with `serve`,
+ * by handing them to serve.c (the sequential methods, with the serve block
+ * that follows the struct in the same userdata: conn.h). The
  * bytes of a read are copied into a Lua string inside the protected call
  * (a callback connection consumes every byte: the stream keeps none). A
  * queued write pins the Lua string itself (a registry ref) instead of

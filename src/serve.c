@@ -34,6 +34,14 @@
  * Writing: send tries the socket first and queues the rest, pinning the Lua
  * string; it waits only while the queue is over write_high_water, until the
  * stream's `drained` event (or its send timeout).
+ *
+ * Timeouts are deadline entries (deadline.c): the read timeout is the
+ * connection's own `idle` entry (a serve connection has no idle timeout),
+ * restarted by each read that waits and touched by each read event that
+ * brings bytes; the send timeout is the serve block's, touched by each
+ * write that completes. A woken reader's results are pushed by its
+ * continuation (read_k) inside its own thread, so no protected call is
+ * needed to wake it.
  */
 #define _GNU_SOURCE                    /* memmem */
 #include <stdlib.h>
