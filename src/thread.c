@@ -424,10 +424,11 @@ static int core_sleep(lua_State *L) {
     return multiloop_await(L, t, cancel_queued, NULL, NULL);
   }
   if (!t->timer_open) {                            /* most threads never sleep */
-    if ((t->timer = malloc(sizeof *t->timer)) == NULL)
-      return luaL_error(L, "worker.sleep: not enough memory");
-    uv_timer_init(&w->loop, t->timer);             /* cannot fail on Unix */
-    t->timer->data = t;
+    uv_timer_t *timer = malloc(sizeof *timer);
+    if (timer == NULL) return luaL_error(L, "worker.sleep: not enough memory");
+    uv_timer_init(&w->loop, timer);                /* cannot fail on Unix */
+    timer->data = t;
+    t->timer = timer;                              /* freed by timer_close_cb */
     t->timer_open = 1;
   }
   uv_timer_start(t->timer, sleep_cb, (uint64_t)ms, 0);
