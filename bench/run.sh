@@ -36,9 +36,10 @@
 # callgrind, quick or not), BENCH_IR_HANDLERS (NAME=MODULE words, default
 # "multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"),
 # BENCH_KV_HANDLER (examples.kv), BENCH_KV_N16 / BENCH_KV_N1 (requests per
-# redis-benchmark run at -P 16 / -P 1: 300,000 / 60,000 per BENCH_SECONDS). Peers that are not installed are skipped with a
-# note. Results: bench/results/raw.tsv (every measurement), then
-# bench/report.lua writes bench/results/latest.txt, the plot and BENCHMARKS.md.
+# redis-benchmark run at -P 16 / -P 1: 300,000 / 60,000 per BENCH_SECONDS).
+# Peers that are not installed are skipped with a note. Results:
+# bench/results/raw.tsv (every measurement), then bench/report.lua writes
+# bench/results/latest.txt, the plot and BENCHMARKS.md.
 #
 # Every process this script starts is recorded by PID and stopped by PID
 # (SIGTERM, then SIGKILL after 5 s); each server also stops by itself
@@ -416,8 +417,10 @@ command -v node > /dev/null || { have_node=0; echo "bench: note: node is missing
   { have_nginx=0; echo "bench: note: nginx or libnginx-mod-http-lua is missing: the nginx + Lua peer is skipped"; }
 command -v wrk > /dev/null || { have_wrk=0; echo "bench: note: wrk is missing: the HTTP scenario is skipped"; }
 have_serve=1; have_valgrind=1; have_redis=1
-[ -f bench/serve_echo_handler.lua ] ||
-  { have_serve=0; echo "bench: note: bench/serve_echo_handler.lua is missing: the serve-style echo (ml-serve) is skipped"; }
+if [ ! -f bench/serve_echo_handler.lua ]; then
+  have_serve=0
+  want echo && echo "bench: note: bench/serve_echo_handler.lua is missing: the serve-style echo (ml-serve) is skipped"
+fi
 if want echo-ir; then
   { command -v valgrind > /dev/null && command -v callgrind_control > /dev/null; } ||
     { have_valgrind=0; echo "bench: note: valgrind is missing: echo-ir (callgrind Ir per op) is skipped"; }
