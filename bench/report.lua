@@ -391,6 +391,15 @@ do                                         -- issue 14, with 1 worker only
     target_lines[#target_lines + 1] = ("| echo-ir-p1 callback echo, <= 2,000 Ir per op (issue 14) | 1 | %s | %s |")
       :format(spread_text(ir, int), median(ir) <= 2000 and "met" or "**missed**")
   end
+  local function mem_target(what, server, limit)
+    local mem = g1["idle-mem"] and column(g1["idle-mem"][server], "bytes_per_conn") or {}
+    if #mem > 0 then
+      target_lines[#target_lines + 1] = ("| %s | 1 | %s B | %s |"):format(what, spread_text(mem, int),
+        median(mem) <= limit and "met" or "**missed**")
+    end
+  end
+  mem_target("idle-mem callback connection, < 560 B (issue 14)", "multiloop", 559)
+  mem_target("idle-mem serve-style connection blocked in receive, <= 1.75 KiB (issue 14)", "ml-serve", 1792)
   for _, l in ipairs(kv_lines) do
     target(("%s kv vs redis-server at -P %d, >= %.1fx (issue 14)"):format(l.sc.test, l.sc.p, l.sc.goal), 1,
       l.ratio, l.sc.goal, "higher")
