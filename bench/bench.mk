@@ -4,11 +4,16 @@
 #   make bench-build    build/bench/loadgen and build/bench/ref_server only
 #   make bench-report   BENCHMARKS.md again from bench/results/raw.tsv
 # Never part of `make test`. Settings: BENCH_SECONDS, BENCH_REPEATS,
-# BENCH_QUICK=1, BENCH_WORKERS, BENCH_DISPATCH, BENCH_IDLE_CONNS (bench/run.sh).
+# BENCH_QUICK=1, BENCH_WORKERS, BENCH_DISPATCH, BENCH_IDLE_CONNS, BENCH_ONLY,
+# BENCH_IR_SECONDS, BENCH_IR_HANDLERS, BENCH_KV_HANDLER, BENCH_KV_N16,
+# BENCH_KV_N1 (bench/run.sh).
 
 BENCH_BUILD    ?= build/bench
 # The peers and tools, all optional: `make deps BENCH=yes` installs them.
 BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua gnuplot-nox curl
+# Used by the echo-ir (callgrind) and kv (redis-server) scenarios; already
+# among the Makefile's TEST_PACKAGES, so plain `make deps` installs them.
+BENCH_TEST_TOOLS := valgrind redis-server redis-tools
 BENCH_CFLAGS   := -std=gnu11 -O2 -g -Wall -Wextra -Werror -pthread
 
 .PHONY: bench bench-build bench-deps bench-report
@@ -30,11 +35,11 @@ $(BENCH_BUILD)/ref_server: bench/ref_server.c bench/bench.mk | check-deps
 # Never installs (only `make deps` does): names the peers that are missing,
 # which bench/run.sh then skips, and the command that installs them.
 bench-deps:
-	@missing=""; for p in $(BENCH_PACKAGES); do \
+	@missing=""; for p in $(BENCH_PACKAGES) $(BENCH_TEST_TOOLS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  echo "bench: not installed:$$missing (those peers are skipped; 'make deps BENCH=yes' installs them)"; \
+	  echo "bench: not installed:$$missing (what needs them is skipped; 'make deps BENCH=yes' installs them)"; \
 	fi
 
 bench-report:

@@ -6,11 +6,19 @@
 --   lua5.4 bench/report.lua [results dir]
 local dir = arg[1] or "bench/results"
 
-local SERVERS = { "multiloop", "ref-c", "luv", "node", "nginx-lua" }
+local SERVERS = { "multiloop", "ml-serve", "ref-c", "luv", "node", "nginx-lua" }
 local PEERS = { "ref-c", "luv", "node", "nginx-lua" }
 local SERVER_TITLE = {
-  multiloop = "multiloop", ["ref-c"] = "raw C (ref_server)", luv = "luv (1 loop)",
-  node = "Node.js cluster", ["nginx-lua"] = "nginx + Lua",
+  multiloop = "multiloop", ["ml-serve"] = "multiloop serve-style", ["ref-c"] = "raw C (ref_server)",
+  luv = "luv (1 loop)", node = "Node.js cluster", ["nginx-lua"] = "nginx + Lua",
+  redis = "redis-server",
+}
+-- Reported in sections of their own (not in SCENARIOS): callgrind's
+-- instructions per echoed message, and examples/kv.lua against redis-server.
+local IR_SCENARIOS = { { id = "echo-ir-p1", depth = 1 }, { id = "echo-ir-p16", depth = 16 } }
+local KV_SCENARIOS = {
+  { id = "kv-set-p16", test = "SET", p = 16, goal = 0.5 }, { id = "kv-get-p16", test = "GET", p = 16, goal = 0.5 },
+  { id = "kv-set-p1", test = "SET", p = 1, goal = 0.9 }, { id = "kv-get-p1", test = "GET", p = 1, goal = 0.9 },
 }
 local SCENARIOS = {
   { id = "echo-p1", title = "echo, 64 conns x 64 B, 1 in flight", unit = "msg" },
@@ -82,6 +90,13 @@ local function si(v)
   return ("%.0f"):format(v)
 end
 
+-- 2498 -> "2,498"
+local function int(v)
+  local t = ("%.0f"):format(v)
+  local sign, digits = t:match("^(-?)(%d+)$")
+  return sign .. digits:reverse():gsub("(%d%d%d)", "%1,"):reverse():gsub("^,", "")
+end
+
 local function us(v)
   if type(v) ~= "number" then return "-" end
   if v >= 10000 then return ("%.1f ms"):format(v / 1000) end
@@ -132,12 +147,13 @@ local function ratio_text(list)
   return ("%.2fx (%.2f-%.2f)"):format(median(list), lo, hi)
 end
 
-local function spread_text(list)
+local function spread_text(list, fmt)
+  fmt = fmt or si
   if #list == 0 then return "-" end
   local m = median(list)
-  if #list == 1 then return si(m) end
+  if #list == 1 then return fmt(m) end
   local lo, hi = range(list)
-  return ("%s (%s-%s)"):format(si(m), si(lo), si(hi))
+  return ("%s (%s-%s)"):format(fmt(m), fmt(lo), fmt(hi))
 end
 
 -- --- output ------------------------------------------------------------------
@@ -207,6 +223,78 @@ end
 add("")
 add("ops per server CPU-s: median (min-max) over repeats; vs ref-c: median (min-max) of the")
 add("per-repeat ratios; cpu: server CPU time / wall time (100% = one core busy).")
+-- Callgrind: Ir per op for each server measured, with its ratio to the raw-C
+-- reference and to the callback echo, per repeat.
+local g1 = g[1] or {}
+local ir_servers = {}
+do
+  local seen = {}
+  for _, sc in ipairs(IR_SCENARIOS) do
+    for server in pairs(g1[sc.id] or {}) do seen[server] = true end
+  end
+  for _, s in ipairs({ "multiloop", "ml-serve", "ref-c" }) do
+    if seen[s] then ir_servers[#ir_servers + 1] = s; seen[s] = nil end
+  end
+  local rest = {}
+  for s in pairs(seen) do rest[#rest + 1] = s end
+  table.sort(rest)
+  for _, s in ipairs(rest) do ir_servers[#ir_servers + 1] = s end
+end
+local ir_lines = {}          -- { depth, server, Ir/op text, vs ref-c, vs callback }
+for _, sc in ipairs(IR_SCENARIOS) do
+  local by_server = g1[sc.id]
+  for _, server in ipairs(by_server and ir_servers or {}) do
+    local list = by_server[server]
+    if list then
+      ir_lines[#ir_lines + 1] = {
+        depth = sc.depth, server = server, ir = spread_text(column(list, "ir_per_op"), int),
+        vs_ref = server == "ref-c" and "1.00x" or ratio_text(ratios(list, by_server["ref-c"], "ir_per_op")),
+        vs_cb = server == "multiloop" and "1.00x" or
+          ratio_text(ratios(list, by_server.multiloop, "ir_per_op")),
+        rate = si(median(column(list, "ops_per_s"))),
+      }
+    end
+  end
+end
+if #ir_lines > 0 then
+  add("")
+  add("echo-ir: user-space instructions (callgrind Ir) per echoed message, 1 worker under")
+  add(("valgrind, 16 conns x 64 B for %s s; median (min-max) over repeats"):format(meta.ir_seconds or "?"))
+  add(("%-11s %-10s %-22s %-20s %-20s %s"):format("in flight", "server", "Ir per op", "vs ref-c",
+    "vs callback echo", "ops/s under callgrind"))
+  for _, l in ipairs(ir_lines) do
+    add(("%-11d %-10s %-22s %-20s %-20s %s"):format(l.depth, l.server, l.ir, l.vs_ref, l.vs_cb, l.rate))
+  end
+end
+
+-- examples/kv.lua (server "multiloop") against redis-server: requests per
+-- server CPU-second, and their ratio per repeat.
+local kv_lines = {}
+for _, sc in ipairs(KV_SCENARIOS) do
+  local by_server = g1[sc.id]
+  if by_server and (by_server.multiloop or by_server.redis) then
+    kv_lines[#kv_lines + 1] = {
+      sc = sc, kv = spread_text(column(by_server.multiloop, "ops_per_cpu")),
+      redis = spread_text(column(by_server.redis, "ops_per_cpu")),
+      ratio = ratios(by_server.multiloop, by_server.redis, "ops_per_cpu"),
+      kv_rate = si(median(column(by_server.multiloop, "ops_per_s"))),
+      redis_rate = si(median(column(by_server.redis, "ops_per_s"))),
+    }
+  end
+end
+if #kv_lines > 0 then
+  add("")
+  add(("kv: %s (1 worker) against redis-server %s, both pinned to CPU 0; redis-benchmark -c 50")
+    :format(meta.kv_handler or "examples.kv", meta.redis or "?"))
+  add("on CPU 1; requests per server CPU-second, median (min-max); kv/redis per repeat")
+  add(("%-6s %-4s %-26s %-26s %-20s %s"):format("test", "-P", "kv req per CPU-s", "redis req per CPU-s",
+    "kv / redis", "target"))
+  for _, l in ipairs(kv_lines) do
+    add(("%-6s %-4d %-26s %-26s %-20s >= %.1fx"):format(l.sc.test, l.sc.p, l.kv, l.redis,
+      ratio_text(l.ratio), l.sc.goal))
+  end
+end
+add("")
 local txt = table.concat(lines, "\n") .. "\n"
 local f = assert(io.open(dir .. "/latest.txt", "w"))
 f:write(txt)
@@ -257,7 +345,7 @@ for _, w in ipairs(workers_list) do
   end
 end
 
--- Targets (issue 6): each as measured in this run, met or not.
+-- Targets (issues 6 and 14): each as measured in this run, met or not.
 local target_lines = {}
 local function target(what, w, list, goal, better)
   if #list == 0 then return end
@@ -274,6 +362,10 @@ for _, w in ipairs(workers_list) do
   target("echo-p1 vs raw C, >= 0.85x", w, rs("echo-p1", "multiloop", "ref-c"), 0.85, "higher")
   target("echo-p16 vs raw C, >= 0.90x", w, rs("echo-p16", "multiloop", "ref-c"), 0.90, "higher")
   target("http vs nginx + Lua, >= 1.0x", w, rs("http", "multiloop", "nginx-lua"), 1.0, "higher")
+  target("echo-p1 serve-style vs callback echo, >= 0.9x (issue 14)", w,
+    rs("echo-p1", "ml-serve", "multiloop"), 0.9, "higher")
+  target("echo-p16 serve-style vs callback echo, >= 0.9x (issue 14)", w,
+    rs("echo-p16", "ml-serve", "multiloop"), 0.9, "higher")
   local ipc = connrate_rows(w, "ipc", "multiloop")
   if ipc then
     local best, best_mode = nil, nil
@@ -293,19 +385,49 @@ for _, w in ipairs(workers_list) do
         or "**missed**")
   end
 end
+do                                         -- issue 14, with 1 worker only
+  local ir = g1["echo-ir-p1"] and column(g1["echo-ir-p1"].multiloop, "ir_per_op") or {}
+  if #ir > 0 then
+    target_lines[#target_lines + 1] = ("| echo-ir-p1 callback echo, <= 2,000 Ir per op (issue 14) | 1 | %s | %s |")
+      :format(spread_text(ir, int), median(ir) <= 2000 and "met" or "**missed**")
+  end
+  local function mem_target(what, server, limit)
+    local mem = g1["idle-mem"] and column(g1["idle-mem"][server], "bytes_per_conn") or {}
+    if #mem > 0 then
+      target_lines[#target_lines + 1] = ("| %s | 1 | %s B | %s |"):format(what, spread_text(mem, int),
+        median(mem) <= limit and "met" or "**missed**")
+    end
+  end
+  mem_target("idle-mem callback connection, < 560 B (issue 14)", "multiloop", 559)
+  mem_target("idle-mem serve-style connection blocked in receive, <= 1.75 KiB (issue 14)", "ml-serve", 1792)
+  for _, l in ipairs(kv_lines) do
+    target(("%s kv vs redis-server at -P %d, >= %.1fx (issue 14)"):format(l.sc.test, l.sc.p, l.sc.goal), 1,
+      l.ratio, l.sc.goal, "higher")
+  end
+end
 
 -- The plot: ops per CPU-second, one cluster per scenario x workers.
 local plot_ok = false
 do
+  local plotted = {}                      -- the servers with a figure to plot
+  for _, s in ipairs(SERVERS) do
+    local any = false
+    for _, w in ipairs(workers_list) do
+      for _, sc in ipairs(SCENARIOS) do
+        if sc.id ~= "idle-mem" and g[w][sc.id] and g[w][sc.id][s] then any = true end
+      end
+    end
+    if any then plotted[#plotted + 1] = s end
+  end
   local dat = assert(io.open(dir .. "/ops_per_cpu.dat", "w"))
   dat:write("scenario")
-  for _, s in ipairs(SERVERS) do dat:write("\t", s) end
+  for _, s in ipairs(plotted) do dat:write("\t", s) end
   dat:write("\n")
   for _, w in ipairs(workers_list) do
     for _, sc in ipairs(SCENARIOS) do
       if sc.id ~= "idle-mem" and g[w][sc.id] then
         dat:write(('"%s\\n%d worker%s"'):format(sc.id, w, w == 1 and "" or "s"))
-        for _, s in ipairs(SERVERS) do
+        for _, s in ipairs(plotted) do
           local m = median(column(g[w][sc.id][s], "ops_per_cpu"))
           dat:write("\t", m and ("%.0f"):format(m) or "-")
         end
@@ -333,9 +455,9 @@ set key top right
 set xtics font "sans,8"
 set yrange [1000:*]
 plot for [i=2:%d] "%s/ops_per_cpu.dat" using i:xtic(1) title columnheader(i)
-]]):format(dir, meta.repeats or "?", #SERVERS + 1, dir))
+]]):format(dir, meta.repeats or "?", #plotted + 1, dir))
   gp:close()
-  if os.execute("command -v gnuplot > /dev/null") then
+  if #plotted > 0 and os.execute("command -v gnuplot > /dev/null") then
     plot_ok = os.execute(("gnuplot %s/ops_per_cpu.gp"):format(dir)) and true or false
   end
   if not plot_ok then io.stderr:write("report: gnuplot failed or is missing: no plot\n") end
@@ -414,6 +536,35 @@ w_("    process tree) divided by the connections; measured first, on a fresh ser
 w_("  The echo servers are `examples/echo_handler.lua` (multiloop), `bench/peers/luv_echo.lua`")
 w_("  and `bench/peers/node_echo.js`, all pausing a client that does not read its echoes;"
   .. " luv tries the socket before queueing, as multiloop does.")
+local has_serve = false
+for _, w in ipairs(workers_list) do
+  for _, by_server in pairs(g[w]) do if by_server["ml-serve"] then has_serve = true end end
+end
+if has_serve then
+  w_("  `ml-serve` (\"multiloop serve-style\") is multiloop running `bench/serve_echo_handler.lua`,")
+  w_("  a serve-style echo (a coroutine per connection), beside the callback one.")
+end
+if #ir_lines > 0 then
+  w_(("  - `echo-ir` (1 worker only): each server of `BENCH_IR_HANDLERS` (%s)")
+    :format(meta.ir_handlers and ("`" .. meta.ir_handlers .. "`") or "?"))
+  w_("    and the reference run under `valgrind --tool=callgrind`, pinned to CPU 0; once it")
+  w_("    listens, for 1 then 16 in flight: `callgrind_control -z PID` (counters zeroed, so")
+  w_(("    start-up is left out), `loadgen --mode echo --conns 16 --size 64 --duration %s`")
+    :format(meta.ir_seconds or "?"))
+  w_("    on CPU 1, `callgrind_control -d PID`; the dump's Ir total over the operations")
+  w_("    the load generator completed. Valgrind runs the server's threads one at a")
+  w_("    time and far slower, so each wake-up finds more waiting than it would natively;")
+  w_("    the count is for comparing servers and versions, not a native profile;")
+end
+if #kv_lines > 0 then
+  w_(("  - `kv` (1 worker only): `lua5.4 bench/ml_server.lua %s 1` (`BENCH_KV_HANDLER`)")
+    :format(meta.kv_handler or "examples.kv"))
+  w_("    and `redis-server --port PORT --bind 127.0.0.1 --save '' --appendonly no`, each first")
+  w_("    checked with `redis-cli SET`/`GET`, then `redis-benchmark -h 127.0.0.1 -p PORT -c 50")
+  w_("    -n N -P 16|1 -t set|get --csv` (one key, redis-benchmark's default; `BENCH_KV_N16`,")
+  w_("    `BENCH_KV_N1`: N is fixed so both servers do the same requests, and redis-server")
+  w_("    finishes sooner); requests over the server's CPU time in that run.")
+end
 w_("- **Commands** (PORT: the server's; S: `BENCH_SECONDS`):")
 w_("  `build/bench/loadgen --port PORT --duration S --mode echo --conns 64 --size 64 --depth 1` (or `--depth 16`),")
 w_("  `... --mode connrate --conns 32 --size 64`, `... --mode idle --conns N --duration 120`")
@@ -439,6 +590,46 @@ for _, h in ipairs(headline) do
   w_(("| %s | %d | %s |"):format(h.sc.id, h.w, table.concat(h.cells, " | ")))
 end
 w_("")
+if #ir_lines > 0 then
+  w_("## Instructions per operation (callgrind)")
+  w_("")
+  w_("`echo-ir`: user-space instructions (callgrind's Ir, every thread of the server")
+  w_("process, kernel work not included) per echoed message, 1 worker under valgrind,")
+  w_(("16 connections x 64 B for %s s at 1 and 16 in flight; median (min-max) over the")
+    :format(meta.ir_seconds or "?"))
+  w_("repeats, and the ratio to the raw-C reference and to the callback echo in the same")
+  w_("repeat (below 1: fewer instructions). Wall-clock rates under valgrind mean nothing")
+  w_("beyond showing the load ran.")
+  w_("")
+  w_("| in flight | server | Ir per op | vs raw C | vs callback echo | ops/s under callgrind |")
+  w_("|---|---|---|---|---|---|")
+  for _, l in ipairs(ir_lines) do
+    w_(("| %d | %s | %s | %s | %s | %s |"):format(l.depth, SERVER_TITLE[l.server] or l.server, l.ir,
+      l.vs_ref, l.vs_cb, l.rate))
+  end
+  w_("")
+end
+if #kv_lines > 0 then
+  w_("## examples/kv.lua against redis-server")
+  w_("")
+  w_(("`kv`: `%s` (1 worker) and redis-server %s (`--save '' --appendonly no`), each")
+    :format(meta.kv_handler or "examples.kv", meta.redis or "?"))
+  w_("pinned to CPU 0, driven by `redis-benchmark -c 50 -t set|get -P 16|1` on CPU 1, SET and")
+  w_(("GET in separate runs of %s (-P 16) and %s (-P 1) requests; requests per server")
+    :format(meta.kv_n16 and int(tonumber(meta.kv_n16)) or "?", meta.kv_n1 and int(tonumber(meta.kv_n1)) or "?"))
+  w_("CPU-second, median (min-max), and kv / redis-server in the same repeat.")
+  w_("")
+  w_("| test | pipeline | kv req per server CPU-s | redis-server req per server CPU-s | kv / redis-server"
+    .. " | target | kv req/s (wall) | redis-server req/s (wall) |")
+  w_("|---|---|---|---|---|---|---|---|")
+  for _, l in ipairs(kv_lines) do
+    local m = median(l.ratio)
+    w_(("| %s | -P %d | %s | %s | %s | >= %.1fx%s | %s | %s |"):format(l.sc.test, l.sc.p, l.kv, l.redis,
+      ratio_text(l.ratio), l.sc.goal, m and (m >= l.sc.goal and " met" or " **missed**") or "",
+      l.kv_rate, l.redis_rate))
+  end
+  w_("")
+end
 if #dispatch_lines > 0 then
   w_("## Dispatch modes")
   w_("")
@@ -454,7 +645,8 @@ if #target_lines > 0 then
   w_("## Targets")
   w_("")
   w_("The project's targets (per server CPU-second, multiloop's figure over the other's")
-  w_("in the same repeat), as measured in this run: median (min-max) over the repeats.")
+  w_("in the same repeat; for Ir per op and idle memory, multiloop's own figure), as")
+  w_("measured in this run: median (min-max) over the repeats.")
   w_("")
   w_("| target | workers | measured | |")
   w_("|---|---|---|---|")
@@ -496,15 +688,18 @@ end
 w_("## Re-running")
 w_("")
 w_("```")
-w_("make bench                       # the full run: 3 repeats of 5 s, about 10 minutes")
+w_("make bench                       # the full run: 3 repeats of 5 s, about 13 minutes")
 w_("BENCH_QUICK=1 make bench         # 1 repeat of 2 s, 2,000 idle connections: a smoke run")
 w_("BENCH_SECONDS=10 BENCH_REPEATS=5 BENCH_WORKERS=2 make bench")
 w_("BENCH_DISPATCH=ipc make bench    # multiloop and the reference both on ipc")
+w_("BENCH_ONLY='echo-ir kv' make bench  # some groups of: echo http dispatch echo-ir kv")
+w_("BENCH_IR_HANDLERS='multiloop=examples.echo_handler mine=bench.my_echo' BENCH_ONLY=echo-ir make bench")
 w_("make bench-report                # BENCHMARKS.md again from bench/results/raw.tsv")
 w_("```")
 w_("")
 w_("`make bench` names the peers that are missing and skips them; `make deps BENCH=yes`")
-w_("installs them (lua-luv, wrk, nginx, libnginx-mod-http-lua, gnuplot-nox). `make test` never runs any of it.")
+w_("installs them (lua-luv, wrk, nginx, libnginx-mod-http-lua, gnuplot-nox; valgrind,")
+w_("redis-server and redis-tools come with `make deps`). `make test` never runs any of it.")
 f = assert(io.open("BENCHMARKS.md", "w"))
 f:write(table.concat(md, "\n"), "\n")
 f:close()

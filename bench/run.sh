@@ -17,14 +17,29 @@
 #   http        wrk, 64 connections, keep-alive GET / answered "Hello, world!\n"
 #   idle-mem    server RSS growth per idle connection, 10,000 connections
 # and, with 2 workers, connrate for multiloop and the reference in the other
-# dispatch modes (ipc, queue) beside the default (BENCH_DISPATCH).
+# dispatch modes (ipc, queue) beside the default (BENCH_DISPATCH). With 1
+# worker only:
+#   echo-ir     user-space instructions (callgrind Ir) per echoed message,
+#               16 connections x 64 B, 1 and 16 in flight, for each handler
+#               of BENCH_IR_HANDLERS and the raw-C reference (needs valgrind)
+#   kv          examples/kv.lua against redis-server, redis-benchmark SET and
+#               GET at -P 16 and -P 1, requests per server CPU-second (needs
+#               redis-server and redis-benchmark)
+# A serve-style echo (bench/serve_echo_handler.lua), when that file exists,
+# runs as the server "ml-serve" in the echo scenarios and in echo-ir.
 #
 # Environment: BENCH_SECONDS (5) per measurement, BENCH_REPEATS (3),
 # BENCH_IDLE_CONNS (10000), BENCH_WORKERS ("1 2"), BENCH_DISPATCH (reuseport,
 # multiloop's default), BENCH_QUICK=1 (1 repeat of 2 s, 2,000 idle
-# connections: a smoke run). Peers that are not installed are skipped with a
-# note. Results: bench/results/raw.tsv (every measurement), then
-# bench/report.lua writes bench/results/latest.txt, the plot and BENCHMARKS.md.
+# connections: a smoke run), BENCH_ONLY (the groups to run, of "echo http
+# dispatch echo-ir kv"; all by default), BENCH_IR_SECONDS (5: the load under
+# callgrind, quick or not), BENCH_IR_HANDLERS (NAME=MODULE words, default
+# "multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"),
+# BENCH_KV_HANDLER (examples.kv), BENCH_KV_N16 / BENCH_KV_N1 (requests per
+# redis-benchmark run at -P 16 / -P 1: 300,000 / 60,000 per BENCH_SECONDS).
+# Peers that are not installed are skipped with a note. Results:
+# bench/results/raw.tsv (every measurement), then bench/report.lua writes
+# bench/results/latest.txt, the plot and BENCHMARKS.md.
 #
 # Every process this script starts is recorded by PID and stopped by PID
 # (SIGTERM, then SIGKILL after 5 s); each server also stops by itself
@@ -40,6 +55,15 @@ else
   SECS=${BENCH_SECONDS:-5}; REPEATS=${BENCH_REPEATS:-3}; IDLE=${BENCH_IDLE_CONNS:-10000}
 fi
 WORKERS_LIST=${BENCH_WORKERS:-"1 2"}
+ONLY=${BENCH_ONLY:-"echo http dispatch echo-ir kv"}
+for g in $ONLY; do
+  case $g in echo|http|dispatch|echo-ir|kv) ;;
+    *) echo "bench: BENCH_ONLY: unknown group '$g' (echo http dispatch echo-ir kv)" >&2; exit 2;; esac
+done
+want() { case " $ONLY " in *" $1 "*) return 0;; esac; return 1; }
+IR_SECS=${BENCH_IR_SECONDS:-5}
+IR_HANDLERS=${BENCH_IR_HANDLERS:-"multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"}
+KV_HANDLER=${BENCH_KV_HANDLER:-examples.kv}
 DISPATCH=${BENCH_DISPATCH:-reuseport}
 LIFE=600                                  # no server instance outlives this (s)
 HZ=$(getconf CLK_TCK)
@@ -47,6 +71,10 @@ export LUA_PATH="./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;"
 export LUA_CPATH="./build/?.so;;"
 
 case "$SECS" in ''|*[!0-9]*) echo "bench: BENCH_SECONDS must be a whole number" >&2; exit 2;; esac
+case "$IR_SECS" in ''|*[!0-9]*) echo "bench: BENCH_IR_SECONDS must be a whole number" >&2; exit 2;; esac
+KV_N16=${BENCH_KV_N16:-$((300000 * SECS))}
+KV_N1=${BENCH_KV_N1:-$((60000 * SECS))}
+case "$KV_N16$KV_N1" in *[!0-9]*) echo "bench: BENCH_KV_N16 and BENCH_KV_N1 must be whole numbers" >&2; exit 2;; esac
 [ -x $B/loadgen ] && [ -x $B/ref_server ] || { echo "bench: run 'make bench-build' first" >&2; exit 2; }
 
 # 10,000 idle connections need more than 1024 fds, on both sides.
@@ -62,7 +90,7 @@ ulimit -n "$want"
 TMP=$(mktemp -d /tmp/multiloop-bench.XXXXXX)
 mkdir -p "$RES"
 RAW=$RES/raw.tsv
-printf 'repeat\tworkers\tscenario\tserver\tops\tops_per_s\tcpu_s\tops_per_cpu\tp50_us\tp99_us\tp999_us\terrors\tbytes_per_conn\n' > "$RAW"
+printf 'repeat\tworkers\tscenario\tserver\tops\tops_per_s\tcpu_s\tops_per_cpu\tp50_us\tp99_us\tp999_us\terrors\tbytes_per_conn\tir_per_op\n' > "$RAW"
 
 SPID=""                                   # the server we started, if any
 LGPID=""                                  # a background load generator, if any
@@ -153,13 +181,14 @@ wait_for() {
 }
 
 # launch NAME CMD...: starts a server (pinned when SERVER_PIN is set) that
-# prints "LISTENING <port>"; sets SPID and PORT. Returns non-zero on failure.
+# prints "LISTENING <port>" within LAUNCH_TRIES x 50 ms (200: 10 s); sets SPID
+# and PORT. Returns non-zero on failure.
 launch() {
   local name=$1; shift
   : > "$TMP/server.out"
   $SERVER_PIN timeout -k 5 "$LIFE" "$@" > "$TMP/server.out" 2> "$TMP/server.err" &
   SPID=$!
-  PORT=$(wait_for LISTENING "$TMP/server.out" "$SPID" 200)
+  PORT=$(wait_for LISTENING "$TMP/server.out" "$SPID" "${LAUNCH_TRIES:-200}")
   if [ -z "$PORT" ]; then
     echo "bench: $name did not start:" >&2
     sed 's/^/  /' "$TMP/server.err" >&2
@@ -205,9 +234,9 @@ stop_server() { stop_pid "$SPID"; SPID=""; }
 # field NAME FILE: a key=value from the RESULT line.
 field() { awk -v k="$1" '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) print kv[2] } }' "$2"; }
 
-row() {  # repeat workers scenario server ops ops/s cpu_s ops/cpu p50 p99 p999 errors bytes/conn
+row() {  # repeat workers scenario server ops ops/s cpu_s ops/cpu p50 p99 p999 errors bytes/conn [Ir/op]
   local IFS=$'\t'
-  echo "$*" >> "$RAW"
+  if [ $# -eq 13 ]; then echo "$*"$'\t-' >> "$RAW"; else echo "$*" >> "$RAW"; fi
 }
 
 # loadgen_run REPEAT WORKERS SCENARIO SERVER LOADGEN-ARGS...
@@ -279,6 +308,106 @@ idle_run() {
   sleep 0.5                               # the server closes 10,000 connections
 }
 
+# ir_run REPEAT SERVER CMD...: CMD (a 1-worker echo server printing
+# "LISTENING <port>") under callgrind, pinned to CPU 0; for 1 and 16 in
+# flight: zero the counters (callgrind_control -z), run the load generator
+# (16 connections x 64 B, IR_SECS), dump them (callgrind_control -d) and
+# divide the dump's Ir (user-space instructions, every thread of the
+# process) by the operations the load generator completed.
+ir_run() {
+  local r=$1 server=$2 out vpid depth part=0 ir ops i; shift 2
+  out=$TMP/callgrind.out
+  rm -f "$out" "$out".*
+  SERVER_PIN="taskset -c 0" LAUNCH_TRIES=1200 launch "$server (callgrind)" \
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" || return
+  vpid=$(ps -o pid= --ppid "$SPID" | awk 'NR == 1 { print $1 }')   # valgrind, under timeout(1)
+  if [ -z "$vpid" ]; then echo "bench: echo-ir/$server: no valgrind process under $SPID" >&2; stop_server; return; fi
+  for depth in 1 16; do
+    callgrind_control -z "$vpid" > "$TMP/cgc.out" 2>&1 ||
+      { echo "bench: echo-ir/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; break; }
+    taskset -c 1 $B/loadgen --port "$PORT" --duration "$IR_SECS" --mode echo --conns 16 --size 64 \
+      --depth "$depth" > "$TMP/lg.out" 2> "$TMP/lg.err"
+    callgrind_control -d "$vpid" > "$TMP/cgc.out" 2>&1 ||
+      { echo "bench: echo-ir/$server: callgrind_control -d failed: $(cat "$TMP/cgc.out")" >&2; break; }
+    part=$((part + 1))
+    ir=""
+    for i in $(seq 100); do               # the dump is written by the server's own thread
+      ir=$(awk '$1 == "summary:" { print $2 }' "$out.$part" 2>/dev/null)
+      [ -n "$ir" ] && break
+      sleep 0.1
+    done
+    ops=$(field ops "$TMP/lg.out")
+    if [ -z "$ops" ] || [ -z "$ir" ] || [ "$ops" -lt 1 ]; then
+      echo "bench: echo-ir-p$depth/$server: no count (ops '${ops}', Ir '${ir}'): $(cat "$TMP/lg.err")" >&2
+      continue
+    fi
+    row "$r" 1 "echo-ir-p$depth" "$server" "$ops" "$(field ops_per_s "$TMP/lg.out")" - - \
+      "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" "$(field p999_us "$TMP/lg.out")" \
+      "$(field errors "$TMP/lg.out")" - "$(awk -v i="$ir" -v o="$ops" 'BEGIN { printf "%.0f", i / o }')"
+    printf '  %-10s %-8s w=1 %10s ops (under callgrind)  %12s Ir  %6s Ir/op  errors %s\n' "echo-ir-p$depth" \
+      "$server" "$ops" "$ir" "$(tail -1 "$RAW" | cut -f14)" "$(field errors "$TMP/lg.out")"
+    [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
+  done
+  stop_server
+}
+
+# launch_redis: redis-server in the foreground on 127.0.0.1, no persistence
+# (pinned when SERVER_PIN is set); sets SPID and PORT. Like nginx it takes a
+# port number, so a port taken in between is retried on another.
+launch_redis() {
+  local attempt i
+  for attempt in 1 2 3; do
+    PORT=$(free_port)
+    mkdir -p "$TMP/redis"
+    $SERVER_PIN timeout -k 5 "$LIFE" redis-server --port "$PORT" --bind 127.0.0.1 --save '' \
+      --appendonly no --daemonize no --dir "$TMP/redis" > "$TMP/server.out" 2> "$TMP/server.err" &
+    SPID=$!
+    for i in $(seq 100); do
+      [ "$(redis-cli -h 127.0.0.1 -p "$PORT" ping 2>/dev/null)" = PONG ] && { sleep 0.2; return 0; }
+      kill -0 "$SPID" 2>/dev/null || break
+      sleep 0.05
+    done
+    stop_server
+  done
+  echo "bench: redis-server did not start:" >&2
+  cat "$TMP/server.out" "$TMP/server.err" | tail -5 | sed 's/^/  /' >&2
+  return 1
+}
+
+# kv_run REPEAT SERVER: redis-benchmark SET then GET, at -P 16 and -P 1, 50
+# connections, pinned to CPU 1; requests per second of server CPU.
+kv_run() {
+  local r=$1 server=$2 p t n c0 c1 cpu line up
+  if [ "$(redis-cli -h 127.0.0.1 -p "$PORT" set bench:check 42 2>&1)" != OK ] ||
+     [ "$(redis-cli -h 127.0.0.1 -p "$PORT" get bench:check 2>&1)" != 42 ]; then
+    echo "bench: kv/$server: SET then GET with redis-cli did not give OK and 42: skipped" >&2
+    return
+  fi
+  for p in 16 1; do
+    if [ "$p" = 16 ]; then n=$KV_N16; else n=$KV_N1; fi
+    for t in set get; do
+      up=$(echo "$t" | tr a-z A-Z)
+      c0=$(cpu_ticks "$SPID")
+      $CLIENT_PIN redis-benchmark -h 127.0.0.1 -p "$PORT" -c 50 -n "$n" -P "$p" -t "$t" --csv \
+        > "$TMP/rb.out" 2> "$TMP/rb.err"
+      c1=$(cpu_ticks "$SPID")
+      # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+      line=$(grep "^\"$up\"," "$TMP/rb.out" | tr -d '"')
+      if [ -z "$line" ]; then
+        echo "bench: kv-$t-p$p/$server: redis-benchmark failed: $(cat "$TMP/rb.out" "$TMP/rb.err" | tail -3)" >&2
+        continue
+      fi
+      cpu=$(awk -v t=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }')
+      row "$r" 1 "kv-$t-p$p" "$server" "$n" "$(echo "$line" | cut -d, -f2)" "$cpu" \
+        "$(awk -v o="$n" -v c="$cpu" 'BEGIN { printf "%.0f", (c > 0 ? o / c : 0) }')" \
+        "$(echo "$line" | awk -F, '{ printf "%.0f", $5 * 1000 }')" \
+        "$(echo "$line" | awk -F, '{ printf "%.0f", $7 * 1000 }')" - 0 -
+      printf '  %-10s %-8s w=1 %10s req/s  %5s cpu-s  %9s req/cpu-s\n' "kv-$t-p$p" "$server" \
+        "$(echo "$line" | cut -d, -f2)" "$cpu" "$(tail -1 "$RAW" | cut -f8)"
+    done
+  done
+}
+
 # --- servers -----------------------------------------------------------------
 
 have_luv=1; have_node=1; have_nginx=1; have_wrk=1
@@ -287,11 +416,25 @@ command -v node > /dev/null || { have_node=0; echo "bench: note: node is missing
 { command -v nginx > /dev/null && [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ]; } ||
   { have_nginx=0; echo "bench: note: nginx or libnginx-mod-http-lua is missing: the nginx + Lua peer is skipped"; }
 command -v wrk > /dev/null || { have_wrk=0; echo "bench: note: wrk is missing: the HTTP scenario is skipped"; }
+have_serve=1; have_valgrind=1; have_redis=1
+if [ ! -f bench/serve_echo_handler.lua ]; then
+  have_serve=0
+  want echo && echo "bench: note: bench/serve_echo_handler.lua is missing: the serve-style echo (ml-serve) is skipped"
+fi
+if want echo-ir; then
+  { command -v valgrind > /dev/null && command -v callgrind_control > /dev/null; } ||
+    { have_valgrind=0; echo "bench: note: valgrind is missing: echo-ir (callgrind Ir per op) is skipped"; }
+fi
+if want kv; then
+  { command -v redis-server > /dev/null && command -v redis-benchmark > /dev/null && command -v redis-cli > /dev/null; } ||
+    { have_redis=0; echo "bench: note: redis-server, redis-benchmark or redis-cli is missing: the kv scenario is skipped"; }
+fi
 
 # start_echo SERVER WORKERS [DISPATCH]
 start_echo() {
   case $1 in
     multiloop) launch multiloop lua5.4 bench/ml_server.lua examples.echo_handler "$2" "${3:-$DISPATCH}" ;;
+    ml-serve) launch ml-serve lua5.4 bench/ml_server.lua bench.serve_echo_handler "$2" "${3:-$DISPATCH}" ;;
     ref-c) launch ref-c $B/ref_server --workers "$2" --dispatch "${3:-$DISPATCH}" --max-seconds "$LIFE" ;;
     luv) launch luv lua5.4 bench/peers/luv_echo.lua "$LIFE" ;;
     node) launch node node bench/peers/node_echo.js --workers "$2" --max-seconds "$LIFE" ;;
@@ -314,7 +457,7 @@ rotate() {
   for ((i = 0; i < n; i++)); do printf '%s ' "${a[$(((i + k) % n))]}"; done
 }
 
-echo_servers() { local s="multiloop ref-c"; [ "$1" = 1 ] && [ $have_luv = 1 ] && s="$s luv"; [ $have_node = 1 ] && s="$s node"; echo "$s"; }
+echo_servers() { local s="multiloop ref-c"; [ $have_serve = 1 ] && s="$s ml-serve"; [ "$1" = 1 ] && [ $have_luv = 1 ] && s="$s luv"; [ $have_node = 1 ] && s="$s node"; echo "$s"; }
 http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-lua"; [ $have_node = 1 ] && s="$s node"; echo "$s"; }
 
 # --- the machine and the settings, for the report -----------------------------
@@ -337,6 +480,14 @@ http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-l
   echo "nginx=$([ $have_nginx = 1 ] && nginx -v 2>&1 | sed 's/.*nginx\///' || echo missing)"
   echo "nginx_lua=$([ $have_nginx = 1 ] && dpkg-query -W -f='${Version}' libnginx-mod-http-lua 2>/dev/null || echo missing)"
   echo "wrk=$([ $have_wrk = 1 ] && dpkg-query -W -f='${Version}' wrk 2>/dev/null || echo missing)"
+  echo "valgrind=$([ $have_valgrind = 1 ] && want echo-ir && valgrind --version | sed 's/^valgrind-//' || echo missing)"
+  echo "redis=$([ $have_redis = 1 ] && want kv && redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/' || echo missing)"
+  echo "ir_seconds=$IR_SECS"
+  echo "ir_handlers=$IR_HANDLERS"
+  echo "kv_handler=$KV_HANDLER"
+  echo "kv_n16=$KV_N16"
+  echo "kv_n1=$KV_N1"
+  echo "only=$ONLY"
   echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$RES/meta.txt"
 
@@ -351,15 +502,17 @@ for r in $(seq "$REPEATS"); do
   for w in $WORKERS_LIST; do
     if [ "$w" = 1 ]; then SERVER_PIN="taskset -c 0"; CLIENT_PIN="taskset -c 1"
     else SERVER_PIN=""; CLIENT_PIN=""; fi
-    for s in $(rotate "$r" $(echo_servers "$w")); do
-      start_echo "$s" "$w" || continue
-      idle_run "$r" "$w" "$s"
-      loadgen_run "$r" "$w" echo-p1 "$s" --mode echo --conns 64 --size 64 --depth 1
-      loadgen_run "$r" "$w" echo-p16 "$s" --mode echo --conns 64 --size 64 --depth 16
-      loadgen_run "$r" "$w" connrate "$s" --mode connrate --conns 32 --size 64
-      stop_server
-    done
-    if [ $have_wrk = 1 ]; then
+    if want echo; then
+      for s in $(rotate "$r" $(echo_servers "$w")); do
+        start_echo "$s" "$w" || continue
+        idle_run "$r" "$w" "$s"
+        loadgen_run "$r" "$w" echo-p1 "$s" --mode echo --conns 64 --size 64 --depth 1
+        loadgen_run "$r" "$w" echo-p16 "$s" --mode echo --conns 64 --size 64 --depth 16
+        loadgen_run "$r" "$w" connrate "$s" --mode connrate --conns 32 --size 64
+        stop_server
+      done
+    fi
+    if want http && [ $have_wrk = 1 ]; then
       for s in $(rotate "$r" $(http_servers "$w")); do
         start_http "$s" "$w" || continue
         case " $checked_http " in
@@ -374,7 +527,7 @@ for r in $(seq "$REPEATS"); do
         stop_server
       done
     fi
-    if [ "$w" = 2 ]; then                 # the other dispatch modes, connection rate
+    if want dispatch && [ "$w" = 2 ]; then   # the other dispatch modes, connection rate
       for d in ipc queue reuseport; do
         [ "$d" = "$DISPATCH" ] && continue
         for s in multiloop ref-c; do
@@ -385,6 +538,31 @@ for r in $(seq "$REPEATS"); do
       done
     fi
   done
+  SERVER_PIN="taskset -c 0"; CLIENT_PIN="taskset -c 1"   # 1 worker, pinned, from here on
+  if want echo-ir && [ $have_valgrind = 1 ]; then
+    for s in $(rotate "$r" $IR_HANDLERS ref-c); do
+      case $s in
+        ref-c) ir_run "$r" ref-c $B/ref_server --workers 1 --dispatch "$DISPATCH" --max-seconds "$LIFE" ;;
+        *=*) mod=${s#*=}
+             if [ -f "$(echo "$mod" | tr . /).lua" ]; then
+               ir_run "$r" "${s%%=*}" lua5.4 bench/ml_server.lua "$mod" 1 "$DISPATCH"
+             elif [ "$r" = 1 ]; then
+               echo "bench: note: echo-ir: $(echo "$mod" | tr . /).lua is missing: ${s%%=*} is skipped"
+             fi ;;
+        *) echo "bench: BENCH_IR_HANDLERS: '$s' is not NAME=MODULE" >&2 ;;
+      esac
+    done
+  fi
+  if want kv && [ $have_redis = 1 ]; then
+    for s in $(rotate "$r" multiloop redis); do
+      case $s in
+        multiloop) launch kv lua5.4 bench/ml_server.lua "$KV_HANDLER" 1 || continue ;;
+        redis) launch_redis || continue ;;
+      esac
+      kv_run "$r" "$s"
+      stop_server
+    done
+  fi
 done
 echo "bench: measured in $(( $(date +%s) - start_time )) s"
 echo "loadavg_after=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$RES/meta.txt"
