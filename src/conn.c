@@ -184,7 +184,7 @@ static void ev_closed(multiloop_stream_t *s, int reason) {
   luaL_unref(w->L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
 }
 
-static const multiloop_stream_events_t conn_events = {
+const multiloop_stream_events_t multiloop_conn_events = {
   ev_read, ev_eof, ev_written, ev_drained, ev_closing, ev_closed
 };
 
@@ -233,7 +233,7 @@ static int accept_body(lua_State *L) {
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
   c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  multiloop_stream_init(&c->s, w, w->cfg->path != NULL, &conn_events);
+  multiloop_stream_init(&c->s, w, w->cfg->path != NULL, &multiloop_conn_events);
   c->counted = 1;                          /* the listener counted this fd */
   ev->taken = 1;
   rc = multiloop_stream_open(&c->s, ev->fd, (uv_stream_t *)&w->pipe);
