@@ -21,11 +21,17 @@ BENCH_CFLAGS   := -std=gnu11 -O2 -g -Wall -Wextra -Werror -pthread
 bench: bench-deps build bench-build
 	bash bench/run.sh
 
-bench-build: $(BENCH_BUILD)/loadgen $(BENCH_BUILD)/ref_server
+bench-build: $(BENCH_BUILD)/loadgen $(BENCH_BUILD)/ref_server $(BENCH_BUILD)/lua_host
 
 $(BENCH_BUILD)/loadgen: bench/loadgen.c bench/bench.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(BENCH_CFLAGS) -o $@ $< -pthread
+
+# lua5.4 with the VM's symbols, for profiles (bench/lua_host.c).
+$(BENCH_BUILD)/lua_host: bench/lua_host.c bench/bench.mk | check-deps
+	@mkdir -p $(dir $@)
+	$(CC) $(BENCH_CFLAGS) -I/usr/include/lua5.4 -o $@ $< \
+	  $(shell pkg-config --variable=libdir lua5.4)/liblua5.4.a -lm -ldl -rdynamic
 
 $(BENCH_BUILD)/ref_server: bench/ref_server.c bench/bench.mk | check-deps
 	@mkdir -p $(dir $@)
