@@ -276,6 +276,24 @@ describe("serve", function()
                    .. "use worker%.spawn%)$", sort)
   end)
 
+  for _, dispatch in ipairs({ "reuseport", "queue", "ipc" }) do
+    it("serves lines with dispatch " .. dispatch, function()
+      local c = start("lines", { dispatch = dispatch, workers = 2 })
+      assert(c:send("over " .. dispatch .. "\n"))
+      assert.are.equal("[over " .. dispatch .. "]", helper.line(c))
+    end)
+  end
+
+  it("serves lines over a Unix socket", function()
+    local path = helper.sock_path()
+    server = helper.server({ path = path, workers = 1, handler = "spec.fixtures.sequential",
+                             config = { case = "lines" } })
+    local c = helper.connect_unix(path)
+    helper.defer(function() c:close() end)
+    assert(c:send("unix\n"))
+    assert.are.equal("[unix]", helper.line(c))
+  end)
+
   it("2,000 connections wait in receive at once, and all are served #stress", function()
     server, port = helper.server({ workers = 2, handler = "spec.fixtures.sequential",
                                    config = { case = "many" } })
