@@ -655,6 +655,17 @@ static int serve_send(lua_State *L) {
   return multiloop_await(L, t, cancel_send, c, NULL);
 }
 
+/* conn:dirty(): true while received bytes wait unread (LuaSocket's name):
+ * a server answering pipelined requests can hold its replies back while
+ * more requests are already here, and send them together. */
+static int serve_dirty(lua_State *L) {
+  multiloop_conn_t *c = check_serve(L, "conn:dirty");
+  size_t len;
+  input(c, &len);
+  lua_pushboolean(L, len > 0);
+  return 1;
+}
+
 static uint32_t check_timeout(lua_State *L, int arg, const char *who) {
   int isint = 0;
   lua_Integer ms = lua_type(L, arg) == LUA_TNUMBER ? lua_tointegerx(L, arg, &isint) : 0;
@@ -690,6 +701,7 @@ const luaL_Reg multiloop_serve_methods[] = {
   { "receiveany", serve_receiveany },
   { "receiveuntil", serve_receiveuntil },
   { "send", serve_send },
+  { "dirty", serve_dirty },
   { "settimeout", serve_settimeout },
   { "settimeouts", serve_settimeouts },
   { NULL, NULL }
