@@ -17,11 +17,13 @@
  * loop and the Lua state and closes both: the loop runs dry first (every
  * handle closed, uv_loop_close returns 0), then lua_close.
  *
- * Every connection the acceptor counted against this worker is either
- * opened as a connection (conn.c gives the count back when it closes) or
- * closed here with its count given back: one it cannot take (stopping, no
- * memory), one still queued in the inbox or pending on the pipe as the
- * worker closes, one still unread in the pipe's socket. None is left behind.
+ * Every connection that holds a slot for this worker (slots.c: taken by the
+ * acceptor as it picked this worker, or here as our own reuseport listener
+ * accepted it) is either opened as a connection (conn.c gives the slot back
+ * when it closes) or closed here with its slot given back: one it cannot
+ * take (stopping, no memory), one still queued in the inbox or pending on
+ * the pipe as the worker closes, one still unread in the pipe's socket. None
+ * is left behind.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -209,12 +211,9 @@ static void pipe_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 }
 
 /* A connection that reached this worker and will not be served (stopping,
- * or no memory for it) is closed; the acceptor counted it, so its count and
- * its max_connections slot are given back. */
+ * or no memory for it) is closed: its slot is given back. */
 static void release_unserved(multiloop_worker_t *w) {
-  if (w->cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT)
-    atomic_fetch_sub_explicit(&w->active, 1, memory_order_relaxed);
-  multiloop_acceptor_released(w->rt);
+  multiloop_slot_give(w->rt, w);
 }
 
 static void take_pending(multiloop_worker_t *w);
@@ -335,7 +334,9 @@ static void take_fd(multiloop_worker_t *w, uv_os_sock_t fd) {
   }
 }
 
+/* Reuseport: our own listener accepted `fd`; its slot is ours from here. */
 static void listener_fd_cb(multiloop_listener_t *l, uv_os_sock_t fd) {
+  multiloop_slot_take(l->rt, l->data);
   take_fd(l->data, fd);
 }
 
