@@ -7,52 +7,64 @@ describe("max_connections", function()
   local server, port
   after_each(function() if server then server:stop() end end)
 
-  it("holds the extra client in the backlog until a slot frees", function()
-    server, port = helper.server{ workers = 2, max_connections = 2, handler = "examples.echo_handler" }
-    local c1 = helper.connect(port)
-    local c2 = helper.connect(port)
-    helper.defer(function() c1:close(); c2:close() end)
-    assert.are.equal("one\n", helper.echo(c1, "one\n"))
-    assert.are.equal("two\n", helper.echo(c2, "two\n"))
-    local c3 = helper.connect(port)        -- the kernel completes the handshake
-    helper.defer(function() c3:close() end)
-    assert(c3:send("three\n"))
-    c3:settimeout(0.3)
-    local data, err = c3:receive("*l")
-    assert.is_nil(data)
-    assert.are.equal("timeout", err)       -- not served, and not dropped
-    c1:close()
-    c3:settimeout(helper.TIMEOUT)
-    assert.are.equal("three", helper.line(c3))
-    assert.are.equal("two\n", helper.echo(c2, "two\n"))
-  end)
+  -- Each dispatch takes its slots in its own place (the acceptor as it picks
+  -- a worker, a reuseport worker as its own listener accepts) and gives them
+  -- back in several (conn.c, worker.c, acceptor.c): all through slots.c.
+  for _, dispatch in ipairs { "ipc", "queue", "reuseport" } do
+    it(("holds the extra client in the backlog until a slot frees (%s)"):format(dispatch),
+       function()
+      server, port = helper.server{ workers = 2, max_connections = 2, dispatch = dispatch,
+                                    handler = "examples.echo_handler" }
+      local c1 = helper.connect(port)
+      local c2 = helper.connect(port)
+      helper.defer(function() c1:close(); c2:close() end)
+      assert.are.equal("one\n", helper.echo(c1, "one\n"))
+      assert.are.equal("two\n", helper.echo(c2, "two\n"))
+      local c3 = helper.connect(port)        -- the kernel completes the handshake
+      helper.defer(function() c3:close() end)
+      assert(c3:send("three\n"))
+      c3:settimeout(0.3)
+      local data, err = c3:receive("*l")
+      assert.is_nil(data)
+      assert.are.equal("timeout", err)       -- not served, and not dropped
+      c1:close()
+      c3:settimeout(helper.TIMEOUT)
+      assert.are.equal("three", helper.line(c3))
+      assert.are.equal("two\n", helper.echo(c2, "two\n"))
+    end)
 
-  it("counts a slot free again after every kind of close", function()
-    server, port = helper.server{ workers = 1, max_connections = 1, handler = function(conn)
-      conn:on_data(function(data)
-        if data == "error\n" then error("closing by error") end
-        if data == "close\n" then conn:close() end
-        conn:write(data)
-      end)
-    end }
-    for _, how in ipairs { "client", "close", "error", "reset" } do
-      local c = helper.connect(port)
-      assert.are.equal("hi\n", helper.echo(c, "hi\n"))
-      if how == "client" then
-        c:close()
-      elseif how == "reset" then
-        c:setoption("linger", { on = true, timeout = 0 })
-        c:close()
-      else
-        assert(c:send(how .. "\n"))
-        helper.all(c)
-        c:close()
+    it(("counts a slot free again after every kind of close (%s)"):format(dispatch), function()
+      server, port = helper.server{ workers = 1, max_connections = 1, dispatch = dispatch,
+                                    handler = function(conn)
+        conn:on_data(function(data)
+          if data == "error\n" then error("closing by error") end
+          if data == "close\n" then conn:close() end
+          conn:write(data)
+        end)
+      end }
+      for _, how in ipairs { "client", "close", "error", "reset" } do
+        local c = helper.connect(port)
+        assert.are.equal("hi\n", helper.echo(c, "hi\n"))
+        if how == "client" then
+          c:close()
+        elseif how == "reset" then
+          c:setoption("linger", { on = true, timeout = 0 })
+          c:close()
+        else
+          assert(c:send(how .. "\n"))
+          helper.all(c)
+          c:close()
+        end
       end
-    end
-    local c = helper.connect(port)
-    helper.defer(function() c:close() end)
-    assert.are.equal("last\n", helper.echo(c, "last\n"))
-  end)
+      local c = helper.connect(port)
+      helper.defer(function() c:close() end)
+      assert.are.equal("last\n", helper.echo(c, "last\n"))
+      assert.are.equal(1, server:stats().active)
+      c:close()
+      assert(helper.eventually(function() return server:stats().active == 0 end, 2000),
+             "a slot still held after every client closed")
+    end)
+  end
 end)
 
 describe("file descriptor exhaustion", function()
