@@ -19,9 +19,10 @@
  *
  * A listener asks multiloop_slots_full before each accept4, so a client over
  * the limit waits in the kernel's backlog, never accepted and dropped. The
- * check and the take are two steps: reuseport workers, each with its own
- * listener, can together go past the limit by at most one connection each
- * (the acceptor is a single listener and cannot).
+ * check and the take are two steps: with reuseport, where each worker has a
+ * listener of its own, workers accepting at the same moment can go past the
+ * limit by up to one connection per other worker (the acceptor is a single
+ * listener and cannot).
  *
  * Pausing at the limit: the acceptor raises accept_waiting, then looks at
  * the count again (multiloop_slots_wait); a give decrements, then reads the
@@ -29,8 +30,8 @@
  * of the two always sees the other and no wake-up is lost. The ring is made
  * under resume_lock, and the acceptor sets the handle to ring
  * (multiloop_slots_bell) only while it is open, so no give rings a closed
- * handle. A reuseport worker's listener is rung by nobody: it looks again on
- * a short timer (listener.c).
+ * handle. A reuseport worker's listener is rung by nobody and raises no
+ * flag: it looks again on a short timer (listener.c).
  *
  * Memory orders: rt->active and accept_waiting are seq_cst (the pause
  * handshake above); w->active is relaxed (a statistic and a balancing hint,
@@ -75,11 +76,13 @@ int multiloop_slots_resume(multiloop_runtime_t *rt, int woken) {
   return 1;
 }
 
-/* Listener's thread, found full: whether to pause. The flag is raised before
- * the count is looked at again, so a give that frees a slot meanwhile either
- * is seen here or sees the flag and rings. */
+/* Listener's thread, found full: whether to pause. The acceptor raises its
+ * flag before it looks at the count again, so a give that frees a slot
+ * meanwhile either is seen here or sees the flag and rings. A listener
+ * nobody rings (reuseport) raises none: the flag would only send every give
+ * after it through resume_lock, for a ring that has no handle to reach. */
 int multiloop_slots_wait(multiloop_runtime_t *rt, int woken) {
-  atomic_store(&rt->accept_waiting, 1);
+  if (woken) atomic_store(&rt->accept_waiting, 1);
   return !multiloop_slots_resume(rt, woken);
 }
 
