@@ -400,6 +400,7 @@ void multiloop_slot_give(multiloop_runtime_t *rt, multiloop_worker_t *w);  /* an
 int multiloop_slots_wait(multiloop_runtime_t *rt, int woken);   /* listener: 1 = pause */
 int multiloop_slots_resume(multiloop_runtime_t *rt, int woken); /* listener: 1 = free again */
 void multiloop_slots_bell(multiloop_runtime_t *rt, uv_async_t *bell);   /* acceptor */
+int multiloop_slots_audit(multiloop_runtime_t *rt);  /* main, all joined: 0 = all back */
 /* A worker's slots now (relaxed: least_connections' hint). */
 static inline int multiloop_slots_held(multiloop_worker_t *w) {
   return atomic_load_explicit(&w->active, memory_order_relaxed);

@@ -42,6 +42,8 @@
  * multiloop_slots_bell on the acceptor thread. Nothing here allocates.
  * resume_lock is made and destroyed with the runtime (server.c).
  */
+#include <stdio.h>
+
 #include "multiloop.h"
 
 /* Listener's thread, before each accept: at max_connections (0: no limit)? */
@@ -92,4 +94,19 @@ void multiloop_slots_bell(multiloop_runtime_t *rt, uv_async_t *bell) {
   uv_mutex_lock(&rt->resume_lock);
   rt->resume_bell = bell;
   uv_mutex_unlock(&rt->resume_lock);
+}
+
+/* Main thread, once every thread is joined (server.c): every slot taken
+ * must have been given back. One that was not is a bug in whoever held it,
+ * and a silent one (it shrinks max_connections for the rest of the run), so
+ * it is reported. Returns how many were not. */
+int multiloop_slots_audit(multiloop_runtime_t *rt) {
+  int i, left = atomic_load(&rt->active), held = 0;
+  for (i = 0; i < rt->cfg->nworkers; i++) held += multiloop_slots_held(&rt->workers[i]);
+  if (left != 0 || held != 0) {
+    fprintf(stderr, "multiloop: stop: %d connection slots not given back (%d held by workers)\n",
+            left, held);
+    fflush(stderr);
+  }
+  return left != 0 || held != 0;
 }
