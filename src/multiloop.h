@@ -218,6 +218,7 @@ struct multiloop_worker_s {
     uv_pipe_t pipe;
   } spare;
   int spare_busy;
+  int pipe_left;                       /* ipc: pending on the pipe as take_pending returned */
   multiloop_inbox_t inbox;             /* fds (queue dispatch), messages, stops */
   multiloop_msg_t *stop_msg;           /* preallocated: a stop can always be posted */
   int stop_posted;                     /* main thread: stop_msg is in the inbox */

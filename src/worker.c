@@ -22,8 +22,9 @@
  * accepted it) is either opened as a connection (conn.c gives the slot back
  * when it closes) or closed here with its slot given back: one it cannot
  * take (stopping, no memory), one still queued in the inbox or pending on
- * the pipe as the worker closes, one still unread in the pipe's socket. None
- * is left behind.
+ * the pipe as the worker closes, one still unread in the pipe's socket, one
+ * whose fd the kernel dropped on the way (its byte came without it). None is
+ * left behind.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -256,12 +257,24 @@ static int refuse_pending(multiloop_worker_t *w) {
 static void take_pending(multiloop_worker_t *w) {
   while (!w->closing && uv_pipe_pending_count(&w->pipe) > 0) {
     if (!w->stopping && multiloop_conn_open(w, -1)) continue;
-    if (!refuse_pending(w)) return;
+    if (!refuse_pending(w)) break;
   }
+  w->pipe_left = uv_pipe_pending_count(&w->pipe);
+}
+
+/* ipc: `bytes` just read from the pipe, each one a hand-off whose fd came in
+ * its ancillary data. A worker at its fd limit gets the byte without the fd:
+ * the kernel closes what it cannot install (MSG_CTRUNC, which libuv does not
+ * report), and that client is gone. Its slot is given back here: the fds
+ * that did come are the ones now pending beyond what was left before. */
+static void give_back_dropped(multiloop_worker_t *w, ssize_t bytes) {
+  ssize_t came = uv_pipe_pending_count(&w->pipe) - w->pipe_left;
+  for (; bytes > came; bytes--) release_unserved(w);
 }
 
 /* ipc: receives what is still unread in the pipe's socket, closes every
- * connection in it and gives its count back. Only once the acceptor's end is
+ * connection in it and gives a slot back for each byte (one per hand-off,
+ * with or without its fd: at the fd limit the kernel drops it). Only once the acceptor's end is
  * closed, so that nothing more can come: at the pipe's end, or as the worker
  * closes (the acceptor stops before any worker does: server.c). */
 static void drain_socket(multiloop_worker_t *w) {
@@ -293,9 +306,9 @@ static void drain_socket(multiloop_worker_t *w) {
         int client;
         memcpy(&client, CMSG_DATA(cm) + i * sizeof(int), sizeof client);
         close(client);
-        release_unserved(w);
       }
     }
+    for (; got > 0; got--) release_unserved(w);
   }
 }
 
@@ -309,6 +322,7 @@ static void drain_socket(multiloop_worker_t *w) {
 static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) {
   multiloop_worker_t *w = pipe->data;
   (void)buf;
+  if (nread > 0) give_back_dropped(w, nread);
   take_pending(w);
   if (nread < 0) {
     drain_socket(w);
