@@ -235,7 +235,7 @@ static void refused_close_cb(uv_handle_t *h) {
  * Returns 0 when it could not because the spare is still closing; its close
  * callback then takes what is pending. uv_accept never fails to take the fd
  * while one is pending: on an error it closes it itself, and either way the
- * count is given back in the close callback. */
+ * slot is given back in the close callback. */
 static int refuse_pending(multiloop_worker_t *w) {
   uv_handle_t *h = malloc(sizeof w->spare);     /* a bare uv_tcp_t or uv_pipe_t */
   if (h == NULL) {
@@ -312,10 +312,11 @@ static void drain_socket(multiloop_worker_t *w) {
   }
 }
 
-/* A byte on the pipe carries a connection (or several, when reads coalesce).
+/* A byte on the pipe carries a connection (or several, when reads coalesce);
+ * one that came without its fd is a client already gone (give_back_dropped).
  * While stopping, the pipe stays open until the worker finishes, so that
  * what the acceptor sent before it stopped is refused here, each with its
- * count given back. At the pipe's end the acceptor has gone, but libuv may
+ * slot given back. At the pipe's end the acceptor has gone, but libuv may
  * report the end early: an IPC read stops at each passed fd, so it always
  * looks partial, and a hang-up after a partial read counts as the end. What
  * is still unread then is drained here, since libuv will not read it. */
@@ -332,7 +333,7 @@ static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) 
 
 /* ipc, as the worker closes its pipe: the connections still pending in
  * libuv (it closes their fds with the pipe) and those still in the socket
- * were never taken: each one's count is given back. */
+ * were never taken: each one's slot is given back. */
 static void drain_pipe(multiloop_worker_t *w) {
   int n = uv_pipe_pending_count(&w->pipe);
   while (n-- > 0) release_unserved(w);
@@ -361,7 +362,7 @@ static void close_if_open(uv_handle_t *h) {
 }
 
 /* What was still queued in the inbox as it closed: a connection is closed
- * and its count given back (take_fd, now that the worker is closing), any
+ * and its slot given back (take_fd, now that the worker is closing), any
  * other message freed. */
 static void drop_queued(multiloop_worker_t *w, multiloop_msg_t *msg) {
   multiloop_msg_t *next;
