@@ -68,50 +68,46 @@ describe("max_connections", function()
 end)
 
 describe("file descriptor exhaustion", function()
-  for _, dispatch in ipairs { "queue", "ipc" } do
-    it(("pauses accepting without spinning, logs once, and recovers (%s) #child"):format(dispatch),
-       function()
-      local child = helper.spawn("examples.echo_handler 1 dispatch=" .. dispatch,
-                                 "prlimit --nofile=128")
-      helper.defer(child.kill)
-      local clients = {}
-      helper.defer(function() for _, c in ipairs(clients) do c:close() end end)
-      for i = 1, 300 do
-        local c = socket.tcp()
-        c:settimeout(2)
-        assert(c:connect("127.0.0.1", child.port))
-        clients[i] = c
-      end
-      helper.sleep(300)                       -- let the server hit the limit
-      local cpu0, t0 = child.cpu_seconds(), socket.gettime()
-      helper.sleep(1000)
-      local cpu = (child.cpu_seconds() - cpu0) / (socket.gettime() - t0)
-      assert.is_true(cpu < 0.25, ("the saturated server used %.0f%% of a core"):format(cpu * 100))
-      for _, c in ipairs(clients) do c:close() end
-      clients = {}
-      local t = socket.gettime()
-      local fresh = helper.eventually(function()
-        local c = socket.tcp()
-        c:settimeout(2)
-        if not c:connect("127.0.0.1", child.port) then c:close(); return nil end
-        return c
-      end, 2000)
-      helper.defer(function() fresh:close() end)
-      assert.are.equal("fresh\n", helper.echo(fresh, "fresh\n"))
-      assert.is_true(socket.gettime() - t < 2, "the fresh client waited over 2 s")
-      local log = helper.eventually(function()       -- after a quiet second
-        local text = child.stderr()
-        return text:find("accepting again", 1, true) and text
-      end, 3000) or child.stderr()
-      local _, pauses = log:gsub("accept failed: too many open files %(EMFILE%); accepting paused", "")
-      assert.are.equal(1, pauses, log)
-      assert.matches("accepting again after %d+ failed attempts", log)
-      local out, code = child.stop()
-      assert.are.equal("stopped on SIGTERM\n", out)
-      assert.are.equal(0, code)
-      assert.is_nil(child.stderr():find("not given back", 1, true), child.stderr())
-    end)
-  end
+  it("pauses accepting without spinning, logs once, and recovers #child", function()
+    local child = helper.spawn("examples.echo_handler 1", "prlimit --nofile=128")
+    helper.defer(child.kill)
+    local clients = {}
+    helper.defer(function() for _, c in ipairs(clients) do c:close() end end)
+    for i = 1, 300 do
+      local c = socket.tcp()
+      c:settimeout(2)
+      assert(c:connect("127.0.0.1", child.port))
+      clients[i] = c
+    end
+    helper.sleep(300)                       -- let the server hit the limit
+    local cpu0, t0 = child.cpu_seconds(), socket.gettime()
+    helper.sleep(1000)
+    local cpu = (child.cpu_seconds() - cpu0) / (socket.gettime() - t0)
+    assert.is_true(cpu < 0.25, ("the saturated server used %.0f%% of a core"):format(cpu * 100))
+    for _, c in ipairs(clients) do c:close() end
+    clients = {}
+    local t = socket.gettime()
+    local fresh = helper.eventually(function()
+      local c = socket.tcp()
+      c:settimeout(2)
+      if not c:connect("127.0.0.1", child.port) then c:close(); return nil end
+      return c
+    end, 2000)
+    helper.defer(function() fresh:close() end)
+    assert.are.equal("fresh\n", helper.echo(fresh, "fresh\n"))
+    assert.is_true(socket.gettime() - t < 2, "the fresh client waited over 2 s")
+    local log = helper.eventually(function()       -- after a quiet second
+      local text = child.stderr()
+      return text:find("accepting again", 1, true) and text
+    end, 3000) or child.stderr()
+    local _, pauses = log:gsub("accept failed: too many open files %(EMFILE%); accepting paused", "")
+    assert.are.equal(1, pauses, log)
+    assert.matches("accepting again after %d+ failed attempts", log)
+    local out, code = child.stop()
+    assert.are.equal("stopped on SIGTERM\n", out)
+    assert.are.equal(0, code)
+    assert.is_nil(child.stderr():find("not given back", 1, true), child.stderr())
+  end)
 end)
 
 describe("connection slots", function()
