@@ -7,52 +7,64 @@ describe("max_connections", function()
   local server, port
   after_each(function() if server then server:stop() end end)
 
-  it("holds the extra client in the backlog until a slot frees", function()
-    server, port = helper.server{ workers = 2, max_connections = 2, handler = "examples.echo_handler" }
-    local c1 = helper.connect(port)
-    local c2 = helper.connect(port)
-    helper.defer(function() c1:close(); c2:close() end)
-    assert.are.equal("one\n", helper.echo(c1, "one\n"))
-    assert.are.equal("two\n", helper.echo(c2, "two\n"))
-    local c3 = helper.connect(port)        -- the kernel completes the handshake
-    helper.defer(function() c3:close() end)
-    assert(c3:send("three\n"))
-    c3:settimeout(0.3)
-    local data, err = c3:receive("*l")
-    assert.is_nil(data)
-    assert.are.equal("timeout", err)       -- not served, and not dropped
-    c1:close()
-    c3:settimeout(helper.TIMEOUT)
-    assert.are.equal("three", helper.line(c3))
-    assert.are.equal("two\n", helper.echo(c2, "two\n"))
-  end)
+  -- Each dispatch takes its slots in its own place (the acceptor as it picks
+  -- a worker, a reuseport worker as its own listener accepts) and gives them
+  -- back in several (conn.c, worker.c, acceptor.c): all through slots.c.
+  for _, dispatch in ipairs { "ipc", "queue", "reuseport" } do
+    it(("holds the extra client in the backlog until a slot frees (%s)"):format(dispatch),
+       function()
+      server, port = helper.server{ workers = 2, max_connections = 2, dispatch = dispatch,
+                                    handler = "examples.echo_handler" }
+      local c1 = helper.connect(port)
+      local c2 = helper.connect(port)
+      helper.defer(function() c1:close(); c2:close() end)
+      assert.are.equal("one\n", helper.echo(c1, "one\n"))
+      assert.are.equal("two\n", helper.echo(c2, "two\n"))
+      local c3 = helper.connect(port)        -- the kernel completes the handshake
+      helper.defer(function() c3:close() end)
+      assert(c3:send("three\n"))
+      c3:settimeout(0.3)
+      local data, err = c3:receive("*l")
+      assert.is_nil(data)
+      assert.are.equal("timeout", err)       -- not served, and not dropped
+      c1:close()
+      c3:settimeout(helper.TIMEOUT)
+      assert.are.equal("three", helper.line(c3))
+      assert.are.equal("two\n", helper.echo(c2, "two\n"))
+    end)
 
-  it("counts a slot free again after every kind of close", function()
-    server, port = helper.server{ workers = 1, max_connections = 1, handler = function(conn)
-      conn:on_data(function(data)
-        if data == "error\n" then error("closing by error") end
-        if data == "close\n" then conn:close() end
-        conn:write(data)
-      end)
-    end }
-    for _, how in ipairs { "client", "close", "error", "reset" } do
-      local c = helper.connect(port)
-      assert.are.equal("hi\n", helper.echo(c, "hi\n"))
-      if how == "client" then
-        c:close()
-      elseif how == "reset" then
-        c:setoption("linger", { on = true, timeout = 0 })
-        c:close()
-      else
-        assert(c:send(how .. "\n"))
-        helper.all(c)
-        c:close()
+    it(("counts a slot free again after every kind of close (%s)"):format(dispatch), function()
+      server, port = helper.server{ workers = 1, max_connections = 1, dispatch = dispatch,
+                                    handler = function(conn)
+        conn:on_data(function(data)
+          if data == "error\n" then error("closing by error") end
+          if data == "close\n" then conn:close() end
+          conn:write(data)
+        end)
+      end }
+      for _, how in ipairs { "client", "close", "error", "reset" } do
+        local c = helper.connect(port)
+        assert.are.equal("hi\n", helper.echo(c, "hi\n"))
+        if how == "client" then
+          c:close()
+        elseif how == "reset" then
+          c:setoption("linger", { on = true, timeout = 0 })
+          c:close()
+        else
+          assert(c:send(how .. "\n"))
+          helper.all(c)
+          c:close()
+        end
       end
-    end
-    local c = helper.connect(port)
-    helper.defer(function() c:close() end)
-    assert.are.equal("last\n", helper.echo(c, "last\n"))
-  end)
+      local c = helper.connect(port)
+      helper.defer(function() c:close() end)
+      assert.are.equal("last\n", helper.echo(c, "last\n"))
+      assert.are.equal(1, server:stats().active)
+      c:close()
+      assert(helper.eventually(function() return server:stats().active == 0 end, 2000),
+             "a slot still held after every client closed")
+    end)
+  end
 end)
 
 describe("file descriptor exhaustion", function()
@@ -91,6 +103,81 @@ describe("file descriptor exhaustion", function()
     local _, pauses = log:gsub("accept failed: too many open files %(EMFILE%); accepting paused", "")
     assert.are.equal(1, pauses, log)
     assert.matches("accepting again after %d+ failed attempts", log)
+    local out, code = child.stop()
+    assert.are.equal("stopped on SIGTERM\n", out)
+    assert.are.equal(0, code)
+    assert.is_nil(child.stderr():find("not given back", 1, true), child.stderr())
+  end)
+end)
+
+describe("connection slots", function()
+  -- /proc/PID/fd of another process, counted without a shell.
+  local function fd_count(pid)
+    local n, misses, fd = 0, 0, 0
+    while misses < 256 do
+      local f, err = io.open(("/proc/%d/fd/%d"):format(pid, fd))
+      if f then f:close() end
+      if f or not err:find("No such file", 1, true) then n, misses = n + 1, 0
+      else misses = misses + 1 end
+      fd = fd + 1
+    end
+    return n
+  end
+  local function set_nofile(pid, soft)
+    assert(os.execute(("prlimit --pid %d --nofile=%d:"):format(pid, soft)))
+  end
+
+  -- ipc: a connection crosses to its worker as an fd in a byte's ancillary
+  -- data. A worker out of fds when it reads that byte gets the byte without
+  -- the fd (the kernel drops what it cannot install, MSG_CTRUNC): the
+  -- client is closed, and its slot must still be given back.
+  it("are given back for hand-offs whose fd the worker could not receive (ipc) #child",
+     function()
+    local MAX = 8
+    local flag = os.tmpname()
+    os.remove(flag)
+    helper.defer(function() os.remove(flag) end)
+    local child = helper.spawn(("spec.fixtures.hold_file 1 dispatch=ipc max_connections=%d case=%s")
+                               :format(MAX, flag))
+    helper.defer(child.kill)
+    local clients = {}
+    helper.defer(function() for _, c in ipairs(clients) do c:close() end end)
+    clients[1] = helper.connect(child.port)
+    assert.are.equal("held", helper.line(clients[1]))   -- the worker is held now
+    for i = 2, MAX do clients[i] = helper.connect(child.port) end
+    helper.sleep(300)                    -- every hand-off written, waiting on the pipe
+    -- Room for two more fds: the worker receives a few of the seven and
+    -- the kernel drops the rest.
+    set_nofile(child.pid, fd_count(child.pid) + 2)
+    local f = assert(io.open(flag, "w"))  -- let the worker go
+    f:close()
+    assert(helper.eventually(function() return io.open(flag) == nil end, 5000), "never released")
+    helper.sleep(300)
+    set_nofile(child.pid, 1024)
+    local dropped = 0                    -- the clients whose fd never arrived: closed
+    for i = 2, MAX do
+      local c = clients[i]
+      c:settimeout(helper.TIMEOUT)
+      assert(c:send("x\n"))
+      local got, err = c:receive("*l")
+      if got == nil and err == "closed" then dropped = dropped + 1
+      else assert.are.equal("x", got, tostring(err)) end
+    end
+    assert.is_true(dropped > 0, "no fd was dropped: the spec tests nothing")
+    for _, c in ipairs(clients) do c:close() end
+    clients = {}
+    -- Every slot is free again: MAX clients at once are all served.
+    helper.sleep(200)
+    for i = 1, MAX do
+      clients[i] = helper.connect(child.port)
+      clients[i]:settimeout(1)
+    end
+    for i, c in ipairs(clients) do
+      assert(c:send("again\n"))
+      local got, err = c:receive("*l")
+      assert.are.equal("again", got, ("client %d of %d (%d dropped before): %s\n%s")
+                       :format(i, MAX, dropped, tostring(err), child.stderr()))
+    end
     local out, code = child.stop()
     assert.are.equal("stopped on SIGTERM\n", out)
     assert.are.equal(0, code)

@@ -7,12 +7,14 @@
  *   - queue: a message on the worker's inbox (inbox.c), whose async wakes the
  *     worker; the fd is the same in every thread of the process, so nothing
  *     is copied, and posts made before the worker wakes coalesce.
- * The worker is chosen round-robin, or by least connections (the workers'
- * `active` counters; ties go round-robin).
+ * The worker is chosen round-robin, or by least connections (the slots each
+ * worker holds: slots.c; ties go round-robin). The acceptor takes the slot
+ * for the worker it picks, and gives it back itself when the hand-off fails;
+ * otherwise the worker gives it back. A worker that frees a slot while the
+ * acceptor is paused at max_connections rings resume_async (slots.c).
  *
- * Threads: multiloop_acceptor_start and _stop are called by the main thread,
- * multiloop_acceptor_released by workers; everything else runs on the
- * acceptor thread. An ipc hand-off in flight owns one malloc'd `handoff` (the
+ * Threads: multiloop_acceptor_start and _stop are called by the main thread;
+ * everything else runs on the acceptor thread. An ipc hand-off in flight owns one malloc'd `handoff` (the
  * write request and the acceptor's uv_tcp_t or uv_pipe_t), freed in that
  * handle's close callback, also when stop cancels the write: the client is
  * closed then, never leaked. A queued fd belongs to the worker's inbox.
@@ -37,10 +39,9 @@ typedef struct {
   char byte;                     /* IPC needs a byte to carry the fd */
 } handoff;
 
-/* A connection that never reached its worker: free its slot and its count. */
+/* A connection that never reached its worker: its slot is free again. */
 static void give_back(multiloop_runtime_t *rt, int worker) {
-  atomic_fetch_sub_explicit(&rt->workers[worker].active, 1, memory_order_relaxed);
-  multiloop_acceptor_released(rt);
+  multiloop_slot_give(rt, &rt->workers[worker]);
 }
 
 /* --- choosing a worker ----------------------------------------------------- */
@@ -49,10 +50,10 @@ static int pick_worker(multiloop_runtime_t *rt) {
   multiloop_acceptor_t *a = &rt->acceptor;
   int n = rt->cfg->nworkers, best = a->next, i;
   if (rt->cfg->balance == MULTILOOP_BALANCE_LEAST_CONNECTIONS) {
-    int least = atomic_load_explicit(&rt->workers[best].active, memory_order_relaxed);
+    int least = multiloop_slots_held(&rt->workers[best]);
     for (i = 1; i < n && least > 0; i++) {   /* scan from the cursor: ties rotate */
       int k = (a->next + i) % n;
-      int active = atomic_load_explicit(&rt->workers[k].active, memory_order_relaxed);
+      int active = multiloop_slots_held(&rt->workers[k]);
       if (active < least) {
         least = active;
         best = k;
@@ -136,24 +137,15 @@ static void hand_off_queue(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker)
 static void on_fd(multiloop_listener_t *l, uv_os_sock_t fd) {
   multiloop_runtime_t *rt = l->rt;
   int worker = pick_worker(rt);
-  /* Counted against the worker now, not when it gets there: least
+  /* The slot is taken for the worker now, not when it gets there: least
    * connections must see the hand-offs still in flight. The worker gives it
    * back when the connection closes; a failed hand-off, right here. */
-  atomic_fetch_add_explicit(&rt->workers[worker].active, 1, memory_order_relaxed);
+  multiloop_slot_take(rt, &rt->workers[worker]);
   if (rt->cfg->dispatch == MULTILOOP_DISPATCH_QUEUE) hand_off_queue(rt, fd, worker);
   else hand_off_ipc(rt, fd, worker);
 }
 
-/* Any thread: a connection closed (or never reached a worker). */
-void multiloop_acceptor_released(multiloop_runtime_t *rt) {
-  atomic_fetch_sub(&rt->active, 1);
-  if (!atomic_load(&rt->accept_waiting)) return;       /* the usual, lock-free case */
-  /* The acceptor may be closing its loop (stop): ring only while it is open. */
-  uv_mutex_lock(&rt->resume_lock);
-  if (rt->resume_open) uv_async_send(&rt->acceptor.resume_async);
-  uv_mutex_unlock(&rt->resume_lock);
-}
-
+/* A worker freed a slot while the listener was paused at the limit. */
 static void resume_cb(uv_async_t *async) {
   multiloop_runtime_t *rt = async->data;
   multiloop_listener_resume(&rt->acceptor.listener);
@@ -168,9 +160,7 @@ static void close_if_open(uv_handle_t *h) {
 static void close_all(multiloop_runtime_t *rt) {
   multiloop_acceptor_t *a = &rt->acceptor;
   int i;
-  uv_mutex_lock(&rt->resume_lock);
-  rt->resume_open = 0;
-  uv_mutex_unlock(&rt->resume_lock);
+  multiloop_slots_bell(rt, NULL);          /* no give rings a closing handle */
   multiloop_listener_close(&a->listener);
   if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC)
     for (i = 0; i < rt->cfg->nworkers; i++) close_if_open((uv_handle_t *)&a->pipes[i]);
@@ -234,9 +224,7 @@ static void acceptor_main(void *arg) {
     a->stop_async.data = a->resume_async.data = rt;
     if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC)
       for (i = 0; i < rt->cfg->nworkers; i++) uv_pipe_init(&a->loop, &a->pipes[i], 1);
-    uv_mutex_lock(&rt->resume_lock);
-    rt->resume_open = 1;
-    uv_mutex_unlock(&rt->resume_lock);
+    multiloop_slots_bell(rt, &a->resume_async);
     if (setup(rt) != 0) a->failed = 1;
   }
   if (a->failed) close_all(rt);

@@ -21,8 +21,8 @@
  *
  * Also here: the idle timeout, a deadline (deadline.c) whose expiry callback
  * is conn_idle, touched by reads and writes; the worker's list of open
- * connections (to close them at stop); and the connection's slot with the
- * acceptor, released when the stream is closed.
+ * connections (to close them at stop); and the connection's slot
+ * (slots.c), given back when the stream is closed.
  *
  * Lifecycle: the connection closes when the peer has ended and our side is
  * shut down, when conn:close() is called (after queued writes flush), on a
@@ -176,10 +176,7 @@ static void ev_closing(multiloop_stream_t *s) {
 static void ev_closed(multiloop_stream_t *s, int reason) {
   multiloop_conn_t *c = CONN(s);
   multiloop_worker_t *w = WORKER(c);
-  if (c->counted) {
-    atomic_fetch_sub_explicit(&w->active, 1, memory_order_relaxed);
-    multiloop_acceptor_released(w->rt);
-  }
+  if (c->counted) multiloop_slot_give(w->rt, w);
   if (HAS(c, ON_CLOSE)) call_with_reason(c, ON_CLOSE, LUA_NOREF, reason_name(reason));
   luaL_unref(w->L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
 }
@@ -234,11 +231,9 @@ static int accept_body(lua_State *L) {
   lua_pushvalue(L, -1);
   c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
   multiloop_stream_init(&c->s, w, w->cfg->path != NULL, &multiloop_conn_events);
-  c->counted = 1;                          /* the listener counted this fd */
+  c->counted = 1;                          /* the fd holds a slot (slots.c) */
   ev->taken = 1;
   rc = multiloop_stream_open(&c->s, ev->fd, (uv_stream_t *)&w->pipe);
-  if (w->cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT)   /* else the acceptor counted it */
-    atomic_fetch_add_explicit(&w->active, 1, memory_order_relaxed);
   if (rc != 0) {
     multiloop_stream_close(&c->s, rc);
     return 0;

@@ -25,7 +25,7 @@ struct multiloop_conn_s {
   multiloop_stream_t s;                /* first: the stream's events get &c->s */
   int ref;                             /* pins the userdata while the handle is open */
   unsigned callbacks : 8;              /* bit n set: user value n is a function */
-  unsigned counted : 1;                /* holds one of the acceptor's slots */
+  unsigned counted : 1;                /* holds a connection slot (slots.c) */
   unsigned serve : 1;                  /* a serve connection: the serve block follows */
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
   multiloop_deadline_t idle;           /* the idle timeout (conn_idle); serve: the read timeout */

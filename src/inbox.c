@@ -12,9 +12,9 @@
  * allocates a message; from a successful post the inbox owns it, and the
  * worker's handler frees it. A post after close fails (UV_ECANCELED) and the
  * sender keeps the message. Close hands what is still queued back to the
- * owner, which disposes of each message as it must: an fd in one was counted
- * by whoever sent it, so only the owner knows how to close it and give its
- * count back (worker.c). The ring happens under the lock, so it can never
+ * owner, which disposes of each message as it must: an fd in one holds a
+ * connection slot (slots.c) the sender took, so only the owner knows how to
+ * close it and give its slot back (worker.c). The ring happens under the lock, so it can never
  * reach an async handle that close has already closed; and the lock itself
  * lives until multiloop_inbox_destroy, called after the owner's thread is
  * joined.
@@ -120,8 +120,8 @@ int multiloop_inbox_post_counted(multiloop_inbox_t *box, multiloop_msg_t *msg, s
 }
 
 /* Frees a message the receiver is done with. An fd it still carries is not
- * closed here: it was counted (acceptor.c), and closing it is the owner's
- * business, together with giving the count back. */
+ * closed here: it holds a slot (slots.c), and closing it is the owner's
+ * business, together with giving the slot back. */
 void multiloop_msg_free(multiloop_msg_t *msg) {
   if (!msg->keep) free(msg);
 }

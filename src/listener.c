@@ -14,15 +14,17 @@
  * We do not use uv_listen: libuv 1.44 accepts in a loop inside one callback,
  * and its EMFILE spare-fd trick is process-global and not thread-safe. Owning
  * the accept path lets a listener simply stop polling:
- *   - at max_connections (the acceptor is woken by a worker that frees a slot;
- *     a reuseport worker re-checks on a short timer), while pending clients
- *     wait in the kernel backlog;
+ *   - at max_connections (slots.c keeps the count and says when; the acceptor
+ *     is woken by a worker that frees a slot, a reuseport worker re-checks on
+ *     a short timer), while pending clients wait in the kernel backlog;
  *   - on EMFILE/ENFILE, retrying on a short timer, logged once per episode; an
  *     episode ends after a quiet second without failures, because hand-offs
  *     free an fd now and then even while the process stays at its limit.
  *
  * Threads: the rest runs on the owning loop's thread.
  * The listener closes its fd in multiloop_listener_close's close callback.
+ * It counts no slot itself: its owner's on_fd takes one for each fd
+ * (multiloop_slot_take), once it knows the worker the fd is for.
  */
 #define _GNU_SOURCE                      /* accept4 */
 #include <errno.h>
@@ -311,16 +313,10 @@ static void pause_for_fds(multiloop_listener_t *l, int err) {
   uv_timer_start(&l->retry_timer, retry_cb, FD_RETRY_MS, 0);
 }
 
-/* At max_connections: stop polling until a slot frees. The flag is raised
- * before the count is checked again, and workers decrement before they read
- * the flag, so one of the two always sees the other. */
+/* At max_connections: stop polling until a slot frees (slots.c: the
+ * acceptor is rung then, without a lost wake-up). */
 static int pause_for_limit(multiloop_listener_t *l) {
-  multiloop_runtime_t *rt = l->rt;
-  atomic_store(&rt->accept_waiting, 1);
-  if (atomic_load(&rt->active) < rt->cfg->max_connections) {
-    if (l->woken_on_release) atomic_store(&rt->accept_waiting, 0);
-    return 0;
-  }
+  if (!multiloop_slots_wait(l->rt, l->woken_on_release)) return 0;
   l->paused_for_limit = 1;
   update_polling(l);
   if (!l->woken_on_release)                /* nobody rings us: look again soon */
@@ -330,26 +326,23 @@ static int pause_for_limit(multiloop_listener_t *l) {
 
 /* Owner's thread: a slot may have freed; resume if under the limit again. */
 void multiloop_listener_resume(multiloop_listener_t *l) {
-  multiloop_runtime_t *rt = l->rt;
   if (!l->paused_for_limit) return;
-  if (atomic_load(&rt->active) >= rt->cfg->max_connections) {
+  if (!multiloop_slots_resume(l->rt, l->woken_on_release)) {
     if (!l->woken_on_release) uv_timer_start(&l->retry_timer, retry_cb, LIMIT_RECHECK_MS, 0);
     return;
   }
-  if (l->woken_on_release) atomic_store(&rt->accept_waiting, 0);
   l->paused_for_limit = 0;
   update_polling(l);
 }
 
 static void accept_cb(uv_poll_t *poll, int status, int events) {
   multiloop_listener_t *l = poll->data;
-  multiloop_runtime_t *rt = l->rt;
-  int max = rt->cfg->max_connections, n;
+  int n;
   (void)events;
   if (status < 0) return;
   for (n = 0; n < ACCEPT_BATCH && !l->closing; n++) {
     uv_os_sock_t fd;
-    if (max > 0 && atomic_load(&rt->active) >= max && pause_for_limit(l)) return;
+    if (multiloop_slots_full(l->rt) && pause_for_limit(l)) return;
     fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       int err = errno;
@@ -362,7 +355,6 @@ static void accept_cb(uv_poll_t *poll, int status, int events) {
     }
     if (l->fd_failures > 0 && !uv_is_active((uv_handle_t *)&l->quiet_timer))
       uv_timer_start(&l->quiet_timer, quiet_cb, FD_QUIET_MS, 0);
-    atomic_fetch_add(&rt->active, 1);
     atomic_fetch_add_explicit(&l->accepted, 1, memory_order_relaxed);
     l->on_fd(l, fd);
   }

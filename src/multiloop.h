@@ -178,6 +178,7 @@ typedef struct multiloop_timer_s multiloop_timer_t;   /* timer.c */
 
 /* A listening socket and our own accept path (listener.c). */
 typedef struct multiloop_listener_s multiloop_listener_t;
+/* Takes the accepted fd, and a slot for it (multiloop_slot_take). */
 typedef void (*multiloop_fd_cb)(multiloop_listener_t *l, uv_os_sock_t fd);
 
 struct multiloop_listener_s {
@@ -217,6 +218,7 @@ struct multiloop_worker_s {
     uv_pipe_t pipe;
   } spare;
   int spare_busy;
+  int pipe_left;                       /* ipc: pending on the pipe as take_pending returned */
   multiloop_inbox_t inbox;             /* fds (queue dispatch), messages, stops */
   multiloop_msg_t *stop_msg;           /* preallocated: a stop can always be posted */
   int stop_posted;                     /* main thread: stop_msg is in the inbox */
@@ -265,7 +267,7 @@ struct multiloop_worker_s {
   int start_phase_at_deadline;         /* main thread only: for the message */
 
   /* Counters: written by this worker, read by the main thread (stats). */
-  atomic_int active;
+  atomic_int active;                   /* slots held for this worker (slots.c alone) */
   atomic_uint_fast64_t accepted;
   atomic_uint_fast64_t bytes_in;
   atomic_uint_fast64_t bytes_out;
@@ -310,10 +312,11 @@ struct multiloop_runtime_s {
   uv_cond_t start_cond;                /* signalled as each worker gets to DONE */
   int nready;                          /* workers at MULTILOOP_START_DONE */
   atomic_uint_fast64_t next_conn_id;
-  atomic_int active;                   /* accepted and not yet closed */
+  /* Connection slots: slots.c's alone (the lock is made and destroyed here). */
+  atomic_int active;                   /* slots taken: accepted and not yet closed */
   atomic_int accept_waiting;           /* the acceptor paused at max_connections */
-  uv_mutex_t resume_lock;              /* guards resume_open: no ring after close */
-  int resume_open;
+  uv_mutex_t resume_lock;              /* guards resume_bell: no ring after close */
+  uv_async_t *resume_bell;             /* the acceptor's resume_async while open, or NULL */
   atomic_uint_fast64_t accept_errors;
   multiloop_acceptor_t acceptor;
   multiloop_worker_t *workers;
@@ -389,7 +392,20 @@ void multiloop_listener_close(multiloop_listener_t *l);
 /* acceptor.c */
 int multiloop_acceptor_start(multiloop_runtime_t *rt);
 void multiloop_acceptor_stop(multiloop_runtime_t *rt);
-void multiloop_acceptor_released(multiloop_runtime_t *rt);  /* any thread */
+
+/* slots.c: connection slots (max_connections), counted in rt->active and in
+ * their worker's w->active; the only code that changes either. */
+int multiloop_slots_full(multiloop_runtime_t *rt);              /* listener: before accept */
+void multiloop_slot_take(multiloop_runtime_t *rt, multiloop_worker_t *w);  /* fd accepted */
+void multiloop_slot_give(multiloop_runtime_t *rt, multiloop_worker_t *w);  /* any thread */
+int multiloop_slots_wait(multiloop_runtime_t *rt, int woken);   /* listener: 1 = pause */
+int multiloop_slots_resume(multiloop_runtime_t *rt, int woken); /* listener: 1 = free again */
+void multiloop_slots_bell(multiloop_runtime_t *rt, uv_async_t *bell);   /* acceptor */
+int multiloop_slots_audit(multiloop_runtime_t *rt);  /* main, all joined: 0 = all back */
+/* A worker's slots now (relaxed: least_connections' hint). */
+static inline int multiloop_slots_held(multiloop_worker_t *w) {
+  return atomic_load_explicit(&w->active, memory_order_relaxed);
+}
 
 /* worker.c */
 int multiloop_worker_start(multiloop_worker_t *w);

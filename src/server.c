@@ -97,6 +97,7 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
   multiloop_acceptor_stop(rt);
   for (i = 0; i < n; i++) multiloop_worker_request_stop(&rt->workers[i], 0);
   for (i = 0; i < n; i++) multiloop_worker_join(&rt->workers[i]);
+  (void)multiloop_slots_audit(rt);
   if (final) runtime_counts(rt, final);
   for (i = 0; i < n; i++) {                /* what no thread took over */
     multiloop_worker_t *w = &rt->workers[i];

@@ -17,11 +17,14 @@
  * loop and the Lua state and closes both: the loop runs dry first (every
  * handle closed, uv_loop_close returns 0), then lua_close.
  *
- * Every connection the acceptor counted against this worker is either
- * opened as a connection (conn.c gives the count back when it closes) or
- * closed here with its count given back: one it cannot take (stopping, no
- * memory), one still queued in the inbox or pending on the pipe as the
- * worker closes, one still unread in the pipe's socket. None is left behind.
+ * Every connection that holds a slot for this worker (slots.c: taken by the
+ * acceptor as it picked this worker, or here as our own reuseport listener
+ * accepted it) is either opened as a connection (conn.c gives the slot back
+ * when it closes) or closed here with its slot given back: one it cannot
+ * take (stopping, no memory), one still queued in the inbox or pending on
+ * the pipe as the worker closes, one still unread in the pipe's socket, one
+ * whose fd the kernel dropped on the way (its byte came without it). None is
+ * left behind.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -209,12 +212,9 @@ static void pipe_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 }
 
 /* A connection that reached this worker and will not be served (stopping,
- * or no memory for it) is closed; the acceptor counted it, so its count and
- * its max_connections slot are given back. */
+ * or no memory for it) is closed: its slot is given back. */
 static void release_unserved(multiloop_worker_t *w) {
-  if (w->cfg->dispatch != MULTILOOP_DISPATCH_REUSEPORT)
-    atomic_fetch_sub_explicit(&w->active, 1, memory_order_relaxed);
-  multiloop_acceptor_released(w->rt);
+  multiloop_slot_give(w->rt, w);
 }
 
 static void take_pending(multiloop_worker_t *w);
@@ -235,7 +235,7 @@ static void refused_close_cb(uv_handle_t *h) {
  * Returns 0 when it could not because the spare is still closing; its close
  * callback then takes what is pending. uv_accept never fails to take the fd
  * while one is pending: on an error it closes it itself, and either way the
- * count is given back in the close callback. */
+ * slot is given back in the close callback. */
 static int refuse_pending(multiloop_worker_t *w) {
   uv_handle_t *h = malloc(sizeof w->spare);     /* a bare uv_tcp_t or uv_pipe_t */
   if (h == NULL) {
@@ -257,12 +257,24 @@ static int refuse_pending(multiloop_worker_t *w) {
 static void take_pending(multiloop_worker_t *w) {
   while (!w->closing && uv_pipe_pending_count(&w->pipe) > 0) {
     if (!w->stopping && multiloop_conn_open(w, -1)) continue;
-    if (!refuse_pending(w)) return;
+    if (!refuse_pending(w)) break;
   }
+  w->pipe_left = uv_pipe_pending_count(&w->pipe);
+}
+
+/* ipc: `bytes` just read from the pipe, each one a hand-off whose fd came in
+ * its ancillary data. A worker at its fd limit gets the byte without the fd:
+ * the kernel closes what it cannot install (MSG_CTRUNC, which libuv does not
+ * report), and that client is gone. Its slot is given back here: the fds
+ * that did come are the ones now pending beyond what was left before. */
+static void give_back_dropped(multiloop_worker_t *w, ssize_t bytes) {
+  ssize_t came = uv_pipe_pending_count(&w->pipe) - w->pipe_left;
+  for (; bytes > came; bytes--) release_unserved(w);
 }
 
 /* ipc: receives what is still unread in the pipe's socket, closes every
- * connection in it and gives its count back. Only once the acceptor's end is
+ * connection in it and gives a slot back for each byte (one per hand-off,
+ * with or without its fd: at the fd limit the kernel drops it). Only once the acceptor's end is
  * closed, so that nothing more can come: at the pipe's end, or as the worker
  * closes (the acceptor stops before any worker does: server.c). */
 static void drain_socket(multiloop_worker_t *w) {
@@ -294,22 +306,24 @@ static void drain_socket(multiloop_worker_t *w) {
         int client;
         memcpy(&client, CMSG_DATA(cm) + i * sizeof(int), sizeof client);
         close(client);
-        release_unserved(w);
       }
     }
+    for (; got > 0; got--) release_unserved(w);
   }
 }
 
-/* A byte on the pipe carries a connection (or several, when reads coalesce).
+/* A byte on the pipe carries a connection (or several, when reads coalesce);
+ * one that came without its fd is a client already gone (give_back_dropped).
  * While stopping, the pipe stays open until the worker finishes, so that
  * what the acceptor sent before it stopped is refused here, each with its
- * count given back. At the pipe's end the acceptor has gone, but libuv may
+ * slot given back. At the pipe's end the acceptor has gone, but libuv may
  * report the end early: an IPC read stops at each passed fd, so it always
  * looks partial, and a hang-up after a partial read counts as the end. What
  * is still unread then is drained here, since libuv will not read it. */
 static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) {
   multiloop_worker_t *w = pipe->data;
   (void)buf;
+  if (nread > 0) give_back_dropped(w, nread);
   take_pending(w);
   if (nread < 0) {
     drain_socket(w);
@@ -319,7 +333,7 @@ static void pipe_read_cb(uv_stream_t *pipe, ssize_t nread, const uv_buf_t *buf) 
 
 /* ipc, as the worker closes its pipe: the connections still pending in
  * libuv (it closes their fds with the pipe) and those still in the socket
- * were never taken: each one's count is given back. */
+ * were never taken: each one's slot is given back. */
 static void drain_pipe(multiloop_worker_t *w) {
   int n = uv_pipe_pending_count(&w->pipe);
   while (n-- > 0) release_unserved(w);
@@ -335,7 +349,9 @@ static void take_fd(multiloop_worker_t *w, uv_os_sock_t fd) {
   }
 }
 
+/* Reuseport: our own listener accepted `fd`; its slot is ours from here. */
 static void listener_fd_cb(multiloop_listener_t *l, uv_os_sock_t fd) {
+  multiloop_slot_take(l->rt, l->data);
   take_fd(l->data, fd);
 }
 
@@ -346,7 +362,7 @@ static void close_if_open(uv_handle_t *h) {
 }
 
 /* What was still queued in the inbox as it closed: a connection is closed
- * and its count given back (take_fd, now that the worker is closing), any
+ * and its slot given back (take_fd, now that the worker is closing), any
  * other message freed. */
 static void drop_queued(multiloop_worker_t *w, multiloop_msg_t *msg) {
   multiloop_msg_t *next;
