@@ -42,4 +42,14 @@ describe("serve, hostile", function()
     assert.are.equal("nil timeout ", d:get("timeout_ends"))
     server = nil
   end)
+
+  it("a graceful stop ended by a callback connection's idle timeout", function()
+    start(nil, { handler = "spec.fixtures.hostile_idle", idle_timeout = 150 })
+    assert(helper.eventually(function() return server:stats().active == 1 end))
+    local t0 = socket.gettime()
+    assert(server:stop({ timeout = 3000 }))
+    assert.is_true(socket.gettime() - t0 < 2.5)
+    assert.are.equal(0, server:stats().active)
+    server = nil
+  end)
 end)
