@@ -52,4 +52,106 @@ describe("serve, hostile", function()
     assert.are.equal(0, server:stats().active)
     server = nil
   end)
+  it("a reader's state does not leak into the next: an inclusive reader(size), then another reader", function()
+    local c = start("until_state")
+    assert(c:send("ab--line\nxyz::"))
+    assert.are.equal("ab|-- line xyz", helper.line(c))
+  end)
+
+  it("a spawned reader killed with part of a line scanned loses none of it", function()
+    local c = start("kill_reader")
+    assert.are.equal("waiting", helper.line(c))
+    assert(c:send("hel"))
+    assert.are.equal("true", helper.line(c))
+    assert(c:send("lo\n"))
+    assert.are.equal("hello", helper.line(c))
+  end)
+
+  it("a graceful stop wakes a reader that waits past its timeout with nil, 'stopped'", function()
+    local c = start("wait_graceful")
+    assert.are.equal("waiting", helper.line(c))
+    assert(server:stop({ timeout = 300 }))
+    assert.are.equal(0, server:stats().threads)
+    assert.are.equal("nil stopped ", d:get("wait_graceful"))
+    server = nil
+  end)
+
+  for _, grace in ipairs({ 0, 300 }) do
+    it("a stop (timeout " .. grace .. ") wakes a writer blocked on a client that never reads", function()
+      start("send_stop", { write_high_water = 128 * 1024 })
+      assert(helper.eventually(function() return d:get("send_stop sent") ~= nil end))
+      socket.sleep(0.2)
+      assert(server:stop({ timeout = grace }))
+      assert.are.equal(0, server:stats().threads)
+      assert.are.equal("stopped", d:get("send_stop"))
+      server = nil
+    end)
+  end
+
+  it("a client that writes while serve waits in send cannot make the server buffer its input", function()
+    local c = start("write_while_blocked", { write_high_water = 128 * 1024 })
+    c:settimeout(0)
+    local piece, pushed = string.rep("i", 65536), 0
+    local deadline = socket.gettime() + 1
+    while socket.gettime() < deadline do
+      local n, _, partial = c:send(piece)
+      pushed = pushed + (n or partial or 0)
+      if not n then socket.sleep(0.01) end
+    end
+    local bytes_in = server:stats().bytes_in
+    assert.is_true(pushed > bytes_in)
+    assert.is_true(bytes_in < 512 * 1024, "the server read " .. bytes_in .. " bytes")
+    assert(server:stop({ timeout = 0 }))
+    assert.are.equal("stopped", d:get("write_while_blocked"))
+    server = nil
+  end)
+
+  it("'*a' past receive_limit gives 'too long' with a bounded partial", function()
+    local c = start("limits", { receive_limit = 100000 })
+    c:settimeout(0)
+    local piece = string.rep("a", 300000)
+    c:send(piece)
+    c:settimeout(2)
+    local n = helper.line(c):match("^nil too long (%d+)$")
+    assert.is_truthy(n)
+    assert.is_true(tonumber(n) >= 100000 and tonumber(n) <= 2 * (100000 + 65536), n)
+  end)
+
+  it("an until-pattern that never comes gives 'too long' with a bounded partial", function()
+    local c = start("until_limit", { receive_limit = 100000 })
+    c:settimeout(0)
+    c:send(string.rep("E", 300000))
+    c:settimeout(2)
+    local n = helper.line(c):match("^nil too long (%d+)$")
+    assert.is_truthy(n)
+    assert.is_true(tonumber(n) >= 100000 and tonumber(n) <= 2 * (100000 + 65536), n)
+  end)
+
+  it("a thread that reads after serve returned gets 'closed', and so does every method after", function()
+    local c = start("orphan_reader")
+    assert.are.equal("", helper.all(c))
+    assert(helper.eventually(function() return d:get("orphan_reader") ~= nil end))
+    assert.are.equal("nil closed ,nil closed ,nil closed ,nil closed ,nil closed,0",
+                     d:get("orphan_reader"))
+  end)
+
+  it("receiveuntil: a 1-byte pattern, one longer than the buffer, a partial prefix at the end", function()
+    local c = start("until_edges")
+    c:setoption("tcp-nodelay", true)
+    for _, piece in ipairs({ "ab|c|", "rest<<<<bound", "ary>>>>", "xyzaba", "bab" }) do
+      assert(c:send(piece))
+      socket.sleep(0.05)
+    end
+    c:shutdown("send")
+    assert.are.equal("ab,nil,c,nil,rest,xyz nil nil,nil nil nil,nil closed ab", helper.line(c))
+  end)
+
+  it("serve returning with 4 MiB queued and a <close> conn: every byte reaches the client", function()
+    local c = start("close_flush")
+    assert(c:send("go\n"))
+    c:settimeout(10)
+    local all = helper.all(c)
+    assert.are.equal(4 * 1024 * 1024 + 4, #all)
+    assert.are.equal("end\n", all:sub(-4))
+  end)
 end)
