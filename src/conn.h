@@ -41,7 +41,7 @@ typedef struct {
   uint32_t send_ms, read_ms;           /* settimeouts; 0: none (connect's is for outbound) */
   unsigned op : 3;                     /* the waiting reader's pattern: READ_* (serve.c) */
   unsigned inclusive : 1;              /* receiveuntil's option */
-  unsigned until_done : 1;             /* an inclusive reader(size) returned the pattern */
+  unsigned until_done : 1;             /* scan gave an inclusive reader(size) the pattern (its reader keeps that) */
   unsigned woke : 2;                   /* why the reader was woken: WOKE_* (serve.c) */
   size_t n;                            /* receive(n): n; receiveany: max; reader(size): size */
   size_t scanned;                      /* bytes searched without a match, from the front */

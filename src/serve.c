@@ -420,7 +420,7 @@ static int nil_err(lua_State *L, const char *what) {
 
 /* The reader's pattern is in the serve block: returns its result now, or
  * awaits it. */
-static int do_read(lua_State *L, multiloop_conn_t *c, const char *who) {
+static int do_read(lua_State *L, multiloop_conn_t *c, const char *who, lua_KFunction k) {
   multiloop_serve_t *sv = SERVE(c);
   multiloop_worker_t *w = CONN_WORKER(c);
   size_t len, ret = 0, used = 0;
@@ -447,7 +447,7 @@ static int do_read(lua_State *L, multiloop_conn_t *c, const char *who) {
   }
   sv->reader = t;
   multiloop_stream_resume(&c->s);          /* if read-ahead had paused it */
-  return multiloop_await(L, t, cancel_read, c, read_k);
+  return multiloop_await(L, t, cancel_read, c, k);
 }
 
 /* conn:receive([pattern]): "*l" (the default), "*a", or a byte count. */
@@ -483,7 +483,7 @@ static int serve_receive(lua_State *L) {
   }
   sv->op = (unsigned)op;
   sv->n = (size_t)n;
-  return do_read(L, c, "conn:receive");
+  return do_read(L, c, "conn:receive", read_k);
 }
 
 /* conn:receiveany(max): at least one byte, at most max. */
@@ -499,14 +499,36 @@ static int serve_receiveany(lua_State *L) {
   if (sv->reader) return nil_err(L, "busy reading");
   sv->op = READ_ANY;
   sv->n = (size_t)max;
-  return do_read(L, c, "conn:receiveany");
+  return do_read(L, c, "conn:receiveany", read_k);
 }
 
-/* The function receiveuntil returns: upvalues conn, pattern, inclusive. */
+/* The function receiveuntil returns: upvalues conn, pattern, flags. The
+ * flags are the reader's own: a connection may have several readers, and
+ * "the pattern was returned, the next call gives nil, nil" belongs to the
+ * reader that returned it. */
+enum { UNTIL_INCLUSIVE = 1, UNTIL_DONE = 2 };
+
+/* A reader's call has its result (the top n values): an inclusive
+ * reader(size) that returned the pattern marks its closure, whose next call
+ * returns nil, nil. Runs in until_reader or its continuation, where the
+ * upvalues are the reader's. No allocation. */
+static int until_result(lua_State *L, multiloop_serve_t *sv, int n) {
+  if (sv->until_done) {
+    sv->until_done = 0;
+    lua_pushinteger(L, lua_tointeger(L, lua_upvalueindex(3)) | UNTIL_DONE);
+    lua_replace(L, lua_upvalueindex(3));
+  }
+  return n;
+}
+
+static int until_k(lua_State *L, int status, lua_KContext ctx) {
+  return until_result(L, SERVE((multiloop_conn_t *)ctx), read_k(L, status, ctx));
+}
+
 static int until_reader(lua_State *L) {
   multiloop_conn_t *c = lua_touserdata(L, lua_upvalueindex(1));
   multiloop_serve_t *sv = SERVE(c);
-  lua_Integer size = 0;
+  lua_Integer size = 0, flags;
   if (!lua_isnoneornil(L, 1)) {
     int isint = 0;
     size = lua_type(L, 1) == LUA_TNUMBER ? lua_tointegerx(L, 1, &isint) : 0;
@@ -516,8 +538,10 @@ static int until_reader(lua_State *L) {
                                                       : luaL_typename(L, 1));
   }
   if (sv->reader) return nil_err(L, "busy reading");
-  if (sv->until_done) {                    /* an inclusive reader(size) returned the pattern */
-    sv->until_done = 0;
+  flags = lua_tointeger(L, lua_upvalueindex(3));
+  if (flags & UNTIL_DONE) {                /* this reader(size) returned the pattern */
+    lua_pushinteger(L, flags & ~UNTIL_DONE);
+    lua_replace(L, lua_upvalueindex(3));
     lua_pushnil(L);
     lua_pushnil(L);
     return 2;
@@ -525,8 +549,9 @@ static int until_reader(lua_State *L) {
   sv->op = READ_UNTIL;
   sv->n = (size_t)size;
   sv->pat = lua_tolstring(L, lua_upvalueindex(2), &sv->patlen);  /* held by this closure */
-  sv->inclusive = (unsigned)lua_toboolean(L, lua_upvalueindex(3));
-  return do_read(L, c, "receiveuntil's reader");
+  sv->inclusive = (unsigned)(flags & UNTIL_INCLUSIVE);
+  sv->until_done = 0;                      /* a thread that died before taking it left one */
+  return until_result(L, sv, do_read(L, c, "receiveuntil's reader", until_k));
 }
 
 /* conn:receiveuntil(pattern [, { inclusive = bool }]) -> reader([size]). */
@@ -548,7 +573,7 @@ static int serve_receiveuntil(lua_State *L) {
     inclusive = lua_toboolean(L, -1);
   }
   lua_settop(L, 2);
-  lua_pushboolean(L, inclusive);
+  lua_pushinteger(L, inclusive ? UNTIL_INCLUSIVE : 0);
   lua_pushcclosure(L, until_reader, 3);
   return 1;
 }
