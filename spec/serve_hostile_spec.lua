@@ -163,4 +163,29 @@ describe("serve, hostile", function()
     assert.are.equal(4 * 1024 * 1024 + 4, #all)
     assert.are.equal("end\n", all:sub(-4))
   end)
+  -- Resident memory of this process (the server runs in it), in KiB.
+  local function rss()
+    for l in io.lines("/proc/self/status") do
+      local kb = l:match("^VmRSS:%s+(%d+)")
+      if kb then return tonumber(kb) end
+    end
+  end
+
+  it("small sends to a client that never reads: memory stays near write_high_water #stress", function()
+    collectgarbage()
+    local before = rss()
+    local c = start("small_flood")                 -- write_high_water: 1 MiB
+    local last
+    for _ = 1, 100 do                              -- until send has waited 0.2 s
+      socket.sleep(0.2)
+      local now = d:get("small_flood sent")
+      if now and now == last then break end
+      last = now
+    end
+    local grown = rss() - before
+    c:close()
+    assert(helper.eventually(function() return d:get("small_flood") ~= nil end))
+    assert.is_true(grown < 12 * 1024, ("the server grew %d KiB for a 1 MiB queue of 5-byte "
+                                       .. "sends"):format(grown))
+  end)
 end)
