@@ -60,6 +60,11 @@ enum { WOKE_NONE, WOKE_FOUND, WOKE_TIMEOUT, WOKE_CLOSED };
 /* settimeout(s): the default (OpenResty's) and the largest (as init.lua's). */
 #define DEFAULT_TIMEOUT 60000
 #define MAX_TIMEOUT 0x7fffffff
+/* What one queued write request costs beyond its bytes: the request (a
+ * uv_write_t inside), malloc's header and the registry slot pinning its
+ * string. send's bound counts it, or small answers to a client that never
+ * reads would hold some 45 times write_high_water in requests. */
+#define REQ_COST (sizeof(multiloop_write_req_t) + 2 * sizeof(void *))
 /* How deep send's nested tables may go. */
 #define SEND_MAX_DEPTH 32
 
@@ -357,19 +362,35 @@ void multiloop_serve_eof(multiloop_conn_t *c) {
   wake_reader(c, found, ret, used);
 }
 
-void multiloop_serve_written(multiloop_conn_t *c) {
-  multiloop_serve_t *sv = SERVE(c);
-  if (sv->writer) multiloop_deadline_touch(CONN_WORKER(c), &sv->send_dl);
+/* What the queue holds, requests counted: send waits while this is at
+ * write_high_water or more, until it falls to write_low_water. */
+static size_t send_cost(multiloop_conn_t *c) {
+  return multiloop_stream_queued(&c->s) + (size_t)SERVE(c)->nqueued * REQ_COST;
 }
 
-void multiloop_serve_drained(multiloop_conn_t *c) {
+/* The waiting writer returns its byte count once the queue is low enough. */
+static void wake_writer_if_low(multiloop_conn_t *c) {
   multiloop_serve_t *sv = SERVE(c);
   multiloop_thread_t *t;
-  if (sv->writer == NULL) return;
+  if (sv->writer == NULL || send_cost(c) > CONN_WORKER(c)->cfg->write_low_water) return;
   t = take_writer(sv);
   lua_pushinteger(multiloop_thread_co(t), (lua_Integer)sv->send_len);
   multiloop_thread_wake(t, 1, NULL, NULL);
 }
+
+void multiloop_serve_queued(multiloop_conn_t *c) { SERVE(c)->nqueued++; }
+
+/* A queued write is done (its request freed). The stream's `drained`
+ * counts bytes only: with many small requests the writer is woken here. */
+void multiloop_serve_written(multiloop_conn_t *c, int status) {
+  multiloop_serve_t *sv = SERVE(c);
+  if (sv->nqueued > 0) sv->nqueued--;
+  if (sv->writer == NULL || status != 0) return;
+  multiloop_deadline_touch(CONN_WORKER(c), &sv->send_dl);
+  wake_writer_if_low(c);
+}
+
+void multiloop_serve_drained(multiloop_conn_t *c) { wake_writer_if_low(c); }
 
 /* Whoever closed it may be a method of another thread: the waiting ones
  * are woken on the next turn of the loop, never from here. */
@@ -648,7 +669,7 @@ static int serve_send(lua_State *L) {
   }
   /* Would this have to wait? Then it must be able to, before anything is
    * queued: a send that raises has sent nothing. */
-  if (multiloop_stream_queued(&c->s) + len >= w->cfg->write_high_water)
+  if (send_cost(c) + len >= w->cfg->write_high_water)
     t = multiloop_thread_self(L, "conn:send");
   n = multiloop_stream_try_write(&c->s, data, len);    /* the cheap way first */
   if (n < 0) return nil_err(L, closed_word(c));           /* the stream closed */
@@ -668,8 +689,11 @@ static int serve_send(lua_State *L) {
       free(wr);
       return nil_err(L, closed_word(c));
     }
+    sv->nqueued++;
   }
-  if (t == NULL || multiloop_stream_below_high_water(&c->s)) {
+  /* below_high_water first: over it, the stream's `drained` will follow. */
+  if (t == NULL || (multiloop_stream_below_high_water(&c->s) &&
+                    send_cost(c) < w->cfg->write_high_water)) {
     lua_pushinteger(L, (lua_Integer)len);
     return 1;
   }
