@@ -200,4 +200,17 @@ describe("serve, hostile", function()
     assert.are.equal(0, (#all - 4) % (256 * 1024))
     assert.are.equal("4", d:get("busy_writing end"))
   end)
+  it("read timeouts racing the client's pieces and EOF lose and repeat no byte", function()
+    local c = start("partials")
+    c:setoption("tcp-nodelay", true)
+    local sent = {}
+    for i = 1, 60 do
+      sent[i] = ("<%03d>"):format(i)
+      assert(c:send(sent[i]))
+      socket.sleep((i * 7 % 30) / 1000)         -- 0 to 29 ms: around the 15 ms timeout
+    end
+    c:shutdown("send")
+    assert.are.equal(table.concat(sent), helper.all(c))
+    assert.is_true(tonumber(d:get("partials")) > 0)
+  end)
 end)
