@@ -425,11 +425,14 @@ void multiloop_serve_start(lua_State *L, multiloop_conn_t *c) {
 
 /* --- the methods --------------------------------------------------------------- */
 
+/* Also settles the calling thread: one resumed by hand out of a receive
+ * is no longer this connection's reader, so it is not "busy" with itself. */
 static multiloop_conn_t *check_serve(lua_State *L, const char *who) {
   multiloop_conn_t *c = multiloop_conn_check(L);
   if (!c->serve)
     luaL_error(L, "%s: only on a serve connection (a callback connection's bytes go to its "
                   "on_data; a handler with serve gets connections that read this way)", who);
+  multiloop_thread_settle(L);
   return c;
 }
 
@@ -558,6 +561,7 @@ static int until_reader(lua_State *L) {
                         lua_type(L, 1) == LUA_TNUMBER ? luaL_tolstring(L, 1, NULL)
                                                       : luaL_typename(L, 1));
   }
+  multiloop_thread_settle(L);
   if (sv->reader) return nil_err(L, "busy reading");
   flags = lua_tointeger(L, lua_upvalueindex(3));
   if (flags & UNTIL_DONE) {                /* this reader(size) returned the pattern */
