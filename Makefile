@@ -149,7 +149,7 @@ ASAN_RT     = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-fi
 asan: check-test-deps
 	$(MAKE) --no-print-directory BUILD=build-asan \
 	  OPTFLAGS="$(SAN_FLAGS) -fsanitize=address,undefined" LIBS="-fsanitize=address,undefined" build
-	@LD_PRELOAD="$(ASAN_RT)" LUA_CPATH="./build-asan/?.so;;" SANITIZER=asan \
+	@LD_PRELOAD="$(ASAN_RT)" LUA_CPATH="./build-asan/?.so;;" SPEC_CPATH="./build-asan/?.so" SANITIZER=asan \
 	  ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=86" \
 	  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
 	  SPEC_LOGS=build-asan/spec-logs LUA=$(LUA) sh spec/run.sh $(SPECS)
@@ -163,13 +163,14 @@ TSAN_RT     = $(shell $(CC) -print-file-name=libtsan.so)
 TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua \
               spec/stop_spec.lua spec/limits_spec.lua spec/shared_spec.lua \
               spec/message_spec.lua spec/timer_spec.lua spec/examples_spec.lua \
-              spec/kv_spec.lua spec/unix_spec.lua spec/thread_spec.lua spec/serve_spec.lua
+              spec/kv_spec.lua spec/unix_spec.lua spec/thread_spec.lua spec/serve_spec.lua \
+              spec/serve_hostile_spec.lua
 
 .PHONY: tsan
 tsan: check-test-deps
 	$(MAKE) --no-print-directory BUILD=build-tsan \
 	  OPTFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" LIBS="-fsanitize=thread" build
-	@LUA_CPATH="./build-tsan/?.so;;" BUSTED_ARGS="--exclude-tags=child" SANITIZER=tsan \
+	@LUA_CPATH="./build-tsan/?.so;;" SPEC_CPATH="./build-tsan/?.so" BUSTED_ARGS="--exclude-tags=child" SANITIZER=tsan \
 	  SPEC_LOGS=build-tsan/spec-logs TSAN_OPTIONS="halt_on_error=1:exitcode=66:io_sync=2:suppressions=$(CURDIR)/spec/tsan.supp" \
 	  LUA="env LD_PRELOAD=$(TSAN_RT) $(LUA)" sh spec/run.sh $(TSAN_SPECS)
 

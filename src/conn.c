@@ -142,9 +142,9 @@ static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int st
   lua_State *L = WORKER(c)->L;
   int cb_ref = wr->cb_ref, rc = LUA_OK;
   if (status == 0) TOUCH(WORKER(c), c);
-  if (c->serve && status == 0) multiloop_serve_written(c);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
   free(wr);
+  if (c->serve) multiloop_serve_written(c, status);   /* may wake the writer */
   if (cb_ref != LUA_NOREF) {
     rc = call_with_reason(c, 0, cb_ref, status < 0 ? uv_err_name(status) : NULL);
     luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
@@ -344,6 +344,7 @@ static int conn_write(lua_State *L) {
     free(wr);
     return fail(L, "write", rc);
   }
+  if (c->serve) multiloop_serve_queued(c);
   return push_write_result(L, c);
 }
 

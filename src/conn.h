@@ -41,8 +41,9 @@ typedef struct {
   uint32_t send_ms, read_ms;           /* settimeouts; 0: none (connect's is for outbound) */
   unsigned op : 3;                     /* the waiting reader's pattern: READ_* (serve.c) */
   unsigned inclusive : 1;              /* receiveuntil's option */
-  unsigned until_done : 1;             /* an inclusive reader(size) returned the pattern */
+  unsigned until_done : 1;             /* scan gave an inclusive reader(size) the pattern (its reader keeps that) */
   unsigned woke : 2;                   /* why the reader was woken: WOKE_* (serve.c) */
+  uint32_t nqueued;                    /* write requests queued: what send's bound counts too */
   size_t n;                            /* receive(n): n; receiveany: max; reader(size): size */
   size_t scanned;                      /* bytes searched without a match, from the front */
   const char *pat;                     /* receiveuntil's pattern (its reader holds it) */
@@ -84,7 +85,8 @@ static inline multiloop_conn_t *multiloop_conn_check(lua_State *L) {
 void multiloop_serve_init(multiloop_conn_t *c);
 size_t multiloop_serve_read(multiloop_conn_t *c, const char *data, size_t len);
 void multiloop_serve_eof(multiloop_conn_t *c);
-void multiloop_serve_written(multiloop_conn_t *c);
+void multiloop_serve_queued(multiloop_conn_t *c);    /* a write request was queued */
+void multiloop_serve_written(multiloop_conn_t *c, int status);
 void multiloop_serve_drained(multiloop_conn_t *c);
 void multiloop_serve_closing(multiloop_conn_t *c);
 /* Protected: starts handler.serve(conn), the conn on top of L. */

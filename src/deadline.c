@@ -128,6 +128,10 @@ static void deadline_timer_cb(uv_timer_t *t) {
       multiloop_deadline_t *d = l->head;
       unlink_entry(d);
       d->expire(d, l->ms);
+      /* The callback closed the last connection of a graceful stop: the
+       * worker finished, and multiloop_deadlines_close freed every list
+       * (this one too) and closed the timer. */
+      if (uv_is_closing((uv_handle_t *)t)) return;
     }
   }
   for (pp = &w->deadline_lists; (l = *pp) != NULL;) {

@@ -562,6 +562,9 @@ void multiloop_timers_close(multiloop_worker_t *w);
 typedef void (*multiloop_await_cancel)(multiloop_thread_t *t, void *data);
 typedef void (*multiloop_thread_end_fn)(void *data, int ok);
 multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who);
+/* Cancels what L's light thread still awaits if it was resumed by hand
+ * (multiloop_thread_self does it too); before a primitive's busy checks. */
+void multiloop_thread_settle(lua_State *L);
 int multiloop_await(lua_State *L, multiloop_thread_t *t, multiloop_await_cancel cancel,
                     void *data, lua_KFunction k);
 void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev);

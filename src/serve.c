@@ -60,6 +60,11 @@ enum { WOKE_NONE, WOKE_FOUND, WOKE_TIMEOUT, WOKE_CLOSED };
 /* settimeout(s): the default (OpenResty's) and the largest (as init.lua's). */
 #define DEFAULT_TIMEOUT 60000
 #define MAX_TIMEOUT 0x7fffffff
+/* What one queued write request costs beyond its bytes: the request (a
+ * uv_write_t inside), malloc's header and the registry slot pinning its
+ * string. send's bound counts it, or small answers to a client that never
+ * reads would hold some 45 times write_high_water in requests. */
+#define REQ_COST (sizeof(multiloop_write_req_t) + 2 * sizeof(void *))
 /* How deep send's nested tables may go. */
 #define SEND_MAX_DEPTH 32
 
@@ -357,19 +362,35 @@ void multiloop_serve_eof(multiloop_conn_t *c) {
   wake_reader(c, found, ret, used);
 }
 
-void multiloop_serve_written(multiloop_conn_t *c) {
-  multiloop_serve_t *sv = SERVE(c);
-  if (sv->writer) multiloop_deadline_touch(CONN_WORKER(c), &sv->send_dl);
+/* What the queue holds, requests counted: send waits while this is at
+ * write_high_water or more, until it falls to write_low_water. */
+static size_t send_cost(multiloop_conn_t *c) {
+  return multiloop_stream_queued(&c->s) + (size_t)SERVE(c)->nqueued * REQ_COST;
 }
 
-void multiloop_serve_drained(multiloop_conn_t *c) {
+/* The waiting writer returns its byte count once the queue is low enough. */
+static void wake_writer_if_low(multiloop_conn_t *c) {
   multiloop_serve_t *sv = SERVE(c);
   multiloop_thread_t *t;
-  if (sv->writer == NULL) return;
+  if (sv->writer == NULL || send_cost(c) > CONN_WORKER(c)->cfg->write_low_water) return;
   t = take_writer(sv);
   lua_pushinteger(multiloop_thread_co(t), (lua_Integer)sv->send_len);
   multiloop_thread_wake(t, 1, NULL, NULL);
 }
+
+void multiloop_serve_queued(multiloop_conn_t *c) { SERVE(c)->nqueued++; }
+
+/* A queued write is done (its request freed). The stream's `drained`
+ * counts bytes only: with many small requests the writer is woken here. */
+void multiloop_serve_written(multiloop_conn_t *c, int status) {
+  multiloop_serve_t *sv = SERVE(c);
+  if (sv->nqueued > 0) sv->nqueued--;
+  if (sv->writer == NULL || status != 0) return;
+  multiloop_deadline_touch(CONN_WORKER(c), &sv->send_dl);
+  wake_writer_if_low(c);
+}
+
+void multiloop_serve_drained(multiloop_conn_t *c) { wake_writer_if_low(c); }
 
 /* Whoever closed it may be a method of another thread: the waiting ones
  * are woken on the next turn of the loop, never from here. */
@@ -404,11 +425,14 @@ void multiloop_serve_start(lua_State *L, multiloop_conn_t *c) {
 
 /* --- the methods --------------------------------------------------------------- */
 
+/* Also settles the calling thread: one resumed by hand out of a receive
+ * is no longer this connection's reader, so it is not "busy" with itself. */
 static multiloop_conn_t *check_serve(lua_State *L, const char *who) {
   multiloop_conn_t *c = multiloop_conn_check(L);
   if (!c->serve)
     luaL_error(L, "%s: only on a serve connection (a callback connection's bytes go to its "
                   "on_data; a handler with serve gets connections that read this way)", who);
+  multiloop_thread_settle(L);
   return c;
 }
 
@@ -420,7 +444,7 @@ static int nil_err(lua_State *L, const char *what) {
 
 /* The reader's pattern is in the serve block: returns its result now, or
  * awaits it. */
-static int do_read(lua_State *L, multiloop_conn_t *c, const char *who) {
+static int do_read(lua_State *L, multiloop_conn_t *c, const char *who, lua_KFunction k) {
   multiloop_serve_t *sv = SERVE(c);
   multiloop_worker_t *w = CONN_WORKER(c);
   size_t len, ret = 0, used = 0;
@@ -447,7 +471,7 @@ static int do_read(lua_State *L, multiloop_conn_t *c, const char *who) {
   }
   sv->reader = t;
   multiloop_stream_resume(&c->s);          /* if read-ahead had paused it */
-  return multiloop_await(L, t, cancel_read, c, read_k);
+  return multiloop_await(L, t, cancel_read, c, k);
 }
 
 /* conn:receive([pattern]): "*l" (the default), "*a", or a byte count. */
@@ -483,7 +507,7 @@ static int serve_receive(lua_State *L) {
   }
   sv->op = (unsigned)op;
   sv->n = (size_t)n;
-  return do_read(L, c, "conn:receive");
+  return do_read(L, c, "conn:receive", read_k);
 }
 
 /* conn:receiveany(max): at least one byte, at most max. */
@@ -499,14 +523,36 @@ static int serve_receiveany(lua_State *L) {
   if (sv->reader) return nil_err(L, "busy reading");
   sv->op = READ_ANY;
   sv->n = (size_t)max;
-  return do_read(L, c, "conn:receiveany");
+  return do_read(L, c, "conn:receiveany", read_k);
 }
 
-/* The function receiveuntil returns: upvalues conn, pattern, inclusive. */
+/* The function receiveuntil returns: upvalues conn, pattern, flags. The
+ * flags are the reader's own: a connection may have several readers, and
+ * "the pattern was returned, the next call gives nil, nil" belongs to the
+ * reader that returned it. */
+enum { UNTIL_INCLUSIVE = 1, UNTIL_DONE = 2 };
+
+/* A reader's call has its result (the top n values): an inclusive
+ * reader(size) that returned the pattern marks its closure, whose next call
+ * returns nil, nil. Runs in until_reader or its continuation, where the
+ * upvalues are the reader's. No allocation. */
+static int until_result(lua_State *L, multiloop_serve_t *sv, int n) {
+  if (sv->until_done) {
+    sv->until_done = 0;
+    lua_pushinteger(L, lua_tointeger(L, lua_upvalueindex(3)) | UNTIL_DONE);
+    lua_replace(L, lua_upvalueindex(3));
+  }
+  return n;
+}
+
+static int until_k(lua_State *L, int status, lua_KContext ctx) {
+  return until_result(L, SERVE((multiloop_conn_t *)ctx), read_k(L, status, ctx));
+}
+
 static int until_reader(lua_State *L) {
   multiloop_conn_t *c = lua_touserdata(L, lua_upvalueindex(1));
   multiloop_serve_t *sv = SERVE(c);
-  lua_Integer size = 0;
+  lua_Integer size = 0, flags;
   if (!lua_isnoneornil(L, 1)) {
     int isint = 0;
     size = lua_type(L, 1) == LUA_TNUMBER ? lua_tointegerx(L, 1, &isint) : 0;
@@ -515,9 +561,12 @@ static int until_reader(lua_State *L) {
                         lua_type(L, 1) == LUA_TNUMBER ? luaL_tolstring(L, 1, NULL)
                                                       : luaL_typename(L, 1));
   }
+  multiloop_thread_settle(L);
   if (sv->reader) return nil_err(L, "busy reading");
-  if (sv->until_done) {                    /* an inclusive reader(size) returned the pattern */
-    sv->until_done = 0;
+  flags = lua_tointeger(L, lua_upvalueindex(3));
+  if (flags & UNTIL_DONE) {                /* this reader(size) returned the pattern */
+    lua_pushinteger(L, flags & ~UNTIL_DONE);
+    lua_replace(L, lua_upvalueindex(3));
     lua_pushnil(L);
     lua_pushnil(L);
     return 2;
@@ -525,8 +574,9 @@ static int until_reader(lua_State *L) {
   sv->op = READ_UNTIL;
   sv->n = (size_t)size;
   sv->pat = lua_tolstring(L, lua_upvalueindex(2), &sv->patlen);  /* held by this closure */
-  sv->inclusive = (unsigned)lua_toboolean(L, lua_upvalueindex(3));
-  return do_read(L, c, "receiveuntil's reader");
+  sv->inclusive = (unsigned)(flags & UNTIL_INCLUSIVE);
+  sv->until_done = 0;                      /* a thread that died before taking it left one */
+  return until_result(L, sv, do_read(L, c, "receiveuntil's reader", until_k));
 }
 
 /* conn:receiveuntil(pattern [, { inclusive = bool }]) -> reader([size]). */
@@ -548,7 +598,7 @@ static int serve_receiveuntil(lua_State *L) {
     inclusive = lua_toboolean(L, -1);
   }
   lua_settop(L, 2);
-  lua_pushboolean(L, inclusive);
+  lua_pushinteger(L, inclusive ? UNTIL_INCLUSIVE : 0);
   lua_pushcclosure(L, until_reader, 3);
   return 1;
 }
@@ -623,7 +673,7 @@ static int serve_send(lua_State *L) {
   }
   /* Would this have to wait? Then it must be able to, before anything is
    * queued: a send that raises has sent nothing. */
-  if (multiloop_stream_queued(&c->s) + len >= w->cfg->write_high_water)
+  if (send_cost(c) + len >= w->cfg->write_high_water)
     t = multiloop_thread_self(L, "conn:send");
   n = multiloop_stream_try_write(&c->s, data, len);    /* the cheap way first */
   if (n < 0) return nil_err(L, closed_word(c));           /* the stream closed */
@@ -643,8 +693,11 @@ static int serve_send(lua_State *L) {
       free(wr);
       return nil_err(L, closed_word(c));
     }
+    sv->nqueued++;
   }
-  if (t == NULL || multiloop_stream_below_high_water(&c->s)) {
+  /* below_high_water first: over it, the stream's `drained` will follow. */
+  if (t == NULL || (multiloop_stream_below_high_water(&c->s) &&
+                    send_cost(c) < w->cfg->write_high_water)) {
     lua_pushinteger(L, (lua_Integer)len);
     return 1;
   }

@@ -22,7 +22,10 @@
  * an error (reported with its traceback as "thread", or "timer" for a timer
  * callback; waiters get false, err), on worker.kill, or when the loop has run
  * dry with it still suspended (multiloop_threads_close: lua_closethread, so
- * its to-be-closed variables run). Ending drops the ref (after its sleep
+ * its to-be-closed variables run). Lua code can still resume one by hand
+ * (coroutine.resume on what coroutine.running gave it): what it awaited is
+ * then cancelled by its next primitive (multiloop_thread_settle), kill
+ * refuses it while it runs, and a wake-up that finds it dead ends it. Ending drops the ref (after its sleep
  * timer's close callback, if it ever slept); the object lives on for as long
  * as Lua code holds it.
  *
@@ -257,12 +260,27 @@ static void resume_thread(multiloop_thread_t *t, lua_State *from, int nargs,
 
 /* --- the await template ----------------------------------------------------- */
 
+/* A light thread that runs while still awaiting something was resumed by
+ * hand (coroutine.resume) out of that wait: the loop clears `cancel` before
+ * it resumes one. The wait is over, so it is cancelled here, before the
+ * thread makes a new one: otherwise its event would wake the thread again,
+ * in the middle of another wait, or after it has ended and been freed. */
+void multiloop_thread_settle(lua_State *L) {
+  multiloop_thread_t *t = *self_slot(L);
+  if (t != NULL && t->cancel != NULL) {
+    multiloop_await_cancel cancel = t->cancel;
+    t->cancel = NULL;
+    cancel(t, t->await_data);
+  }
+}
+
 multiloop_thread_t *multiloop_thread_self(lua_State *L, const char *who) {
   multiloop_thread_t *t = *self_slot(L);
   if (t == NULL)
     luaL_error(L, "%s: cannot yield here (not in a light thread: use worker.spawn)", who);
   if (!lua_isyieldable(L))
     luaL_error(L, "%s: cannot yield here (across a C-call boundary: use worker.spawn)", who);
+  multiloop_thread_settle(L);
   return t;
 }
 
@@ -448,10 +466,18 @@ static int core_wait(lua_State *L) {
   return multiloop_await(L, t, cancel_queued, NULL, NULL);
 }
 
+/* Running: resumed by the loop, or by hand (coroutine.resume): the one
+ * calling, or one with frames that is not suspended ("normal": it resumed
+ * the caller). */
+static int is_running(multiloop_thread_t *t, lua_State *L) {
+  lua_Debug ar;
+  return t->running || t->co == L || (lua_status(t->co) == LUA_OK && lua_getstack(t->co, 0, &ar));
+}
+
 /* core.kill(thread) -> true | nil, "dead" | nil, "running". */
 static int core_kill(lua_State *L) {
   multiloop_thread_t *t = check_thread(L, 1, "worker.kill");
-  if (t->ended || t->running) {
+  if (t->ended || is_running(t, L)) {
     lua_pushnil(L);
     lua_pushstring(L, t->ended ? "dead" : "running");
     return 2;
