@@ -53,7 +53,6 @@ local multiloop = require("multiloop")
 
 local MAX_ARGS = 1024 * 1024
 local max_bulk                               -- the dictionary's capacity (init)
-local MAX_INLINE = 64 * 1024
 local MAX_TTL_MS = 1000000000000             -- the dictionary's limit
 
 local db                                     -- the shared dictionary (init)
@@ -609,95 +608,43 @@ end
 -- redis-cli asks for command documentation in interactive mode.
 function commands.command() return EMPTY end
 
--- --- the parser ------------------------------------------------------------
+-- --- requests ----------------------------------------------------------------
 
--- A connection's parser keeps its place between reads: `buf` holds the bytes
--- not yet consumed (from `pos` on) and `args` the arguments of a request
--- read so far, so a request arriving in many reads is parsed once, never
--- from its start again. A bulk string larger than COLLECT_ABOVE that is not
--- all in yet is collected in `chunks` and joined once it is complete
--- (appending each read to buf would copy it over and over).
-local COLLECT_ABOVE = 16 * 1024
+-- The n of a "*n" or "$n" line, if what follows its first byte is the
+-- canonical text of an integer.
+local function count(line) return canonical_integer(line:sub(2)) end
 
-local function new_parser()
-  return { buf = "", pos = 1, args = nil, n = 0, chunks = nil, have = 0, need = 0 }
-end
-
--- Adds the bytes of one read. False while a large bulk is still being
--- collected (nothing to parse yet).
-local function feed(st, data)
-  if st.chunks then
-    local chunks = st.chunks
-    chunks[#chunks + 1] = data
-    st.have = st.have + #data
-    if st.have < st.need then return false end
-    st.buf, st.chunks = table.concat(chunks), nil
-  elseif st.pos > #st.buf then
-    st.buf = data
-  else
-    st.buf = st.buf:sub(st.pos) .. data
+-- Reads one request: its arguments (none for an empty one); or nil and the
+-- protocol error to answer; or nil alone when the client has gone (or went
+-- mid-request: there is nothing to answer).
+local function read_request(conn)
+  local line, why, partial = conn:receive("*l")
+  if not line then
+    if why ~= "too long" then return nil end
+    return nil, partial:byte(1) == 42 and "invalid multibulk length" or "too big inline request"
   end
-  st.pos = 1
-  return true
-end
-
--- The next whole request's arguments; nil when it is not all in yet; or
--- false and a protocol error.
-local function next_request(st)
-  local buf, pos = st.buf, st.pos
-  if not st.args then
-    if pos > #buf then return nil end
-    if buf:byte(pos) ~= 42 then              -- not '*': an inline command
-      local eol = buf:find("\n", pos, true)
-      if not eol then
-        if #buf - pos > MAX_INLINE then return false, "too big inline request" end
-        return nil
-      end
-      local args = {}
-      for word in buf:sub(pos, eol - 1):gmatch("[^%s]+") do args[#args + 1] = word end
-      st.pos = eol + 1
-      return args
-    end
-    local eol = buf:find("\r\n", pos, true)
-    if not eol then
-      if #buf - pos > 32 then return false, "invalid multibulk length" end
-      return nil
-    end
-    local n = canonical_integer(buf:sub(pos + 1, eol - 1))
-    if not n or n > MAX_ARGS then return false, "invalid multibulk length" end
-    st.args, st.n, st.pos = {}, n, eol + 2
-    pos = eol + 2
+  if line:byte(1) ~= 42 then                  -- not '*': an inline command
+    local args = {}
+    for word in line:gmatch("%S+") do args[#args + 1] = word end
+    return args
   end
-  local args = st.args
-  for i = #args + 1, st.n do
-    if pos > #buf then return nil end
-    if buf:byte(pos) ~= 36 then              -- '$'
-      return false, ("expected '$', got '%s'"):format(buf:sub(pos, pos))
+  local n = count(line)
+  if not n or n > MAX_ARGS then return nil, "invalid multibulk length" end
+  local args = {}
+  for i = 1, n do
+    line, why = conn:receive("*l")
+    if not line then return nil, why == "too long" and "invalid bulk length" or nil end
+    if line:byte(1) ~= 36 then                -- not '$' (an empty line ended with a CR or LF)
+      return nil, ("expected '$', got '%s'"):format(line ~= "" and line:sub(1, 1) or "\r")
     end
-    local eol = buf:find("\r\n", pos, true)
-    if not eol then
-      if #buf - pos > 32 then return false, "invalid bulk length" end
-      return nil
-    end
-    local len = canonical_integer(buf:sub(pos + 1, eol - 1))
-    if not len or len < 0 or len > max_bulk then return false, "invalid bulk length" end
-    local after = eol + 4 + len               -- the position after its CRLF
-    if #buf < after - 1 then
-      if len > COLLECT_ABOVE then             -- collect the rest from pos on
-        st.chunks = { buf:sub(pos) }
-        st.have, st.need = #buf - pos + 1, after - pos
-        st.buf, st.pos = "", 1
-      end
-      return nil
-    end
-    if buf:sub(after - 2, after - 1) ~= "\r\n" then
-      return false, "invalid bulk data: missing CRLF"
-    end
-    args[i] = buf:sub(eol + 2, eol + 1 + len)
-    pos = after
-    st.pos = pos
+    local len = count(line)
+    if not len or len < 0 or len > max_bulk then return nil, "invalid bulk length" end
+    local arg = conn:receive(len)
+    local crlf = arg and conn:receive(2)
+    if not crlf then return nil end
+    if crlf ~= "\r\n" then return nil, "invalid bulk data: missing CRLF" end
+    args[i] = arg
   end
-  st.args = nil
   return args
 end
 
@@ -717,37 +664,23 @@ function kv.init(worker)
   end
 end
 
-function kv.connect(conn)
-  local st = new_parser()
-  conn:on_data(function(data)
-    if not feed(st, data) then return end
-    local replies = {}
-    while true do
-      local args, why = next_request(st)
-      if args == nil then break end
-      if args == false then
-        replies[#replies + 1] = err("ERR Protocol error: " .. why)
-        conn:write(table.concat(replies))
-        conn:close()
+function kv.serve(conn)
+  conn:settimeout(0)                          -- as Redis: a client may idle for ever
+  while true do
+    local args, why = read_request(conn)
+    if not args then
+      if why then conn:send(err("ERR Protocol error: " .. why)) end
+      return                                  -- closes once the replies are out
+    end
+    if #args > 0 then                         -- an empty request is skipped
+      local name = args[1]:lower()
+      if name == "quit" then
+        conn:send(OK)
         return
       end
-      if #args > 0 then                       -- an empty request is skipped
-        local name = args[1]:lower()
-        if name == "quit" then
-          replies[#replies + 1] = OK
-          conn:write(table.concat(replies))
-          conn:close()
-          return
-        end
-        local command = commands[name] or unknown
-        replies[#replies + 1] = command(args, conn)
-      end
+      conn:send((commands[name] or unknown)(args, conn))
     end
-    if #replies > 0 and not conn:write(table.concat(replies)) then
-      conn:pause()                           -- the client is not reading: wait
-    end
-  end)
-  conn:on_drain(function() conn:resume() end)
+  end
 end
 
 return kv
