@@ -15,15 +15,24 @@
 -- are RESP arrays of bulk strings, or inline commands (words separated by
 -- spaces, one request a line, as typed into telnet).
 --
--- The parser is incremental and keeps its place between reads, so requests
--- split across reads (even byte by byte) and many requests in one read
--- (pipelining) both work, and a request in many reads is parsed once; the
--- replies to one read go out in one write. A large value arriving in many
--- reads is collected in a list and joined once, when all of it is in. A
--- malformed request gets "-ERR Protocol error: ..." and the connection is
--- closed, as Redis does. Every byte of a request is held until
--- it is complete, so one bulk string is limited to the dictionary's capacity
--- (nothing larger could be stored), not Redis's 512 MiB.
+-- Each connection runs kv.serve in a light thread of its own (the handler
+-- has `serve`, not `connect`), as straight-line code: read a request with
+-- conn:receive("*l") for its lines and conn:receive(n) for its bulk strings,
+-- answer it, read the next. The worker scans its input buffer in C, so a
+-- request split across reads (even byte by byte), many requests in one read
+-- (pipelining) and a large value in many reads all come out whole, each
+-- argument one Lua string. Each reply is sent as soon as it is made (send
+-- tries the socket at once), so pipelined requests get a write each: there
+-- is no way to ask whether more input is buffered, and collecting replies
+-- for a light thread to send on the loop's next turn cost more at one
+-- request in flight than it saved (examples/kv_server.lua has the figures).
+-- A malformed request gets "-ERR Protocol error: ..." and the connection is
+-- closed, as Redis does. Unlike Redis, the "*n" and "$len" lines may end in
+-- a bare LF. A line may be as long as the server's receive_limit
+-- (examples/kv_server.lua sets Redis's 64 KiB; past it, the protocol
+-- error), and a bulk string as large as the dictionary's capacity (nothing
+-- larger could be stored), not Redis's 512 MiB: the worker holds a
+-- request's bytes until it has them all.
 --
 -- Storage: the shared dictionary named worker.config.name (default "kv"),
 -- which the main state can open too; one database (SELECT 0). Values are
@@ -610,37 +619,64 @@ function commands.command() return EMPTY end
 
 -- --- requests ----------------------------------------------------------------
 
--- The n of a "*n" or "$n" line, if what follows its first byte is the
--- canonical text of an integer.
-local function count(line) return canonical_integer(line:sub(2)) end
+-- conn.receive, the same function for every connection, looked up once (a
+-- method call looks it up by name each time, and a request makes several).
+local receive
+local match, sub = string.match, string.sub   -- (byte: above)
+
+-- The n of a "*n" or "$n" line when what follows its first byte is the
+-- canonical text of an integer (as canonical_integer, less its tostring);
+-- nil otherwise, and past 18 digits (no count is that large).
+local function count(line)
+  local digits = match(line, "^.(%-?[1-9]%d*)$")
+  if digits then return #digits < 19 and tonumber(digits) or nil end
+  if #line == 2 and byte(line, 2) == 48 then return 0 end    -- "0"
+  return nil
+end
+
+-- The counts of the lines seen, by line ("*3" -> 3, "$5" -> 5): the same few
+-- lines come in every request, and a table lookup is much cheaper than
+-- count's match. Only counts up to 4096 are kept, so at most 4097 of each.
+local COUNTS_KEPT = 4096
+local arrays, bulks = {}, {}
 
 -- Reads one request: its arguments (none for an empty one); or nil and the
 -- protocol error to answer; or nil alone when the client has gone (or went
--- mid-request: there is nothing to answer).
+-- mid-request: there is nothing to answer). A RESP request is a "*n" line,
+-- then n times a "$len" line, len bytes and a CRLF; any other line is an
+-- inline command.
 local function read_request(conn)
-  local line, why, partial = conn:receive("*l")
+  local line, why, partial = receive(conn, "*l")
   if not line then
     if why ~= "too long" then return nil end
-    return nil, partial:byte(1) == 42 and "invalid multibulk length" or "too big inline request"
+    return nil, byte(partial, 1) == 42 and "invalid multibulk length" or "too big inline request"
   end
-  if line:byte(1) ~= 42 then                  -- not '*': an inline command
-    local args = {}
-    for word in line:gmatch("%S+") do args[#args + 1] = word end
-    return args
+  local n = arrays[line]
+  if not n then
+    if byte(line, 1) ~= 42 then                -- not '*': an inline command
+      local args = {}
+      for word in line:gmatch("%S+") do args[#args + 1] = word end
+      return args
+    end
+    n = count(line)
+    if not n or n > MAX_ARGS then return nil, "invalid multibulk length" end
+    if n >= 0 and n <= COUNTS_KEPT then arrays[line] = n end
   end
-  local n = count(line)
-  if not n or n > MAX_ARGS then return nil, "invalid multibulk length" end
   local args = {}
   for i = 1, n do
-    line, why = conn:receive("*l")
+    line, why = receive(conn, "*l")
     if not line then return nil, why == "too long" and "invalid bulk length" or nil end
-    if line:byte(1) ~= 36 then                -- not '$' (an empty line ended with a CR or LF)
-      return nil, ("expected '$', got '%s'"):format(line ~= "" and line:sub(1, 1) or "\r")
+    local len = bulks[line]
+    if not len then
+      if byte(line, 1) ~= 36 then              -- not '$' ("": a line of just CR or LF)
+        return nil, ("expected '$', got '%s'"):format(line ~= "" and sub(line, 1, 1) or "\r")
+      end
+      len = count(line)
+      if not len or len < 0 or len > max_bulk then return nil, "invalid bulk length" end
+      if len <= COUNTS_KEPT then bulks[line] = len end
     end
-    local len = count(line)
-    if not len or len < 0 or len > max_bulk then return nil, "invalid bulk length" end
-    local arg = conn:receive(len)
-    local crlf = arg and conn:receive(2)
+    local arg = receive(conn, len)
+    local crlf = arg and receive(conn, 2)
     if not crlf then return nil end
     if crlf ~= "\r\n" then return nil, "invalid bulk data: missing CRLF" end
     args[i] = arg
@@ -664,7 +700,11 @@ function kv.init(worker)
   end
 end
 
+-- Each connection: read a request, answer it, until the client goes, sends
+-- QUIT or breaks the protocol. Each reply is sent at once (see the header).
 function kv.serve(conn)
+  receive = conn.receive
+  local send = conn.send
   conn:settimeout(0)                          -- as Redis: a client may idle for ever
   while true do
     local args, why = read_request(conn)
@@ -678,7 +718,7 @@ function kv.serve(conn)
         conn:send(OK)
         return
       end
-      conn:send((commands[name] or unknown)(args, conn))
+      send(conn, (commands[name] or unknown)(args, conn))
     end
   end
 end
