@@ -644,25 +644,33 @@ local arrays, bulks = {}, {}
 -- protocol error to answer; or nil alone when the client has gone (or went
 -- mid-request: there is nothing to answer). A RESP request is a "*n" line,
 -- then n times a "$len" line, len bytes and a CRLF; any other line is an
--- inline command.
-local function read_request(conn)
+-- inline command. The arguments go into `reuse`, the connection's own
+-- table, emptied past them (no command keeps its arguments, and making a
+-- table per request cost more than the rest of a GET's parsing); a request
+-- of more than 64 arguments gets a table of its own, so no connection keeps
+-- a large one.
+local function read_request(conn, reuse)
   local line, why, partial = receive(conn, "*l")
   if not line then
     if why ~= "too long" then return nil end
     return nil, byte(partial, 1) == 42 and "invalid multibulk length" or "too big inline request"
   end
-  local n = arrays[line]
+  local args, n = reuse, arrays[line]
   if not n then
     if byte(line, 1) ~= 42 then                -- not '*': an inline command
-      local args = {}
-      for word in line:gmatch("%S+") do args[#args + 1] = word end
+      n = 0
+      for word in line:gmatch("%S+") do
+        n = n + 1
+        args[n] = word
+      end
+      for i = #args, n + 1, -1 do args[i] = nil end
       return args
     end
     n = count(line)
     if not n or n > MAX_ARGS then return nil, "invalid multibulk length" end
     if n >= 0 and n <= COUNTS_KEPT then arrays[line] = n end
+    if n > 64 then args = {} end
   end
-  local args = {}
   for i = 1, n do
     line, why = receive(conn, "*l")
     if not line then return nil, why == "too long" and "invalid bulk length" or nil end
@@ -681,6 +689,7 @@ local function read_request(conn)
     if crlf ~= "\r\n" then return nil, "invalid bulk data: missing CRLF" end
     args[i] = arg
   end
+  for i = #args, math.max(n, 0) + 1, -1 do args[i] = nil end
   return args
 end
 
@@ -706,8 +715,9 @@ function kv.serve(conn)
   receive = conn.receive
   local send = conn.send
   conn:settimeout(0)                          -- as Redis: a client may idle for ever
+  local reuse = {}
   while true do
-    local args, why = read_request(conn)
+    local args, why = read_request(conn, reuse)
     if not args then
       if why then conn:send(err("ERR Protocol error: " .. why)) end
       return                                  -- closes once the replies are out
