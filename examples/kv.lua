@@ -710,25 +710,65 @@ function kv.init(worker)
 end
 
 -- Each connection: read a request, answer it, until the client goes, sends
--- QUIT or breaks the protocol. Each reply is sent at once (see the header).
+-- QUIT or breaks the protocol.
+--
+-- Replies go out at once while the client sends a request at a time. When
+-- one read brings several (pipelining), a reply each costs a write each, so
+-- then they are collected, and a light thread sends them together on the
+-- loop's next turn, once this one has answered all the input it had (there
+-- is no asking whether more input is buffered). That thread tells which
+-- case this is: it found several replies waiting, or one. A client seen
+-- sending one at a time gets every SAMPLE-th reply that way, to notice
+-- when it starts pipelining. Once HOLD bytes are collected, or while that
+-- thread waits in send for a client that is not reading, the next reply
+-- waits for it: what a connection holds stays bounded, as with send alone.
+local SAMPLE = 31              -- prime: a burst's size will not divide it
+local HOLD = 64 * 1024
+
 function kv.serve(conn)
   receive = conn.receive
-  local send = conn.send
+  local send, worker = conn.send, conn.worker
   conn:settimeout(0)                          -- as Redis: a client may idle for ever
-  local reuse = {}
+  local reuse, served = {}, 0
+  local pending, held, flusher, batching = {}, 0, nil, true
+
+  local function flush()                      -- in a light thread of its own
+    worker.sleep(0)                           -- the loop's next turn
+    local out = pending
+    pending, held, batching = {}, 0, #out > 1
+    send(conn, out)                           -- waits while the client is not reading
+    flusher = nil
+  end
+
+  local function answer(reply)
+    served = served + 1
+    if not flusher and not batching and served % SAMPLE ~= 0 then
+      send(conn, reply)
+      return
+    end
+    if flusher and (#pending == 0 or held > HOLD) then   -- (none: it took them, and sends)
+      worker.wait(flusher)
+    end
+    pending[#pending + 1] = reply
+    held = held + #reply
+    if not flusher then flusher = worker.spawn(flush) end
+  end
+
+  -- The last words: after what is collected, as the connection closes.
+  local function finish(reply)
+    if flusher then worker.wait(flusher) end
+    if reply then send(conn, reply) end
+  end
+
   while true do
     local args, why = read_request(conn, reuse)
     if not args then
-      if why then conn:send(err("ERR Protocol error: " .. why)) end
-      return                                  -- closes once the replies are out
+      return finish(why and err("ERR Protocol error: " .. why))
     end
     if #args > 0 then                         -- an empty request is skipped
       local name = args[1]:lower()
-      if name == "quit" then
-        conn:send(OK)
-        return
-      end
-      send(conn, (commands[name] or unknown)(args, conn))
+      if name == "quit" then return finish(OK) end
+      answer((commands[name] or unknown)(args, conn))
     end
   end
 end
