@@ -644,33 +644,29 @@ local arrays, bulks = {}, {}
 -- protocol error to answer; or nil alone when the client has gone (or went
 -- mid-request: there is nothing to answer). A RESP request is a "*n" line,
 -- then n times a "$len" line, len bytes and a CRLF; any other line is an
--- inline command. The arguments go into `reuse`, the connection's own
--- table, emptied past them (no command keeps its arguments, and making a
--- table per request cost more than the rest of a GET's parsing); a request
--- of more than 64 arguments gets a table of its own, so no connection keeps
--- a large one.
+-- inline command. The arguments of a RESP request go into `reuse`, the
+-- connection's own table, emptied past them (no command keeps its
+-- arguments, and making a table per request cost more than the rest of a
+-- GET's parsing); a request of more than 64 gets a table of its own, so no
+-- connection keeps a large one.
 local function read_request(conn, reuse)
   local line, why, partial = receive(conn, "*l")
   if not line then
     if why ~= "too long" then return nil end
     return nil, byte(partial, 1) == 42 and "invalid multibulk length" or "too big inline request"
   end
-  local args, n = reuse, arrays[line]
+  local n = arrays[line]
   if not n then
     if byte(line, 1) ~= 42 then                -- not '*': an inline command
-      n = 0
-      for word in line:gmatch("%S+") do
-        n = n + 1
-        args[n] = word
-      end
-      for i = #args, n + 1, -1 do args[i] = nil end
+      local args = {}
+      for word in line:gmatch("%S+") do args[#args + 1] = word end
       return args
     end
     n = count(line)
     if not n or n > MAX_ARGS then return nil, "invalid multibulk length" end
     if n >= 0 and n <= COUNTS_KEPT then arrays[line] = n end
-    if n > 64 then args = {} end
   end
+  local args = n <= 64 and reuse or {}
   for i = 1, n do
     line, why = receive(conn, "*l")
     if not line then return nil, why == "too long" and "invalid bulk length" or nil end
