@@ -16,23 +16,15 @@
 -- spaces, one request a line, as typed into telnet).
 --
 -- Each connection runs kv.serve in a light thread of its own (the handler
--- has `serve`, not `connect`), as straight-line code: read a request with
--- conn:receive("*l") for its lines and conn:receive(n) for its bulk strings,
--- answer it, read the next. The worker scans its input buffer in C, so a
--- request split across reads (even byte by byte), many requests in one read
--- (pipelining) and a large value in many reads all come out whole, each
--- argument one Lua string. A client that sends one request at a time gets
--- each reply at once; the replies to pipelined requests are sent together
--- (kv.serve says how). Measured with redis-benchmark -P 16 (one worker,
--- pinned): a write per reply cost 2.3 times the CPU; at -P 1 the two ways
--- cost the same.
--- A malformed request gets "-ERR Protocol error: ..." and the connection is
--- closed, as Redis does. Unlike Redis, the "*n" and "$len" lines may end in
--- a bare LF. A line may be as long as the server's receive_limit
--- (examples/kv_server.lua sets Redis's 64 KiB; past it, the protocol
--- error), and a bulk string as large as the dictionary's capacity (nothing
--- larger could be stored), not Redis's 512 MiB: the worker holds a
--- request's bytes until it has them all.
+-- has `serve`, not `connect`): read a request with conn:receive("*l") and
+-- conn:receive(n), answer it, read the next. Requests split across reads,
+-- many in one read (pipelining) and large values all come out whole; the
+-- replies to pipelined requests go out together (kv.serve says how). A
+-- malformed request gets "-ERR Protocol error: ..." and the connection is
+-- closed, as Redis does (though here the "*n" and "$len" lines may end in a
+-- bare LF). A line may be as long as the server's receive_limit
+-- (kv_server.lua sets Redis's 64 KiB), a bulk string as large as the
+-- dictionary's capacity (nothing larger could be stored), not 512 MiB.
 --
 -- Storage: the shared dictionary named worker.config.name (default "kv"),
 -- which the main state can open too; one database (SELECT 0). Values are
@@ -619,14 +611,11 @@ function commands.command() return EMPTY end
 
 -- --- requests ----------------------------------------------------------------
 
--- conn.receive, the same function for every connection, looked up once (a
--- method call looks it up by name each time, and a request makes several).
-local receive
+local receive                 -- conn.receive, looked up once, not per call
 local match, sub = string.match, string.sub   -- (byte: above)
 
--- The n of a "*n" or "$n" line when what follows its first byte is the
--- canonical text of an integer (as canonical_integer, less its tostring);
--- nil otherwise, and past 18 digits (no count is that large).
+-- The n of a "*n" or "$n" line if it is canonical_integer's (without its
+-- costly tostring), up to 18 digits (no count is larger).
 local function count(line)
   local digits = match(line, "^.(%-?[1-9]%d*)$")
   if digits then return #digits < 19 and tonumber(digits) or nil end
@@ -634,21 +623,17 @@ local function count(line)
   return nil
 end
 
--- The counts of the lines seen, by line ("*3" -> 3, "$5" -> 5): the same few
--- lines come in every request, and a table lookup is much cheaper than
--- count's match. Only counts up to 4096 are kept, so at most 4097 of each.
+-- The counts of the lines seen ("*3" -> 3, "$5" -> 5), up to 4096: the same
+-- few lines come in every request, and a lookup is cheaper than a match.
 local COUNTS_KEPT = 4096
 local arrays, bulks = {}, {}
 
 -- Reads one request: its arguments (none for an empty one); or nil and the
--- protocol error to answer; or nil alone when the client has gone (or went
--- mid-request: there is nothing to answer). A RESP request is a "*n" line,
--- then n times a "$len" line, len bytes and a CRLF; any other line is an
--- inline command. The arguments of a RESP request go into `reuse`, the
--- connection's own table, emptied past them (no command keeps its
--- arguments, and making a table per request cost more than the rest of a
--- GET's parsing); a request of more than 64 gets a table of its own, so no
--- connection keeps a large one.
+-- protocol error to answer; or nil alone when the client has gone. RESP is
+-- a "*n" line, then n times a "$len" line, len bytes and a CRLF; any other
+-- line is an inline command. Up to 64 arguments go into `reuse`, the
+-- connection's table (no command keeps its arguments, and a new table per
+-- request cost more than the rest of a GET's parsing).
 local function read_request(conn, reuse)
   local line, why, partial = receive(conn, "*l")
   if not line then
@@ -706,18 +691,14 @@ function kv.init(worker)
 end
 
 -- Each connection: read a request, answer it, until the client goes, sends
--- QUIT or breaks the protocol.
---
--- Replies go out at once while the client sends a request at a time. When
--- one read brings several (pipelining), a reply each costs a write each, so
--- then they are collected, and a light thread sends them together on the
--- loop's next turn, once this one has answered all the input it had (there
--- is no asking whether more input is buffered). That thread tells which
--- case this is: it found several replies waiting, or one. A client seen
--- sending one at a time gets every SAMPLE-th reply that way, to notice
--- when it starts pipelining. Once HOLD bytes are collected, or while that
--- thread waits in send for a client that is not reading, the next reply
--- waits for it: what a connection holds stays bounded, as with send alone.
+-- QUIT or breaks the protocol. A reply goes out at once while the client
+-- sends one request at a time. Pipelined, a write per reply cost 2.3 times
+-- the CPU (redis-benchmark -P 16), so then replies are collected and a
+-- light thread (flush) sends them on the loop's next turn, when this one has
+-- answered all it had; it finds one reply or several, which tells which
+-- case this is (every SAMPLE-th reply goes that way to notice a change).
+-- Past HOLD bytes, or while flush waits for a client that is not reading,
+-- the next reply waits for flush: what is held stays bounded.
 local SAMPLE = 31              -- prime: a burst's size will not divide it
 local HOLD = 64 * 1024
 
