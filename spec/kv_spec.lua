@@ -347,6 +347,27 @@ describe("examples/kv.lua with 2 workers", function()
     end
   end)
 
+  it("stops, at once and gracefully, with clients mid-pipeline that read nothing", function()
+    -- Their replies wait in send or in the thread that sends them together;
+    -- every light thread must end with the server.
+    for _, graceful in ipairs({ false, true }) do
+      start()
+      local value = ("v"):rep(60000)
+      local cs = { client(), client(), client(), client() }
+      for _, c in ipairs(cs) do
+        assert.are.equal(OK, call(c, "SET", "big", value))
+        c:settimeout(0.2)
+        c:send(resp("GET", "big"):rep(300))  -- 18 MB of replies: more than the sockets hold
+      end
+      socket.sleep(0.2)
+      local server = ex.server
+      ex.server = nil
+      assert.is_true(server:stop(graceful and { timeout = 300 } or nil))
+      assert.are.equal(0, server:stats().threads)
+      assert.are.equal(0, server:stats().active)
+    end
+  end)
+
   it("parses a request split across reads, even mid-bulk-string", function()
     local c = start()
     c:setoption("tcp-nodelay", true)
