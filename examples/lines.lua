@@ -7,11 +7,11 @@
 -- code reads top to bottom: read a line, answer it, read the next. While
 -- conn:receive("*l") waits for a line the worker serves other connections;
 -- the line comes whole however the client's writes split it, and many lines
--- in one read come one by one, without a copy. A connection's state is just
--- local variables. receive returns nil and a word when it cannot give a
--- line: "closed" (the client went), "timeout" (nothing came for the read
--- timeout) or "too long" (no end of line within the server's
--- receive_limit). Returning from serve closes the connection once what was
+-- in one read come one by one (the worker scans its buffer in C and makes
+-- one Lua string per line). A connection's state is just local variables.
+-- receive returns nil and a word when it cannot give a line: "closed" (the
+-- client went), "timeout" (nothing came for the read timeout) or "too long"
+-- (no end of line within the server's receive_limit). Returning from serve closes the connection once what was
 -- sent has gone out. (examples/chat.lua is the callback style: on_data gets
 -- whatever each read brought, and the handler splits it into lines itself.)
 --
