@@ -13,6 +13,7 @@ local server = multiloop.server{
   host = "127.0.0.1",
   port = tonumber(arg[1]) or 6380,
   handler = "examples.kv",
+  receive_limit = 64 * 1024,          -- a request's lines: Redis's inline limit
   config = { capacity = tonumber(arg[2]) or 64 * 1024 * 1024 },
 }
 server:start()

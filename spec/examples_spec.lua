@@ -5,6 +5,10 @@
 --   examples/chat.lua: a line from a client on any worker reaches every
 --     other client on every worker; lines come whole however they were split;
 --     clients that leave, cleanly or not, leave the others chatting.
+--   examples/lines.lua: a line protocol in serve style: each command's
+--     reply, each connection's own variables, lines split or many in one
+--     write, its errors in words, a line too long and an idle connection
+--     ended, and no light thread left behind.
 --   (examples/kv.lua has spec/kv_spec.lua.)
 --   examples/stats_counter.lua: the workers count connections in a shared
 --     dictionary that the main state (this process) reads.
@@ -153,6 +157,98 @@ describe("examples/chat.lua with 2 workers", function()
     expect_spread(1, 1)
     assert(c[4]:send("after\n"))
     assert.are.equal(name[4] .. ": after", helper.line(c[1]))
+  end)
+end)
+
+-- ---------------------------------------------------------------------------
+
+describe("examples/lines.lua with 2 workers", function()
+  after_each(stop_server)
+
+  local HELLO = "hello: UPPER text, SET name value, GET name, INCR name, COUNT, TIME, QUIT"
+
+  -- A client that has read the greeting.
+  local function join()
+    local c = client()
+    assert.are.equal(HELLO, helper.line(c))
+    return c
+  end
+
+  -- Sends one command line and returns the reply line.
+  local function ask(c, line)
+    assert(c:send(line .. "\n"))
+    return helper.line(c)
+  end
+
+  -- Waits (boundedly) until no light thread is left in any worker.
+  local function no_threads()
+    assert.is_truthy(helper.eventually(function() return ex.server:stats().threads == 0 end),
+      "light threads left: " .. ex.server:stats().threads)
+  end
+
+  it("answers each command, and keeps each connection's variables its own", function()
+    serve{ handler = "examples.lines" }
+    local c, d = join(), join()                 -- one on each worker
+    expect_spread(1, 1)
+    assert.are.equal("HELLO,  WORLD 1", ask(c, "upper hello,  world 1"))
+    assert.are.equal("OK", ask(c, "SET x 41"))
+    assert.are.equal("42", ask(c, "Incr x"))
+    assert.are.equal("42", ask(c, "get x"))
+    assert.are.equal("(nil)", ask(d, "GET x"))  -- the other connection's
+    assert.are.equal("1", ask(d, "INCR x"))
+    assert.are.equal("OK", ask(c, "set greeting hello there, you"))
+    assert.are.equal("hello there, you", ask(c, "get greeting"))
+    assert.are.equal("7", ask(c, "COUNT"))
+    assert.are.equal("3", ask(d, "count"))
+    local now = tonumber(ask(c, "TIME"))
+    assert.is_true(math.abs(now - os.time()) <= 2, "TIME " .. tostring(now))
+    assert.are.equal("bye", ask(c, "quit"))
+    assert.is_true(closed(c))
+    assert.are.equal("2", ask(d, "incr x"))     -- the other goes on
+  end)
+
+  it("takes lines split across writes, and many in one write, answering in order", function()
+    serve{ handler = "examples.lines" }
+    local c = join()
+    c:setoption("tcp-nodelay", true)
+    send_apart(c, "up")
+    send_apart(c, "per split\r")
+    assert(c:send("\nupper two\r\n\n\r\nupp"))  -- CRLF, and empty lines skipped
+    send_apart(c, "er three")
+    assert(c:send("\n"))
+    assert.are.equal("SPLIT", helper.line(c))
+    assert.are.equal("TWO", helper.line(c))
+    assert.are.equal("THREE", helper.line(c))
+    assert(c:send(("incr n\n"):rep(300)))
+    for i = 1, 300 do assert.are.equal(tostring(i), helper.line(c)) end
+    assert.are.equal("304", ask(c, "count"))
+  end)
+
+  it("answers mistakes with messages, and ends a line too long and an idle connection", function()
+    serve{ handler = "examples.lines", receive_limit = 100, config = { idle_ms = 500 } }
+    -- 150 bytes and no end of line: past receive_limit.
+    local d = join()
+    assert(d:send(("x"):rep(150)))
+    assert.are.equal("ERR line too long", helper.line(d))
+    assert.is_true(closed(d))
+    local c = join()
+    assert.are.equal("ERR unknown command 'frob'", ask(c, "frob a b"))
+    assert.are.equal("ERR usage: SET name value", ask(c, "set x"))
+    assert.are.equal("ERR usage: GET name", ask(c, "get"))
+    assert.are.equal("ERR usage: INCR name", ask(c, "incr a b"))
+    assert.are.equal("OK", ask(c, "set s 1.5"))
+    assert.are.equal("ERR '1.5' is not an integer", ask(c, "incr s"))
+    assert.are.equal("1.5", ask(c, "get s"))   -- unchanged
+    -- Then silent for 500 ms (the read timeout, which each line restarts):
+    -- told so, and closed.
+    assert.are.equal("bye (idle)", helper.line(c))
+    assert.is_true(closed(c))
+    -- A client that leaves mid-line: nothing to answer, the thread ends.
+    local e = join()
+    assert(e:send("upper half a li"))
+    e:shutdown("send")
+    assert.is_true(closed(e))
+    no_threads()
   end)
 end)
 

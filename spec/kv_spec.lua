@@ -311,6 +311,63 @@ describe("examples/kv.lua with 2 workers", function()
     end
   end)
 
+  it("answers in order when a client alternates single requests and bursts", function()
+    -- Replies go out at once or collected (examples/kv.lua's kv.serve): a
+    -- client that switches between the two must see every reply in order.
+    local c = start()
+    local n = 0
+    for round = 1, 120 do
+      local burst = round % 7 == 0 and 40 or round % 3
+      local want = {}
+      for _ = 0, burst do                     -- burst + 1 requests in one write
+        n = n + 1
+        want[#want + 1] = n
+      end
+      assert(c:send(resp("INCR", "order"):rep(#want)))
+      for _, v in ipairs(want) do assert.are.equal(int(v), read_reply(c)) end
+    end
+    assert.are.equal(bulk(tostring(n)), call(c, "GET", "order"))
+  end)
+
+  it("ends a request line longer than receive_limit with a protocol error", function()
+    dict_names = dict_names + 1
+    dict = ("spec kv %d"):format(dict_names)
+    serve{ handler = "examples.kv", receive_limit = 1024, config = { name = dict } }
+    local cases = {
+      { ("x"):rep(2000), "too big inline request" },
+      { "*" .. ("1"):rep(2000), "invalid multibulk length" },
+      { "*1\r\n$" .. ("1"):rep(2000), "invalid bulk length" },
+    }
+    for _, case in ipairs(cases) do
+      local c = client()
+      assert.are.equal("+PONG\r\n", call(c, "PING"))
+      assert(c:send(case[1]))                 -- and no end of line
+      assert.are.equal(("-ERR Protocol error: %s\r\n"):format(case[2]), read_reply(c))
+      assert.is_true(closed(c))
+    end
+  end)
+
+  it("stops, at once and gracefully, with clients mid-pipeline that read nothing", function()
+    -- Their replies wait in send or in the thread that sends them together;
+    -- every light thread must end with the server.
+    for _, graceful in ipairs({ false, true }) do
+      start()
+      local value = ("v"):rep(60000)
+      local cs = { client(), client(), client(), client() }
+      for _, c in ipairs(cs) do
+        assert.are.equal(OK, call(c, "SET", "big", value))
+        c:settimeout(0.2)
+        c:send(resp("GET", "big"):rep(300))  -- 18 MB of replies: more than the sockets hold
+      end
+      socket.sleep(0.2)
+      local server = ex.server
+      ex.server = nil
+      assert.is_true(server:stop(graceful and { timeout = 300 } or nil))
+      assert.are.equal(0, server:stats().threads)
+      assert.are.equal(0, server:stats().active)
+    end
+  end)
+
   it("parses a request split across reads, even mid-bulk-string", function()
     local c = start()
     c:setoption("tcp-nodelay", true)
