@@ -110,16 +110,20 @@ static size_t pattern_start_at_end(const char *p, size_t len, const char *pat, s
   return 0;
 }
 
-static int scan_until(multiloop_serve_t *sv, const char *p, size_t len, size_t *ret,
-                      size_t *used) {
+static int scan_until(multiloop_serve_t *sv, const char *p, size_t len, size_t limit,
+                      size_t *ret, size_t *used) {
   const char *at = NULL;
   if (len >= sv->patlen && len - sv->scanned >= sv->patlen)
     at = memmem(p + sv->scanned, len - sv->scanned, sv->pat, sv->patlen);
   if (at != NULL) {
     size_t i = (size_t)(at - p);
     if (sv->n == 0) {                      /* reader(): all of it up to the pattern */
-      *ret = sv->inclusive ? i + sv->patlen : i;
       *used = i + sv->patlen;
+      if (i > limit) {                     /* as if the pattern had come later */
+        *ret = i;
+        return SCAN_LONG;
+      }
+      *ret = sv->inclusive ? i + sv->patlen : i;
       return SCAN_DATA;
     }
     if (i > 0) {                           /* reader(size): a chunk before it */
@@ -147,13 +151,18 @@ static int scan_until(multiloop_serve_t *sv, const char *p, size_t len, size_t *
 static int scan(multiloop_conn_t *c, const char *p, size_t len, int ended, size_t *ret,
                 size_t *used) {
   multiloop_serve_t *sv = SERVE(c);
+  size_t limit = CONN_WORKER(c)->cfg->receive_limit;  /* bytes a line, a part or "*a" may have */
   int found = SCAN_MORE;
   switch (sv->op) {
     case READ_LINE: {
       const char *lf = len > sv->scanned ? memchr(p + sv->scanned, '\n', len - sv->scanned) : NULL;
       if (lf != NULL) {
         size_t i = (size_t)(lf - p);
-        *used = i + 1;
+        *used = i + 1;                     /* the line and its LF, even when too long */
+        if (i > limit) {                   /* as if its LF had come in a later read */
+          *ret = i;
+          return SCAN_LONG;
+        }
         *ret = i > 0 && p[i - 1] == '\r' ? i - 1 : i;
         return SCAN_DATA;
       }
@@ -161,6 +170,7 @@ static int scan(multiloop_conn_t *c, const char *p, size_t len, int ended, size_
       break;
     }
     case READ_ALL:
+      if (len > limit) break;              /* too long, even with the EOF here */
       if (ended) {
         *ret = *used = len;
         return SCAN_DATA;
@@ -180,12 +190,14 @@ static int scan(multiloop_conn_t *c, const char *p, size_t len, int ended, size_
       }
       break;
     case READ_UNTIL:
-      if ((found = scan_until(sv, p, len, ret, used)) != SCAN_MORE) return found;
+      if ((found = scan_until(sv, p, len, limit, ret, used)) != SCAN_MORE) return found;
       break;
   }
+  /* Nothing found: bytes past the limit are too long (whatever else the
+   * peer does); at EOF what is here is the partial. */
   *ret = *used = len;
+  if (len > limit && sv->op != READ_ANY && sv->op != READ_N) return SCAN_LONG;
   if (ended) return SCAN_CLOSED;
-  if (len >= CONN_WORKER(c)->cfg->receive_limit && sv->op != READ_ANY) return SCAN_LONG;
   return SCAN_MORE;
 }
 
