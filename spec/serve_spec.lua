@@ -250,6 +250,40 @@ describe("serve", function()
     assert.are.equal("sends 2", helper.line(c))
   end)
 
+  describe("the replies to a burst, held back and sent together", function()
+    it("arrive whole and in order, past the 64 held at a time", function()
+      local c = start("cork")
+      local lines, want = {}, {}
+      for i = 1, 300 do
+        lines[i] = "n" .. i
+        want[i] = "n" .. i .. "!"
+      end
+      assert(c:send(table.concat(lines, "\n") .. "\n"))
+      for i = 1, 300 do assert.are.equal(want[i], helper.line(c)) end
+    end)
+
+    it("go before a write on the same connection", function()
+      local c = start("cork")
+      assert(c:send("one\nmix\n"))
+      assert.are.equal("one!", helper.line(c))
+      assert.are.equal("abcd", helper.line(c))
+    end)
+
+    it("go before a close, and before the connection closes when serve returns", function()
+      local c = start("cork")
+      assert(c:send("one\nclose\n"))
+      assert.are.equal("one!", helper.line(c))
+      assert.are.equal("xy", helper.line(c))
+      assert.are.equal("", helper.all(c))
+      local d = helper.connect(port)
+      helper.defer(function() d:close() end)
+      assert(d:send("two\nend\n"))
+      assert.are.equal("two!", helper.line(d))
+      assert.are.equal("ef", helper.line(d))
+      assert.are.equal("", helper.all(d))
+    end)
+  end)
+
   it("a second reader gets nil, 'busy reading'", function()
     local c = start("busy")
     assert.are.equal("nil busy reading nil busy reading", helper.line(c))

@@ -143,6 +143,7 @@ static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int st
   int cb_ref = wr->cb_ref, rc = LUA_OK;
   if (status == 0) TOUCH(WORKER(c), c);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
+  free(wr->owned);
   free(wr);
   if (c->serve) multiloop_serve_written(c, status);   /* may wake the writer */
   if (cb_ref != LUA_NOREF) {
@@ -314,6 +315,7 @@ static int conn_write(lua_State *L) {
   luaL_argcheck(L, len <= INT_MAX, 2, "string too long for one write (2 GiB at most)");
   luaL_argexpected(L, !has_cb || lua_isfunction(L, 3), 3, "function or nil");
   if (c->s.closing || c->s.shutdown_requested) return closed(L);
+  if (c->serve) multiloop_serve_uncork(c);   /* after what serve's sends held back */
   if (!has_cb) {
     int n;
     if (len == 0) return push_write_result(L, c);
@@ -337,6 +339,7 @@ static int conn_write(lua_State *L) {
   }
   wr->ref = ref;
   wr->cb_ref = cb_ref;
+  wr->owned = NULL;
   rc = multiloop_stream_write(&c->s, &wr->w, data + off, len - off);
   if (rc != 0) {                              /* the stream closed */
     luaL_unref(L, LUA_REGISTRYINDEX, ref);
@@ -442,13 +445,20 @@ static int conn_set_keepalive(lua_State *L) {
   return 1;
 }
 
+/* A serve connection's held-back sends go first (serve.c). */
+#define UNCORK(c) ((c)->serve ? multiloop_serve_uncork(c) : (void)0)
+
 static int conn_shutdown_method(lua_State *L) {
-  multiloop_stream_shutdown(&check_conn(L)->s);
+  multiloop_conn_t *c = check_conn(L);
+  UNCORK(c);
+  multiloop_stream_shutdown(&c->s);
   return 0;
 }
 
 static int conn_close_method(lua_State *L) {
-  multiloop_stream_close_flushed(&check_conn(L)->s);   /* drops no queued data */
+  multiloop_conn_t *c = check_conn(L);
+  UNCORK(c);
+  multiloop_stream_close_flushed(&c->s);   /* drops no queued data */
   return 0;
 }
 

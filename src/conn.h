@@ -59,8 +59,9 @@ typedef struct {
 /* One queued write: the stream hands `w` back in `written`. */
 typedef struct {
   multiloop_stream_write_t w;          /* first */
-  int ref;                             /* the Lua string being written */
+  int ref;                             /* the Lua string being written, or LUA_NOREF */
   int cb_ref;                          /* conn:write's callback, or LUA_NOREF */
+  char *owned;                         /* or bytes malloc'd for it (serve.c), freed when written */
 } multiloop_write_req_t;
 
 /* conn.c's stream events: every connection's handle points at them. */
@@ -89,6 +90,9 @@ void multiloop_serve_queued(multiloop_conn_t *c);    /* a write request was queu
 void multiloop_serve_written(multiloop_conn_t *c, int status);
 void multiloop_serve_drained(multiloop_conn_t *c);
 void multiloop_serve_closing(multiloop_conn_t *c);
+/* Sends what serve's sends held back during this read event (serve.c): any
+ * write, shutdown or close on a serve connection calls it first. */
+void multiloop_serve_uncork(multiloop_conn_t *c);
 /* Protected: starts handler.serve(conn), the conn on top of L. */
 void multiloop_serve_start(lua_State *L, multiloop_conn_t *c);
 /* The methods (each with the metatable as upvalue 1). */

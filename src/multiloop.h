@@ -242,6 +242,14 @@ struct multiloop_worker_s {
     size_t len, used;
     int found;                         /* the scan's result for the waiting reader */
     size_t ret, consume;
+    /* Sends on that connection during the event, held back to go out in
+     * one write as it ends: a registry table of the strings (made once),
+     * how many, their bytes, and whose they are. */
+    int cork_ref;                      /* 0: not made yet */
+    int sends;                         /* sends during the event: the first goes at once */
+    int cork_n;
+    size_t cork_bytes;
+    multiloop_conn_t *cork_conn;
   } view;
   int worker_ref;                      /* registry: the `worker` table */
   int stopping;

@@ -33,7 +33,12 @@
  *
  * Writing: send tries the socket first and queues the rest, pinning the Lua
  * string; it waits only while the queue is over write_high_water, until the
- * stream's `drained` event (or its send timeout).
+ * stream's `drained` event (or its send timeout). While a read event runs,
+ * the sends after its first are held back (the cork: a table of the
+ * strings) and go out in one write when the event ends, as Redis writes a
+ * read's replies once: answering 16 pipelined requests then costs two
+ * writes, not 16. Any other write, shutdown or close on the connection
+ * sends them first, so the order never changes.
  *
  * Timeouts are deadline entries (deadline.c): the read timeout is the
  * connection's own `idle` entry (a serve connection has no idle timeout),
@@ -67,6 +72,10 @@ enum { WOKE_NONE, WOKE_FOUND, WOKE_TIMEOUT, WOKE_CLOSED };
 #define REQ_COST (sizeof(multiloop_write_req_t) + 2 * sizeof(void *))
 /* How deep send's nested tables may go. */
 #define SEND_MAX_DEPTH 32
+/* Sends held back during one read event: at most this many, of this many
+ * bytes in all (then they go out, and the next is held again). */
+#define CORK_MAX_N 64
+#define CORK_MAX_BYTES (64 * 1024)
 
 static void read_expired(multiloop_deadline_t *d, uint64_t ms);
 static void send_expired(multiloop_deadline_t *d, uint64_t ms);
@@ -339,6 +348,97 @@ static void send_expired(multiloop_deadline_t *d, uint64_t ms) {
   if (sv->writer) multiloop_thread_wake(take_writer(sv), 0, push_send_timeout, c);
 }
 
+/* --- sends held back during a read event -------------------------------------- */
+
+/* Writes what sends held back for c, in one write (writev), and forgets
+ * them. Allocates nothing in Lua, so it runs from the read event itself: the
+ * strings stay in the cork table until they are sent; what the socket does
+ * not take now is copied into one malloc'd block for a queued write. */
+void multiloop_serve_uncork(multiloop_conn_t *c) {
+  multiloop_worker_t *w = CONN_WORKER(c);
+  lua_State *L = w->L;
+  uv_buf_t bufs[CORK_MAX_N];
+  size_t total = 0, done, at;
+  int i, n = w->view.cork_n;
+  if (n == 0 || w->view.cork_conn != c) return;
+  w->view.cork_n = 0;
+  w->view.cork_bytes = 0;
+  w->view.cork_conn = NULL;
+  if (!lua_checkstack(L, 2)) {                       /* cannot even look: drop the connection */
+    multiloop_stream_close(&c->s, UV_ENOMEM);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->view.cork_ref);
+  for (i = 0; i < n; i++) {
+    size_t len;
+    lua_rawgeti(L, -1, i + 1);
+    bufs[i].base = (char *)(uintptr_t)lua_tolstring(L, -1, &len);  /* strings: no conversion */
+    bufs[i].len = len;
+    total += len;
+    lua_pop(L, 1);                                   /* the table still holds it */
+  }
+  done = c->s.closing ? total : 0;
+  if (!c->s.closing) {
+    int sent = multiloop_stream_try_writev(&c->s, bufs, (unsigned)n);
+    done = sent < 0 ? total : (size_t)sent;          /* an error closed the stream */
+  }
+  if (done < total) {                                /* the rest, copied, queued */
+    multiloop_write_req_t *wr = malloc(sizeof *wr);
+    char *rest = malloc(total - done);
+    if (wr == NULL || rest == NULL) {
+      free(wr);
+      free(rest);
+      multiloop_stream_close(&c->s, UV_ENOMEM);
+    } else {
+      size_t off = 0;
+      for (i = 0, at = 0; i < n; at += bufs[i].len, i++) {
+        size_t from = done > at ? done - at : 0;
+        if (from < bufs[i].len) {
+          memcpy(rest + off, bufs[i].base + from, bufs[i].len - from);
+          off += bufs[i].len - from;
+        }
+      }
+      wr->ref = wr->cb_ref = LUA_NOREF;
+      wr->owned = rest;
+      if (multiloop_stream_write(&c->s, &wr->w, rest, off) != 0) {
+        free(rest);
+        free(wr);
+      } else {
+        SERVE(c)->nqueued++;
+      }
+    }
+  }
+  for (i = 1; i <= n; i++) {                         /* existing slots: no allocation */
+    lua_pushnil(L);
+    lua_rawseti(L, -2, i);
+  }
+  lua_pop(L, 1);
+}
+
+/* Holds a send back (the string at `idx` of L) while its connection's read
+ * event runs, if there is room: returns 1, or 0 to send it now. */
+static int cork(lua_State *L, multiloop_conn_t *c, int idx, size_t len) {
+  multiloop_worker_t *w = CONN_WORKER(c);
+  if (w->view.conn != c || (w->view.cork_n > 0 && w->view.cork_conn != c)) return 0;
+  if (w->view.sends++ == 0) return 0;                /* one answer per event: no holding */
+  if (w->view.cork_n == CORK_MAX_N || w->view.cork_bytes + len > CORK_MAX_BYTES) {
+    multiloop_serve_uncork(c);                       /* full: these go, this one waits */
+    if (c->s.closing) return 0;
+  }
+  if (w->view.cork_ref == 0) {
+    lua_createtable(L, CORK_MAX_N, 0);
+    w->view.cork_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->view.cork_ref);
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, -2, w->view.cork_n + 1);            /* preallocated: no growth */
+  lua_pop(L, 1);
+  w->view.cork_n++;
+  w->view.cork_bytes += len;
+  w->view.cork_conn = c;
+  return 1;
+}
+
 /* --- the stream's events, from conn.c ------------------------------------------ */
 
 size_t multiloop_serve_read(multiloop_conn_t *c, const char *data, size_t len) {
@@ -349,11 +449,13 @@ size_t multiloop_serve_read(multiloop_conn_t *c, const char *data, size_t len) {
   w->view.p = data;
   w->view.len = len;
   w->view.used = 0;
+  w->view.sends = 0;
   if (sv->reader) {
     int found = scan(c, data, len, 0, &ret, &used);
     if (found != SCAN_MORE) wake_reader(c, found, ret, used);
     else multiloop_deadline_touch(w, &c->idle);   /* the timeout counts from progress */
   }
+  if (w->view.cork_n > 0) multiloop_serve_uncork(c);   /* this event's sends, in one write */
   used = w->view.used;
   w->view.conn = NULL;
   if (!c->s.closing && sv->reader == NULL && len - used >= READ_AHEAD)
@@ -408,6 +510,7 @@ void multiloop_serve_drained(multiloop_conn_t *c) { wake_writer_if_low(c); }
  * are woken on the next turn of the loop, never from here. */
 void multiloop_serve_closing(multiloop_conn_t *c) {
   multiloop_serve_t *sv = SERVE(c);
+  multiloop_serve_uncork(c);                   /* closing: nothing is written, all is let go */
   if (sv->reader) {
     multiloop_thread_t *t = take_reader(c);
     sv->woke = WOKE_CLOSED;
@@ -422,6 +525,7 @@ void multiloop_serve_closing(multiloop_conn_t *c) {
  * at once, as a callback error does. */
 static void serve_ended(void *data, int ok) {
   multiloop_conn_t *c = data;
+  multiloop_serve_uncork(c);                   /* what it sent last goes before the close */
   if (ok) multiloop_stream_close_flushed(&c->s);
   else multiloop_stream_close(&c->s, REASON_ERROR);
 }
@@ -685,8 +789,16 @@ static int serve_send(lua_State *L) {
   }
   /* Would this have to wait? Then it must be able to, before anything is
    * queued: a send that raises has sent nothing. */
-  if (send_cost(c) + len >= w->cfg->write_high_water)
+  if (send_cost(c) + w->view.cork_bytes + len >= w->cfg->write_high_water)
     t = multiloop_thread_self(L, "conn:send");
+  else if (w->view.conn == c && cork(L, c, 2, len)) {  /* goes out as the read event ends */
+    lua_pushinteger(L, (lua_Integer)len);
+    return 1;
+  }
+  if (w->view.cork_n > 0) {                            /* what was held goes first */
+    multiloop_serve_uncork(c);
+    if (c->s.closing) return nil_err(L, closed_word(c));
+  }
   n = multiloop_stream_try_write(&c->s, data, len);    /* the cheap way first */
   if (n < 0) return nil_err(L, closed_word(c));           /* the stream closed */
   off = (size_t)n;
@@ -700,6 +812,7 @@ static int serve_send(lua_State *L) {
     }
     wr->ref = ref;
     wr->cb_ref = LUA_NOREF;
+    wr->owned = NULL;
     if ((rc = multiloop_stream_write(&c->s, &wr->w, data + off, len - off)) != 0) {
       luaL_unref(L, LUA_REGISTRYINDEX, ref);
       free(wr);

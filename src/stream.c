@@ -52,7 +52,7 @@ static inline const multiloop_transport_t *other_tp(const multiloop_stream_t *s)
 
 static int plain_read_start(multiloop_stream_t *s);
 static void plain_read_stop(multiloop_stream_t *s);
-static int plain_try_write(multiloop_stream_t *s, const char *buf, size_t len);
+static int plain_try_write(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n);
 static int plain_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
                        size_t len);
 static int plain_shutdown(multiloop_stream_t *s);
@@ -293,12 +293,12 @@ static void write_cb(uv_write_t *req, int status) {
 
 /* Sends what the socket takes now, if nothing is queued (else 0): the bytes
  * taken, or a libuv error (the stream is closed then). */
-int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t len) {
+int multiloop_stream_try_writev(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned nbufs) {
   const multiloop_transport_t *tp;
   int n;
   if (s->closing || s->h.stream.write_queue_size != 0) return 0;
   tp = other_tp(s);
-  n = TP_CALL(tp, try_write, s, buf, len);
+  n = TP_CALL(tp, try_write, s, bufs, nbufs);
   if (n < 0) {
     multiloop_stream_close(s, n);
     return n;
@@ -308,6 +308,7 @@ int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t le
                               memory_order_relaxed);
   return n;
 }
+
 
 /* Queues `len` bytes (at most UINT_MAX) that stay the owner's until
  * `written` hands wr back. Returns 0, or a libuv error: the stream is closed
@@ -352,9 +353,8 @@ static int plain_read_start(multiloop_stream_t *s) {
 
 static void plain_read_stop(multiloop_stream_t *s) { uv_read_stop(&s->h.stream); }
 
-static int plain_try_write(multiloop_stream_t *s, const char *buf, size_t len) {
-  uv_buf_t b = uv_buf_init((char *)(uintptr_t)buf, (unsigned)len);  /* libuv only reads it */
-  int n = uv_try_write(&s->h.stream, &b, 1);
+static int plain_try_write(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned nbufs) {
+  int n = uv_try_write(&s->h.stream, bufs, nbufs);
   return n == UV_EAGAIN ? 0 : n;
 }
 

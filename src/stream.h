@@ -65,9 +65,10 @@ typedef struct {
   const char *name;                    /* "plain" */
   int (*read_start)(multiloop_stream_t *s);
   void (*read_stop)(multiloop_stream_t *s);
-  /* Sends what it can now without queueing: the bytes taken (0 when the
-   * socket would block), or a libuv error. Only with nothing queued. */
-  int (*try_write)(multiloop_stream_t *s, const char *buf, size_t len);
+  /* Sends what it can of `n` buffers now without queueing: the bytes taken
+   * (0 when the socket would block), or a libuv error. Only with nothing
+   * queued. */
+  int (*try_write)(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n);
   /* Queues `len` bytes behind what is queued; they must stay valid until
    * `written`. Returns 0 or a libuv error (then wr is the caller's again). */
   int (*write)(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf, size_t len);
@@ -151,7 +152,13 @@ int multiloop_stream_open(multiloop_stream_t *s, uv_os_sock_t fd, uv_stream_t *s
 void multiloop_stream_start(multiloop_stream_t *s);   /* start reading */
 void multiloop_stream_pause(multiloop_stream_t *s);
 void multiloop_stream_resume(multiloop_stream_t *s);
-int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t len);
+/* Sends what the socket takes now, if nothing is queued (else 0): the bytes
+ * taken, or a libuv error (the stream is closed then). */
+int multiloop_stream_try_writev(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n);
+static inline int multiloop_stream_try_write(multiloop_stream_t *s, const char *buf, size_t len) {
+  uv_buf_t b = uv_buf_init((char *)(uintptr_t)buf, (unsigned)len);  /* libuv only reads it */
+  return multiloop_stream_try_writev(s, &b, 1);
+}
 int multiloop_stream_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
                            size_t len);
 /* The bytes kept (every read's unconsumed rest), outside a `read` event:
