@@ -691,61 +691,31 @@ function kv.init(worker)
 end
 
 -- Each connection: read a request, answer it, until the client goes, sends
--- QUIT or breaks the protocol. A reply goes out at once while the client
--- sends one request at a time. Pipelined, a write per reply cost 2.3 times
--- the CPU (redis-benchmark -P 16), so then replies are collected and a
--- light thread (flush) sends them on the loop's next turn, when this one has
--- answered all it had; it finds one reply or several, which tells which
--- case this is (every SAMPLE-th reply goes that way to notice a change).
--- Past HOLD bytes, or while flush waits for a client that is not reading,
--- the next reply waits for flush: what is held stays bounded.
-local SAMPLE = 31              -- prime: a burst's size will not divide it
-local HOLD = 64 * 1024
-
+-- QUIT or breaks the protocol. Each reply is one send: while a read event
+-- runs, multiloop holds the sends after its first and writes them together
+-- as the event ends (README, "Sequential connections"), so the replies to a
+-- pipelined burst cost one write, as in Redis, and a client sending one
+-- request at a time still gets each reply at once. A client that does not
+-- read its replies makes send wait (write_high_water): what is held for it
+-- stays bounded.
 function kv.serve(conn)
   receive = conn.receive
-  local send, worker = conn.send, conn.worker
+  local send = conn.send
   conn:settimeout(0)                          -- as Redis: a client may idle for ever
-  local reuse, served = {}, 0
-  local pending, held, flusher, batching = {}, 0, nil, true
-
-  local function flush()                      -- in a light thread of its own
-    worker.sleep(0)                           -- the loop's next turn
-    local out = pending
-    pending, held, batching = {}, 0, #out > 1
-    send(conn, out)                           -- waits while the client is not reading
-    flusher = nil
-  end
-
-  local function answer(reply)
-    served = served + 1
-    if not flusher and not batching and served % SAMPLE ~= 0 then
-      send(conn, reply)
-      return
-    end
-    if flusher and (#pending == 0 or held > HOLD) then   -- (none: it took them, and sends)
-      worker.wait(flusher)
-    end
-    pending[#pending + 1] = reply
-    held = held + #reply
-    if not flusher then flusher = worker.spawn(flush) end
-  end
-
-  -- The last words: after what is collected, as the connection closes.
-  local function finish(reply)
-    if flusher then worker.wait(flusher) end
-    if reply then send(conn, reply) end
-  end
-
+  local reuse = {}
   while true do
     local args, why = read_request(conn, reuse)
     if not args then
-      return finish(why and err("ERR Protocol error: " .. why))
+      if why then send(conn, err("ERR Protocol error: " .. why)) end
+      return
     end
     if #args > 0 then                         -- an empty request is skipped
       local name = args[1]:lower()
-      if name == "quit" then return finish(OK) end
-      answer((commands[name] or unknown)(args, conn))
+      if name == "quit" then
+        send(conn, OK)
+        return
+      end
+      send(conn, (commands[name] or unknown)(args, conn))
     end
   end
 end
