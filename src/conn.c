@@ -143,7 +143,6 @@ static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int st
   int cb_ref = wr->cb_ref, rc = LUA_OK;
   if (status == 0) TOUCH(WORKER(c), c);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
-  free(wr->owned);
   free(wr);
   if (c->serve) multiloop_serve_written(c, status);   /* may wake the writer */
   if (cb_ref != LUA_NOREF) {
@@ -339,7 +338,6 @@ static int conn_write(lua_State *L) {
   }
   wr->ref = ref;
   wr->cb_ref = cb_ref;
-  wr->owned = NULL;
   rc = multiloop_stream_write(&c->s, &wr->w, data + off, len - off);
   if (rc != 0) {                              /* the stream closed */
     luaL_unref(L, LUA_REGISTRYINDEX, ref);

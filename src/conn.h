@@ -59,10 +59,9 @@ typedef struct {
 /* One queued write: the stream hands `w` back in `written`. */
 typedef struct {
   multiloop_stream_write_t w;          /* first */
-  int ref;                             /* the Lua string being written, or LUA_NOREF */
+  int ref;                             /* the Lua string being written, or LUA_NOREF: */
   int cb_ref;                          /* conn:write's callback, or LUA_NOREF */
-  char *owned;                         /* or bytes malloc'd for it (serve.c), freed when written */
-} multiloop_write_req_t;
+} multiloop_write_req_t;               /* (the bytes follow it in its block: serve.c) */
 
 /* conn.c's stream events: every connection's handle points at them. */
 extern const multiloop_stream_events_t multiloop_conn_events;

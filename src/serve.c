@@ -350,10 +350,22 @@ static void send_expired(multiloop_deadline_t *d, uint64_t ms) {
 
 /* --- sends held back during a read event -------------------------------------- */
 
+/* gcc 12's -fanalyzer reports the queued write that uncork mallocs as leaked
+ * once it is handed to the stream (multiloop_stream_write keeps it in the
+ * handle's write queue, and conn.c frees it when written), at the next
+ * statements of uncork's callers: the same false positive as stream.c's
+ * input buffer. ASan and valgrind see no leak (serve_spec's held-send
+ * cases queue such writes). So the check is off from here to the end of
+ * serve_send, and only that one. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wanalyzer-malloc-leak"
+#endif
+
 /* Writes what sends held back for c, in one write (writev), and forgets
  * them. Allocates nothing in Lua, so it runs from the read event itself: the
  * strings stay in the cork table until they are sent; what the socket does
- * not take now is copied into one malloc'd block for a queued write. */
+ * not take now is copied after the request of one queued write. */
 void multiloop_serve_uncork(multiloop_conn_t *c) {
   multiloop_worker_t *w = CONN_WORKER(c);
   lua_State *L = w->L;
@@ -383,13 +395,12 @@ void multiloop_serve_uncork(multiloop_conn_t *c) {
     done = sent < 0 ? total : (size_t)sent;          /* an error closed the stream */
   }
   if (done < total) {                                /* the rest, copied, queued */
-    multiloop_write_req_t *wr = malloc(sizeof *wr);
-    char *rest = malloc(total - done);
-    if (wr == NULL || rest == NULL) {
-      free(wr);
-      free(rest);
+    /* One block: the request, then the bytes (freed with it, conn.c). */
+    multiloop_write_req_t *wr = malloc(sizeof *wr + (total - done));
+    if (wr == NULL) {
       multiloop_stream_close(&c->s, UV_ENOMEM);
     } else {
+      char *rest = (char *)(wr + 1);
       size_t off = 0;
       for (i = 0, at = 0; i < n; at += bufs[i].len, i++) {
         size_t from = done > at ? done - at : 0;
@@ -399,13 +410,8 @@ void multiloop_serve_uncork(multiloop_conn_t *c) {
         }
       }
       wr->ref = wr->cb_ref = LUA_NOREF;
-      wr->owned = rest;
-      if (multiloop_stream_write(&c->s, &wr->w, rest, off) != 0) {
-        free(rest);
-        free(wr);
-      } else {
-        SERVE(c)->nqueued++;
-      }
+      if (multiloop_stream_write(&c->s, &wr->w, rest, off) != 0) free(wr);
+      else SERVE(c)->nqueued++;
     }
   }
   for (i = 1; i <= n; i++) {                         /* existing slots: no allocation */
@@ -812,7 +818,6 @@ static int serve_send(lua_State *L) {
     }
     wr->ref = ref;
     wr->cb_ref = LUA_NOREF;
-    wr->owned = NULL;
     if ((rc = multiloop_stream_write(&c->s, &wr->w, data + off, len - off)) != 0) {
       luaL_unref(L, LUA_REGISTRYINDEX, ref);
       free(wr);
@@ -832,6 +837,9 @@ static int serve_send(lua_State *L) {
   sv->send_len = len;
   return multiloop_await(L, t, cancel_send, c, NULL);
 }
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#pragma GCC diagnostic pop
+#endif
 
 /* conn:dirty(): true while received bytes wait unread (LuaSocket's name):
  * a server answering pipelined requests can hold its replies back while
