@@ -600,28 +600,28 @@ static int do_read(lua_State *L, multiloop_conn_t *c, const char *who, lua_KFunc
 static int serve_receive(lua_State *L) {
   multiloop_conn_t *c = check_serve(L, "conn:receive");
   multiloop_serve_t *sv = SERVE(c);
-  int op;
+  int op = -1, type = lua_type(L, 2);
   lua_Integer n = 0;
-  if (lua_isnoneornil(L, 2)) {
-    op = READ_LINE;
-  } else if (lua_type(L, 2) == LUA_TNUMBER) {
+  if (type == LUA_TNUMBER) {                 /* the common cases first: n, then "*l" */
     int isint;
     n = lua_tointegerx(L, 2, &isint);
     if (!isint || n < 0)
       return luaL_error(L, "conn:receive: a byte count must be a non-negative integer (got %s)",
                         luaL_tolstring(L, 2, NULL));
     op = READ_N;
-  } else {
-    const char *pat = lua_tostring(L, 2);
-    if (lua_type(L, 2) == LUA_TSTRING && (strcmp(pat, "*l") == 0 || strcmp(pat, "l") == 0))
-      op = READ_LINE;
-    else if (lua_type(L, 2) == LUA_TSTRING && (strcmp(pat, "*a") == 0 || strcmp(pat, "a") == 0))
-      op = READ_ALL;
-    else
-      return luaL_error(L, "conn:receive: the pattern must be \"*l\", \"*a\" or a byte count "
-                           "(got %s)", lua_type(L, 2) == LUA_TSTRING ? lua_pushfstring(L, "'%s'", pat)
-                                                                     : luaL_typename(L, 2));
+  } else if (type == LUA_TSTRING) {
+    size_t len;
+    const char *pat = lua_tolstring(L, 2, &len);
+    const char *p = len == 2 && pat[0] == '*' ? pat + 1 : len == 1 ? pat : "";
+    if (*p == 'l') op = READ_LINE;
+    else if (*p == 'a') op = READ_ALL;
+  } else if (type == LUA_TNONE || type == LUA_TNIL) {
+    op = READ_LINE;
   }
+  if (op < 0)
+    return luaL_error(L, "conn:receive: the pattern must be \"*l\", \"*a\" or a byte count "
+                         "(got %s)", type == LUA_TSTRING ? lua_pushfstring(L, "'%s'", lua_tostring(L, 2))
+                                                         : luaL_typename(L, 2));
   if (sv->reader) return nil_err(L, "busy reading");
   if (op == READ_N && n == 0) {
     lua_pushliteral(L, "");
