@@ -203,8 +203,12 @@ static int scan(multiloop_conn_t *c, const char *p, size_t len, int ended, size_
       break;
   }
   /* Nothing found: bytes past the limit are too long (whatever else the
-   * peer does); at EOF what is here is the partial. */
+   * peer does); at EOF what is here is the partial. An until-pattern's
+   * first patlen - 1 bytes may be here after a part of exactly the limit:
+   * until more than that, or the EOF, it is not too long, as when the
+   * pattern comes whole. */
   *ret = *used = len;
+  if (sv->op == READ_UNTIL && !ended && len > limit && len - limit < sv->patlen) return SCAN_MORE;
   if (len > limit && sv->op != READ_ANY && sv->op != READ_N) return SCAN_LONG;
   if (ended) return SCAN_CLOSED;
   return SCAN_MORE;
