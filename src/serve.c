@@ -799,7 +799,8 @@ static int serve_send(lua_State *L) {
   }
   /* Would this have to wait? Then it must be able to, before anything is
    * queued: a send that raises has sent nothing. */
-  if (send_cost(c) + w->view.cork_bytes + len >= w->cfg->write_high_water)
+  if (send_cost(c) + (w->view.cork_conn == c ? w->view.cork_bytes : 0) + len >=
+      w->cfg->write_high_water)
     t = multiloop_thread_self(L, "conn:send");
   else if (w->view.conn == c && cork(L, c, 2, len)) {  /* goes out as the read event ends */
     lua_pushinteger(L, (lua_Integer)len);
