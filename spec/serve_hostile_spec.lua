@@ -242,4 +242,28 @@ describe("serve, hostile", function()
     assert.are.equal("true 200", helper.line(b))
     assert.are.equal(string.rep("h", 199), helper.line(a))
   end)
+
+  it("a burst's held replies to a client that reads nothing for a while: all arrive, once, in order", function()
+    local c = start("big_replies", { write_high_water = 65536 })
+    local n, lines = 8000, {}
+    for i = 1, n do lines[i] = "n" .. i end
+    assert(c:send(table.concat(lines, "\n") .. "\n"))
+    local reply = 2000 + 2                          -- ":" pad "\n", after the line
+    local total = 0
+    for i = 1, n do total = total + #lines[i] + reply end
+    socket.sleep(0.5)                               -- the server's socket fills meanwhile
+    local out = server:stats().bytes_out
+    assert.is_true(out < total, "the kernel took every reply: nothing was queued")
+    local pad = string.rep("r", 2000)
+    for i = 1, n do
+      local got = helper.line(c)
+      if got ~= lines[i] .. ":" .. pad then
+        assert.are.equal(lines[i] .. ":" .. pad:sub(1, 8) .. "...", got and got:sub(1, #lines[i] + 9) .. "...")
+      end
+    end
+    c:settimeout(0.2)
+    local more, err = c:receive(1)
+    assert.are.same({ nil, "timeout" }, { more, err })       -- nothing more, nothing twice
+    assert(helper.eventually(function() return server:stats().bytes_out == total end))
+  end)
 end)
