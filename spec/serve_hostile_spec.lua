@@ -266,4 +266,38 @@ describe("serve, hostile", function()
     assert.are.same({ nil, "timeout" }, { more, err })       -- nothing more, nothing twice
     assert(helper.eventually(function() return server:stats().bytes_out == total end))
   end)
+
+  it("held replies go before what a thread that slept mid-event sends later", function()
+    local c = start("sleep_held")
+    assert(c:send("go\n"))
+    for i = 1, 5 do assert.are.equal(tostring(i), helper.line(c)) end
+    assert(c:send("last\n"))
+    assert.are.equal("last", helper.line(c))
+  end)
+
+  it("held replies go out before serve's error closes the connection", function()
+    local c = start("raise_held")
+    assert(c:send("go\n"))
+    assert.are.equal("a", helper.line(c))
+    assert.are.equal("b", helper.line(c))
+    assert.are.equal("", helper.all(c))
+  end)
+
+  it("a client that resets the connection while replies are held: nothing leaks, the worker goes on", function()
+    for round = 1, 20 do
+      local c = start("reset_held")
+      local lines = {}
+      for i = 1, 2000 do lines[i] = "q" .. i end
+      assert(c:send(table.concat(lines, "\n") .. "\n"))
+      if round % 2 == 0 then socket.sleep(0.005) end
+      assert(c:setoption("linger", { on = true, timeout = 0 }))
+      c:close()                                    -- an RST: the replies' writes fail
+      assert(helper.eventually(function() return d:get("reset_held") ~= nil end))
+      assert(helper.eventually(function() return server:stats().active == 0 end))
+      assert(server:stop({ timeout = 2000 }))
+      assert.are.equal(0, server:stats().threads)
+      server = nil
+      d:flush()
+    end
+  end)
 end)
