@@ -433,7 +433,7 @@ static int cork(lua_State *L, multiloop_conn_t *c, int idx, size_t len) {
   if (w->view.sends++ == 0) return 0;                /* one answer per event: no holding */
   if (w->view.cork_n == CORK_MAX_N || w->view.cork_bytes + len > CORK_MAX_BYTES) {
     multiloop_serve_uncork(c);                       /* full: these go, this one waits */
-    if (c->s.closing) return 0;
+    if (c->s.closing || len > CORK_MAX_BYTES) return 0;  /* too big to hold: it goes now */
   }
   if (w->view.cork_ref == 0) {
     lua_createtable(L, CORK_MAX_N, 0);
