@@ -306,7 +306,10 @@ describe("serve, hostile", function()
     assert(c:send("go\n"))
     assert(helper.eventually(function() return d:get("big_held") ~= nil end, 5000))
     local grew = d:get("big_held")
-    assert.is_true(grew < 16 * 1024, ("the process grew %d KiB while 48 MiB were queued"):format(grew))
+    -- Under a sanitizer RSS measures its own memory: plain runs only.
+    if not os.getenv("SANITIZER") then
+      assert.is_true(grew < 16 * 1024, ("the process grew %d KiB while 48 MiB were queued"):format(grew))
+    end
     assert.are.equal("x", helper.line(c))
     local got = assert(c:receive(48 * 1024 * 1024 + 1))
     assert.are.equal(48 * 1024 * 1024 + 1, #got)
