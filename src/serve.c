@@ -203,8 +203,12 @@ static int scan(multiloop_conn_t *c, const char *p, size_t len, int ended, size_
       break;
   }
   /* Nothing found: bytes past the limit are too long (whatever else the
-   * peer does); at EOF what is here is the partial. */
+   * peer does); at EOF what is here is the partial. An until-pattern's
+   * first patlen - 1 bytes may be here after a part of exactly the limit:
+   * until more than that, or the EOF, it is not too long, as when the
+   * pattern comes whole. */
   *ret = *used = len;
+  if (sv->op == READ_UNTIL && !ended && len > limit && len - limit < sv->patlen) return SCAN_MORE;
   if (len > limit && sv->op != READ_ANY && sv->op != READ_N) return SCAN_LONG;
   if (ended) return SCAN_CLOSED;
   return SCAN_MORE;
@@ -429,7 +433,7 @@ static int cork(lua_State *L, multiloop_conn_t *c, int idx, size_t len) {
   if (w->view.sends++ == 0) return 0;                /* one answer per event: no holding */
   if (w->view.cork_n == CORK_MAX_N || w->view.cork_bytes + len > CORK_MAX_BYTES) {
     multiloop_serve_uncork(c);                       /* full: these go, this one waits */
-    if (c->s.closing) return 0;
+    if (c->s.closing || len > CORK_MAX_BYTES) return 0;  /* too big to hold: it goes now */
   }
   if (w->view.cork_ref == 0) {
     lua_createtable(L, CORK_MAX_N, 0);
@@ -795,7 +799,8 @@ static int serve_send(lua_State *L) {
   }
   /* Would this have to wait? Then it must be able to, before anything is
    * queued: a send that raises has sent nothing. */
-  if (send_cost(c) + w->view.cork_bytes + len >= w->cfg->write_high_water)
+  if (send_cost(c) + (w->view.cork_conn == c ? w->view.cork_bytes : 0) + len >=
+      w->cfg->write_high_water)
     t = multiloop_thread_self(L, "conn:send");
   else if (w->view.conn == c && cork(L, c, 2, len)) {  /* goes out as the read event ends */
     lua_pushinteger(L, (lua_Integer)len);
