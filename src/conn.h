@@ -43,6 +43,7 @@ typedef struct {
   unsigned inclusive : 1;              /* receiveuntil's option */
   unsigned until_done : 1;             /* scan gave an inclusive reader(size) the pattern (its reader keeps that) */
   unsigned woke : 2;                   /* why the reader was woken: WOKE_* (serve.c) */
+  unsigned skip_line : 1;              /* a too-long line's rest is dropped up to its LF */
   uint32_t nqueued;                    /* write requests queued: what send's bound counts too */
   size_t n;                            /* receive(n): n; receiveany: max; reader(size): size */
   size_t scanned;                      /* bytes searched without a match, from the front */

@@ -111,6 +111,19 @@ static void consume(multiloop_conn_t *c, size_t n) {
   else if (!c->s.closing) multiloop_stream_consume(&c->s, n);
 }
 
+/* After a "*l" that was too long before its LF arrived, the rest of that
+ * line, up to and with its LF, is dropped as it comes, before any read sees
+ * it: so what follows a too-long line does not depend on how reads split it
+ * (when the LF came with it, scan consumed the whole line at once). */
+static void drop_line_tail(multiloop_conn_t *c) {
+  size_t len;
+  const char *p = input(c, &len), *lf;
+  if (len == 0) return;
+  lf = memchr(p, '\n', len);
+  if (lf != NULL) SERVE(c)->skip_line = 0;
+  consume(c, lf != NULL ? (size_t)(lf - p) + 1 : len);
+}
+
 /* The longest end of p[0..len) that begins the pattern (shorter than it). */
 static size_t pattern_start_at_end(const char *p, size_t len, const char *pat, size_t patlen) {
   size_t k = patlen - 1 < len ? patlen - 1 : len;
@@ -209,7 +222,10 @@ static int scan(multiloop_conn_t *c, const char *p, size_t len, int ended, size_
    * pattern comes whole. */
   *ret = *used = len;
   if (sv->op == READ_UNTIL && !ended && len > limit && len - limit < sv->patlen) return SCAN_MORE;
-  if (len > limit && sv->op != READ_ANY && sv->op != READ_N) return SCAN_LONG;
+  if (len > limit && sv->op != READ_ANY && sv->op != READ_N) {
+    if (sv->op == READ_LINE) sv->skip_line = 1;   /* its LF has not come: drop up to it */
+    return SCAN_LONG;
+  }
   if (ended) return SCAN_CLOSED;
   return SCAN_MORE;
 }
@@ -460,8 +476,11 @@ size_t multiloop_serve_read(multiloop_conn_t *c, const char *data, size_t len) {
   w->view.len = len;
   w->view.used = 0;
   w->view.sends = 0;
+  if (sv->skip_line) drop_line_tail(c);
   if (sv->reader) {
-    int found = scan(c, data, len, 0, &ret, &used);
+    size_t n;
+    const char *p = input(c, &n);
+    int found = scan(c, p, n, 0, &ret, &used);
     if (found != SCAN_MORE) wake_reader(c, found, ret, used);
     else multiloop_deadline_touch(w, &c->idle);   /* the timeout counts from progress */
   }
@@ -481,6 +500,7 @@ void multiloop_serve_eof(multiloop_conn_t *c) {
   const char *p;
   int found;
   if (sv->reader == NULL) return;
+  if (sv->skip_line) drop_line_tail(c);
   p = input(c, &len);
   found = scan(c, p, len, 1, &ret, &used);
   wake_reader(c, found, ret, used);
@@ -582,6 +602,7 @@ static int do_read(lua_State *L, multiloop_conn_t *c, const char *who, lua_KFunc
     sv->op = READ_NONE;
     return push_read_closed(L, c);
   }
+  if (sv->skip_line) drop_line_tail(c);
   p = input(c, &len);
   found = scan(c, p, len, c->s.read_ended, &ret, &used);
   if (found != SCAN_MORE) {
@@ -852,6 +873,7 @@ static int serve_send(lua_State *L) {
 static int serve_dirty(lua_State *L) {
   multiloop_conn_t *c = check_serve(L, "conn:dirty");
   size_t len;
+  if (SERVE(c)->skip_line) drop_line_tail(c);
   input(c, &len);
   lua_pushboolean(L, len > 0);
   return 1;
