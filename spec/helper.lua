@@ -119,6 +119,30 @@ function M.serve_client(handler, opts)
   return s, port, c
 end
 
+-- A server whose handler runs the case config.case names (the case tables
+-- of spec/fixtures/sequential.lua and hostile_serve.lua), 1 worker unless
+-- opts say otherwise, and a client closed when the test ends: server, port,
+-- client.
+function M.case_server(handler, case, opts)
+  opts = opts or {}
+  opts.workers = opts.workers or 1
+  opts.handler = opts.handler or handler
+  opts.config = opts.config or {}
+  opts.config.case = case
+  local s, port = M.server(opts)
+  local c = M.connect(port)
+  M.defer(function() c:close() end)
+  return s, port, c
+end
+
+-- Stops a test's server (nil: none) within 2 s, and checks that no light
+-- thread was left behind.
+function M.stop_checked(s)
+  if not s then return end
+  assert(s:stop({ timeout = 2000 }))
+  require("luassert").are.equal(0, s:stats().threads)
+end
+
 -- The calling process: its pid, how many fds it has open and its threads.
 function M.pid()
   local f = assert(io.open("/proc/self/stat"))

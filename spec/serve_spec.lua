@@ -12,23 +12,14 @@ local d = multiloop.shared("spec.serve")
 describe("serve", function()
   local server, port
   after_each(function()
-    if server then
-      assert(server:stop({ timeout = 2000 }))
-      assert.are.equal(0, server:stats().threads)
-    end
+    helper.stop_checked(server)
     server = nil
     d:flush()
   end)
 
   local function start(case, opts)
-    opts = opts or {}
-    opts.workers = opts.workers or 1
-    opts.handler = "spec.fixtures.sequential"
-    opts.config = opts.config or {}
-    opts.config.case = case
-    server, port = helper.server(opts)
-    local c = helper.connect(port)
-    helper.defer(function() c:close() end)
+    local c
+    server, port, c = helper.case_server("spec.fixtures.sequential", case, opts)
     return c
   end
 
