@@ -19,7 +19,7 @@ LUA      ?= lua5.4
 # TEST_PACKAGES that `make lint` uses.
 BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
-TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server apache2-utils curl \
+TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server lua-nginx-redis apache2-utils curl \
                   valgrind luarocks iproute2 $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes

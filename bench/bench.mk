@@ -10,7 +10,7 @@
 
 BENCH_BUILD    ?= build/bench
 # The peers and tools, all optional: `make deps BENCH=yes` installs them.
-BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua gnuplot-nox curl
+BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua libnginx-mod-stream haproxy gnuplot-nox curl
 # Used by the echo-ir (callgrind) and kv (redis-server) scenarios; already
 # among the Makefile's TEST_PACKAGES, so plain `make deps` installs them.
 BENCH_TEST_TOOLS := valgrind redis-server redis-tools

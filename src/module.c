@@ -13,7 +13,16 @@ static int core_parallelism(lua_State *L) {
   return 1;
 }
 
+/* core.worker(): in a worker's state, its `worker` object (worker.c keeps
+ * it in the registry once the handler has loaded); nil elsewhere. How a
+ * library loaded by the handler (multiloop.ngx) finds its worker. */
+static int core_worker(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, MULTILOOP_WORKER_KEY);
+  return 1;
+}
+
 static const luaL_Reg module_funcs[] = {
+  { "worker", core_worker },
   { "new", multiloop_server_new },
   { "wait_signal", multiloop_wait_signal },
   { "parallelism", core_parallelism },

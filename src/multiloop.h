@@ -32,6 +32,9 @@
 #pragma GCC visibility push(hidden)
 
 #define MULTILOOP_READ_BUFFER_SIZE (64 * 1024)
+/* The registry field that holds a worker state's `worker` object (worker.c),
+ * read by core.worker() (module.c). */
+#define MULTILOOP_WORKER_KEY "multiloop.worker"
 
 typedef enum {
   MULTILOOP_DISPATCH_IPC,     /* uv_write2 over a socketpair per worker */

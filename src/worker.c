@@ -148,6 +148,8 @@ static int load_handler(lua_State *L) {
   if (!lua_istable(L, -1))
     return luaL_error(L, "multiloop.worker: must build a table (got %s)", luaL_typename(L, -1));
   worker = lua_gettop(L);
+  lua_pushvalue(L, worker);                        /* core.worker() returns it */
+  lua_setfield(L, LUA_REGISTRYINDEX, MULTILOOP_WORKER_KEY);
 
   switch (cfg->handler_kind) {
     case MULTILOOP_HANDLER_MODULE:
