@@ -1,0 +1,114 @@
+-- A hostile review of the outbound connections (src/outbound.c, resolve.c,
+-- pipe.c): pool accounting around the backlog, threads killed and stops
+-- while connecting or looking a name up, a socket collected or kept alive
+-- while its connection is in a pipe. The upstream is a second multiloop
+-- server in this process (spec/fixtures/upstream.lua); the cases run in
+-- spec/fixtures/outbound_hostile.lua.
+local helper = require("spec.helper")
+local socket = require("socket")
+local multiloop = require("multiloop")
+
+local d = multiloop.shared("spec.outbound_hostile")
+
+describe("outbound (hostile)", function()
+  local upstream, up_port, server, port
+
+  -- A loopback listener whose backlog is full: a connect to it stays in
+  -- SYN_SENT until its timeout (or a stop).
+  local function full_listener()
+    local l = assert(socket.tcp())
+    assert(l:bind("127.0.0.1", 0))
+    assert(l:listen(0))
+    local _, lport = l:getsockname()
+    local fillers = {}
+    for i = 1, 4 do
+      fillers[i] = assert(socket.tcp())
+      fillers[i]:settimeout(0)
+      fillers[i]:connect("127.0.0.1", lport)
+    end
+    helper.defer(function()
+      for _, f in ipairs(fillers) do f:close() end
+      l:close()
+    end)
+    return lport
+  end
+
+  local function start(config)
+    config = config or {}
+    config.up = up_port
+    server, port = helper.server({ workers = 1, handler = "spec.fixtures.outbound_hostile",
+                                   config = config })
+    local c = helper.connect(port)
+    helper.defer(function() c:close() end)
+    return c
+  end
+
+  local function ask(c, line)
+    assert(c:send(line .. "\n"))
+    return helper.line(c)
+  end
+
+  before_each(function()
+    upstream, up_port = helper.server({ workers = 1, handler = "spec.fixtures.upstream" })
+  end)
+  after_each(function()
+    helper.stop_checked(server)
+    helper.stop_checked(upstream)
+    server, upstream = nil, nil
+    d:flush()
+  end)
+
+  describe("pool accounting", function()
+    it("a connect that times out in the backlog frees no slot it never held", function()
+      local c = start()
+      assert.are.equal("qt nil timeout | nil timeout | [hello] 1", ask(c, "queued_timeout"))
+      assert.are.equal(1, upstream:stats().accepted)
+      assert.are.equal(1, server:stats().pooled)
+    end)
+
+    it("a connection handed to a backlog waiter still holds its pool's slot", function()
+      local c = start()
+      assert.are.equal("ho 1 1 1 | nil timeout | [hello] 1", ask(c, "handoff"))
+      assert.are.equal(1, upstream:stats().accepted)
+      assert.are.equal(1, server:stats().pooled)
+    end)
+  end)
+
+  describe("threads killed and stops mid-connect", function()
+    it("kills while connecting, waiting in a backlog or resolving leave the pool working", function()
+      local c = start({ full = full_listener() })
+      assert.are.equal("kills true true true true 1 1 [hello]", ask(c, "kills"))
+      local st = server:stats()
+      assert.are.equal(0, st.pooled)
+      assert.are.equal(1, st.reused)
+    end)
+
+    it("a stop ends connects to a full backlog, backlog waits and lookups at once", function()
+      local c = start({ full = full_listener() })
+      assert.are.equal("inflight", ask(c, "inflight"))
+      local t0 = socket.gettime()
+      assert(server:stop({ timeout = 0 }))
+      assert.is_true(socket.gettime() - t0 < 1.5, "the stop waited for the connects")
+      assert.are.equal(0, server:stats().threads)
+      server = nil
+    end)
+  end)
+
+  describe("a socket in a pipe", function()
+    it("is not closed by its collection while the pipe runs", function()
+      local c = start()
+      assert.are.equal("piping", ask(c, "gcpipe"))
+      socket.sleep(0.1)                      -- the collection has run
+      assert.are.equal("[hello]", ask(c, "hello"))
+      assert.are.equal("[again]", ask(c, "again"))
+    end)
+
+    it("is not put in its pool by setkeepalive: 'busy piping'", function()
+      local c = start()
+      assert.are.equal("piping", ask(c, "keeppiped"))
+      assert.is_true(helper.eventually(function() return d:get("keeppiped") ~= nil end))
+      assert.are.equal("nil busy piping 0", d:get("keeppiped"))
+      assert.are.equal("[hello]", ask(c, "hello"))
+    end)
+  end)
+end)
