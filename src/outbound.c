@@ -455,9 +455,13 @@ static void op_fail(multiloop_connect_t *op, int err, const char *msg, int quiet
     op->rq = NULL;
   }
   if (op->pool) {
-    queue_remove(op->pool, op);
-    op->pool->active--;
-    pool_slot_freed(op->pool);
+    /* A connect still in the backlog holds no slot: only its place there. */
+    if (op->queued) {
+      queue_remove(op->pool, op);
+    } else {
+      op->pool->active--;
+      pool_slot_freed(op->pool);
+    }
     pool_maybe_free(w, op->pool);
     op->pool = NULL;
   }
@@ -803,8 +807,7 @@ static int sock_setkeepalive(lua_State *L) {
     op->t = NULL;
     op->done = 1;
     multiloop_deadline_remove(&op->dl);
-    p->active--;                                 /* the waiter's would-be slot: c already has one */
-    op->pool = NULL;
+    op->pool = NULL;                             /* queued, it held no slot: c keeps its own */
     unlink_sock(op);
     op_release(op);
     if (ok) attach(ok, c);
