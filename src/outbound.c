@@ -856,20 +856,26 @@ static int sock_close(lua_State *L) {
   return 1;
 }
 
-/* Collected (or <close>): its connection closes, unless pooled meanwhile. */
-static int sock_gc(lua_State *L) {
+/* Collected, or <close>: its connection closes, unless pooled meanwhile.
+ * A collected socket's connection that is in a pipe is the pipe's (a pipe
+ * with a callback outlives the code that made it): it closes as the pipe
+ * ends, not when the collector happens to run. */
+static int sock_release(lua_State *L, int collected) {
   sock_t *k = check_sock(L);
   multiloop_conn_t *c = detach(k);
   if (k->op) {
     k->op->k = NULL;
     k->op = NULL;
   }
-  if (c) {
+  if (c && !(collected && c->piped)) {
     multiloop_serve_uncork(c);
     multiloop_stream_close_flushed(&c->s);
   }
   return 0;
 }
+
+static int sock_gc(lua_State *L) { return sock_release(L, 1); }
+static int sock_closevar(lua_State *L) { return sock_release(L, 0); }
 
 static int sock_tostring(lua_State *L) {
   sock_t *k = check_sock(L);
@@ -933,7 +939,7 @@ void multiloop_outbound_register(lua_State *L) {
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, sock_gc);
   lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, sock_gc);
+  lua_pushcfunction(L, sock_closevar);
   lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, sock_tostring);
   lua_setfield(L, -2, "__tostring");
