@@ -780,6 +780,7 @@ static int sock_setkeepalive(lua_State *L) {
   sv = SERVE(c);
   if (sv->reader) return nil_err(L, "busy reading");
   if (sv->writer) return nil_err(L, "busy writing");
+  if (c->piped) return nil_err(L, "busy piping");   /* the pipe's until it ends */
   multiloop_serve_uncork(c);
   p = OUT(c)->pool;
   if (w->view.conn == c) kept = w->view.len - w->view.used;   /* unread, in this read event */
