@@ -33,11 +33,12 @@ describe("outbound (hostile)", function()
     return lport
   end
 
-  local function start(config)
+  local function start(config, opts)
     config = config or {}
     config.up = up_port
-    server, port = helper.server({ workers = 1, handler = "spec.fixtures.outbound_hostile",
-                                   config = config })
+    opts = opts or {}
+    opts.workers, opts.handler, opts.config = 1, "spec.fixtures.outbound_hostile", config
+    server, port = helper.server(opts)
     local c = helper.connect(port)
     helper.defer(function() c:close() end)
     return c
@@ -101,6 +102,31 @@ describe("outbound (hostile)", function()
       socket.sleep(0.1)                      -- the collection has run
       assert.are.equal("[hello]", ask(c, "hello"))
       assert.are.equal("[again]", ask(c, "again"))
+    end)
+
+    it("touches neither end once it is closed and collected, while the other ends", function()
+      local big = helper.server({ workers = 1, handler = "spec.fixtures.outbound_hostile_upstream" })
+      helper.defer(function() big:stop() end)
+      local _, big_port = big:address()
+      -- Over what the kernel buffers, under write_high_water: the upstream
+      -- end reads it all and closes while our end still holds most of it.
+      local n = 8 * 1024 * 1024
+      local c = start({ big = big_port }, { write_high_water = 32 * 1024 * 1024,
+                                            write_low_water = 1024 * 1024 })
+      assert.are.equal("piping", ask(c, "pipegc"))
+      assert(c:send(("big %d\n"):format(n)))
+      c:shutdown("send")
+      socket.sleep(0.5)                      -- we read nothing yet
+      local got = 0
+      while got < n do
+        local data, err, partial = c:receive(65536)
+        data = data or partial
+        assert(data and #data > 0, err)
+        got = got + #data
+      end
+      assert.are.same({ nil, "closed", "" }, { c:receive(1) })
+      assert.is_true(helper.eventually(function() return d:get("pipegc") ~= nil end))
+      assert.are.equal(("%d %d"):format(#"big 8388608\n", n), d:get("pipegc"))
     end)
 
     it("is not put in its pool by setkeepalive: 'busy piping'", function()
