@@ -26,7 +26,9 @@
 #include "conn.h"
 
 typedef struct {
-  multiloop_conn_t *end[2];            /* self, other */
+  /* self, other; an end is NULL once its `closed` came: its object may be
+   * collected from then on, while the other end still has events. */
+  multiloop_conn_t *end[2];
   uint64_t bytes[2];                   /* end[i] -> end[1 - i] */
   multiloop_thread_t *t;               /* waiting, or NULL */
   int cb_ref;                          /* fn(sent, received, err), or LUA_NOREF */
@@ -43,7 +45,7 @@ static pipe_t *pipe_of(multiloop_conn_t *c) { return multiloop_stream_tap(&c->s)
 static void forward(pipe_t *p, int i, const char *data, size_t len) {
   multiloop_conn_t *from = p->end[i], *to = p->end[1 - i];
   int n;
-  if (len == 0 || to->s.closing || to->s.shutdown_requested) return;   /* nowhere to go */
+  if (len == 0 || to == NULL || to->s.closing || to->s.shutdown_requested) return;   /* nowhere to go */
   p->bytes[i] += len;
   n = multiloop_stream_try_write(&to->s, data, len);
   if (n < 0) return;                             /* `to` closed: its closing ends the pipe */
@@ -71,13 +73,15 @@ void multiloop_pipe_read(multiloop_conn_t *c, const char *data, size_t len) {
 
 void multiloop_pipe_eof(multiloop_conn_t *c) {
   pipe_t *p = pipe_of(c);
-  multiloop_stream_shutdown(&p->end[1 - end_of(p, c)]->s);   /* after its queue */
+  multiloop_conn_t *other = p->end[1 - end_of(p, c)];
+  if (other) multiloop_stream_shutdown(&other->s);   /* after its queue */
 }
 
 /* c's queue fell to write_low_water: the end that writes to it reads again. */
 void multiloop_pipe_drained(multiloop_conn_t *c) {
   pipe_t *p = pipe_of(c);
-  multiloop_stream_resume(&p->end[1 - end_of(p, c)]->s);
+  multiloop_conn_t *other = p->end[1 - end_of(p, c)];
+  if (other) multiloop_stream_resume(&other->s);
 }
 
 /* The other end closes too, after flushing, unless it is on its way out by
@@ -89,7 +93,7 @@ void multiloop_pipe_closing(multiloop_conn_t *c) {
   if (p == NULL) return;
   other = p->end[1 - end_of(p, c)];
   if (p->reason == 0 && c->s.reason != 0) p->reason = c->s.reason;
-  if (!other->s.closing && !(other->s.read_ended && other->s.shutdown_requested))
+  if (other != NULL && !other->s.closing && !(other->s.read_ended && other->s.shutdown_requested))
     multiloop_stream_close_flushed(&other->s);
 }
 
@@ -131,8 +135,9 @@ static int callback_body(lua_State *L) {
 /* From conn.c's closed event (a loop callback): the second one ends it. */
 void multiloop_pipe_closed(multiloop_conn_t *c, void *pipe) {
   pipe_t *p = pipe;
-  (void)c;
-  if (p == NULL || ++p->nclosed < 2) return;
+  if (p == NULL) return;
+  p->end[end_of(p, c)] = NULL;                   /* c may be collected after this */
+  if (++p->nclosed < 2) return;
   if (p->t) {
     multiloop_thread_t *t = p->t;
     p->t = NULL;
@@ -147,10 +152,11 @@ void multiloop_pipe_closed(multiloop_conn_t *c, void *pipe) {
 /* The waiting thread was killed or closed: the pipe ends now. */
 static void cancel_pipe(multiloop_thread_t *t, void *data) {
   pipe_t *p = data;
+  int i;
   (void)t;
   p->t = NULL;
-  multiloop_stream_close(&p->end[0]->s, REASON_ERROR);
-  multiloop_stream_close(&p->end[1]->s, REASON_ERROR);
+  for (i = 0; i < 2; i++)
+    if (p->end[i]) multiloop_stream_close(&p->end[i]->s, REASON_ERROR);
 }
 
 /* The connection at idx: a connection object, or a socket's (outbound.c). */
