@@ -93,6 +93,16 @@ describe("outbound (hostile)", function()
       assert.are.equal(0, server:stats().threads)
       server = nil
     end)
+    it("a stop survives a connect callback that ends another connect", function()
+      server, port = helper.server({ workers = 1, handler = "spec.fixtures.outbound_hostile_callback",
+                                     config = { up = up_port, full = full_listener() } })
+      local c = helper.connect(port)
+      helper.defer(function() c:close() end)
+      assert.are.equal("ready", helper.line(c))
+      assert(server:stop({ timeout = 0 }))
+      assert.are.equal(0, server:stats().threads)
+      server = nil
+    end)
   end)
 
   describe("a socket in a pipe", function()
