@@ -632,13 +632,18 @@ static void cancel_connect(multiloop_thread_t *t, void *data) {
   op_fail(op, UV_ECANCELED, "stopped", 1);
 }
 
-/* The worker is closing: every connect in flight ends with "stopped". */
+/* The worker is closing: every connect in flight ends with "stopped".
+ * Ending one may free others (a callback's Lua code kills a thread waiting
+ * in a backlog; a freed slot starts a waiter), so each turn looks again from
+ * the start for one not yet decided; decided ones stay listed only until
+ * libuv lets go of them, and nothing new starts while stopping. */
 void multiloop_outbound_stop(multiloop_worker_t *w) {
-  multiloop_connect_t *op, *next;
-  for (op = w->connects; op; op = next) {
-    multiloop_thread_t *t = op->t;
-    next = op->next;
-    if (op->done) continue;
+  for (;;) {
+    multiloop_connect_t *op;
+    multiloop_thread_t *t;
+    for (op = w->connects; op && op->done; op = op->next) {}
+    if (op == NULL) return;
+    t = op->t;
     if (t == NULL) {
       op_fail(op, UV_ECANCELED, "stopped", 0);   /* the callback style: told now */
       continue;
