@@ -724,8 +724,14 @@ static int sock_connect(lua_State *L) {
     return nil_err(L, "too many waiting connect operations");
   }
   /* The objects, before anything is counted: a raise here leaves nothing
-   * behind but a pool that frees itself on its next use... */
+   * behind but a pool that frees itself on its next use... The allocation
+   * may run finalizers: a dropped socket's __gc closes its connection, which
+   * may free p (its last one): so p is looked up again after it. */
   c = multiloop_conn_new(L, w, tg.is_unix, 1, 1);
+  if ((p = pool_get(w, key, keylen, size, backlog)) == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+    return luaL_error(L, "not enough memory");
+  }
   if ((op = op_new(w, &tg)) == NULL) {
     luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
     pool_maybe_free(w, p);
