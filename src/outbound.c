@@ -773,6 +773,7 @@ static int sock_setkeepalive(lua_State *L) {
   }
   if ((c = k->c) == NULL) return nil_err(L, "closed");
   sv = SERVE(c);
+  if (c->piped) return nil_err(L, "busy piping");
   if (sv->reader) return nil_err(L, "busy reading");
   if (sv->writer) return nil_err(L, "busy writing");
   multiloop_serve_uncork(c);
@@ -872,6 +873,13 @@ static int sock_tostring(lua_State *L) {
   if (k->c) lua_pushfstring(L, "multiloop.tcp (conn %I, worker %d)", k->c->id, k->w->id);
   else lua_pushfstring(L, "multiloop.tcp (not connected, worker %d)", k->w->id);
   return 1;
+}
+
+/* A pipe takes c over: its socket (if any) lets go of it, so that neither
+ * the socket's close nor its collection can cut the pipe. */
+void multiloop_out_disown(multiloop_conn_t *c) {
+  multiloop_out_t *o = OUT(c);
+  if (o->owner) detach(o->owner);
 }
 
 /* The connection of the socket at idx, or NULL (not a socket, or none). */

@@ -243,6 +243,8 @@ int multiloop_conn_pipe(lua_State *L) {
   if (c->serve) multiloop_serve_uncork(c);
   if (o->serve) multiloop_serve_uncork(o);
   c->piped = o->piped = 1;
+  if (c->outbound) multiloop_out_disown(c);      /* the pipe holds both now */
+  if (o->outbound) multiloop_out_disown(o);
   for (i = 0; i < 2; i++) forward_buffered(p, i);
   for (i = 0; i < 2; i++) {
     multiloop_conn_t *e = p->end[i];
