@@ -627,20 +627,19 @@ static void cancel_connect(multiloop_thread_t *t, void *data) {
   op_fail(op, UV_ECANCELED, "stopped", 1);
 }
 
-/* The worker is closing: every connect in flight ends with "stopped". */
+/* The worker is closing (finish: maybe inside some Lua call, and before
+ * the deadlines go): every connect in flight ends. A waiting thread is
+ * readied with nil, "stopped"; a worker.connect callback is not called (its
+ * state is about to close, and no Lua may run from here). */
 void multiloop_outbound_stop(multiloop_worker_t *w) {
   multiloop_connect_t *op, *next;
   for (op = w->connects; op; op = next) {
     multiloop_thread_t *t = op->t;
-    next = op->next;
+    next = op->next;                             /* op may be freed below */
     if (op->done) continue;
-    if (t == NULL) {
-      op_fail(op, UV_ECANCELED, "stopped", 0);   /* the callback style: told now */
-      continue;
-    }
-    op->t = NULL;                                /* readied, not woken from here */
+    op->t = NULL;
     op_fail(op, UV_ECANCELED, "stopped", 1);
-    multiloop_thread_ready(t, NULL, NULL);       /* closing: nil, "stopped" */
+    if (t) multiloop_thread_ready(t, NULL, NULL);   /* closing: nil, "stopped" */
   }
 }
 
