@@ -80,6 +80,35 @@ describe("outbound", function()
       assert.are.equal("timeout nil timeout true", ask(c, "timeout " .. lport))
     end)
 
+    it("returns nil, 'stopped' at once when the server stops during a connect", function()
+      local l = assert(socket.tcp())
+      assert(l:bind("127.0.0.1", 0))
+      assert(l:listen(0))
+      local _, lport = l:getsockname()
+      local fillers = {}
+      for i = 1, 4 do
+        fillers[i] = assert(socket.tcp())
+        fillers[i]:settimeout(0)
+        fillers[i]:connect("127.0.0.1", lport)
+      end
+      helper.defer(function()
+        for _, f in ipairs(fillers) do f:close() end
+        l:close()
+      end)
+      local before = helper.fd_count()
+      local c = start()
+      assert.are.equal("connecting", ask(c, "slowconnect " .. lport))
+      socket.sleep(0.1)
+      local t0 = socket.gettime()
+      assert(server:stop())
+      assert.is_true(socket.gettime() - t0 < 2, "stop waited for the connect")
+      assert.are.equal(0, server:stats().threads)
+      assert.are.equal("nil stopped", d:get("slowconnect"))
+      server = nil
+      c:close()
+      assert.is_true(helper.eventually(function() return helper.fd_count() <= before end))
+    end)
+
     it("resolves localhost off the loop and connects by name", function()
       local c = start()
       assert.matches("^resolve table: ", ask(c, "resolve localhost"))
@@ -92,6 +121,14 @@ describe("outbound", function()
       -- show() prints a table's address only: ask through a tiny case instead
       assert.matches("^resolve table", ask(c, "resolve 127.0.0.1"))
       assert.matches("^resolve table", ask(c, "resolve ::1"))
+    end)
+
+    it("connects to a numeric IPv6 address, bare or in brackets", function()
+      local u, p6 = helper.server({ host = "::1", workers = 1, handler = "spec.fixtures.upstream" })
+      helper.defer(function() u:stop() end)
+      local c = start({ config = { up = p6 } })
+      assert.are.equal("connect [hello] nil", ask(c, "connect ::1"))
+      assert.are.equal("connect [hello] nil", ask(c, "connect [::1]"))
     end)
 
     it("reports a name that does not resolve, naming it", function()
