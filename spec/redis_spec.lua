@@ -1,0 +1,308 @@
+-- OpenResty compatibility (issue 15): Debian's lua-resty-redis (package
+-- lua-nginx-redis, the module nginx.redis) loaded unchanged in a worker
+-- over multiloop.ngx, against a real redis-server this file starts on a
+-- free loopback port and stops by its pid; and the ngx table itself.
+--
+-- The handler is spec/fixtures/ngx_redis.lua: a serve handler with a line
+-- protocol ("CASE ARG...\n" in, one line of results out), so that every
+-- Redis call runs in a worker's light thread over worker.tcp and what it
+-- returned comes back over a real socket.
+local helper = require("spec.helper")
+local socket = require("socket")
+
+local REDIS_LUA = "/usr/share/lua/5.1/nginx/redis.lua"
+
+local function installed(cmd)
+  return os.execute("command -v " .. cmd .. " >/dev/null 2>&1") == true
+end
+
+-- A port nothing listens on now (the kernel's pick for a socket bound to
+-- port 0, then closed); another process may take it before we do, which
+-- start_redis notices (redis-server exits) and tries again.
+local function free_port()
+  local s = assert(socket.tcp())
+  assert(s:bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+-- redis-server on 127.0.0.1 in a directory of its own, saving nothing:
+-- { pid, port, stop() }, once it answers PING; nil, why otherwise.
+local function start_redis()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -m 700 " .. dir))
+  for _ = 1, 3 do
+    local port = free_port()
+    -- env -u LD_PRELOAD: under `make asan` the sanitizer runtime is
+    -- preloaded into lua5.4, and redis-server is not ours to check.
+    local p = assert(io.popen(("exec env -u LD_PRELOAD sh -c 'echo $$; exec redis-server --port %d "
+      .. "--bind 127.0.0.1 --save \"\" --appendonly no --dir %s --logfile %s/log' ")
+      :format(port, dir, dir)))
+    local pid = tonumber(p:read("l"))
+    local function alive() return os.execute(("kill -0 %d 2>/dev/null"):format(pid)) == true end
+    local up = helper.eventually(function()
+      if not alive() then return "dead" end
+      local c = socket.tcp()
+      c:settimeout(1)
+      local ok = c:connect("127.0.0.1", port) and c:send("PING\r\n") and c:receive("*l") == "+PONG"
+      c:close()
+      return ok and "up"
+    end, 5000)
+    if up == "up" then
+      return {
+        pid = pid, port = port,
+        stop = function()
+          os.execute(("kill %d"):format(pid))
+          p:close()                      -- waits for sh's exec, redis-server itself
+          os.execute("rm -rf " .. dir)
+        end,
+      }
+    end
+    if alive() then os.execute(("kill %d"):format(pid)) end
+    p:close()
+  end
+  os.execute("rm -rf " .. dir)
+  return nil, "redis-server did not start on a free port in 3 tries"
+end
+
+-- One request on c, its one line of reply.
+local function ask(c, line)
+  assert(c:send(line .. "\n"))
+  return helper.line(c)
+end
+
+describe("multiloop.ngx", function()
+  it("raises outside a worker's state, naming itself", function()
+    local ok, err = pcall(require, "multiloop.ngx")
+    assert.is_false(ok)
+    assert.are.equal("multiloop.ngx: not in a worker's state: require it from a handler "
+      .. "(its module, init, serve, a light thread or a timer), not from the main state", err)
+    assert.is_nil(package.loaded["multiloop.ngx"])
+  end)
+end)
+
+describe("multiloop.ngx in a worker", function()
+  local server, c, _
+
+  before_each(function()
+    if not helper.exists(REDIS_LUA) then return end
+    server, _, c = helper.serve_client("spec.fixtures.ngx_redis", { workers = 1 })
+  end)
+  after_each(function()
+    helper.stop_checked(server)
+    server = nil
+  end)
+
+  local function skip_without_library()
+    if not helper.exists(REDIS_LUA) then
+      pending("lua-nginx-redis is not installed (" .. REDIS_LUA .. ")")
+      return true
+    end
+  end
+
+  it("ngx.now() is the epoch time in seconds, ms resolution; ngx.time() its floor; ngx.sleep in seconds", function()
+    if skip_without_library() then return end
+    local before = socket.gettime()
+    local reply = ask(c, "now")
+    local words = {}
+    for w in reply:gmatch("%S+") do words[#words + 1] = w end
+    assert.are.same({ "integer", "true", "true", "true", "true" }, { table.unpack(words, 1, 5) })
+    local t0 = tonumber(words[6])
+    assert.is_true(math.abs(t0 - before) < 1.5, reply)
+  end)
+
+  it("ngx.null is one read-only value, not nil or false, that prints as null", function()
+    if skip_without_library() then return end
+    local reply = ask(c, "null")
+    assert.are.equal("true true true true null false ", reply:sub(1, 31))
+    assert.is_truthy(reply:find("multiloop.ngx: ngx.null is read-only", 1, true), reply)
+  end)
+
+  it("ngx.timer.at(s, fn, ...) calls fn(false, ...) in a light thread; ngx.timer.every repeats", function()
+    if skip_without_library() then return end
+    assert.are.equal("true nil false a nil 3 true", ask(c, "timer"))
+    assert.are.equal("true true false", ask(c, "every"))
+  end)
+
+  it("misuse raises, naming the function and the argument", function()
+    if skip_without_library() then return end
+    local want = {
+      at_delay = "multiloop.ngx: ngx.timer.at's delay must be a number of seconds from 0 to 1e9 (got -1)",
+      at_fn = "multiloop.ngx: ngx.timer.at's callback must be a function (got string)",
+      every_zero = "multiloop.ngx: ngx.timer.every's delay must be at least 0.001 s (got 0)",
+      sleep = "multiloop.ngx: ngx.sleep's argument must be a number of seconds from 0 to 1e9 (got x)",
+      log = "multiloop.ngx: ngx.log: the level must be one of ngx.STDERR (0) .. ngx.DEBUG (8) (got 9)",
+      log_nil = "multiloop.ngx: ngx.log: the level must be one of ngx.STDERR (0) .. ngx.DEBUG (8) (got nil)",
+      exptime = "multiloop.ngx: ngx.shared.DICT:set's exptime must be a number of seconds from 0 to 1e9 (got -1)",
+    }
+    for what, msg in pairs(want) do
+      local reply = ask(c, "misuse " .. what)
+      -- The position is the caller's, in the fixture.
+      local where, rest = reply:match("^false %S*(spec/fixtures/ngx_redis%.lua):%d+: (.*)$")
+      assert.are.equal("spec/fixtures/ngx_redis.lua", where, what .. ": " .. reply)
+      assert.are.equal(msg, rest, what)
+    end
+  end)
+
+  it("ngx.shared.NAME is multiloop.shared(NAME) with OpenResty's seconds and method names", function()
+    if skip_without_library() then return end
+    assert.are.equal("true true nil false true v 15 true false exists false k,n nil 0 "
+      .. "ngx.shared.spec_ngx (multiloop.shared 'spec_ngx')", ask(c, "shared"))
+    -- The same dictionary, seen from the main state.
+    local d = require("multiloop").shared("spec_ngx")
+    assert.are.equal(15, d:get("n"))
+    assert.are.equal(1, d:get("forever"))
+  end)
+end)
+
+describe("multiloop.ngx with 2 workers", function()
+  it("ngx.worker.id() counts from 0, ngx.worker.count() is the number of workers", function()
+    if not helper.exists(REDIS_LUA) then
+      pending("lua-nginx-redis is not installed (" .. REDIS_LUA .. ")")
+      return
+    end
+    local server = helper.server({ workers = 2, handler = "spec.fixtures.ngx_redis", balance = "round_robin" })
+    finally(function() helper.stop_checked(server) end)
+    local _, port = server:address()
+    local seen = {}
+    for _ = 1, 2 do
+      local c = helper.connect(port)
+      seen[#seen + 1] = ask(c, "worker")
+      c:close()
+    end
+    table.sort(seen)
+    assert.are.same({ "0 2 1", "1 2 2" }, seen)
+  end)
+end)
+
+describe("ngx.log #child", function()
+  it("writes one line to stderr naming the level and the worker; drops levels above the filter", function()
+    if not helper.exists(REDIS_LUA) then
+      pending("lua-nginx-redis is not installed (" .. REDIS_LUA .. ")")
+      return
+    end
+    local child = helper.spawn("spec.fixtures.ngx_redis 1")
+    helper.defer(child.kill)
+    local c = helper.connect(child.port)
+    finally(function() c:close() end)
+    assert.are.equal("true", ask(c, "log ERR - hello 42"))
+    assert.are.equal("true", ask(c, "log WARN - dropped"))          -- the default filter: ERR
+    assert.are.equal("true", ask(c, "log WARN INFO shown"))
+    assert.are.equal("true", ask(c, "log DEBUG - dropped"))
+    assert.are.equal("true", ask(c, "log STDERR - always"))
+    c:close()
+    local _, code = child.stop()
+    assert.are.equal(0, code)
+    local lines = {}
+    for line in child.stderr():gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.are.same({
+      "multiloop: worker 1: [error] hello 42niltrue1.5",
+      "multiloop: worker 1: [warn] shownniltrue1.5",
+      "multiloop: worker 1: [stderr] alwaysniltrue1.5",
+    }, lines)
+  end)
+end)
+
+describe("lua-resty-redis over multiloop.ngx against redis-server", function()
+  local redis, server, c, _
+
+  setup(function()
+    if installed("redis-server") and helper.exists(REDIS_LUA) then redis = assert(start_redis()) end
+  end)
+  teardown(function()
+    if redis then redis.stop() end
+  end)
+
+  before_each(function()
+    if not redis then return end
+    server, _, c = helper.serve_client("spec.fixtures.ngx_redis",
+      { workers = 1, config = { redis_port = redis.port } })
+  end)
+  after_each(function()
+    helper.stop_checked(server)
+    server = nil
+  end)
+
+  local function skip()
+    if not redis then
+      pending("needs redis-server and lua-nginx-redis (Debian: redis-server, lua-nginx-redis)")
+      return true
+    end
+    -- Until the lead's worker.tcp (issue 15, src/) is on main.
+    if ask(c, "has_tcp") ~= "true" then
+      pending("worker.tcp has not landed yet")
+      return true
+    end
+  end
+
+  it("set, get, incr, and an error reply as false, err", function()
+    if skip() then return end
+    assert.are.equal("OK hello 1 2 false ERR value is not an integer or out of range",
+      ask(c, "basic spec:basic hello"))
+  end)
+
+  it("hmset from a table and from pairs, hgetall, array_to_hash", function()
+    if skip() then return end
+    assert.are.equal("OK OK 6 1 two 3", ask(c, "hash spec:hash"))
+  end)
+
+  it("pipelines: init_pipeline, commands, commit_pipeline returns each reply in order", function()
+    if skip() then return end
+    assert.are.equal("6 OK v 0 1 false ERR value is not an integer or out of range true",
+      ask(c, "pipeline spec:pipe"))
+  end)
+
+  it("reuses a pooled connection: get_reused_times() > 0 on the second request, set_keepalive 1", function()
+    if skip() then return end
+    assert.are.equal("0 PONG 1 nil", ask(c, "pooled"))
+    assert.are.equal("1 PONG 1 nil", ask(c, "pooled"))
+    assert.are.equal("2 PONG 1 nil", ask(c, "pooled"))
+    -- Redis sees one client from us: the pooled one (and none other left open).
+    -- (Clients of earlier tests may take Redis a moment to see closed.)
+    local r = helper.connect(redis.port)
+    finally(function() r:close() end)
+    local function clients()
+      assert(r:send("CLIENT LIST\r\n"))
+      local len = tonumber(helper.line(r):match("^%$(%d+)$"))
+      local list = assert(r:receive(len + 2))
+      return select(2, list:gsub("cmd=", "")), list
+    end
+    helper.eventually(function() return clients() == 2 end)
+    local n, list = clients()
+    assert.are.equal(2, n, list)             -- this client and the pooled one
+  end)
+
+  it("returns ngx.null for a missing key", function()
+    if skip() then return end
+    assert.are.equal("true true null nil table", ask(c, "missing spec:missing"))
+  end)
+
+  it("redis down: connect returns nil, \"connection refused\"", function()
+    if skip() then return end
+    -- A port bound and not listening: nothing can take it meanwhile.
+    local s = assert(socket.tcp())
+    finally(function() s:close() end)
+    assert(s:bind("127.0.0.1", 0))
+    local _, port = s:getsockname()
+    assert.are.equal("nil connection refused", ask(c, "down " .. port))
+  end)
+
+  it("a read timeout: BLPOP on an empty list with a 100 ms timeout returns nil, \"timeout\"", function()
+    if skip() then return end
+    -- lua-resty-redis closes the socket on a timeout, so the next command
+    -- gets "closed".
+    assert.are.equal("nil timeout true nil closed", ask(c, "timeout spec:empty"))
+  end)
+
+  it("a connection Redis closed: QUIT, then a command returns nil, \"closed\"", function()
+    if skip() then return end
+    assert.are.equal("OK nil closed nil closed", ask(c, "quit spec:k"))
+  end)
+
+  it("a connection another client killed (CLIENT KILL ID): the next command returns nil, \"closed\"", function()
+    if skip() then return end
+    assert.are.equal("number 1 nil closed", ask(c, "killed spec:k"))
+  end)
+end)
