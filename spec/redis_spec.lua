@@ -306,3 +306,123 @@ describe("lua-resty-redis over multiloop.ngx against redis-server", function()
     assert.are.equal("number 1 nil closed", ask(c, "killed spec:k"))
   end)
 end)
+
+describe("examples/kv_redis.lua: two instances sharing one redis-server", function()
+  local redis, servers, n = nil, {}, 0
+
+  setup(function()
+    if installed("redis-server") and helper.exists(REDIS_LUA) then redis = assert(start_redis()) end
+  end)
+  teardown(function()
+    if redis then redis.stop() end
+  end)
+  after_each(function()
+    for i = #servers, 1, -1 do helper.stop_checked(servers[i]) end
+    servers = {}
+  end)
+
+  -- An instance of the example with `workers`, on this test's key prefix
+  -- (so tests share no keys), Redis at `redis_port`: its port.
+  local function instance(workers, redis_port, extra)
+    local config = { redis_port = redis_port or redis.port, prefix = "spec" .. n .. ":" }
+    for k, v in pairs(extra or {}) do config[k] = v end
+    local s, port = helper.server({ workers = workers, handler = "examples.kv_redis",
+      balance = "round_robin", config = config })
+    servers[#servers + 1] = s
+    return port
+  end
+
+  local function client(port)
+    local c = helper.connect(port)
+    helper.defer(function() c:close() end)
+    return c
+  end
+
+  -- Whether to run: the packages, and the lead's worker.tcp.
+  local function skip()
+    if not redis then
+      pending("needs redis-server and lua-nginx-redis (Debian: redis-server, lua-nginx-redis)")
+      return true
+    end
+    n = n + 1
+    local s, port = helper.server({ workers = 1, handler = "spec.fixtures.ngx_redis" })
+    local c = helper.connect(port)
+    local has = ask(c, "has_tcp")
+    c:close()
+    helper.stop_checked(s)
+    if has ~= "true" then
+      pending("worker.tcp has not landed yet")
+      return true
+    end
+  end
+
+  it("a key set through one instance reads back through the other", function()
+    if skip() then return end
+    local a, b = client(instance(2)), client(instance(1))
+    assert.are.equal("OK", ask(a, "SET greeting hello there"))
+    assert.are.equal("hello there", ask(b, "get greeting"))
+    assert.are.equal("(nil)", ask(b, "GET nope"))
+    assert.are.equal("1", ask(a, "INCR n"))
+    assert.are.equal("2", ask(b, "INCR n"))
+    assert.are.equal("ERR value is not an integer or out of range", ask(b, "INCR greeting"))
+    assert.are.equal("1", ask(b, "DEL greeting"))
+    assert.are.equal("0", ask(a, "DEL greeting"))
+    assert.are.equal("ERR usage: SET key value", ask(a, "SET alone"))
+    assert.are.equal("ERR unknown command 'flushall'", ask(a, "FLUSHALL"))
+    assert.are.equal("bye", ask(a, "QUIT"))
+    local line, err = a:receive("*l")
+    assert.are.same({ nil, "closed" }, { line, err })
+  end)
+
+  it("counts visitors across every worker of both instances, one INCR each", function()
+    if skip() then return end
+    local pa, pb = instance(2), instance(1)
+    local seen = {}
+    for i, port in ipairs { pa, pa, pb, pa } do
+      local c = client(port)
+      local line = ask(c, "VISIT")
+      local nth, w = line:match("^you are visitor #(%d+) %(served by worker (%d)%)$")
+      assert.are.equal(i, tonumber(nth), line)
+      seen[#seen + 1] = w
+    end
+    assert.are.same({ "1", "2", "1", "1" }, seen)      -- round-robin in instance a
+  end)
+
+  it("a session made on one instance is known to the other until it expires", function()
+    if skip() then return end
+    local a = client(instance(1, nil, { session_ttl = 1 }))
+    local b = client(instance(1, nil, { session_ttl = 1 }))
+    local token = ask(a, "LOGIN ann")
+    assert.is_truthy(token:match("^%x+$"), token)
+    assert.are.equal("ann", ask(b, "WHOAMI " .. token))
+    assert.are.equal("(expired)", ask(b, "WHOAMI 0123abcd"))
+    assert(helper.eventually(function() return ask(b, "WHOAMI " .. token) == "(expired)" end, 3000))
+  end)
+
+  it("keeps one pooled connection to Redis per worker, however many commands", function()
+    if skip() then return end
+    local c = client(instance(1))
+    for i = 1, 50 do assert.are.equal("OK", ask(c, "SET k" .. i .. " v")) end
+    local r = helper.connect(redis.port)
+    finally(function() r:close() end)
+    local function clients()
+      assert(r:send("CLIENT LIST\r\n"))
+      local len = tonumber(helper.line(r):match("^%$(%d+)$"))
+      return select(2, assert(r:receive(len + 2)):gsub("cmd=", ""))
+    end
+    helper.eventually(function() return clients() == 2 end)
+    assert.are.equal(2, clients())             -- r, and the worker's pooled one
+  end)
+
+  it("answers ERR redis: connection refused while Redis is down, and goes on", function()
+    if skip() then return end
+    local s = assert(socket.tcp())
+    finally(function() s:close() end)
+    assert(s:bind("127.0.0.1", 0))
+    local _, down = s:getsockname()
+    local c = client(instance(1, tonumber(down)))
+    assert.are.equal("ERR redis: connection refused", ask(c, "GET k"))
+    assert.are.equal("ERR redis: connection refused", ask(c, "VISIT"))
+    assert.are.equal("ERR unknown command 'nope'", ask(c, "nope"))
+  end)
+end)
