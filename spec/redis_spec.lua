@@ -38,8 +38,8 @@ local function start_redis()
     -- env -u LD_PRELOAD: under `make asan` the sanitizer runtime is
     -- preloaded into lua5.4, and redis-server is not ours to check.
     local p = assert(io.popen(("exec env -u LD_PRELOAD sh -c 'echo $$; exec redis-server --port %d "
-      .. "--bind 127.0.0.1 --save \"\" --appendonly no --dir %s --logfile %s/log' ")
-      :format(port, dir, dir)))
+      .. "--bind 127.0.0.1 --unixsocket %s/redis.sock --save \"\" --appendonly no --dir %s "
+      .. "--logfile %s/log' "):format(port, dir, dir, dir)))
     local pid = tonumber(p:read("l"))
     local function alive() return os.execute(("kill -0 %d 2>/dev/null"):format(pid)) == true end
     local up = helper.eventually(function()
@@ -52,7 +52,7 @@ local function start_redis()
     end, 5000)
     if up == "up" then
       return {
-        pid = pid, port = port,
+        pid = pid, port = port, path = dir .. "/redis.sock",
         stop = function()
           os.execute(("kill %d"):format(pid))
           p:close()                      -- waits for sh's exec, redis-server itself
@@ -304,6 +304,63 @@ describe("lua-resty-redis over multiloop.ngx against redis-server", function()
   it("a connection another client killed (CLIENT KILL ID): the next command returns nil, \"closed\"", function()
     if skip() then return end
     assert.are.equal("number 1 nil closed", ask(c, "killed spec:k"))
+  end)
+
+  it("drops a pooled connection that Redis closes while it is idle", function()
+    if skip() then return end
+    assert.are.equal("1 1 0 PONG", ask(c, "idle_killed"))
+  end)
+
+  it("200 light threads at once, each on a connection of its own, back into a pool of 4", function()
+    if skip() then return end
+    assert.are.equal("200 0 true", ask(c, "concurrent spec:conc 200"))
+    -- The pool keeps 4 idle connections: Redis sees those and this client.
+    local r = helper.connect(redis.port)
+    finally(function() r:close() end)
+    local function clients()
+      assert(r:send("CLIENT LIST\r\n"))
+      local len = tonumber(helper.line(r):match("^%$(%d+)$"))
+      return select(2, assert(r:receive(len + 2)):gsub("cmd=", ""))
+    end
+    helper.eventually(function() return clients() == 5 end)
+    assert.are.equal(5, clients())
+  end)
+
+  it("sets and gets a 4 MiB value with every byte value in it", function()
+    if skip() then return end
+    assert.are.equal("OK true 4194304 4194304", ask(c, "big spec:big 4194304"))
+  end)
+
+  it("connects by name (localhost) and over Redis's Unix socket", function()
+    if skip() then return end
+    assert.are.equal("1 PONG", ask(c, "byname localhost"))
+    assert.are.equal("1 PONG", ask(c, "byname unix:" .. redis.path))
+    assert.are.equal("nil no such file or directory", ask(c, "byname unix:" .. redis.path .. ".nope"))
+  end)
+
+  it("stop() ends a command waiting on Redis: \"stopped\", the connection closed, nothing left", function()
+    if skip() then return end
+    local d = require("multiloop").shared("spec_ngx")
+    d:delete("blpop")
+    assert(c:send("blpop_long spec:never\n"))
+    assert(helper.eventually(function() return d:get("blpop") == "waiting" end))
+    local t0 = socket.gettime()
+    local s = server
+    server = nil
+    assert(s:stop())
+    assert.is_true(socket.gettime() - t0 < 2)
+    assert.are.equal(0, s:stats().threads)
+    assert.are.equal("nil stopped", d:get("blpop"))
+    -- Redis sees that connection go.
+    local r = helper.connect(redis.port)
+    finally(function() r:close() end)
+    local function clients()
+      assert(r:send("CLIENT LIST\r\n"))
+      local len = tonumber(helper.line(r):match("^%$(%d+)$"))
+      return select(2, assert(r:receive(len + 2)):gsub("cmd=", ""))
+    end
+    helper.eventually(function() return clients() == 1 end)
+    assert.are.equal(1, clients())
   end)
 end)
 
