@@ -259,6 +259,11 @@ describe("lua-resty-redis over multiloop.ngx against redis-server", function()
     assert.are.equal("0 PONG 1 nil", ask(c, "pooled"))
     assert.are.equal("1 PONG 1 nil", ask(c, "pooled"))
     assert.are.equal("2 PONG 1 nil", ask(c, "pooled"))
+    -- server:stats() counts them: one connect, two reuses, one idle now.
+    local st = server:stats()
+    assert.are.same({ 1, 0, 2, 1 }, { st.connects, st.connect_errors, st.reused, st.pooled })
+    assert.are.same({ 1, 0, 2, 1 }, { st.workers[1].connects, st.workers[1].connect_errors,
+      st.workers[1].reused, st.workers[1].pooled })
     -- Redis sees one client from us: the pooled one (and none other left open).
     -- (Clients of earlier tests may take Redis a moment to see closed.)
     local r = helper.connect(redis.port)
@@ -287,6 +292,8 @@ describe("lua-resty-redis over multiloop.ngx against redis-server", function()
     assert(s:bind("127.0.0.1", 0))
     local _, port = s:getsockname()
     assert.are.equal("nil connection refused", ask(c, "down " .. port))
+    local st = server:stats()
+    assert.are.same({ 0, 1 }, { st.connects, st.connect_errors })
   end)
 
   it("a read timeout: BLPOP on an empty list with a 100 ms timeout returns nil, \"timeout\"", function()
