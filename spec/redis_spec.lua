@@ -296,6 +296,15 @@ describe("lua-resty-redis over multiloop.ngx against redis-server", function()
     assert.are.same({ 0, 1 }, { st.connects, st.connect_errors })
   end)
 
+  it("ngx.socket.connect: a connected socket, or nil, err", function()
+    if skip() then return end
+    local s = assert(socket.tcp())
+    finally(function() s:close() end)
+    assert(s:bind("127.0.0.1", 0))
+    local _, port = s:getsockname()
+    assert.are.equal("+PONG nil connection refused", ask(c, "shortcut " .. port))
+  end)
+
   it("a read timeout: BLPOP on an empty list with a 100 ms timeout returns nil, \"timeout\"", function()
     if skip() then return end
     -- lua-resty-redis closes the socket on a timeout, so the next command

@@ -7,7 +7,8 @@
 --   local redis = require("nginx.redis")           --   and `unpack`, as a Lua
 --                                                  --   5.1 library expects
 --
--- What it has: ngx.socket.tcp (worker.tcp itself), ngx.null, ngx.sleep,
+-- What it has: ngx.socket.tcp (worker.tcp itself) and ngx.socket.connect,
+-- ngx.null, ngx.sleep,
 -- ngx.now, ngx.time, ngx.log with the level constants, ngx.timer.at and
 -- ngx.timer.every, ngx.worker.id and count, ngx.shared.NAME (over
 -- multiloop.shared). What it has not (ngx.var, ngx.req, ngx.re, ngx.say,
@@ -71,6 +72,18 @@ ngx.socket = {
       .. "(outbound connections)", 2)
   end,
 }
+
+-- ngx.socket.connect(host, port [, opts]) or (path [, opts]): OpenResty's
+-- shortcut, a socket and its connect in one call -> sock, or nil, err.
+local tcp = ngx.socket.tcp
+function ngx.socket.connect(...)
+  local sock, err = tcp()
+  if not sock then return nil, err end
+  local ok
+  ok, err = sock:connect(...)
+  if not ok then return nil, err end
+  return sock
+end
 
 -- ---------------------------------------------------------------------------
 -- Time.
