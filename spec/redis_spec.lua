@@ -126,6 +126,20 @@ describe("multiloop.ngx in a worker", function()
     assert.are.equal("true true false", ask(c, "every"))
   end)
 
+  it("ngx.worker.exiting() ends a background timer's loop when the server stops", function()
+    if skip_without_library() then return end
+    local d = require("multiloop").shared("spec_ngx")
+    assert.are.equal("true false", ask(c, "background"))
+    assert(helper.eventually(function() return d:get("rounds") >= 3 end))
+    local s = server
+    server = nil
+    local t0 = socket.gettime()
+    assert(s:stop())                         -- at once: the sleep answers "stopped"
+    assert.is_true(socket.gettime() - t0 < 1)
+    assert.are.equal(0, s:stats().threads)
+    assert.are.equal("true nil process exiting", d:get("ended"))
+  end)
+
   it("misuse raises, naming the function and the argument", function()
     if skip_without_library() then return end
     local want = {

@@ -10,7 +10,7 @@
 -- What it has: ngx.socket.tcp (worker.tcp itself) and ngx.socket.connect,
 -- ngx.null, ngx.sleep,
 -- ngx.now, ngx.time, ngx.log with the level constants, ngx.timer.at and
--- ngx.timer.every, ngx.worker.id and count, ngx.shared.NAME (over
+-- ngx.timer.every, ngx.worker.id, count and exiting, ngx.shared.NAME (over
 -- multiloop.shared). What it has not (ngx.var, ngx.req, ngx.re, ngx.say,
 -- ngx.config, the phases) belongs to nginx and stays absent, so a library
 -- that needs it fails on first use ("attempt to index a nil value") rather
@@ -92,8 +92,14 @@ local wnow, wsleep = worker.now, worker.sleep
 -- ngx.sleep(seconds): worker.sleep over whole milliseconds (0 yields once
 -- round the loop, as in OpenResty). Returns worker.sleep's results: true,
 -- or nil, "stopped" once the worker is stopping.
+-- Whether this worker is stopping, as far as this module has seen: a
+-- sleep or a timer here answered "stopped" (ngx.worker.exiting below).
+local exiting = false
+
 function ngx.sleep(seconds)
-  return wsleep(ms_of(seconds, "ngx.sleep's argument", 2))
+  local ok, err = wsleep(ms_of(seconds, "ngx.sleep's argument", 2))
+  if ok == nil and err == "stopped" then exiting = true end
+  return ok, err
 end
 
 -- worker.now() is the loop's cached time, libuv's uv_now: milliseconds
@@ -184,7 +190,10 @@ end
 
 local function started(t, err)
   if t then return true end
-  if err == "stopped" then return nil, "process exiting" end
+  if err == "stopped" then
+    exiting = true
+    return nil, "process exiting"
+  end
   return nil, err
 end
 
@@ -216,6 +225,14 @@ ngx.worker = {
   id = function() return wid end,
   count = function() return wcount end,
 }
+
+-- ngx.worker.exiting(): true once an ngx.sleep or ngx.timer call of this
+-- worker has answered "stopped". That is later than OpenResty's (true as
+-- soon as the worker starts to exit): a graceful stop wakes sleepers at the
+-- end of its timeout. So the loop of a background timer,
+--   while not ngx.worker.exiting() do ... ngx.sleep(1) end
+-- ends at stop, as it does in OpenResty.
+function ngx.worker.exiting() return exiting end
 
 -- ---------------------------------------------------------------------------
 -- ngx.shared.NAME: multiloop.shared(NAME) seen through OpenResty's methods
