@@ -8,17 +8,16 @@
 --                                                  --   5.1 library expects
 --
 -- What it has: ngx.socket.tcp (worker.tcp itself) and ngx.socket.connect,
--- ngx.null, ngx.sleep,
--- ngx.now, ngx.time, ngx.log with the level constants, ngx.timer.at and
--- ngx.timer.every, ngx.worker.id, count and exiting, ngx.shared.NAME (over
--- multiloop.shared). What it has not (ngx.var, ngx.req, ngx.re, ngx.say,
+-- ngx.null, ngx.sleep, ngx.now, ngx.time, ngx.log with the level
+-- constants, ngx.timer.at and ngx.timer.every, ngx.worker.id, count and
+-- exiting, ngx.shared.NAME (over multiloop.shared). What it has not (ngx.var, ngx.req, ngx.re, ngx.say,
 -- ngx.config, the phases) belongs to nginx and stays absent, so a library
 -- that needs it fails on first use ("attempt to index a nil value") rather
 -- than half-working.
 --
 -- Units are OpenResty's: seconds (fractional) wherever OpenResty has
 -- seconds, converted to the worker's milliseconds here. The README
--- ("OpenResty compatibility") lists where we differ.
+-- ("OpenResty's ngx") lists where we differ.
 --
 -- One table per Lua state: require caches it in package.loaded, so every
 -- library the handler loads sees the same ngx, and with it the same worker.
@@ -89,13 +88,13 @@ end
 -- Time.
 local wnow, wsleep = worker.now, worker.sleep
 
--- ngx.sleep(seconds): worker.sleep over whole milliseconds (0 yields once
--- round the loop, as in OpenResty). Returns worker.sleep's results: true,
--- or nil, "stopped" once the worker is stopping.
 -- Whether this worker is stopping, as far as this module has seen: a
 -- sleep or a timer here answered "stopped" (ngx.worker.exiting below).
 local exiting = false
 
+-- ngx.sleep(seconds): worker.sleep over whole milliseconds (0 yields once
+-- round the loop, as in OpenResty). Returns worker.sleep's results: true,
+-- or nil, "stopped" once the worker is stopping.
 function ngx.sleep(seconds)
   local ok, err = wsleep(ms_of(seconds, "ngx.sleep's argument", 2))
   if ok == nil and err == "stopped" then exiting = true end
