@@ -191,6 +191,12 @@ describe("outbound", function()
       assert.are.equal(0, server:stats().reused)
     end)
 
+    it("will not keep a connection whose peer sent EOF: 'invalid connection'", function()
+      local c = start()
+      assert.are.equal("eofkeep [close-soon] nil invalid connection", ask(c, "eofkeep"))
+      assert.are.equal(0, server:stats().pooled)
+    end)
+
     it("drops an idle connection its peer closes", function()
       local c = start()
       assert.are.equal("peerclose [close-soon] 1 0 [hello]", ask(c, "peerclose"))
