@@ -80,6 +80,35 @@ describe("outbound", function()
       assert.are.equal("timeout nil timeout true", ask(c, "timeout " .. lport))
     end)
 
+    it("returns nil, 'stopped' at once when the server stops during a connect", function()
+      local l = assert(socket.tcp())
+      assert(l:bind("127.0.0.1", 0))
+      assert(l:listen(0))
+      local _, lport = l:getsockname()
+      local fillers = {}
+      for i = 1, 4 do
+        fillers[i] = assert(socket.tcp())
+        fillers[i]:settimeout(0)
+        fillers[i]:connect("127.0.0.1", lport)
+      end
+      helper.defer(function()
+        for _, f in ipairs(fillers) do f:close() end
+        l:close()
+      end)
+      local before = helper.fd_count()
+      local c = start()
+      assert.are.equal("connecting", ask(c, "slowconnect " .. lport))
+      socket.sleep(0.1)
+      local t0 = socket.gettime()
+      assert(server:stop())
+      assert.is_true(socket.gettime() - t0 < 2, "stop waited for the connect")
+      assert.are.equal(0, server:stats().threads)
+      assert.are.equal("nil stopped", d:get("slowconnect"))
+      server = nil
+      c:close()
+      assert.is_true(helper.eventually(function() return helper.fd_count() <= before end))
+    end)
+
     it("resolves localhost off the loop and connects by name", function()
       local c = start()
       assert.matches("^resolve table: ", ask(c, "resolve localhost"))
@@ -92,6 +121,14 @@ describe("outbound", function()
       -- show() prints a table's address only: ask through a tiny case instead
       assert.matches("^resolve table", ask(c, "resolve 127.0.0.1"))
       assert.matches("^resolve table", ask(c, "resolve ::1"))
+    end)
+
+    it("connects to a numeric IPv6 address, bare or in brackets", function()
+      local u, p6 = helper.server({ host = "::1", workers = 1, handler = "spec.fixtures.upstream" })
+      helper.defer(function() u:stop() end)
+      local c = start({ config = { up = p6 } })
+      assert.are.equal("connect [hello] nil", ask(c, "connect ::1"))
+      assert.are.equal("connect [hello] nil", ask(c, "connect [::1]"))
     end)
 
     it("reports a name that does not resolve, naming it", function()
@@ -136,6 +173,38 @@ describe("outbound", function()
     end)
   end)
 
+  describe("the resolver options", function()
+    it("checks dns_cache_ttl and dns_max_lookups, in Lua and in the core", function()
+      for _, case in ipairs {
+        { { dns_cache_ttl = -1 }, "option 'dns_cache_ttl' must be an integer from 0 to 2147483647 (got -1)" },
+        { { dns_cache_ttl = "1" }, "option 'dns_cache_ttl' must be an integer from 0 to 2147483647 (got '1')" },
+        { { dns_max_lookups = 0 }, "option 'dns_max_lookups' must be an integer from 1 to 64 (got 0)" },
+        { { dns_max_lookups = 65 }, "option 'dns_max_lookups' must be an integer from 1 to 64 (got 65)" },
+      } do
+        local o = { port = 0, handler = "spec.fixtures.upstream", workers = 1 }
+        for k, v in pairs(case[1]) do o[k] = v end
+        local ok, err = pcall(multiloop.server, o)
+        assert.is_false(ok)
+        assert.are.equal("multiloop.server: " .. case[2], err)
+      end
+      local core = require("multiloop.core")
+      local base = { workers = 1, port = 0, backlog = 16, max_connections = 0,
+                     idle_timeout = 0, write_high_water = 1024, write_low_water = 0,
+                     keepalive_seconds = 0, handler_kind = "module", host = "127.0.0.1",
+                     handler = "spec.fixtures.upstream", package_path = package.path,
+                     package_cpath = package.cpath }
+      base.dns_max_lookups = 1000
+      local ok, err = pcall(core.new, base)
+      assert.is_false(ok)
+      assert.are.equal("option 'dns_max_lookups' must be an integer from 1 to 64 (got 1000)", err)
+    end)
+
+    it("queues lookups beyond dns_max_lookups, and every one is answered", function()
+      local c = start({ dns_max_lookups = 1, dns_cache_ttl = 0 })
+      assert.are.equal("lookups 40 40", ask(c, "lookups 40"))
+    end)
+  end)
+
   describe("the pool", function()
     it("reuses a kept-alive connection, and the socket lets go of it", function()
       local c = start()
@@ -152,6 +221,12 @@ describe("outbound", function()
       local c = start()
       assert.are.equal("dubious nil connection in dubious state 0", ask(c, "dubious"))
       assert.are.equal(0, server:stats().reused)
+    end)
+
+    it("will not keep a connection whose peer sent EOF: 'invalid connection'", function()
+      local c = start()
+      assert.are.equal("eofkeep [close-soon] nil invalid connection", ask(c, "eofkeep"))
+      assert.are.equal(0, server:stats().pooled)
     end)
 
     it("drops an idle connection its peer closes", function()
@@ -216,6 +291,15 @@ describe("outbound", function()
       assert.are.same({ nil, "closed", "" }, { rest, err, partial })
       assert.is_true(helper.eventually(function() return d:get("pipe") ~= nil end))
       assert.are.equal("8 12 nil", d:get("pipe"))
+    end)
+
+    it("holds both connections: a socket collected meanwhile cuts nothing (callback form)", function()
+      local c = start()
+      assert.are.equal("piping", ask(c, "pipegc"))
+      assert.are.equal("[one]", ask(c, "one"))
+      c:shutdown("send")
+      assert.is_true(helper.eventually(function() return d:get("pipe") ~= nil end))
+      assert.are.equal("nil closed | 4 6 nil", d:get("pipe"))
     end)
 
     it("forwards a half-close: the upstream reads to EOF and still answers", function()

@@ -97,7 +97,7 @@ struct multiloop_connect_s {
   int naddr, next_addr;
   struct sockaddr_storage addrs[MULTILOOP_RESOLVE_MAX_ADDRS];
   int is_unix, port;
-  char *msg;                           /* the error for the waiting thread (malloc'd) */
+  char msg[MULTILOOP_MAX_HOST + 64];   /* the error for the waiting thread */
   char name[];                         /* the host, or the Unix socket path */
 };
 
@@ -389,7 +389,6 @@ static void op_release(multiloop_connect_t *op) {
   if (op->next) op->next->prev = op->prev;
   if (op->c) luaL_unref(w->L, LUA_REGISTRYINDEX, op->c->ref);   /* never opened */
   if (op->cb_ref != LUA_NOREF) luaL_unref(w->L, LUA_REGISTRYINDEX, op->cb_ref);
-  free(op->msg);
   free(op);
 }
 
@@ -431,7 +430,7 @@ static int callback_body(lua_State *L) {
 static int push_op_error(lua_State *L, void *ev) {
   multiloop_connect_t *op = ev;
   lua_pushnil(L);
-  lua_pushstring(L, op->msg ? op->msg : "not enough memory");
+  lua_pushstring(L, op->msg);
   return 2;
 }
 
@@ -469,13 +468,13 @@ static void op_fail(multiloop_connect_t *op, int err, const char *msg, int quiet
   unlink_sock(op);
   if (!quiet) atomic_fetch_add_explicit(&w->connect_errors, 1, memory_order_relaxed);
   if (msg == NULL) msg = connect_error(err);
-  op->msg = strdup(msg);
+  snprintf(op->msg, sizeof op->msg, "%s", msg);
   if (quiet) {
     /* nobody to tell */
   } else if (t) {
     multiloop_thread_wake(t, 0, push_op_error, op);
   } else if (op->cb_ref != LUA_NOREF) {
-    callback_ev ev = { op, NULL, op->msg ? op->msg : "not enough memory" };
+    callback_ev ev = { op, NULL, op->msg };
     multiloop_enter(w, callback_body, &ev, NULL, "connect callback");
   }
   op_release(op);
@@ -579,7 +578,7 @@ static void resolved(void *data, int status, const struct sockaddr_storage *addr
     return;
   }
   if (status != 0) {
-    char msg[MULTILOOP_MAX_HOST + 80];
+    char msg[MULTILOOP_MAX_HOST + 64];
     snprintf(msg, sizeof msg, "%s could not be resolved (%s)", op->name,
              status == UV_ECANCELED || status == UV_EAI_CANCELED ? "stopped" : uv_strerror(status));
     op_fail(op, status, msg, 0);
@@ -632,11 +631,13 @@ static void cancel_connect(multiloop_thread_t *t, void *data) {
   op_fail(op, UV_ECANCELED, "stopped", 1);
 }
 
-/* The worker is closing: every connect in flight ends with "stopped".
- * Ending one may free others (a callback's Lua code kills a thread waiting
- * in a backlog; a freed slot starts a waiter), so each turn looks again from
- * the start for one not yet decided; decided ones stay listed only until
- * libuv lets go of them, and nothing new starts while stopping. */
+/* The worker is closing (finish: maybe inside some Lua call, and before
+ * the deadlines go): every connect in flight ends. A waiting thread is
+ * readied with nil, "stopped"; a worker.connect callback is not called (its
+ * state is about to close, and no Lua may run from here). Ending one may
+ * free another (its freed slot starts a backlog waiter, whose start can fail
+ * and free it), so each turn looks again from the start for one not yet
+ * decided; decided ones stay listed only until libuv lets go of them. */
 void multiloop_outbound_stop(multiloop_worker_t *w) {
   for (;;) {
     multiloop_connect_t *op;
@@ -644,13 +645,9 @@ void multiloop_outbound_stop(multiloop_worker_t *w) {
     for (op = w->connects; op && op->done; op = op->next) {}
     if (op == NULL) return;
     t = op->t;
-    if (t == NULL) {
-      op_fail(op, UV_ECANCELED, "stopped", 0);   /* the callback style: told now */
-      continue;
-    }
-    op->t = NULL;                                /* readied, not woken from here */
+    op->t = NULL;
     op_fail(op, UV_ECANCELED, "stopped", 1);
-    multiloop_thread_ready(t, NULL, NULL);       /* closing: nil, "stopped" */
+    if (t) multiloop_thread_ready(t, NULL, NULL);   /* closing: nil, "stopped" */
   }
 }
 
@@ -702,7 +699,7 @@ static int sock_connect(lua_State *L) {
     key = keybuf;
   }
   t = multiloop_thread_self(L, "sock:connect");   /* raises before anything changes */
-  if (k->op) return nil_err(L, "busy connecting");
+  if (k->op) return nil_err(L, "socket busy connecting");
   if (k->c) {                                    /* OpenResty: connect closes what it had */
     c = detach(k);
     multiloop_serve_uncork(c);
@@ -789,17 +786,20 @@ static int sock_setkeepalive(lua_State *L) {
   }
   if ((c = k->c) == NULL) return nil_err(L, "closed");
   sv = SERVE(c);
-  if (sv->reader) return nil_err(L, "busy reading");
-  if (sv->writer) return nil_err(L, "busy writing");
-  if (c->piped) return nil_err(L, "busy piping");   /* the pipe's until it ends */
+  if (c->piped) return nil_err(L, "socket busy piping");
+  if (sv->reader) return nil_err(L, "socket busy reading");
+  if (sv->writer) return nil_err(L, "socket busy writing");
   multiloop_serve_uncork(c);
   p = OUT(c)->pool;
   if (w->view.conn == c) kept = w->view.len - w->view.used;   /* unread, in this read event */
   else multiloop_stream_kept(&c->s, &kept);
   detach(k);
   if (c->s.closing || p == NULL) return nil_err(L, "closed");
-  if (kept > 0 || c->s.read_ended || c->s.shutdown_requested || multiloop_stream_queued(&c->s) > 0 ||
-      sv->skip_line) {
+  if (c->s.read_ended || c->s.shutdown_requested) {     /* the peer's EOF came, or ours went */
+    multiloop_stream_close(&c->s, 0);
+    return nil_err(L, "invalid connection");            /* OpenResty's word */
+  }
+  if (kept > 0 || multiloop_stream_queued(&c->s) > 0 || sv->skip_line) {
     multiloop_stream_close(&c->s, 0);
     return nil_err(L, "connection in dubious state");
   }
@@ -868,32 +868,33 @@ static int sock_close(lua_State *L) {
   return 1;
 }
 
-/* Collected, or <close>: its connection closes, unless pooled meanwhile.
- * A collected socket's connection that is in a pipe is the pipe's (a pipe
- * with a callback outlives the code that made it): it closes as the pipe
- * ends, not when the collector happens to run. */
-static int sock_release(lua_State *L, int collected) {
+/* Collected (or <close>): its connection closes, unless pooled meanwhile. */
+static int sock_gc(lua_State *L) {
   sock_t *k = check_sock(L);
   multiloop_conn_t *c = detach(k);
   if (k->op) {
     k->op->k = NULL;
     k->op = NULL;
   }
-  if (c && !(collected && c->piped)) {
+  if (c) {
     multiloop_serve_uncork(c);
     multiloop_stream_close_flushed(&c->s);
   }
   return 0;
 }
 
-static int sock_gc(lua_State *L) { return sock_release(L, 1); }
-static int sock_closevar(lua_State *L) { return sock_release(L, 0); }
-
 static int sock_tostring(lua_State *L) {
   sock_t *k = check_sock(L);
   if (k->c) lua_pushfstring(L, "multiloop.tcp (conn %I, worker %d)", k->c->id, k->w->id);
   else lua_pushfstring(L, "multiloop.tcp (not connected, worker %d)", k->w->id);
   return 1;
+}
+
+/* A pipe takes c over: its socket (if any) lets go of it, so that neither
+ * the socket's close nor its collection can cut the pipe. */
+void multiloop_out_disown(multiloop_conn_t *c) {
+  multiloop_out_t *o = OUT(c);
+  if (o->owner) detach(o->owner);
 }
 
 /* The connection of the socket at idx, or NULL (not a socket, or none). */
@@ -951,7 +952,7 @@ void multiloop_outbound_register(lua_State *L) {
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, sock_gc);
   lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, sock_closevar);
+  lua_pushcfunction(L, sock_gc);
   lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, sock_tostring);
   lua_setfield(L, -2, "__tostring");
