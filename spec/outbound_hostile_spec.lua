@@ -144,6 +144,18 @@ describe("outbound (hostile)", function()
       assert.are.equal(("%d %d"):format(#"big 8388608\n", n), d:get("pipegc"))
     end)
 
+    for _, case in ipairs { "pipekept", "pipeview" } do
+      it("forwards what was read before it began, and an EOF already seen (" .. case .. ")", function()
+        local c = start({ first = case })
+        assert(c:send(case .. "\nall\nxyz"))    -- one write: likely one read
+        c:shutdown("send")
+        assert.are.equal("got 3", helper.line(c))
+        assert.are.same({ nil, "closed", "" }, { c:receive(1) })
+        assert.is_true(helper.eventually(function() return d:get("pipe") ~= nil end))
+        assert.are.equal("7 6", d:get("pipe"))
+      end)
+    end
+
     it("is the pipe's: setkeepalive cannot put it in its pool", function()
       local c = start()
       assert.are.equal("piping", ask(c, "keeppiped"))
