@@ -634,20 +634,22 @@ static void cancel_connect(multiloop_thread_t *t, void *data) {
 /* The worker is closing (finish: maybe inside some Lua call, and before
  * the deadlines go): every connect in flight ends. A waiting thread is
  * readied with nil, "stopped"; a worker.connect callback is not called (its
- * state is about to close, and no Lua may run from here). Ending one may
- * free another (its freed slot starts a backlog waiter, whose start can fail
- * and free it), so each turn looks again from the start for one not yet
- * decided; decided ones stay listed only until libuv lets go of them. */
+ * state is about to close, and no Lua may run from here). Those waiting in
+ * a backlog go first: ending one frees no slot. Then the rest: with no
+ * waiter left, a freed slot starts nobody, so ending one frees only itself
+ * (a waiter started there could fail at once and free the next one). */
 void multiloop_outbound_stop(multiloop_worker_t *w) {
-  for (;;) {
-    multiloop_connect_t *op;
-    multiloop_thread_t *t;
-    for (op = w->connects; op && op->done; op = op->next) {}
-    if (op == NULL) return;
-    t = op->t;
-    op->t = NULL;
-    op_fail(op, UV_ECANCELED, "stopped", 1);
-    if (t) multiloop_thread_ready(t, NULL, NULL);   /* closing: nil, "stopped" */
+  int pass;
+  for (pass = 0; pass < 2; pass++) {
+    multiloop_connect_t *op, *next;
+    for (op = w->connects; op; op = next) {
+      multiloop_thread_t *t = op->t;
+      next = op->next;                           /* op may be freed below */
+      if (op->done || (pass == 0 && !op->queued)) continue;
+      op->t = NULL;
+      op_fail(op, UV_ECANCELED, "stopped", 1);
+      if (t) multiloop_thread_ready(t, NULL, NULL);   /* closing: nil, "stopped" */
+    }
   }
 }
 
