@@ -156,6 +156,18 @@ describe("outbound (hostile)", function()
       end)
     end
 
+    it("ends, closing both ends, when the thread waiting in it is killed", function()
+      local c = start()
+      assert.are.equal("piping", ask(c, "pipekill"))
+      assert.are.equal("[one]", ask(c, "one"))
+      d:set("kill", true)
+      local line, err = c:receive()          -- the kill closes us
+      assert.are.same({ nil, "closed" }, { line, err })
+      assert.is_true(helper.eventually(function() return d:get("pipekill") ~= nil end))
+      assert.are.equal("true", d:get("pipekill"))
+      assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end))
+    end)
+
     it("is the pipe's: setkeepalive cannot put it in its pool", function()
       local c = start()
       assert.are.equal("piping", ask(c, "keeppiped"))
