@@ -25,6 +25,8 @@ local KV_SCENARIOS = {
 local PROXY_SCENARIOS = { { id = "proxy-p1", depth = 1 }, { id = "proxy-p16", depth = 16 } }
 local PROXY_IR_SCENARIOS = { { id = "proxy-ir-p1", depth = 1 }, { id = "proxy-ir-p16", depth = 16 } }
 local PROXY_SERVERS = { "multiloop", "haproxy", "nginx-stream" }
+-- lua-resty-redis GETs through multiloop.ngx, pooled and not (servers
+-- "pool" and "connect" of the scenario "redis-pool").
 local SCENARIOS = {
   { id = "echo-p1", title = "echo, 64 conns x 64 B, 1 in flight", unit = "msg" },
   { id = "echo-p16", title = "echo, 64 conns x 64 B, 16 in flight", unit = "msg" },
@@ -356,6 +358,24 @@ if #proxy_ir_lines > 0 then
     "ops/s under callgrind"))
   for _, l in ipairs(proxy_ir_lines) do
     add(("%-11d %-14s %-22s %-20s %s"):format(l.depth, l.server, l.ir, l.vs_ml, l.rate))
+  end
+end
+local pool_line
+do
+  local by_server = g1["redis-pool"]
+  if by_server then
+    pool_line = {
+      pool = spread_text(column(by_server.pool, "ops_per_cpu")),
+      connect = spread_text(column(by_server.connect, "ops_per_cpu")),
+      ratio = ratios(by_server.pool, by_server.connect, "ops_per_cpu"),
+      pool_rate = si(median(column(by_server.pool, "ops_per_s"))),
+      connect_rate = si(median(column(by_server.connect, "ops_per_s"))),
+    }
+    add("")
+    add("redis-pool: lua-resty-redis GET round trips per worker CPU-second (1 worker, CPU 0;")
+    add(("redis-server %s on CPU 1), one GET per message, 64 conns x 64 B, 1 in flight"):format(meta.redis or "?"))
+    add(("%-26s %-26s %s"):format("set_keepalive (pooled)", "new connection each GET", "pooled / new"))
+    add(("%-26s %-26s %s"):format(pool_line.pool, pool_line.connect, ratio_text(pool_line.ratio)))
   end
 end
 add("")
@@ -748,6 +768,22 @@ if #proxy_ir_lines > 0 then
   end
   w_("")
 end
+if pool_line then
+  w_("## lua-resty-redis with and without the connection pool")
+  w_("")
+  w_("`redis-pool`: Debian's lua-resty-redis (`nginx.redis`, unchanged, over `multiloop.ngx`) in")
+  w_("a 1-worker multiloop pinned to CPU 0 (`bench/redis_pool_handler.lua`), against")
+  w_(("redis-server %s on CPU 1: for each 64-byte message of `loadgen --mode echo --conns 64"):format(meta.redis or "?"))
+  w_("--depth 1` one `redis:new()`, `connect`, `GET`, then `set_keepalive(60000, 64)` (pooled)")
+  w_("or `close()` (a new connection each time), and the message echoed back. GET round trips")
+  w_("per second of the worker's CPU, median (min-max), and pooled over new in the same repeat.")
+  w_("")
+  w_("| pooled (set_keepalive) | new connection each GET | pooled / new | pooled GETs/s (wall) | new GETs/s (wall) |")
+  w_("|---|---|---|---|---|")
+  w_(("| %s | %s | %s | %s | %s |"):format(pool_line.pool, pool_line.connect, ratio_text(pool_line.ratio),
+    pool_line.pool_rate, pool_line.connect_rate))
+  w_("")
+end
 if #dispatch_lines > 0 then
   w_("## Dispatch modes")
   w_("")
@@ -810,7 +846,7 @@ w_("make bench                       # the full run: 3 repeats of 5 s, about 13 
 w_("BENCH_QUICK=1 make bench         # 1 repeat of 2 s, 2,000 idle connections: a smoke run")
 w_("BENCH_SECONDS=10 BENCH_REPEATS=5 BENCH_WORKERS=2 make bench")
 w_("BENCH_DISPATCH=ipc make bench    # multiloop and the reference both on ipc")
-w_("BENCH_ONLY='echo-ir kv' make bench  # some groups of: echo http dispatch echo-ir kv proxy proxy-ir")
+w_("BENCH_ONLY='echo-ir kv' make bench  # groups: echo http dispatch echo-ir kv proxy proxy-ir redis-pool")
 w_("BENCH_IR_HANDLERS='multiloop=examples.echo_handler mine=bench.my_echo' BENCH_ONLY=echo-ir make bench")
 w_("make bench-report                # BENCHMARKS.md again from bench/results/raw.tsv")
 w_("```")

@@ -31,6 +31,12 @@
 #               HAProxy (nbthread 1, TCP mode) and nginx stream proxy_pass (1
 #               worker), each pinned to CPU 0; 64 connections x 64 B at 1 and
 #               16 in flight; proxied echoes per second of the proxy's CPU
+#   redis-pool  lua-resty-redis (Debian's lua-nginx-redis over multiloop.ngx,
+#               bench/redis_pool_handler.lua, 1 worker on CPU 0) GET round
+#               trips against a redis-server on CPU 1: one GET per message of
+#               the load generator (64 connections x 64 B, 1 in flight),
+#               pooled (set_keepalive) and with a new connection each time;
+#               GETs per worker CPU-second
 #   proxy-ir    callgrind Ir per proxied echo (16 connections x 64 B, 1 and 16
 #               in flight, as echo-ir) of multiloop's proxy, and of HAProxy
 #               and nginx stream (master_process off) beside it (needs valgrind)
@@ -41,7 +47,7 @@
 # BENCH_IDLE_CONNS (10000), BENCH_WORKERS ("1 2"), BENCH_DISPATCH (reuseport,
 # multiloop's default), BENCH_QUICK=1 (1 repeat of 2 s, 2,000 idle
 # connections: a smoke run), BENCH_ONLY (the groups to run, of "echo http
-# dispatch echo-ir kv proxy proxy-ir"; all by default), BENCH_IR_SECONDS (5: the load under
+# dispatch echo-ir kv proxy proxy-ir redis-pool"; all by default), BENCH_IR_SECONDS (5: the load under
 # callgrind, quick or not), BENCH_IR_HANDLERS (NAME=MODULE words, default
 # "multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"),
 # BENCH_KV_HANDLER (examples.kv), BENCH_KV_N16 / BENCH_KV_N1 (requests per
@@ -67,7 +73,7 @@ else
   SECS=${BENCH_SECONDS:-5}; REPEATS=${BENCH_REPEATS:-3}; IDLE=${BENCH_IDLE_CONNS:-10000}
 fi
 WORKERS_LIST=${BENCH_WORKERS:-"1 2"}
-ALL_GROUPS="echo http dispatch echo-ir kv proxy proxy-ir"
+ALL_GROUPS="echo http dispatch echo-ir kv proxy proxy-ir redis-pool"
 ONLY=${BENCH_ONLY:-$ALL_GROUPS}
 for g in $ONLY; do
   case " $ALL_GROUPS " in *" $g "*) ;;
@@ -108,7 +114,7 @@ RAW=$RES/raw.tsv
 printf 'repeat\tworkers\tscenario\tserver\tops\tops_per_s\tcpu_s\tops_per_cpu\tp50_us\tp99_us\tp999_us\terrors\tbytes_per_conn\tir_per_op\n' > "$RAW"
 
 SPID=""                                   # the server we started, if any
-UPID=""                                   # the proxy scenario's upstream, if any
+UPID=""                                   # proxy's upstream or redis-pool's redis, if any
 LGPID=""                                  # a background load generator, if any
 
 # --- processes -----------------------------------------------------------
@@ -481,7 +487,7 @@ start_proxy() {
   esac
 }
 
-# proxy_check SCENARIO SERVER: a short echo through the proxy (4
+# proxy_check SCENARIO SERVER: a short echo through the server (4
 # connections, 4 in flight, 1 s); fails, naming what it saw, unless
 # something came back and nothing went wrong.
 proxy_check() {
@@ -490,7 +496,7 @@ proxy_check() {
     > "$TMP/check.out" 2> "$TMP/check.err"
   ops=$(field ops "$TMP/check.out"); errs=$(field errors "$TMP/check.out")
   if [ -z "$ops" ] || [ "$ops" -lt 1 ] || [ "${errs:-1}" != 0 ]; then
-    echo "bench: $1/$2: no clean echo through the proxy (ops '${ops}', errors '${errs}'): skipped" >&2
+    echo "bench: $1/$2: no clean echo through it (ops '${ops}', errors '${errs}'): skipped" >&2
     cat "$TMP/check.err" "$TMP/server.err" 2>/dev/null | tail -5 | sed 's/^/  /' >&2
     return 1
   fi
@@ -521,6 +527,16 @@ if want proxy || want proxy-ir; then
     { have_nginx_stream=0; echo "bench: note: nginx or libnginx-mod-stream is missing: the nginx stream proxy peer is skipped"; }
   [ -f "$(echo "$PROXY_HANDLER" | tr . /).lua" ] ||
     { have_proxy_handler=0; echo "bench: note: $(echo "$PROXY_HANDLER" | tr . /).lua is missing: multiloop's proxy is skipped"; }
+fi
+have_resty_redis=1
+if want redis-pool; then
+  if ! { command -v redis-server > /dev/null && command -v redis-cli > /dev/null; }; then
+    have_resty_redis=0; echo "bench: note: redis-server or redis-cli is missing: redis-pool is skipped"
+  elif [ ! -f /usr/share/lua/5.1/nginx/redis.lua ]; then
+    have_resty_redis=0; echo "bench: note: lua-nginx-redis (lua-resty-redis) is missing: redis-pool is skipped"
+  elif [ ! -f lua/multiloop/ngx.lua ]; then
+    have_resty_redis=0; echo "bench: note: lua/multiloop/ngx.lua is missing: redis-pool is skipped"
+  fi
 fi
 if want kv; then
   { command -v redis-server > /dev/null && command -v redis-benchmark > /dev/null && command -v redis-cli > /dev/null; } ||
@@ -579,7 +595,7 @@ http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-l
   echo "nginx_lua=$([ $have_nginx = 1 ] && dpkg-query -W -f='${Version}' libnginx-mod-http-lua 2>/dev/null || echo missing)"
   echo "wrk=$([ $have_wrk = 1 ] && dpkg-query -W -f='${Version}' wrk 2>/dev/null || echo missing)"
   echo "valgrind=$([ $have_valgrind = 1 ] && { want echo-ir || want proxy-ir; } && valgrind --version | sed 's/^valgrind-//' || echo missing)"
-  echo "redis=$([ $have_redis = 1 ] && want kv && redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/' || echo missing)"
+  echo "redis=$([ $have_redis = 1 ] && { want kv || want redis-pool; } && command -v redis-server > /dev/null && redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/' || echo missing)"
   echo "ir_seconds=$IR_SECS"
   echo "ir_handlers=$IR_HANDLERS"
   echo "kv_handler=$KV_HANDLER"
@@ -674,6 +690,24 @@ for r in $(seq "$REPEATS"); do
         fi
         stop_server
       done
+      stop_upstream
+    fi
+  fi
+  if want redis-pool && [ $have_resty_redis = 1 ]; then
+    if SERVER_PIN="taskset -c 1" launch_redis; then
+      UPID=$SPID; UPORT=$PORT; SPID=""
+      if [ "$(redis-cli -h 127.0.0.1 -p "$UPORT" set bench:pool 42 2>&1)" = OK ]; then
+        for s in $(rotate "$r" pool connect); do
+          launch "redis-$s" lua5.4 bench/ml_server.lua bench.redis_pool_handler 1 "$DISPATCH" \
+            "redis_port=$UPORT" "mode=$s" || continue
+          if proxy_check redis-pool "$s"; then
+            loadgen_run "$r" 1 redis-pool "$s" --mode echo --conns 64 --size 64 --depth 1
+          fi
+          stop_server
+        done
+      else
+        echo "bench: redis-pool: SET bench:pool with redis-cli failed: skipped" >&2
+      fi
       stop_upstream
     fi
   fi
