@@ -842,7 +842,7 @@ end
 w_("## Re-running")
 w_("")
 w_("```")
-w_("make bench                       # the full run: 3 repeats of 5 s, about 13 minutes")
+w_("make bench                       # the full run: 3 repeats of 5 s, about 18 minutes")
 w_("BENCH_QUICK=1 make bench         # 1 repeat of 2 s, 2,000 idle connections: a smoke run")
 w_("BENCH_SECONDS=10 BENCH_REPEATS=5 BENCH_WORKERS=2 make bench")
 w_("BENCH_DISPATCH=ipc make bench    # multiloop and the reference both on ipc")
