@@ -119,8 +119,20 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 
 /* --- the stream's events --------------------------------------------------- */
 
+/* Rare states first, in one test: a pooled or piped connection's bytes are
+ * not the Lua code's. */
+#define DIVERTED(c) ((c)->pooled | (c)->piped)
+
 static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
   multiloop_conn_t *c = CONN(s);
+  if (DIVERTED(c)) {
+    if (c->pooled) multiloop_out_drop(c);  /* an idle pooled conn must stay silent */
+    else {
+      TOUCH(WORKER(c), c);
+      multiloop_pipe_read(c, data, len);
+    }
+    return len;
+  }
   if (c->serve) return multiloop_serve_read(c, data, len);
   TOUCH(WORKER(c), c);
   if (HAS(c, ON_DATA) && call(c, ON_DATA, data, len) != LUA_OK)
@@ -131,7 +143,9 @@ static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
 /* Without on_end, shut down: the stream closes once our writes flush. */
 static void ev_eof(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
-  if (c->serve) multiloop_serve_eof(c);      /* the serve code decides */
+  if (c->pooled) multiloop_out_drop(c);
+  else if (c->piped) multiloop_pipe_eof(c);
+  else if (c->serve) multiloop_serve_eof(c);      /* the serve code decides */
   else if (!HAS(c, ON_END)) multiloop_stream_shutdown(s);
   else if (call(c, ON_END, NULL, 0) != LUA_OK) multiloop_stream_close(s, REASON_ERROR);
 }
@@ -154,7 +168,8 @@ static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int st
 
 static void ev_drained(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
-  if (c->serve) multiloop_serve_drained(c);
+  if (c->piped) multiloop_pipe_drained(c);
+  else if (c->serve) multiloop_serve_drained(c);
   else if (HAS(c, ON_DRAIN) && call(c, ON_DRAIN, NULL, 0) != LUA_OK)
     multiloop_stream_close(s, REASON_ERROR);
 }
@@ -169,14 +184,17 @@ static void ev_closing(multiloop_stream_t *s) {
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
   multiloop_deadline_remove(&c->idle);
+  if (c->piped) multiloop_pipe_closing(c);
+  if (c->outbound) multiloop_out_closing(c); /* its pool's count */
   if (c->serve) multiloop_serve_closing(c);  /* its waiting threads: "closed" */
   if (w->stopping && w->conns == NULL) multiloop_worker_drained(w);
 }
 
-static void ev_closed(multiloop_stream_t *s, int reason) {
+static void ev_closed(multiloop_stream_t *s, int reason, void *tap) {
   multiloop_conn_t *c = CONN(s);
   multiloop_worker_t *w = WORKER(c);
   if (c->counted) multiloop_slot_give(w->rt, w);
+  if (c->piped) multiloop_pipe_closed(c, tap);   /* the last end's close ends the pipe */
   if (HAS(c, ON_CLOSE)) call_with_reason(c, ON_CLOSE, LUA_NOREF, reason_name(reason));
   luaL_unref(w->L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
 }
@@ -213,24 +231,47 @@ typedef struct {
   int taken;                           /* the fd is no longer the caller's */
 } accept_ev;
 
+multiloop_conn_t *multiloop_conn_new(lua_State *L, multiloop_worker_t *w, int is_unix, int serve,
+                                     int outbound) {
+  size_t size = serve ? CONN_SIZE + SERVE_SIZE : CONN_SIZE;
+  multiloop_conn_t *c;
+  if (outbound) size += sizeof(multiloop_out_t);
+  else if (!serve) size = sizeof(multiloop_conn_t);   /* the idle callback conn: 352 B */
+  c = lua_newuserdatauv(L, size, serve ? 1 : N_USER_VALUES);
+  memset(c, 0, size);
+  c->s.closing = 1;                        /* no handle yet: nothing to close */
+  c->ref = LUA_NOREF;
+  multiloop_deadline_init(&c->idle, conn_idle);
+  if (serve) multiloop_serve_init(c);
+  c->outbound = outbound != 0;
+  luaL_setmetatable(L, CONN_MT);
+  lua_pushvalue(L, -1);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  /* An outbound one's handle is made by each connect attempt (outbound.c). */
+  if (!outbound) multiloop_stream_init(&c->s, w, is_unix, &multiloop_conn_events);
+  return c;
+}
+
+void multiloop_conn_opened(multiloop_conn_t *c) {
+  multiloop_worker_t *w = WORKER(c);
+  c->id = (lua_Integer)atomic_fetch_add(&w->rt->next_conn_id, 1) + 1;
+  c->next = w->conns;
+  if (w->conns) w->conns->prev = c;
+  w->conns = c;
+  if (!multiloop_stream_is_unix(&c->s)) {
+    if (w->cfg->nodelay) uv_tcp_nodelay(&c->s.h.tcp, 1);
+    if (w->cfg->keepalive) uv_tcp_keepalive(&c->s.h.tcp, 1, w->cfg->keepalive);
+  }
+}
+
 /* Protected: makes the object, takes the connection's fd into it (from the
  * hand-off pipe, or an fd the inbox or our own listener gave us), calls
  * connect. The object is pinned before libuv sees its handle. */
 static int accept_body(lua_State *L) {
   accept_ev *ev = lua_touserdata(L, 1);
   multiloop_worker_t *w = ev->w;
-  size_t size = w->serve ? CONN_SIZE + sizeof(multiloop_serve_t) : sizeof(multiloop_conn_t);
-  multiloop_conn_t *c = lua_newuserdatauv(L, size, w->serve ? 1 : N_USER_VALUES);
+  multiloop_conn_t *c = multiloop_conn_new(L, w, w->cfg->path != NULL, w->serve, 0);
   int rc;
-  memset(c, 0, size);
-  c->s.closing = 1;                        /* no handle yet: nothing to close */
-  c->ref = LUA_NOREF;
-  multiloop_deadline_init(&c->idle, conn_idle);
-  if (w->serve) multiloop_serve_init(c);
-  luaL_setmetatable(L, CONN_MT);
-  lua_pushvalue(L, -1);
-  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  multiloop_stream_init(&c->s, w, w->cfg->path != NULL, &multiloop_conn_events);
   c->counted = 1;                          /* the fd holds a slot (slots.c) */
   ev->taken = 1;
   rc = multiloop_stream_open(&c->s, ev->fd, (uv_stream_t *)&w->pipe);
@@ -239,15 +280,9 @@ static int accept_body(lua_State *L) {
     return 0;
   }
   atomic_fetch_add_explicit(&w->accepted, 1, memory_order_relaxed);
-  c->id = ev->id = (lua_Integer)atomic_fetch_add(&w->rt->next_conn_id, 1) + 1;
-  c->next = w->conns;
-  if (w->conns) w->conns->prev = c;
-  w->conns = c;
+  multiloop_conn_opened(c);
+  ev->id = c->id;
   ev->c = c;
-  if (!multiloop_stream_is_unix(&c->s)) {
-    if (w->cfg->nodelay) uv_tcp_nodelay(&c->s.h.tcp, 1);
-    if (w->cfg->keepalive) uv_tcp_keepalive(&c->s.h.tcp, 1, w->cfg->keepalive);
-  }
   if (!c->serve && multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
     return luaL_error(L, "not enough memory");
 
@@ -539,6 +574,7 @@ static const luaL_Reg conn_methods[] = {
   { "close", conn_close_method },
   { "peer", conn_peer },
   { "address", conn_address },
+  { "pipe", multiloop_conn_pipe },
   { NULL, NULL }
 };
 

@@ -27,6 +27,9 @@ struct multiloop_conn_s {
   unsigned callbacks : 8;              /* bit n set: user value n is a function */
   unsigned counted : 1;                /* holds a connection slot (slots.c) */
   unsigned serve : 1;                  /* a serve connection: the serve block follows */
+  unsigned outbound : 1;               /* made by connect: the out block follows (outbound.c) */
+  unsigned pooled : 1;                 /* idle in its pool: any byte or EOF drops it */
+  unsigned piped : 1;                  /* in a pipe (pipe.c): the stream's ext->tap is it */
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
   multiloop_deadline_t idle;           /* the idle timeout (conn_idle); serve: the read timeout */
   lua_Integer id;
@@ -52,9 +55,25 @@ typedef struct {
   size_t send_len;                     /* what the waiting send returns */
 } multiloop_serve_t;
 
+/* An outbound connection's block (outbound.c), after the serve block (or
+ * after the struct for a callback-style one): the pool it counts in, its
+ * place in that pool's idle list while pooled, and how often it was reused. */
+typedef struct {
+  multiloop_pool_t *pool;              /* counted in pool->active while open, or NULL */
+  void *owner;                         /* the socket object using it (outbound.c), or NULL */
+  multiloop_conn_t *pprev, *pnext;     /* the pool's idle list (most recent first) */
+  multiloop_deadline_t keep_dl;        /* setkeepalive's timeout, while pooled */
+  uint32_t reused;                     /* getreusedtimes() */
+  uint32_t lease;                      /* +1 each time it goes idle: stale readers see "closed" */
+} multiloop_out_t;
+
 #define CONN_SIZE ((sizeof(multiloop_conn_t) + 15) & ~(size_t)15)
+#define SERVE_SIZE ((sizeof(multiloop_serve_t) + 15) & ~(size_t)15)
 #define SERVE(c) ((multiloop_serve_t *)(void *)((char *)(c) + CONN_SIZE))
 #define CONN_OF_SERVE(sv) ((multiloop_conn_t *)(void *)((char *)(sv) - CONN_SIZE))
+#define OUT(c) ((multiloop_out_t *)(void *)((char *)(c) + CONN_SIZE + ((c)->serve ? SERVE_SIZE : 0)))
+#define CONN_OF_OUT(o, serve) \
+  ((multiloop_conn_t *)(void *)((char *)(o) - CONN_SIZE - ((serve) ? SERVE_SIZE : 0)))
 #define CONN_WORKER(c) multiloop_stream_worker(&(c)->s)
 
 /* One queued write: the stream hands `w` back in `written`. */
@@ -81,6 +100,33 @@ static inline multiloop_conn_t *multiloop_conn_check(lua_State *L) {
   luaL_typeerror(L, 1, CONN_MT);
   return NULL;
 }
+
+/* conn.c: a new connection object on top of L, pinned, its stream made (a
+ * Unix socket one with is_unix; an outbound one's later, by its connect) but
+ * not open: a serve-style one (the serve
+ * block) with `serve`, an outbound one (the out block) with `outbound`. Not
+ * in the worker's list and with no id until multiloop_conn_opened. Raises
+ * only for memory, before anything needs undoing. */
+multiloop_conn_t *multiloop_conn_new(lua_State *L, multiloop_worker_t *w, int is_unix, int serve,
+                                     int outbound);
+/* The stream is open: the connection gets its id and joins the worker's
+ * list (stop closes it), with the server's nodelay and keepalive. */
+void multiloop_conn_opened(multiloop_conn_t *c);
+
+/* outbound.c, called by conn.c's events for an outbound connection. */
+void multiloop_out_closing(multiloop_conn_t *c);
+/* A pooled connection's bytes or EOF: it is dropped (closed). */
+void multiloop_out_drop(multiloop_conn_t *c);
+/* The connection of the socket object ("multiloop.tcp") at idx, or NULL. */
+multiloop_conn_t *multiloop_sock_conn(lua_State *L, int idx);
+
+/* pipe.c, called by conn.c's events for a piped connection. */
+void multiloop_pipe_read(multiloop_conn_t *c, const char *data, size_t len);
+void multiloop_pipe_eof(multiloop_conn_t *c);
+void multiloop_pipe_drained(multiloop_conn_t *c);
+void multiloop_pipe_closing(multiloop_conn_t *c);
+void multiloop_pipe_closed(multiloop_conn_t *c, void *pipe);
+int multiloop_conn_pipe(lua_State *L);    /* conn:pipe(other [, fn]) */
 
 /* serve.c, called by conn.c's stream events for a serve connection. */
 void multiloop_serve_init(multiloop_conn_t *c);

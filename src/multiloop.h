@@ -85,6 +85,9 @@ typedef struct {
   uint64_t start_timeout;     /* ms a worker may take to load the handler and run init */
   /* Sequential connections (serve.c) */
   size_t receive_limit;       /* bytes a line, an until-pattern or "*a" may buffer */
+  /* Outbound connections: name resolution (resolve.c) */
+  uint64_t dns_cache_ttl;     /* ms an answer is reused, 0: never */
+  int dns_max_lookups;        /* lookups one worker runs at once on libuv's pool */
 } multiloop_config_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
@@ -93,6 +96,11 @@ typedef struct {
 /* receive_limit: the default and the bound (as init.lua checks them). */
 #define MULTILOOP_RECEIVE_LIMIT_DEFAULT (1024 * 1024)
 #define MULTILOOP_RECEIVE_LIMIT_MAX 0x7fffffff
+
+/* dns_*: the defaults and bounds (as init.lua's). */
+#define MULTILOOP_DNS_CACHE_TTL_DEFAULT 30000
+#define MULTILOOP_DNS_MAX_LOOKUPS_DEFAULT 4
+#define MULTILOOP_DNS_MAX_LOOKUPS_MAX 64
 
 /* Bounds that protect memory, checked by core.new (server.c) as well as by
  * lua/multiloop/init.lua. */
@@ -113,6 +121,10 @@ typedef struct {
 
 typedef struct multiloop_runtime_s multiloop_runtime_t;
 typedef struct multiloop_worker_s multiloop_worker_t;
+typedef struct multiloop_resolver_s multiloop_resolver_t;    /* resolve.c */
+typedef struct multiloop_resolve_s multiloop_resolve_t;
+typedef struct multiloop_connect_s multiloop_connect_t;      /* outbound.c */
+typedef struct multiloop_pool_s multiloop_pool_t;
 
 /* Light threads (thread.c): a coroutine of a worker's state that the worker
  * resumes from its loop callbacks. Opaque outside thread.c. */
@@ -256,6 +268,16 @@ struct multiloop_worker_s {
   } view;
   int worker_ref;                      /* registry: the `worker` table */
   int stopping;
+
+  /* Outbound connections (outbound.c, resolve.c): the worker thread's
+   * alone, but the counters, which it publishes (relaxed) for stats. */
+  multiloop_pool_t *pools;             /* keepalive pools, by key */
+  multiloop_connect_t *connects;       /* connects in flight (stop ends them) */
+  multiloop_resolver_t *resolver;      /* the DNS cache and lookup queue, made on first use */
+  atomic_uint_fast64_t connects_ok;    /* connects that succeeded (not reuses) */
+  atomic_uint_fast64_t connect_errors;
+  atomic_uint_fast64_t reused;         /* connects served from a pool */
+  atomic_int pooled;                   /* idle in the pools now */
 
   /* Timers and messages (timer.c, message.c). `timers` is the worker
    * thread's alone; msg_ready is set once by the worker (its inbox is up)
@@ -600,6 +622,32 @@ void multiloop_threads_close(multiloop_worker_t *w);  /* the loop ran dry: close
 lua_State *multiloop_thread_spare(multiloop_worker_t *w);
 void multiloop_thread_run(multiloop_worker_t *w, int nargs, const char *what,
                           multiloop_thread_end_fn on_end, void *data, int pin_ref);
+
+/* resolve.c: names to addresses off the loop (libuv's thread pool), cached
+ * per worker; worker thread only. The callback runs from a loop callback
+ * with status 0 and n >= 1 addresses (port 0), or a libuv error. */
+#define MULTILOOP_RESOLVE_MAX_ADDRS 8
+typedef void (*multiloop_resolve_cb)(void *data, int status, const struct sockaddr_storage *addrs,
+                                     int n);
+int multiloop_resolve_cached(multiloop_worker_t *w, const char *name,
+                             struct sockaddr_storage *addrs);   /* n, or 0: not cached */
+multiloop_resolve_t *multiloop_resolve_start(multiloop_worker_t *w, const char *name,
+                                             multiloop_resolve_cb cb, void *data);  /* NULL: ENOMEM */
+void multiloop_resolve_cancel(multiloop_resolve_t *q);   /* cb will not run */
+void multiloop_resolver_stop(multiloop_worker_t *w);     /* closing: cancel every lookup */
+void multiloop_resolver_free(multiloop_worker_t *w);     /* the loop has ended */
+int multiloop_numeric_addr(const char *name, int port, struct sockaddr_storage *addr);
+const char *multiloop_check_host(lua_State *L, int arg, const char *who);
+int multiloop_push_addrs(lua_State *L, const struct sockaddr_storage *addrs, int n);
+const char *multiloop_resolve_error(lua_State *L, const char *name, int status);
+extern const luaL_Reg multiloop_resolve_funcs[];         /* resolve */
+
+/* outbound.c: worker.tcp and worker.connect (the core table's), the socket
+ * object, keepalive pools; worker thread only. */
+extern const luaL_Reg multiloop_outbound_funcs[];        /* tcp, connect */
+void multiloop_outbound_register(lua_State *L);          /* the socket metatable */
+void multiloop_pools_close(multiloop_worker_t *w);       /* stopping: idle conns close */
+void multiloop_outbound_stop(multiloop_worker_t *w);     /* closing: connects end "stopped" */
 
 /* message.c: the core table's send/broadcast (each closes over the worker)
  * and the message hook (worker thread); server:send/broadcast (main state,

@@ -700,6 +700,10 @@ static int until_reader(lua_State *L) {
   multiloop_conn_t *c = lua_touserdata(L, lua_upvalueindex(1));
   multiloop_serve_t *sv = SERVE(c);
   lua_Integer size = 0, flags;
+  /* An outbound connection that went to its pool since (and may serve
+   * another socket now) is not this reader's any more. */
+  if (c->outbound && (uint32_t)lua_tointeger(L, lua_upvalueindex(4)) != OUT(c)->lease)
+    return nil_err(L, "closed");
   if (!lua_isnoneornil(L, 1)) {
     int isint = 0;
     size = lua_type(L, 1) == LUA_TNUMBER ? lua_tointegerx(L, 1, &isint) : 0;
@@ -730,7 +734,7 @@ static int until_reader(lua_State *L) {
 static int serve_receiveuntil(lua_State *L) {
   size_t len;
   int inclusive = 0;
-  check_serve(L, "conn:receiveuntil");
+  multiloop_conn_t *c = check_serve(L, "conn:receiveuntil");
   if (lua_type(L, 2) != LUA_TSTRING || (lua_tolstring(L, 2, &len), len == 0))
     return luaL_error(L, "conn:receiveuntil: the pattern must be a non-empty string (got %s)",
                       lua_type(L, 2) == LUA_TSTRING ? "an empty string" : luaL_typename(L, 2));
@@ -746,7 +750,8 @@ static int serve_receiveuntil(lua_State *L) {
   }
   lua_settop(L, 2);
   lua_pushinteger(L, inclusive ? UNTIL_INCLUSIVE : 0);
-  lua_pushcclosure(L, until_reader, 3);
+  lua_pushinteger(L, c->outbound ? (lua_Integer)OUT(c)->lease : 0);
+  lua_pushcclosure(L, until_reader, 4);
   return 1;
 }
 

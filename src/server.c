@@ -38,6 +38,7 @@
 typedef struct {
   uint64_t accepted, active, handed_off, accept_errors, bytes_in, bytes_out;
   uint64_t threads;                    /* live light threads (thread.c) */
+  uint64_t connects, connect_errors, reused, pooled;   /* outbound (outbound.c) */
 } counts_t;
 
 typedef struct {
@@ -75,6 +76,17 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
     c->bytes_out = LOAD(w->bytes_out);
     c->threads = threads > 0 ? (uint64_t)threads : 0;
     total->threads += c->threads;
+    {
+      int pooled = LOAD(w->pooled);
+      c->connects = LOAD(w->connects_ok);
+      c->connect_errors = LOAD(w->connect_errors);
+      c->reused = LOAD(w->reused);
+      c->pooled = pooled > 0 ? (uint64_t)pooled : 0;
+      total->connects += c->connects;
+      total->connect_errors += c->connect_errors;
+      total->reused += c->reused;
+      total->pooled += c->pooled;
+    }
     total->accepted += c->accepted;
     total->active += c->active;
     total->bytes_in += c->bytes_in;
@@ -467,6 +479,19 @@ int multiloop_server_new(lua_State *L) {
     cfg->inbox_limit = (size_t)int_field(L, "inbox_limit", 1, MULTILOOP_INBOX_LIMIT_MAX);
   }
   lua_pop(L, 1);
+  /* dns_*: the resolver (resolve.c); max_lookups bounds memory and the pool's use. */
+  if (lua_getfield(L, 1, "dns_cache_ttl") == LUA_TNIL) {
+    cfg->dns_cache_ttl = MULTILOOP_DNS_CACHE_TTL_DEFAULT;
+  } else {
+    cfg->dns_cache_ttl = (uint64_t)int_field(L, "dns_cache_ttl", 0, MAX_MS);
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 1, "dns_max_lookups") == LUA_TNIL) {
+    cfg->dns_max_lookups = MULTILOOP_DNS_MAX_LOOKUPS_DEFAULT;
+  } else {
+    cfg->dns_max_lookups = (int)int_field(L, "dns_max_lookups", 1, MULTILOOP_DNS_MAX_LOOKUPS_MAX);
+  }
+  lua_pop(L, 1);
   /* receive_limit bounds what one read may buffer (serve.c); nil: the default. */
   if (lua_getfield(L, 1, "receive_limit") == LUA_TNIL) {
     cfg->receive_limit = MULTILOOP_RECEIVE_LIMIT_DEFAULT;
@@ -778,6 +803,10 @@ static int server_stats(lua_State *L) {
     set_counter(L, "bytes_in", s->counts[i].bytes_in);
     set_counter(L, "bytes_out", s->counts[i].bytes_out);
     set_counter(L, "threads", s->counts[i].threads);
+    set_counter(L, "connects", s->counts[i].connects);
+    set_counter(L, "connect_errors", s->counts[i].connect_errors);
+    set_counter(L, "reused", s->counts[i].reused);
+    set_counter(L, "pooled", s->counts[i].pooled);
     lua_rawseti(L, -2, i);
   }
   lua_setfield(L, -2, "workers");
@@ -788,6 +817,10 @@ static int server_stats(lua_State *L) {
   set_counter(L, "bytes_in", s->counts[0].bytes_in);
   set_counter(L, "bytes_out", s->counts[0].bytes_out);
   set_counter(L, "threads", s->counts[0].threads);
+  set_counter(L, "connects", s->counts[0].connects);
+  set_counter(L, "connect_errors", s->counts[0].connect_errors);
+  set_counter(L, "reused", s->counts[0].reused);
+  set_counter(L, "pooled", s->counts[0].pooled);
   return 1;
 }
 

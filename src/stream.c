@@ -70,14 +70,18 @@ static void read_stop(multiloop_stream_t *s) {
 
 /* --- closing --------------------------------------------------------------- */
 
+/* The ext block goes before `closed` (which may free s); its tap is handed
+ * to the owner there. */
 static void close_cb(uv_handle_t *h) {
   multiloop_stream_t *s = (multiloop_stream_t *)h;
+  void *tap = NULL;
   if (s->ext) {
+    tap = s->ext->tap;
     free(s->ext->in.base);
     free(s->ext);
     s->ext = NULL;
   }
-  EVENTS(s)->closed(s, s->reason);          /* may free s: touch nothing after */
+  EVENTS(s)->closed(s, s->reason, tap);     /* may free s: touch nothing after */
 }
 
 void multiloop_stream_close(multiloop_stream_t *s, int reason) {
@@ -133,6 +137,13 @@ void multiloop_stream_close_flushed(multiloop_stream_t *s) {
 static multiloop_stream_ext_t *ext_of(multiloop_stream_t *s) {
   if (s->ext == NULL && (s->ext = calloc(1, sizeof *s->ext)) == NULL) return NULL;
   return s->ext;
+}
+
+int multiloop_stream_set_tap(multiloop_stream_t *s, void *tap) {
+  multiloop_stream_ext_t *x = ext_of(s);
+  if (x == NULL) return UV_ENOMEM;
+  x->tap = tap;
+  return 0;
 }
 
 /* gcc 12's -fanalyzer reports the buffer realloc'd here as leaked when it

@@ -51,8 +51,10 @@ typedef struct {
   void (*closing)(multiloop_stream_t *s);
   /* The handle is closed and its memory is the owner's again. `reason`: 0
    * (an ordinary close), a libuv error (< 0: a read, write or shutdown
-   * failed) or the owner's own code (> 0) it passed to multiloop_stream_close. */
-  void (*closed)(multiloop_stream_t *s, int reason);
+   * failed) or the owner's own code (> 0) it passed to multiloop_stream_close.
+   * `tap`: what the owner kept in the ext block (multiloop_stream_set_tap),
+   * which is gone by now. */
+  void (*closed)(multiloop_stream_t *s, int reason, void *tap);
 } multiloop_stream_events_t;
 
 /* A transport moves bytes between the stream and the socket. Each function
@@ -93,6 +95,7 @@ typedef struct {
 struct multiloop_stream_ext_s {
   const multiloop_transport_t *tp;     /* NULL: plain */
   void *tp_state;                      /* the transport's, freed by its close */
+  void *tap;                           /* the owner's: the pipe it is in (pipe.c), or NULL */
   multiloop_stream_input_t in;
 };
 
@@ -141,6 +144,13 @@ static inline int multiloop_stream_below_high_water(multiloop_stream_t *s) {
   return under;
 }
 
+/* The owner's pointer kept in the ext block (made for it: 0 or UV_ENOMEM);
+ * handed back by the `closed` event. */
+int multiloop_stream_set_tap(multiloop_stream_t *s, void *tap);
+static inline void *multiloop_stream_tap(const multiloop_stream_t *s) {
+  return s->ext ? s->ext->tap : NULL;
+}
+
 /* Makes the handle (a Unix socket one with `is_unix`) on w's loop, closed
  * until opened; `ev` is how the stream reports to its owner. */
 void multiloop_stream_init(multiloop_stream_t *s, multiloop_worker_t *w, int is_unix,
@@ -149,6 +159,9 @@ void multiloop_stream_init(multiloop_stream_t *s, multiloop_worker_t *w, int is_
  * pending on the IPC pipe `server`. Returns 0 or a libuv error; either way
  * the stream is then open, and must be closed. */
 int multiloop_stream_open(multiloop_stream_t *s, uv_os_sock_t fd, uv_stream_t *server);
+/* The handle connected (an outbound connection: outbound.c ran
+ * uv_tcp_connect on it): the stream is open, and must be closed. */
+static inline void multiloop_stream_connected(multiloop_stream_t *s) { s->closing = 0; }
 void multiloop_stream_start(multiloop_stream_t *s);   /* start reading */
 void multiloop_stream_pause(multiloop_stream_t *s);
 void multiloop_stream_resume(multiloop_stream_t *s);

@@ -121,6 +121,10 @@ static void push_core(lua_State *L, multiloop_worker_t *w) {
   luaL_setfuncs(L, multiloop_message_funcs, 1);    /* send, broadcast */
   lua_pushlightuserdata(L, w);
   luaL_setfuncs(L, multiloop_thread_funcs, 1);     /* spawn, wait, sleep, kill */
+  lua_pushlightuserdata(L, w);
+  luaL_setfuncs(L, multiloop_outbound_funcs, 1);   /* tcp, connect */
+  lua_pushlightuserdata(L, w);
+  luaL_setfuncs(L, multiloop_resolve_funcs, 1);    /* resolve */
 }
 
 /* Protected (run by lua_pcall): prepares the state, builds the `worker`
@@ -139,6 +143,7 @@ static int load_handler(lua_State *L) {
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
   multiloop_conn_register(L);
+  multiloop_outbound_register(L);                  /* after conn's: it forwards to its methods */
   multiloop_timer_register(L);
   multiloop_thread_register(L);
 
@@ -379,7 +384,10 @@ static void drop_queued(multiloop_worker_t *w, multiloop_msg_t *msg) {
  * thread ends. Connections are all closing by now. */
 static void finish(multiloop_worker_t *w) {
   if (w->closing) return;
+  multiloop_pools_close(w);                        /* before the deadlines go */
+  multiloop_outbound_stop(w);                      /* connects in flight: "stopped" */
   w->closing = 1;
+  multiloop_resolver_stop(w);
   multiloop_deadlines_close(w);
   multiloop_timers_close(w);
   multiloop_threads_stop(w);                       /* sleepers get "stopped" */
@@ -424,6 +432,7 @@ static void begin_stop(multiloop_worker_t *w, uint64_t timeout) {
     w->stopping = 1;
     multiloop_listener_close(&w->listener);        /* the pipe closes in finish() */
     multiloop_enter(w, shutdown_body, w, NULL, "shutdown");
+    multiloop_pools_close(w);                      /* idle pooled conns hold no one up */
   }
   if (timeout == 0 || (w->conns == NULL && w->th.count == 0)) {
     multiloop_conn_close_all(w);
@@ -545,6 +554,7 @@ static void worker_main(void *arg) {
             w->id, uv_err_name(rc));
   if (w->L) lua_close(w->L);
   w->L = NULL;
+  multiloop_resolver_free(w);
   free(w->read_buffer);
   w->read_buffer = NULL;
   atomic_store(&w->finished, 1);

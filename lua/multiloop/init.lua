@@ -156,6 +156,8 @@ local checks = {
   end,
   inbox_limit = function(v) return integer_in("inbox_limit", v, 1, MAX_BYTES) end,
   receive_limit = function(v) return integer_in("receive_limit", v, 1, MAX_BYTES) end,
+  dns_cache_ttl = function(v) return integer_in("dns_cache_ttl", v, 0, MAX_MS) end,
+  dns_max_lookups = function(v) return integer_in("dns_max_lookups", v, 1, 64) end,
 }
 
 -- dispatch: the fastest mode on connection rate, measured with `make bench`
@@ -172,6 +174,8 @@ local defaults = {
   inbox_limit = 64 * 1024 * 1024,          -- src/multiloop.h says the same
   start_timeout = 30000,
   receive_limit = 1024 * 1024,             -- src/multiloop.h says the same
+  dns_cache_ttl = 30000,                   -- so does it for these two
+  dns_max_lookups = 4,
 }
 
 local Server = {}

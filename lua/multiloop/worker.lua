@@ -5,8 +5,9 @@
 -- from the state that made the server), loads it before the handler and calls
 -- what it returns with the worker's core table: its `id`, `count` and copied
 -- `config`, and the C primitives of src/timer.c (`timer`, `every`, `now`) and
--- src/message.c (`send`, `broadcast`) and src/thread.c (`spawn`, `wait`,
--- `sleep`, `kill`), each closing over its worker. The table
+-- src/message.c (`send`, `broadcast`), src/thread.c (`spawn`, `wait`,
+-- `sleep`, `kill`), src/outbound.c (`tcp`, `connect`) and src/resolve.c
+-- (`resolve`), each closing over its worker. The table
 -- returned here is the `worker` object itself (documented in the README, "The
 -- handler"); the core table stays private to this file.
 --
@@ -32,5 +33,8 @@ return function(core)
     wait = core.wait,
     sleep = core.sleep,
     kill = core.kill,
+    tcp = core.tcp,           -- outbound (src/outbound.c, src/resolve.c)
+    connect = core.connect,
+    resolve = core.resolve,
   }
 end
