@@ -1,0 +1,50 @@
+-- examples/proxy.lua: a TCP proxy. Each client is joined to one upstream,
+-- and conn:pipe moves the bytes both ways in C until both sides are done
+-- (no Lua runs per chunk; reading pauses while the other side cannot keep
+-- up; a half-close is passed on). Upstreams are tried round-robin from
+-- worker.config.upstreams ("host:port", "[v6]:port" or "unix:/path"), and a
+-- connect that fails moves on to the next one; when every one fails the
+-- client is closed.
+--
+-- worker.config (examples/proxy_server.lua sets it):
+--   upstreams        { "127.0.0.1:6379", ... } (required)
+--   connect_timeout  ms per upstream tried (default 1000)
+local proxy = {}
+
+local worker, upstreams, connect_timeout
+local turn = 0                               -- this worker's round-robin cursor
+
+-- "host:port" -> host, port; "unix:/path" -> the string itself.
+local function parse(u)
+  if u:sub(1, 5) == "unix:" then return u end
+  local host, port = u:match("^%[(.+)%]:(%d+)$")
+  if not host then host, port = u:match("^([^:]+):(%d+)$") end
+  assert(host, "examples/proxy.lua: an upstream must be host:port, [v6]:port or unix:/path (got "
+    .. tostring(u) .. ")")
+  return host, math.tointeger(tonumber(port))
+end
+
+function proxy.init(w)
+  worker = w
+  connect_timeout = w.config.connect_timeout or 1000
+  upstreams = {}
+  for i, u in ipairs(w.config.upstreams or {}) do upstreams[i] = { parse(u) } end
+  assert(#upstreams > 0, "examples/proxy.lua: config.upstreams must list at least one upstream")
+  turn = w.id - 1                            -- workers start on different upstreams
+end
+
+function proxy.serve(conn)
+  for _ = 1, #upstreams do
+    turn = turn % #upstreams + 1
+    local u = upstreams[turn]
+    local up = worker.tcp()
+    up:settimeouts(connect_timeout, 0, 0)    -- the pipe itself has no timeout
+    if up:connect(u[1], u[2]) then
+      conn:pipe(up)                          -- both directions, until both are done
+      return
+    end
+    up:close()
+  end
+end                                          -- every upstream failed: the client closes
+
+return proxy
