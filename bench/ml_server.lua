@@ -1,22 +1,28 @@
 -- bench/ml_server.lua: the multiloop server that `make bench` measures.
---   lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE ...]]
+--   lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE | KEY[]=VALUE ...]]
 -- HANDLER is a module (examples.echo_handler, examples.http_hello). Each
--- KEY=VALUE goes into the server's config (worker.config.KEY = "VALUE"), as
--- the proxy's upstream=HOST:PORT; an empty DISPATCH is multiloop's default. Listens
+-- KEY=VALUE goes into the server's config (worker.config.KEY = "VALUE"), and
+-- each KEY[]=VALUE is appended to the array worker.config.KEY, as the
+-- proxy's upstreams[]=HOST:PORT; an empty DISPATCH is multiloop's default. Listens
 -- on 127.0.0.1, a free port, printed as "LISTENING <port>" once every worker
 -- has loaded the handler; SIGTERM or SIGINT stops it at once (no grace
 -- period: the load generator has finished by then).
 local multiloop = require("multiloop")
 
 local handler, workers, dispatch = arg[1], tonumber(arg[2]), arg[3]
-assert(handler and workers, "usage: lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE ...]]")
+assert(handler and workers, "usage: lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE | KEY[]=VALUE ...]]")
 if dispatch == "" then dispatch = nil end
 local config
 for i = 4, #arg do
-  local k, v = arg[i]:match("^([%w_]+)=(.*)$")
-  assert(k, "bench/ml_server.lua: not KEY=VALUE: " .. arg[i])
+  local k, list, v = arg[i]:match("^([%w_]+)(%[?%]?)=(.*)$")
+  assert(k and (list == "" or list == "[]"), "bench/ml_server.lua: not KEY=VALUE or KEY[]=VALUE: " .. arg[i])
   config = config or {}
-  config[k] = v
+  if list == "[]" then
+    config[k] = config[k] or {}
+    table.insert(config[k], v)
+  else
+    config[k] = v
+  end
 end
 
 local server = multiloop.server{

@@ -660,7 +660,7 @@ end
 if #proxy_lines > 0 or #proxy_ir_lines > 0 then
   w_("  - `proxy` (1 worker only): `build/bench/ref_server --workers 1` as the upstream on CPU 1")
   w_("    (beside the load generator), and in front of it, one at a time, each pinned to CPU 0:")
-  w_(("    multiloop's proxy (`lua5.4 bench/ml_server.lua %s 1 DISPATCH upstream=127.0.0.1:UPORT`:")
+  w_(("    multiloop's proxy (`lua5.4 bench/ml_server.lua %s 1 DISPATCH 'upstreams[]=127.0.0.1:UPORT'`:")
     :format(meta.proxy_handler or "?"))
   w_("    a serve handler that connects with `worker.tcp()` and calls `conn:pipe(upstream)`),")
   w_("    HAProxy (`bench/peers/haproxy_tcp.sh`: `nbthread 1`, `mode tcp`, one server, no logs)")

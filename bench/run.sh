@@ -52,9 +52,8 @@
 # "multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"),
 # BENCH_KV_HANDLER (examples.kv), BENCH_KV_N16 / BENCH_KV_N1 (requests per
 # redis-benchmark run at -P 16 / -P 1: 300,000 / 60,000 per BENCH_SECONDS),
-# BENCH_PROXY_HANDLER (multiloop's proxy: examples.proxy when that file
-# exists, else bench.proxy_handler; either is given config.upstream =
-# "127.0.0.1:PORT").
+# BENCH_PROXY_HANDLER (multiloop's proxy, examples.proxy; given
+# config.upstreams = { "127.0.0.1:PORT" }).
 # Peers that are not installed are skipped with a note. Results:
 # bench/results/raw.tsv (every measurement), then bench/report.lua writes
 # bench/results/latest.txt, the plot and BENCHMARKS.md.
@@ -83,8 +82,7 @@ want() { case " $ONLY " in *" $1 "*) return 0;; esac; return 1; }
 IR_SECS=${BENCH_IR_SECONDS:-5}
 IR_HANDLERS=${BENCH_IR_HANDLERS:-"multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"}
 KV_HANDLER=${BENCH_KV_HANDLER:-examples.kv}
-if [ -f examples/proxy.lua ]; then PROXY_HANDLER=${BENCH_PROXY_HANDLER:-examples.proxy}
-else PROXY_HANDLER=${BENCH_PROXY_HANDLER:-bench.proxy_handler}; fi
+PROXY_HANDLER=${BENCH_PROXY_HANDLER:-examples.proxy}
 DISPATCH=${BENCH_DISPATCH:-reuseport}
 LIFE=600                                  # no server instance outlives this (s)
 HZ=$(getconf CLK_TCK)
@@ -481,7 +479,7 @@ stop_upstream() { stop_pid "$UPID"; UPID=""; }
 start_proxy() {
   case $1 in
     multiloop) launch multiloop ${PEER_WRAP:-} lua5.4 bench/ml_server.lua "$PROXY_HANDLER" 1 "$DISPATCH" \
-                 "upstream=127.0.0.1:$UPORT" ;;
+                 "upstreams[]=127.0.0.1:$UPORT" ;;
     haproxy) launch_peer haproxy bench/peers/haproxy_tcp.sh "$UPORT" ;;
     nginx-stream) launch_peer nginx-stream bench/peers/nginx_stream.sh "$UPORT" "${NGINX_SINGLE:-}" ;;
   esac
