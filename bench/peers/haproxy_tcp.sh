@@ -10,11 +10,16 @@
 # HAProxy writes stays in DIR. SIGTERM to the PID stops it.
 set -eu
 dir=$1 port=$2 upstream=$3
+# HAProxy wants two fds per connection and refuses to start beyond the fd
+# limit (bench/run.sh sets it from BENCH_IDLE_CONNS): maxconn fits in it.
+limit=$(ulimit -n)
+maxconn=4096
+[ "$limit" != unlimited ] && [ $(( (limit - 100) / 2 )) -lt $maxconn ] && maxconn=$(( (limit - 100) / 2 ))
 mkdir -p "$dir"
 cat > "$dir/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 4096
+  maxconn $maxconn
   pidfile $dir/haproxy.pid
 defaults
   mode tcp
