@@ -9,7 +9,8 @@
 --     reply, each connection's own variables, lines split or many in one
 --     write, its errors in words, a line too long and an idle connection
 --     ended, and no light thread left behind.
---   (examples/kv.lua has spec/kv_spec.lua.)
+--   (examples/kv.lua has spec/kv_spec.lua, examples/kv_redis.lua
+--   spec/redis_spec.lua, which starts the redis-server it needs.)
 --   examples/stats_counter.lua: the workers count connections in a shared
 --     dictionary that the main state (this process) reads.
 local helper = require("spec.helper")

@@ -66,6 +66,9 @@ describe("installing", function()
   it("make install puts a module that loads and serves from its tree alone", function()
     local ok, out = sh(("make -s install CHECK_DEPS=no LIBDIR=%s/lib LUADIR=%s/share"):format(tmp, tmp))
     assert(ok, out)
+    for _, f in ipairs { "init", "shared", "worker", "ngx" } do      -- every Lua file
+      assert.are.equal(read("lua/multiloop/" .. f .. ".lua"), read(tmp .. "/share/multiloop/" .. f .. ".lua"))
+    end
     local served, said = serve_from(tmp .. "/share", tmp .. "/lib")
     assert(served, said)
     assert.are.equal("installed\n", said)

@@ -3,7 +3,6 @@
 -- driven with redis-cli and redis-benchmark, and in front of multiloop
 -- upstreams for the round-robin and next-upstream cases.
 local helper = require("spec.helper")
-local multiloop = require("multiloop")
 local socket = require("socket")
 
 local function installed(cmd)

@@ -117,6 +117,8 @@ void multiloop_conn_opened(multiloop_conn_t *c);
 void multiloop_out_closing(multiloop_conn_t *c);
 /* A pooled connection's bytes or EOF: it is dropped (closed). */
 void multiloop_out_drop(multiloop_conn_t *c);
+/* A pipe takes the connection: its socket lets go of it. */
+void multiloop_out_disown(multiloop_conn_t *c);
 /* The connection of the socket object ("multiloop.tcp") at idx, or NULL. */
 multiloop_conn_t *multiloop_sock_conn(lua_State *L, int idx);
 

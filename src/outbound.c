@@ -97,7 +97,7 @@ struct multiloop_connect_s {
   int naddr, next_addr;
   struct sockaddr_storage addrs[MULTILOOP_RESOLVE_MAX_ADDRS];
   int is_unix, port;
-  char *msg;                           /* the error for the waiting thread (malloc'd) */
+  char msg[MULTILOOP_MAX_HOST + 64];   /* the error for the waiting thread */
   char name[];                         /* the host, or the Unix socket path */
 };
 
@@ -389,7 +389,6 @@ static void op_release(multiloop_connect_t *op) {
   if (op->next) op->next->prev = op->prev;
   if (op->c) luaL_unref(w->L, LUA_REGISTRYINDEX, op->c->ref);   /* never opened */
   if (op->cb_ref != LUA_NOREF) luaL_unref(w->L, LUA_REGISTRYINDEX, op->cb_ref);
-  free(op->msg);
   free(op);
 }
 
@@ -431,7 +430,7 @@ static int callback_body(lua_State *L) {
 static int push_op_error(lua_State *L, void *ev) {
   multiloop_connect_t *op = ev;
   lua_pushnil(L);
-  lua_pushstring(L, op->msg ? op->msg : "not enough memory");
+  lua_pushstring(L, op->msg);
   return 2;
 }
 
@@ -465,13 +464,13 @@ static void op_fail(multiloop_connect_t *op, int err, const char *msg, int quiet
   unlink_sock(op);
   if (!quiet) atomic_fetch_add_explicit(&w->connect_errors, 1, memory_order_relaxed);
   if (msg == NULL) msg = connect_error(err);
-  op->msg = strdup(msg);
+  snprintf(op->msg, sizeof op->msg, "%s", msg);
   if (quiet) {
     /* nobody to tell */
   } else if (t) {
     multiloop_thread_wake(t, 0, push_op_error, op);
   } else if (op->cb_ref != LUA_NOREF) {
-    callback_ev ev = { op, NULL, op->msg ? op->msg : "not enough memory" };
+    callback_ev ev = { op, NULL, op->msg };
     multiloop_enter(w, callback_body, &ev, NULL, "connect callback");
   }
   op_release(op);
@@ -575,7 +574,7 @@ static void resolved(void *data, int status, const struct sockaddr_storage *addr
     return;
   }
   if (status != 0) {
-    char msg[MULTILOOP_MAX_HOST + 80];
+    char msg[MULTILOOP_MAX_HOST + 64];
     snprintf(msg, sizeof msg, "%s could not be resolved (%s)", op->name,
              status == UV_ECANCELED || status == UV_EAI_CANCELED ? "stopped" : uv_strerror(status));
     op_fail(op, status, msg, 0);
@@ -628,20 +627,19 @@ static void cancel_connect(multiloop_thread_t *t, void *data) {
   op_fail(op, UV_ECANCELED, "stopped", 1);
 }
 
-/* The worker is closing: every connect in flight ends with "stopped". */
+/* The worker is closing (finish: maybe inside some Lua call, and before
+ * the deadlines go): every connect in flight ends. A waiting thread is
+ * readied with nil, "stopped"; a worker.connect callback is not called (its
+ * state is about to close, and no Lua may run from here). */
 void multiloop_outbound_stop(multiloop_worker_t *w) {
   multiloop_connect_t *op, *next;
   for (op = w->connects; op; op = next) {
     multiloop_thread_t *t = op->t;
-    next = op->next;
+    next = op->next;                             /* op may be freed below */
     if (op->done) continue;
-    if (t == NULL) {
-      op_fail(op, UV_ECANCELED, "stopped", 0);   /* the callback style: told now */
-      continue;
-    }
-    op->t = NULL;                                /* readied, not woken from here */
+    op->t = NULL;
     op_fail(op, UV_ECANCELED, "stopped", 1);
-    multiloop_thread_ready(t, NULL, NULL);       /* closing: nil, "stopped" */
+    if (t) multiloop_thread_ready(t, NULL, NULL);   /* closing: nil, "stopped" */
   }
 }
 
@@ -774,6 +772,7 @@ static int sock_setkeepalive(lua_State *L) {
   }
   if ((c = k->c) == NULL) return nil_err(L, "closed");
   sv = SERVE(c);
+  if (c->piped) return nil_err(L, "busy piping");
   if (sv->reader) return nil_err(L, "busy reading");
   if (sv->writer) return nil_err(L, "busy writing");
   multiloop_serve_uncork(c);
@@ -873,6 +872,13 @@ static int sock_tostring(lua_State *L) {
   if (k->c) lua_pushfstring(L, "multiloop.tcp (conn %I, worker %d)", k->c->id, k->w->id);
   else lua_pushfstring(L, "multiloop.tcp (not connected, worker %d)", k->w->id);
   return 1;
+}
+
+/* A pipe takes c over: its socket (if any) lets go of it, so that neither
+ * the socket's close nor its collection can cut the pipe. */
+void multiloop_out_disown(multiloop_conn_t *c) {
+  multiloop_out_t *o = OUT(c);
+  if (o->owner) detach(o->owner);
 }
 
 /* The connection of the socket at idx, or NULL (not a socket, or none). */

@@ -39,6 +39,16 @@ static int end_of(const pipe_t *p, const multiloop_conn_t *c) { return p->end[1]
 
 static pipe_t *pipe_of(multiloop_conn_t *c) { return multiloop_stream_tap(&c->s); }
 
+/* gcc 12's -fanalyzer reports the queued write forward mallocs as leaked
+ * once multiloop_stream_write has put it in the handle's write queue (conn.c
+ * frees it when written): the false positive serve.c's uncork documents.
+ * ASan and valgrind see no leak (outbound_spec's pipe cases queue such
+ * writes). Off from here to the end of multiloop_pipe_read only (its callers). */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wanalyzer-malloc-leak"
+#endif
+
 /* Writes bytes read from end[i] to the other end. */
 static void forward(pipe_t *p, int i, const char *data, size_t len) {
   multiloop_conn_t *from = p->end[i], *to = p->end[1 - i];
@@ -64,10 +74,32 @@ static void forward(pipe_t *p, int i, const char *data, size_t len) {
   if (!multiloop_stream_below_high_water(&to->s)) multiloop_stream_pause(&from->s);
 }
 
+/* What end i already holds, unread: the rest of this read event's bytes,
+ * or what the stream kept. Forwarded, and consumed. */
+static void forward_buffered(pipe_t *p, int i) {
+  multiloop_conn_t *c = p->end[i];
+  multiloop_worker_t *w = CONN_WORKER(c);
+  size_t len;
+  const char *data;
+  if (w->view.conn == c) {
+    len = w->view.len - w->view.used;
+    data = w->view.p + w->view.used;
+    w->view.used = w->view.len;
+    forward(p, i, data, len);
+    return;
+  }
+  if ((data = multiloop_stream_kept(&c->s, &len)) == NULL) return;
+  forward(p, i, data, len);
+  multiloop_stream_consume(&c->s, len);
+}
+
 void multiloop_pipe_read(multiloop_conn_t *c, const char *data, size_t len) {
   pipe_t *p = pipe_of(c);
   forward(p, end_of(p, c), data, len);
 }
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#pragma GCC diagnostic pop
+#endif
 
 void multiloop_pipe_eof(multiloop_conn_t *c) {
   pipe_t *p = pipe_of(c);
@@ -171,24 +203,6 @@ static const char *busy(multiloop_conn_t *c) {
   return NULL;
 }
 
-/* What end i already holds, unread: the rest of this read event's bytes,
- * or what the stream kept. Forwarded, and consumed. */
-static void forward_buffered(pipe_t *p, int i) {
-  multiloop_conn_t *c = p->end[i];
-  multiloop_worker_t *w = CONN_WORKER(c);
-  size_t len;
-  const char *data;
-  if (w->view.conn == c) {
-    len = w->view.len - w->view.used;
-    data = w->view.p + w->view.used;
-    w->view.used = w->view.len;
-    forward(p, i, data, len);
-    return;
-  }
-  if ((data = multiloop_stream_kept(&c->s, &len)) == NULL) return;
-  forward(p, i, data, len);
-  multiloop_stream_consume(&c->s, len);
-}
 
 /* conn:pipe(other [, fn(sent, received, err)]). */
 int multiloop_conn_pipe(lua_State *L) {
@@ -229,6 +243,8 @@ int multiloop_conn_pipe(lua_State *L) {
   if (c->serve) multiloop_serve_uncork(c);
   if (o->serve) multiloop_serve_uncork(o);
   c->piped = o->piped = 1;
+  if (c->outbound) multiloop_out_disown(c);      /* the pipe holds both now */
+  if (o->outbound) multiloop_out_disown(o);
   for (i = 0; i < 2; i++) forward_buffered(p, i);
   for (i = 0; i < 2; i++) {
     multiloop_conn_t *e = p->end[i];
