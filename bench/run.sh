@@ -302,7 +302,7 @@ loadgen_run() {
     "$(awk -v o="$ops" -v c="$cpu" 'BEGIN { printf "%.0f", (c > 0 ? o / c : 0) }')" \
     "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" \
     "$(field p999_us "$TMP/lg.out")" "$(field errors "$TMP/lg.out")" "-"
-  printf '  %-10s %-8s w=%s %10s ops/s  %5s cpu-s  %9s ops/cpu-s  errors %s\n' "$scen" "$server" \
+  printf '  %-10s %-12s w=%s %10s ops/s  %5s cpu-s  %9s ops/cpu-s  errors %s\n' "$scen" "$server" \
     "$w" "$(field ops_per_s "$TMP/lg.out")" "$cpu" "$(tail -1 "$RAW" | cut -f8)" \
     "$(field errors "$TMP/lg.out")"
   [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
@@ -399,7 +399,7 @@ ir_count() {
     row "$r" 1 "$prefix-p$depth" "$server" "$ops" "$(field ops_per_s "$TMP/lg.out")" - - \
       "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" "$(field p999_us "$TMP/lg.out")" \
       "$(field errors "$TMP/lg.out")" - "$(awk -v i="$ir" -v o="$ops" 'BEGIN { printf "%.0f", i / o }')"
-    printf '  %-10s %-8s w=1 %10s ops (under callgrind)  %12s Ir  %6s Ir/op  errors %s\n' "$prefix-p$depth" \
+    printf '  %-12s %-12s w=1 %10s ops (under callgrind)  %12s Ir  %6s Ir/op  errors %s\n' "$prefix-p$depth" \
       "$server" "$ops" "$ir" "$(tail -1 "$RAW" | cut -f14)" "$(field errors "$TMP/lg.out")"
     [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
   done
