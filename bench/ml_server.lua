@@ -10,7 +10,8 @@
 local multiloop = require("multiloop")
 
 local handler, workers, dispatch = arg[1], tonumber(arg[2]), arg[3]
-assert(handler and workers, "usage: lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE | KEY[]=VALUE ...]]")
+assert(handler and workers,
+  "usage: lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE | KEY[]=VALUE ...]]")
 if dispatch == "" then dispatch = nil end
 local config
 for i = 4, #arg do

@@ -353,7 +353,8 @@ end
 if #proxy_ir_lines > 0 then
   add("")
   add("proxy-ir: user-space instructions (callgrind Ir) per proxied echo, the proxy under")
-  add(("valgrind in front of the raw-C echo, 16 conns x 64 B for %s s; median (min-max)"):format(meta.ir_seconds or "?"))
+  add(("valgrind in front of the raw-C echo, 16 conns x 64 B for %s s; median (min-max)")
+    :format(meta.ir_seconds or "?"))
   add(("%-11s %-14s %-22s %-20s %s"):format("in flight", "proxy", "Ir per op", "multiloop / this",
     "ops/s under callgrind"))
   for _, l in ipairs(proxy_ir_lines) do
@@ -757,7 +758,8 @@ if #proxy_lines > 0 then
 end
 if #proxy_ir_lines > 0 then
   w_("`proxy-ir`: user-space instructions (callgrind Ir) per proxied echo, each proxy")
-  w_(("under valgrind, 16 connections x 64 B for %s s; median (min-max), and multiloop's"):format(meta.ir_seconds or "?"))
+  w_(("under valgrind, 16 connections x 64 B for %s s; median (min-max), and multiloop's")
+    :format(meta.ir_seconds or "?"))
   w_("count over the other's in the same repeat (below 1: multiloop runs fewer).")
   w_("The kernel's work, most of a proxy's CPU, is not in it.")
   w_("")
@@ -773,7 +775,8 @@ if pool_line then
   w_("")
   w_("`redis-pool`: Debian's lua-resty-redis (`nginx.redis`, unchanged, over `multiloop.ngx`) in")
   w_("a 1-worker multiloop pinned to CPU 0 (`bench/redis_pool_handler.lua`), against")
-  w_(("redis-server %s on CPU 1: for each 64-byte message of `loadgen --mode echo --conns 64"):format(meta.redis or "?"))
+  w_(("redis-server %s on CPU 1: for each 64-byte message of `loadgen --mode echo --conns 64")
+    :format(meta.redis or "?"))
   w_("--depth 1` one `redis:new()`, `connect`, `GET`, then `set_keepalive(60000, 64)` (pooled)")
   w_("or `close()` (a new connection each time), and the message echoed back. GET round trips")
   w_("per second of the worker's CPU, median (min-max), and pooled over new in the same repeat.")
