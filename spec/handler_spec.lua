@@ -280,7 +280,7 @@ describe("the worker object", function()
     server, port = helper.server{ workers = 1, config = {}, handler = "spec.fixtures.worker_object" }
     local c = helper.connect(port)
     helper.defer(function() c:close() end)
-    assert.are.equal("broadcast config connect count every id kill now resolve send sleep spawn tcp timer wait",
+    assert.are.equal("broadcast config connect count every exiting id kill now resolve send sleep spawn tcp time timer wait",
                      helper.line(c))
     assert.are.equal("now=C send=C broadcast=C timer=C every=C spawn=C wait=C sleep=C kill=C",
                      helper.line(c))

@@ -173,6 +173,38 @@ describe("outbound", function()
     end)
   end)
 
+  describe("the resolver options", function()
+    it("checks dns_cache_ttl and dns_max_lookups, in Lua and in the core", function()
+      for _, case in ipairs {
+        { { dns_cache_ttl = -1 }, "option 'dns_cache_ttl' must be an integer from 0 to 2147483647 (got -1)" },
+        { { dns_cache_ttl = "1" }, "option 'dns_cache_ttl' must be an integer from 0 to 2147483647 (got '1')" },
+        { { dns_max_lookups = 0 }, "option 'dns_max_lookups' must be an integer from 1 to 64 (got 0)" },
+        { { dns_max_lookups = 65 }, "option 'dns_max_lookups' must be an integer from 1 to 64 (got 65)" },
+      } do
+        local o = { port = 0, handler = "spec.fixtures.upstream", workers = 1 }
+        for k, v in pairs(case[1]) do o[k] = v end
+        local ok, err = pcall(multiloop.server, o)
+        assert.is_false(ok)
+        assert.are.equal("multiloop.server: " .. case[2], err)
+      end
+      local core = require("multiloop.core")
+      local base = { workers = 1, port = 0, backlog = 16, max_connections = 0,
+                     idle_timeout = 0, write_high_water = 1024, write_low_water = 0,
+                     keepalive_seconds = 0, handler_kind = "module", host = "127.0.0.1",
+                     handler = "spec.fixtures.upstream", package_path = package.path,
+                     package_cpath = package.cpath }
+      base.dns_max_lookups = 1000
+      local ok, err = pcall(core.new, base)
+      assert.is_false(ok)
+      assert.are.equal("option 'dns_max_lookups' must be an integer from 1 to 64 (got 1000)", err)
+    end)
+
+    it("queues lookups beyond dns_max_lookups, and every one is answered", function()
+      local c = start({ dns_max_lookups = 1, dns_cache_ttl = 0 })
+      assert.are.equal("lookups 40 40", ask(c, "lookups 40"))
+    end)
+  end)
+
   describe("the pool", function()
     it("reuses a kept-alive connection, and the socket lets go of it", function()
       local c = start()
@@ -189,6 +221,12 @@ describe("outbound", function()
       local c = start()
       assert.are.equal("dubious nil connection in dubious state 0", ask(c, "dubious"))
       assert.are.equal(0, server:stats().reused)
+    end)
+
+    it("will not keep a connection whose peer sent EOF: 'invalid connection'", function()
+      local c = start()
+      assert.are.equal("eofkeep [close-soon] nil invalid connection", ask(c, "eofkeep"))
+      assert.are.equal(0, server:stats().pooled)
     end)
 
     it("drops an idle connection its peer closes", function()

@@ -140,6 +140,21 @@ describe("multiloop.ngx in a worker", function()
     assert.are.equal("true nil process exiting", d:get("ended"))
   end)
 
+  it("ngx.worker.exiting() is true as soon as a graceful stop begins", function()
+    if skip_without_library() then return end
+    local d = require("multiloop").shared("spec_ngx")
+    assert.are.equal("true false", ask(c, "background"))
+    assert(helper.eventually(function() return d:get("rounds") >= 3 end))
+    local s = server
+    server = nil
+    c:close()                                -- so only the background thread is left
+    local t0 = socket.gettime()
+    assert(s:stop({ timeout = 5000 }))       -- the loop sees exiting() and ends itself
+    assert.is_true(socket.gettime() - t0 < 1, "the stop waited for its timeout")
+    assert.are.equal(0, s:stats().threads)
+    assert.matches("^true ", d:get("ended"))
+  end)
+
   it("misuse raises, naming the function and the argument", function()
     if skip_without_library() then return end
     local want = {

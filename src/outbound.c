@@ -691,7 +691,7 @@ static int sock_connect(lua_State *L) {
     key = keybuf;
   }
   t = multiloop_thread_self(L, "sock:connect");   /* raises before anything changes */
-  if (k->op) return nil_err(L, "busy connecting");
+  if (k->op) return nil_err(L, "socket busy connecting");
   if (k->c) {                                    /* OpenResty: connect closes what it had */
     c = detach(k);
     multiloop_serve_uncork(c);
@@ -772,17 +772,20 @@ static int sock_setkeepalive(lua_State *L) {
   }
   if ((c = k->c) == NULL) return nil_err(L, "closed");
   sv = SERVE(c);
-  if (c->piped) return nil_err(L, "busy piping");
-  if (sv->reader) return nil_err(L, "busy reading");
-  if (sv->writer) return nil_err(L, "busy writing");
+  if (c->piped) return nil_err(L, "socket busy piping");
+  if (sv->reader) return nil_err(L, "socket busy reading");
+  if (sv->writer) return nil_err(L, "socket busy writing");
   multiloop_serve_uncork(c);
   p = OUT(c)->pool;
   if (w->view.conn == c) kept = w->view.len - w->view.used;   /* unread, in this read event */
   else multiloop_stream_kept(&c->s, &kept);
   detach(k);
   if (c->s.closing || p == NULL) return nil_err(L, "closed");
-  if (kept > 0 || c->s.read_ended || c->s.shutdown_requested || multiloop_stream_queued(&c->s) > 0 ||
-      sv->skip_line) {
+  if (c->s.read_ended || c->s.shutdown_requested) {     /* the peer's EOF came, or ours went */
+    multiloop_stream_close(&c->s, 0);
+    return nil_err(L, "invalid connection");            /* OpenResty's word */
+  }
+  if (kept > 0 || multiloop_stream_queued(&c->s) > 0 || sv->skip_line) {
     multiloop_stream_close(&c->s, 0);
     return nil_err(L, "connection in dubious state");
   }

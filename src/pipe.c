@@ -197,9 +197,9 @@ static multiloop_conn_t *conn_arg(lua_State *L, int idx) {
 }
 
 static const char *busy(multiloop_conn_t *c) {
-  if (c->piped) return "busy piping";
-  if (c->serve && SERVE(c)->reader) return "busy reading";
-  if (c->serve && SERVE(c)->writer) return "busy writing";
+  if (c->piped) return "socket busy piping";
+  if (c->serve && SERVE(c)->reader) return "socket busy reading";
+  if (c->serve && SERVE(c)->writer) return "socket busy writing";
   return NULL;
 }
 

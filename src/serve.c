@@ -29,7 +29,7 @@
  * Errors follow OpenResty's cosockets: nil, err, partial, where partial is
  * every byte buffered for that read (and consumed): "closed", "timeout",
  * "too long" (a line, an until-pattern or "*a" past receive_limit), and
- * "busy reading" / "busy writing" for a second reader or writer.
+ * "socket busy reading" / "socket busy writing" for a second reader or writer.
  *
  * Writing: send tries the socket first and queues the rest, pinning the Lua
  * string; it waits only while the queue is over write_high_water, until the
@@ -647,7 +647,7 @@ static int serve_receive(lua_State *L) {
     return luaL_error(L, "conn:receive: the pattern must be \"*l\", \"*a\" or a byte count "
                          "(got %s)", type == LUA_TSTRING ? lua_pushfstring(L, "'%s'", lua_tostring(L, 2))
                                                          : luaL_typename(L, 2));
-  if (sv->reader) return nil_err(L, "busy reading");
+  if (sv->reader) return nil_err(L, "socket busy reading");
   if (op == READ_N && n == 0) {
     lua_pushliteral(L, "");
     return 1;
@@ -667,7 +667,7 @@ static int serve_receiveany(lua_State *L) {
     return luaL_error(L, "conn:receiveany: max must be a positive integer (got %s)",
                       lua_type(L, 2) == LUA_TNUMBER ? luaL_tolstring(L, 2, NULL)
                                                     : luaL_typename(L, 2));
-  if (sv->reader) return nil_err(L, "busy reading");
+  if (sv->reader) return nil_err(L, "socket busy reading");
   sv->op = READ_ANY;
   sv->n = (size_t)max;
   return do_read(L, c, "conn:receiveany", read_k);
@@ -713,7 +713,7 @@ static int until_reader(lua_State *L) {
                                                       : luaL_typename(L, 1));
   }
   multiloop_thread_settle(L);
-  if (sv->reader) return nil_err(L, "busy reading");
+  if (sv->reader) return nil_err(L, "socket busy reading");
   flags = lua_tointeger(L, lua_upvalueindex(3));
   if (flags & UNTIL_DONE) {                /* this reader(size) returned the pattern */
     lua_pushinteger(L, flags & ~UNTIL_DONE);
@@ -812,7 +812,7 @@ static int serve_send(lua_State *L) {
   }
   data = lua_tolstring(L, 2, &len);
   lua_settop(L, 2);
-  if (sv->writer) return nil_err(L, "busy writing");
+  if (sv->writer) return nil_err(L, "socket busy writing");
   if (c->s.closing || c->s.shutdown_requested) {
     lua_pushnil(L);
     lua_pushstring(L, closed_word(c));

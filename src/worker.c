@@ -103,6 +103,30 @@ static void load_front(lua_State *L) {
   lua_pop(L, 2);                                   /* build */
 }
 
+/* core.exiting(): true from the moment the worker starts to stop (a
+ * graceful stop's grace period included), as OpenResty's
+ * ngx.worker.exiting(). */
+static int core_exiting(lua_State *L) {
+  multiloop_worker_t *w = lua_touserdata(L, lua_upvalueindex(1));
+  lua_pushboolean(L, w->stopping || w->closing);
+  return 1;
+}
+
+/* core.time(): the wall clock, seconds since the epoch with microseconds
+ * (uv_gettimeofday), not cached: what ngx.now() is measured against. */
+static int core_time(lua_State *L) {
+  uv_timeval64_t tv;
+  if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "worker.time: no clock");
+  lua_pushnumber(L, (lua_Number)tv.tv_sec + (lua_Number)tv.tv_usec / 1e6);
+  return 1;
+}
+
+static const luaL_Reg worker_funcs[] = {
+  { "exiting", core_exiting },
+  { "time", core_time },
+  { NULL, NULL }
+};
+
 /* Protected: the worker's core table: its id, count and copied config, and
  * the C primitives of timer.c and message.c, each closing over the worker.
  * worker.lua builds the public `worker` object from it. */
@@ -125,6 +149,8 @@ static void push_core(lua_State *L, multiloop_worker_t *w) {
   luaL_setfuncs(L, multiloop_outbound_funcs, 1);   /* tcp, connect */
   lua_pushlightuserdata(L, w);
   luaL_setfuncs(L, multiloop_resolve_funcs, 1);    /* resolve */
+  lua_pushlightuserdata(L, w);
+  luaL_setfuncs(L, worker_funcs, 1);               /* exiting, time */
 }
 
 /* Protected (run by lua_pcall): prepares the state, builds the `worker`

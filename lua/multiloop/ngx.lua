@@ -104,12 +104,12 @@ end
 -- worker.now() is the loop's cached time, libuv's uv_now: milliseconds
 -- from an arbitrary start, steady, updated once per turn of the loop.
 -- OpenResty's ngx.now() is the epoch time, cached the same way. The offset
--- between the two is taken once, here, from os.time() (whole seconds): so
--- ngx.now() is the epoch time to within a second, never goes back (not
--- even when the system clock is set back), and ngx.time() is floor of it,
--- the two agreeing as they do in OpenResty. Lua has no finer wall clock
--- without a C module; elapsed times (ngx.now() - t0) are exact to the ms.
-local epoch_ms = os.time() * 1000 - wnow()
+-- between the two is taken once, here, from worker.time() (the wall clock,
+-- uv_gettimeofday): so ngx.now() is the epoch time to the millisecond as
+-- the module loads, never goes back (not even when the system clock is set
+-- back), and ngx.time() is floor of it, the two agreeing as they do in
+-- OpenResty; elapsed times (ngx.now() - t0) are exact to the ms.
+local epoch_ms = math.floor(worker.time() * 1000) - wnow()
 
 function ngx.now()
   return (wnow() + epoch_ms) / 1000
@@ -225,13 +225,14 @@ ngx.worker = {
   count = function() return wcount end,
 }
 
--- ngx.worker.exiting(): true once an ngx.sleep or ngx.timer call of this
--- worker has answered "stopped". That is later than OpenResty's (true as
--- soon as the worker starts to exit): a graceful stop wakes sleepers at the
--- end of its timeout. So the loop of a background timer,
+-- ngx.worker.exiting(): true from the moment the worker begins to stop
+-- (worker.exiting(), a graceful stop's grace period included), as in
+-- OpenResty, or once an ngx.sleep or ngx.timer call has answered "stopped".
+-- So the loop of a background timer,
 --   while not ngx.worker.exiting() do ... ngx.sleep(1) end
 -- ends at stop, as it does in OpenResty.
-function ngx.worker.exiting() return exiting end
+local wexiting = worker.exiting
+function ngx.worker.exiting() return exiting or wexiting() end
 
 -- ---------------------------------------------------------------------------
 -- ngx.shared.NAME: multiloop.shared(NAME) seen through OpenResty's methods

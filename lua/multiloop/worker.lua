@@ -36,5 +36,7 @@ return function(core)
     tcp = core.tcp,           -- outbound (src/outbound.c, src/resolve.c)
     connect = core.connect,
     resolve = core.resolve,
+    exiting = core.exiting,   -- true once the worker has begun to stop
+    time = core.time,         -- the wall clock, seconds (float)
   }
 end
