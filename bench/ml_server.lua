@@ -1,13 +1,30 @@
 -- bench/ml_server.lua: the multiloop server that `make bench` measures.
---   lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH]
--- HANDLER is a module (examples.echo_handler, examples.http_hello). Listens
+--   lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE | KEY[]=VALUE ...]]
+-- HANDLER is a module (examples.echo_handler, examples.http_hello). Each
+-- KEY=VALUE goes into the server's config (worker.config.KEY = "VALUE"), and
+-- each KEY[]=VALUE is appended to the array worker.config.KEY, as the
+-- proxy's upstreams[]=HOST:PORT; an empty DISPATCH is multiloop's default. Listens
 -- on 127.0.0.1, a free port, printed as "LISTENING <port>" once every worker
 -- has loaded the handler; SIGTERM or SIGINT stops it at once (no grace
 -- period: the load generator has finished by then).
 local multiloop = require("multiloop")
 
 local handler, workers, dispatch = arg[1], tonumber(arg[2]), arg[3]
-assert(handler and workers, "usage: lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH]")
+assert(handler and workers,
+  "usage: lua5.4 bench/ml_server.lua HANDLER WORKERS [DISPATCH [KEY=VALUE | KEY[]=VALUE ...]]")
+if dispatch == "" then dispatch = nil end
+local config
+for i = 4, #arg do
+  local k, list, v = arg[i]:match("^([%w_]+)(%[?%]?)=(.*)$")
+  assert(k and (list == "" or list == "[]"), "bench/ml_server.lua: not KEY=VALUE or KEY[]=VALUE: " .. arg[i])
+  config = config or {}
+  if list == "[]" then
+    config[k] = config[k] or {}
+    table.insert(config[k], v)
+  else
+    config[k] = v
+  end
+end
 
 local server = multiloop.server{
   host = "127.0.0.1",
@@ -15,6 +32,7 @@ local server = multiloop.server{
   workers = workers,
   dispatch = dispatch,
   handler = handler,
+  config = config,
 }
 server:start()
 local _, port = server:address()

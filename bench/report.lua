@@ -11,7 +11,7 @@ local PEERS = { "ref-c", "luv", "node", "nginx-lua" }
 local SERVER_TITLE = {
   multiloop = "multiloop", ["ml-serve"] = "multiloop serve-style", ["ref-c"] = "raw C (ref_server)",
   luv = "luv (1 loop)", node = "Node.js cluster", ["nginx-lua"] = "nginx + Lua",
-  redis = "redis-server",
+  redis = "redis-server", haproxy = "HAProxy (nbthread 1)", ["nginx-stream"] = "nginx stream (1 worker)",
 }
 -- Reported in sections of their own (not in SCENARIOS): callgrind's
 -- instructions per echoed message, and examples/kv.lua against redis-server.
@@ -20,6 +20,13 @@ local KV_SCENARIOS = {
   { id = "kv-set-p16", test = "SET", p = 16, goal = 0.5 }, { id = "kv-get-p16", test = "GET", p = 16, goal = 0.5 },
   { id = "kv-set-p1", test = "SET", p = 1, goal = 0.9 }, { id = "kv-get-p1", test = "GET", p = 1, goal = 0.9 },
 }
+-- The proxy scenarios (issue 15): multiloop's proxy against HAProxy and nginx
+-- stream in front of the raw-C echo, per proxy CPU-second and under callgrind.
+local PROXY_SCENARIOS = { { id = "proxy-p1", depth = 1 }, { id = "proxy-p16", depth = 16 } }
+local PROXY_IR_SCENARIOS = { { id = "proxy-ir-p1", depth = 1 }, { id = "proxy-ir-p16", depth = 16 } }
+local PROXY_SERVERS = { "multiloop", "haproxy", "nginx-stream" }
+-- lua-resty-redis GETs through multiloop.ngx, pooled and not (servers
+-- "pool" and "connect" of the scenario "redis-pool").
 local SCENARIOS = {
   { id = "echo-p1", title = "echo, 64 conns x 64 B, 1 in flight", unit = "msg" },
   { id = "echo-p16", title = "echo, 64 conns x 64 B, 16 in flight", unit = "msg" },
@@ -294,6 +301,84 @@ if #kv_lines > 0 then
       ratio_text(l.ratio), l.sc.goal))
   end
 end
+
+-- The proxy: proxied echoes per proxy CPU-second, and multiloop's over each
+-- peer's per repeat; then callgrind's Ir per proxied echo.
+local proxy_lines = {}
+for _, sc in ipairs(PROXY_SCENARIOS) do
+  local by_server = g1[sc.id]
+  if by_server then
+    local l = { sc = sc, cells = {}, rates = {}, p99 = {}, errors = {} }
+    for i, server in ipairs(PROXY_SERVERS) do
+      local list = by_server[server]
+      l.cells[i] = list and spread_text(column(list, "ops_per_cpu")) or "-"
+      l.rates[i] = list and si(median(column(list, "ops_per_s"))) or "-"
+      l.p99[i] = list and us(median(column(list, "p99_us"))) or "-"
+      local errs = 0
+      for _, e in ipairs(column(list, "errors")) do errs = errs + e end
+      l.errors[i] = list and errs or "-"
+    end
+    l.vs_haproxy = ratios(by_server.multiloop, by_server.haproxy, "ops_per_cpu")
+    l.vs_nginx = ratios(by_server.multiloop, by_server["nginx-stream"], "ops_per_cpu")
+    proxy_lines[#proxy_lines + 1] = l
+  end
+end
+if #proxy_lines > 0 then
+  add("")
+  add(("proxy: 64 conns x 64 B through a 1-worker proxy (%s; CPU 0) to the raw-C echo (CPU 1,")
+    :format(meta.proxy_handler or "?"))
+  add("with the load generator); proxied echoes per proxy CPU-second, median (min-max);")
+  add("multiloop / peer per repeat")
+  add(("%-10s %-22s %-22s %-22s %-20s %s"):format("in flight", "multiloop", "haproxy", "nginx-stream",
+    "ml / haproxy", "ml / nginx-stream"))
+  for _, l in ipairs(proxy_lines) do
+    add(("%-10d %-22s %-22s %-22s %-20s %s"):format(l.sc.depth, l.cells[1], l.cells[2], l.cells[3],
+      ratio_text(l.vs_haproxy), ratio_text(l.vs_nginx)))
+  end
+end
+local proxy_ir_lines = {}
+for _, sc in ipairs(PROXY_IR_SCENARIOS) do
+  local by_server = g1[sc.id]
+  for _, server in ipairs(by_server and PROXY_SERVERS or {}) do
+    local list = by_server[server]
+    if list then
+      proxy_ir_lines[#proxy_ir_lines + 1] = {
+        depth = sc.depth, server = server, ir = spread_text(column(list, "ir_per_op"), int),
+        vs_ml = server == "multiloop" and "1.00x" or ratio_text(ratios(by_server.multiloop, list, "ir_per_op")),
+        rate = si(median(column(list, "ops_per_s"))),
+      }
+    end
+  end
+end
+if #proxy_ir_lines > 0 then
+  add("")
+  add("proxy-ir: user-space instructions (callgrind Ir) per proxied echo, the proxy under")
+  add(("valgrind in front of the raw-C echo, 16 conns x 64 B for %s s; median (min-max)")
+    :format(meta.ir_seconds or "?"))
+  add(("%-11s %-14s %-22s %-20s %s"):format("in flight", "proxy", "Ir per op", "multiloop / this",
+    "ops/s under callgrind"))
+  for _, l in ipairs(proxy_ir_lines) do
+    add(("%-11d %-14s %-22s %-20s %s"):format(l.depth, l.server, l.ir, l.vs_ml, l.rate))
+  end
+end
+local pool_line
+do
+  local by_server = g1["redis-pool"]
+  if by_server then
+    pool_line = {
+      pool = spread_text(column(by_server.pool, "ops_per_cpu")),
+      connect = spread_text(column(by_server.connect, "ops_per_cpu")),
+      ratio = ratios(by_server.pool, by_server.connect, "ops_per_cpu"),
+      pool_rate = si(median(column(by_server.pool, "ops_per_s"))),
+      connect_rate = si(median(column(by_server.connect, "ops_per_s"))),
+    }
+    add("")
+    add("redis-pool: lua-resty-redis GET round trips per worker CPU-second (1 worker, CPU 0;")
+    add(("redis-server %s on CPU 1), one GET per message, 64 conns x 64 B, 1 in flight"):format(meta.redis or "?"))
+    add(("%-26s %-26s %s"):format("set_keepalive (pooled)", "new connection each GET", "pooled / new"))
+    add(("%-26s %-26s %s"):format(pool_line.pool, pool_line.connect, ratio_text(pool_line.ratio)))
+  end
+end
 add("")
 local txt = table.concat(lines, "\n") .. "\n"
 local f = assert(io.open(dir .. "/latest.txt", "w"))
@@ -400,6 +485,10 @@ do                                         -- issue 14, with 1 worker only
   end
   mem_target("idle-mem callback connection, < 560 B (issue 14)", "multiloop", 559)
   mem_target("idle-mem serve-style connection blocked in receive, <= 1.75 KiB (issue 14)", "ml-serve", 1792)
+  for _, l in ipairs(proxy_lines) do
+    target(("proxy-p%d multiloop vs HAProxy, >= 1.0x (issue 15)"):format(l.sc.depth), 1, l.vs_haproxy,
+      1.0, "higher")
+  end
   for _, l in ipairs(kv_lines) do
     target(("%s kv vs redis-server at -P %d, >= %.1fx (issue 14)"):format(l.sc.test, l.sc.p, l.sc.goal), 1,
       l.ratio, l.sc.goal, "higher")
@@ -483,6 +572,10 @@ w_(("- %s CPUs: %s; kernel %s"):format(meta.nproc or "?", meta.cpu or "?", meta.
 w_(("- libuv %s, Lua %s; peers: lua-luv %s, Node.js %s, nginx %s with lua-nginx-module %s, wrk %s")
   :format(meta.libuv or "?", meta.lua or "?", meta.luv or "?", meta.node or "?", meta.nginx or "?",
     meta.nginx_lua or "?", meta.wrk or "?"))
+if #proxy_lines > 0 or #proxy_ir_lines > 0 then
+  w_(("- proxy peers: HAProxy %s, nginx stream (libnginx-mod-stream) %s"):format(meta.haproxy or "?",
+    meta.nginx_stream or "?"))
+end
 w_(("- load average before / after the run: %s / %s (anything else running on these two cores")
   :format(meta.loadavg_before or "?", meta.loadavg_after or "?"))
 w_("  shows up here: absolute rates are not comparable between runs, only the ratios")
@@ -565,6 +658,21 @@ if #kv_lines > 0 then
   w_("    `BENCH_KV_N1`: N is fixed so both servers do the same requests, and redis-server")
   w_("    finishes sooner); requests over the server's CPU time in that run.")
 end
+if #proxy_lines > 0 or #proxy_ir_lines > 0 then
+  w_("  - `proxy` (1 worker only): `build/bench/ref_server --workers 1` as the upstream on CPU 1")
+  w_("    (beside the load generator), and in front of it, one at a time, each pinned to CPU 0:")
+  w_(("    multiloop's proxy (`lua5.4 bench/ml_server.lua %s 1 DISPATCH 'upstreams[]=127.0.0.1:UPORT'`:")
+    :format(meta.proxy_handler or "?"))
+  w_("    a serve handler that connects with `worker.tcp()` and calls `conn:pipe(upstream)`),")
+  w_("    HAProxy (`bench/peers/haproxy_tcp.sh`: `nbthread 1`, `mode tcp`, one server, no logs)")
+  w_("    and nginx stream `proxy_pass` (`bench/peers/nginx_stream.sh`: 1 worker,")
+  w_("    `load_module ngx_stream_module.so`); each first passes a short checked echo through")
+  w_("    it, then `loadgen --mode echo --conns 64 --size 64 --depth 1|16`; proxied echoes")
+  w_("    over the proxy's CPU time (its process tree: nginx's master and worker);")
+  w_("  - `proxy-ir` (1 worker only): each of those proxies under `valgrind --tool=callgrind`")
+  w_("    (nginx with `master_process off`) in front of the same upstream, counted as `echo-ir`:")
+  w_("    Ir per proxied echo, 16 connections x 64 B at 1 and 16 in flight;")
+end
 w_("- **Commands** (PORT: the server's; S: `BENCH_SECONDS`):")
 w_("  `build/bench/loadgen --port PORT --duration S --mode echo --conns 64 --size 64 --depth 1` (or `--depth 16`),")
 w_("  `... --mode connrate --conns 32 --size 64`, `... --mode idle --conns N --duration 120`")
@@ -630,6 +738,55 @@ if #kv_lines > 0 then
   end
   w_("")
 end
+if #proxy_lines > 0 then
+  w_("## A TCP proxy in front of the raw-C echo")
+  w_("")
+  w_("`proxy`: proxied echoes per second of the proxy's CPU (1 worker or thread, pinned to")
+  w_("CPU 0; the upstream and the load generator on CPU 1), median (min-max), and")
+  w_("multiloop's figure over HAProxy's and nginx stream's in the same repeat (above 1:")
+  w_("multiloop proxies more per CPU-second).")
+  w_("")
+  w_("| in flight | multiloop | HAProxy | nginx stream | multiloop / HAProxy | multiloop / nginx stream"
+    .. " | p99 (ml, HAProxy, nginx) | errors (ml, HAProxy, nginx) |")
+  w_("|---|---|---|---|---|---|---|---|")
+  for _, l in ipairs(proxy_lines) do
+    w_(("| %d | %s | %s | %s | %s | %s | %s | %s |"):format(l.sc.depth, l.cells[1], l.cells[2], l.cells[3],
+      ratio_text(l.vs_haproxy), ratio_text(l.vs_nginx), table.concat(l.p99, ", "),
+      table.concat(l.errors, ", ")))
+  end
+  w_("")
+end
+if #proxy_ir_lines > 0 then
+  w_("`proxy-ir`: user-space instructions (callgrind Ir) per proxied echo, each proxy")
+  w_(("under valgrind, 16 connections x 64 B for %s s; median (min-max), and multiloop's")
+    :format(meta.ir_seconds or "?"))
+  w_("count over the other's in the same repeat (below 1: multiloop runs fewer).")
+  w_("The kernel's work, most of a proxy's CPU, is not in it.")
+  w_("")
+  w_("| in flight | proxy | Ir per op | multiloop / this | ops/s under callgrind |")
+  w_("|---|---|---|---|---|")
+  for _, l in ipairs(proxy_ir_lines) do
+    w_(("| %d | %s | %s | %s | %s |"):format(l.depth, SERVER_TITLE[l.server] or l.server, l.ir, l.vs_ml, l.rate))
+  end
+  w_("")
+end
+if pool_line then
+  w_("## lua-resty-redis with and without the connection pool")
+  w_("")
+  w_("`redis-pool`: Debian's lua-resty-redis (`nginx.redis`, unchanged, over `multiloop.ngx`) in")
+  w_("a 1-worker multiloop pinned to CPU 0 (`bench/redis_pool_handler.lua`), against")
+  w_(("redis-server %s on CPU 1: for each 64-byte message of `loadgen --mode echo --conns 64")
+    :format(meta.redis or "?"))
+  w_("--depth 1` one `redis:new()`, `connect`, `GET`, then `set_keepalive(60000, 64)` (pooled)")
+  w_("or `close()` (a new connection each time), and the message echoed back. GET round trips")
+  w_("per second of the worker's CPU, median (min-max), and pooled over new in the same repeat.")
+  w_("")
+  w_("| pooled (set_keepalive) | new connection each GET | pooled / new | pooled GETs/s (wall) | new GETs/s (wall) |")
+  w_("|---|---|---|---|---|")
+  w_(("| %s | %s | %s | %s | %s |"):format(pool_line.pool, pool_line.connect, ratio_text(pool_line.ratio),
+    pool_line.pool_rate, pool_line.connect_rate))
+  w_("")
+end
 if #dispatch_lines > 0 then
   w_("## Dispatch modes")
   w_("")
@@ -688,18 +845,19 @@ end
 w_("## Re-running")
 w_("")
 w_("```")
-w_("make bench                       # the full run: 3 repeats of 5 s, about 13 minutes")
+w_("make bench                       # the full run: 3 repeats of 5 s, about 18 minutes")
 w_("BENCH_QUICK=1 make bench         # 1 repeat of 2 s, 2,000 idle connections: a smoke run")
 w_("BENCH_SECONDS=10 BENCH_REPEATS=5 BENCH_WORKERS=2 make bench")
 w_("BENCH_DISPATCH=ipc make bench    # multiloop and the reference both on ipc")
-w_("BENCH_ONLY='echo-ir kv' make bench  # some groups of: echo http dispatch echo-ir kv")
+w_("BENCH_ONLY='echo-ir kv' make bench  # groups: echo http dispatch echo-ir kv proxy proxy-ir redis-pool")
 w_("BENCH_IR_HANDLERS='multiloop=examples.echo_handler mine=bench.my_echo' BENCH_ONLY=echo-ir make bench")
 w_("make bench-report                # BENCHMARKS.md again from bench/results/raw.tsv")
 w_("```")
 w_("")
 w_("`make bench` names the peers that are missing and skips them; `make deps BENCH=yes`")
-w_("installs them (lua-luv, wrk, nginx, libnginx-mod-http-lua, gnuplot-nox; valgrind,")
-w_("redis-server and redis-tools come with `make deps`). `make test` never runs any of it.")
+w_("installs them (lua-luv, wrk, nginx, libnginx-mod-http-lua, libnginx-mod-stream, haproxy,")
+w_("gnuplot-nox; valgrind,")
+w_("redis-server, redis-tools and lua-nginx-redis come with `make deps`). `make test` never runs any of it.")
 f = assert(io.open("BENCHMARKS.md", "w"))
 f:write(table.concat(md, "\n"), "\n")
 f:close()

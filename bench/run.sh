@@ -25,6 +25,21 @@
 #   kv          examples/kv.lua against redis-server, redis-benchmark SET and
 #               GET at -P 16 and -P 1, requests per server CPU-second (needs
 #               redis-server and redis-benchmark)
+#   proxy       a TCP proxy in front of the raw-C echo (ref_server, 1 worker,
+#               pinned to CPU 1 with the load generator): multiloop's proxy
+#               (BENCH_PROXY_HANDLER: worker.tcp() and conn:pipe, 1 worker),
+#               HAProxy (nbthread 1, TCP mode) and nginx stream proxy_pass (1
+#               worker), each pinned to CPU 0; 64 connections x 64 B at 1 and
+#               16 in flight; proxied echoes per second of the proxy's CPU
+#   redis-pool  lua-resty-redis (Debian's lua-nginx-redis over multiloop.ngx,
+#               bench/redis_pool_handler.lua, 1 worker on CPU 0) GET round
+#               trips against a redis-server on CPU 1: one GET per message of
+#               the load generator (64 connections x 64 B, 1 in flight),
+#               pooled (set_keepalive) and with a new connection each time;
+#               GETs per worker CPU-second
+#   proxy-ir    callgrind Ir per proxied echo (16 connections x 64 B, 1 and 16
+#               in flight, as echo-ir) of multiloop's proxy, and of HAProxy
+#               and nginx stream (master_process off) beside it (needs valgrind)
 # A serve-style echo (bench/serve_echo_handler.lua), when that file exists,
 # runs as the server "ml-serve" in the echo scenarios and in echo-ir.
 #
@@ -32,11 +47,13 @@
 # BENCH_IDLE_CONNS (10000), BENCH_WORKERS ("1 2"), BENCH_DISPATCH (reuseport,
 # multiloop's default), BENCH_QUICK=1 (1 repeat of 2 s, 2,000 idle
 # connections: a smoke run), BENCH_ONLY (the groups to run, of "echo http
-# dispatch echo-ir kv"; all by default), BENCH_IR_SECONDS (5: the load under
+# dispatch echo-ir kv proxy proxy-ir redis-pool"; all by default), BENCH_IR_SECONDS (5: the load under
 # callgrind, quick or not), BENCH_IR_HANDLERS (NAME=MODULE words, default
 # "multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"),
 # BENCH_KV_HANDLER (examples.kv), BENCH_KV_N16 / BENCH_KV_N1 (requests per
-# redis-benchmark run at -P 16 / -P 1: 300,000 / 60,000 per BENCH_SECONDS).
+# redis-benchmark run at -P 16 / -P 1: 300,000 / 60,000 per BENCH_SECONDS),
+# BENCH_PROXY_HANDLER (multiloop's proxy, examples.proxy; given
+# config.upstreams = { "127.0.0.1:PORT" }).
 # Peers that are not installed are skipped with a note. Results:
 # bench/results/raw.tsv (every measurement), then bench/report.lua writes
 # bench/results/latest.txt, the plot and BENCHMARKS.md.
@@ -55,15 +72,17 @@ else
   SECS=${BENCH_SECONDS:-5}; REPEATS=${BENCH_REPEATS:-3}; IDLE=${BENCH_IDLE_CONNS:-10000}
 fi
 WORKERS_LIST=${BENCH_WORKERS:-"1 2"}
-ONLY=${BENCH_ONLY:-"echo http dispatch echo-ir kv"}
+ALL_GROUPS="echo http dispatch echo-ir kv proxy proxy-ir redis-pool"
+ONLY=${BENCH_ONLY:-$ALL_GROUPS}
 for g in $ONLY; do
-  case $g in echo|http|dispatch|echo-ir|kv) ;;
-    *) echo "bench: BENCH_ONLY: unknown group '$g' (echo http dispatch echo-ir kv)" >&2; exit 2;; esac
+  case " $ALL_GROUPS " in *" $g "*) ;;
+    *) echo "bench: BENCH_ONLY: unknown group '$g' ($ALL_GROUPS)" >&2; exit 2;; esac
 done
 want() { case " $ONLY " in *" $1 "*) return 0;; esac; return 1; }
 IR_SECS=${BENCH_IR_SECONDS:-5}
 IR_HANDLERS=${BENCH_IR_HANDLERS:-"multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"}
 KV_HANDLER=${BENCH_KV_HANDLER:-examples.kv}
+PROXY_HANDLER=${BENCH_PROXY_HANDLER:-examples.proxy}
 DISPATCH=${BENCH_DISPATCH:-reuseport}
 LIFE=600                                  # no server instance outlives this (s)
 HZ=$(getconf CLK_TCK)
@@ -93,6 +112,7 @@ RAW=$RES/raw.tsv
 printf 'repeat\tworkers\tscenario\tserver\tops\tops_per_s\tcpu_s\tops_per_cpu\tp50_us\tp99_us\tp999_us\terrors\tbytes_per_conn\tir_per_op\n' > "$RAW"
 
 SPID=""                                   # the server we started, if any
+UPID=""                                   # proxy's upstream or redis-pool's redis, if any
 LGPID=""                                  # a background load generator, if any
 
 # --- processes -----------------------------------------------------------
@@ -114,6 +134,7 @@ stop_pid() {
 cleanup() {
   stop_pid "$LGPID"; LGPID=""
   stop_pid "$SPID"; SPID=""
+  stop_pid "$UPID"; UPID=""
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -227,6 +248,32 @@ try_launch_nginx() {
   return 1
 }
 
+# launch_peer NAME SCRIPT UPSTREAM_PORT [ARG]: a proxy peer run by a script
+# of bench/peers/ that takes DIR PORT UPSTREAM_PORT [ARG] and execs the peer
+# in the foreground (pinned when SERVER_PIN is set, PEER_WRAP passed on);
+# ready once a connection to PORT succeeds, within LAUNCH_TRIES x 50 ms
+# (100: 5 s); sets SPID and PORT. Like nginx it takes a port number, so a
+# port taken in between is retried on another.
+launch_peer() {
+  local name=$1 script=$2 up=$3 attempt i; shift 3
+  for attempt in 1 2 3; do
+    PORT=$(free_port)
+    rm -rf "${TMP:?}/$name"
+    $SERVER_PIN timeout -k 5 "$LIFE" sh "$script" "$TMP/$name" "$PORT" "$up" "$@" \
+      > "$TMP/server.out" 2> "$TMP/server.err" &
+    SPID=$!
+    for i in $(seq "${LAUNCH_TRIES:-100}"); do
+      if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then sleep 0.2; return 0; fi
+      kill -0 "$SPID" 2>/dev/null || break
+      sleep 0.05
+    done
+    stop_pid "$SPID"; SPID=""
+  done
+  echo "bench: $name did not start:" >&2
+  cat "$TMP/server.out" "$TMP/server.err" "$TMP/$name/logs/error.log" 2>/dev/null | tail -5 | sed 's/^/  /' >&2
+  return 1
+}
+
 stop_server() { stop_pid "$SPID"; SPID=""; }
 
 # --- measurements ----------------------------------------------------------
@@ -255,7 +302,7 @@ loadgen_run() {
     "$(awk -v o="$ops" -v c="$cpu" 'BEGIN { printf "%.0f", (c > 0 ? o / c : 0) }')" \
     "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" \
     "$(field p999_us "$TMP/lg.out")" "$(field errors "$TMP/lg.out")" "-"
-  printf '  %-10s %-8s w=%s %10s ops/s  %5s cpu-s  %9s ops/cpu-s  errors %s\n' "$scen" "$server" \
+  printf '  %-10s %-12s w=%s %10s ops/s  %5s cpu-s  %9s ops/cpu-s  errors %s\n' "$scen" "$server" \
     "$w" "$(field ops_per_s "$TMP/lg.out")" "$cpu" "$(tail -1 "$RAW" | cut -f8)" \
     "$(field errors "$TMP/lg.out")"
   [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
@@ -309,26 +356,34 @@ idle_run() {
 }
 
 # ir_run REPEAT SERVER CMD...: CMD (a 1-worker echo server printing
-# "LISTENING <port>") under callgrind, pinned to CPU 0; for 1 and 16 in
-# flight: zero the counters (callgrind_control -z), run the load generator
-# (16 connections x 64 B, IR_SECS), dump them (callgrind_control -d) and
-# divide the dump's Ir (user-space instructions, every thread of the
-# process) by the operations the load generator completed.
+# "LISTENING <port>") under callgrind, pinned to CPU 0, counted by ir_count
+# as echo-ir-p1 and echo-ir-p16.
 ir_run() {
-  local r=$1 server=$2 out vpid depth part=0 ir ops i; shift 2
-  out=$TMP/callgrind.out
-  rm -f "$out" "$out".*
+  local r=$1 server=$2; shift 2
+  rm -f "$TMP/callgrind.out" "$TMP/callgrind.out".*
   SERVER_PIN="taskset -c 0" LAUNCH_TRIES=1200 launch "$server (callgrind)" \
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" || return
+    valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.out" "$@" || return
+  ir_count "$r" echo-ir "$server"
+}
+
+# ir_count REPEAT PREFIX SERVER: SPID (timeout(1) around valgrind) runs a
+# server under callgrind writing $TMP/callgrind.out; for 1 and 16 in flight:
+# zero the counters (callgrind_control -z), run the load generator (16
+# connections x 64 B, IR_SECS), dump them (callgrind_control -d) and divide
+# the dump's Ir (user-space instructions, every thread of the process) by
+# the operations the load generator completed; rows PREFIX-p1, PREFIX-p16.
+# Stops the server.
+ir_count() {
+  local r=$1 prefix=$2 server=$3 out=$TMP/callgrind.out vpid depth part=0 ir ops i
   vpid=$(ps -o pid= --ppid "$SPID" | awk 'NR == 1 { print $1 }')   # valgrind, under timeout(1)
-  if [ -z "$vpid" ]; then echo "bench: echo-ir/$server: no valgrind process under $SPID" >&2; stop_server; return; fi
+  if [ -z "$vpid" ]; then echo "bench: $prefix/$server: no valgrind process under $SPID" >&2; stop_server; return; fi
   for depth in 1 16; do
     callgrind_control -z "$vpid" > "$TMP/cgc.out" 2>&1 ||
-      { echo "bench: echo-ir/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; break; }
+      { echo "bench: $prefix/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; break; }
     taskset -c 1 $B/loadgen --port "$PORT" --duration "$IR_SECS" --mode echo --conns 16 --size 64 \
       --depth "$depth" > "$TMP/lg.out" 2> "$TMP/lg.err"
     callgrind_control -d "$vpid" > "$TMP/cgc.out" 2>&1 ||
-      { echo "bench: echo-ir/$server: callgrind_control -d failed: $(cat "$TMP/cgc.out")" >&2; break; }
+      { echo "bench: $prefix/$server: callgrind_control -d failed: $(cat "$TMP/cgc.out")" >&2; break; }
     part=$((part + 1))
     ir=""
     for i in $(seq 100); do               # the dump is written by the server's own thread
@@ -338,13 +393,13 @@ ir_run() {
     done
     ops=$(field ops "$TMP/lg.out")
     if [ -z "$ops" ] || [ -z "$ir" ] || [ "$ops" -lt 1 ]; then
-      echo "bench: echo-ir-p$depth/$server: no count (ops '${ops}', Ir '${ir}'): $(cat "$TMP/lg.err")" >&2
+      echo "bench: $prefix-p$depth/$server: no count (ops '${ops}', Ir '${ir}'): $(cat "$TMP/lg.err")" >&2
       continue
     fi
-    row "$r" 1 "echo-ir-p$depth" "$server" "$ops" "$(field ops_per_s "$TMP/lg.out")" - - \
+    row "$r" 1 "$prefix-p$depth" "$server" "$ops" "$(field ops_per_s "$TMP/lg.out")" - - \
       "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" "$(field p999_us "$TMP/lg.out")" \
       "$(field errors "$TMP/lg.out")" - "$(awk -v i="$ir" -v o="$ops" 'BEGIN { printf "%.0f", i / o }')"
-    printf '  %-10s %-8s w=1 %10s ops (under callgrind)  %12s Ir  %6s Ir/op  errors %s\n' "echo-ir-p$depth" \
+    printf '  %-12s %-12s w=1 %10s ops (under callgrind)  %12s Ir  %6s Ir/op  errors %s\n' "$prefix-p$depth" \
       "$server" "$ops" "$ir" "$(tail -1 "$RAW" | cut -f14)" "$(field errors "$TMP/lg.out")"
     [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
   done
@@ -408,6 +463,43 @@ kv_run() {
   done
 }
 
+# start_upstream: the proxy scenario's upstream, the raw-C echo with 1
+# worker pinned to CPU 1 (beside the load generator: CPU 0 is the proxy's);
+# sets UPID and UPORT.
+start_upstream() {
+  SERVER_PIN="taskset -c 1" launch upstream $B/ref_server --workers 1 --dispatch "$DISPATCH" \
+    --max-seconds "$LIFE" || return 1
+  UPID=$SPID; UPORT=$PORT; SPID=""
+}
+
+stop_upstream() { stop_pid "$UPID"; UPID=""; }
+
+# start_proxy SERVER: one proxy in front of 127.0.0.1:UPORT, pinned when
+# SERVER_PIN is set; sets SPID and PORT.
+start_proxy() {
+  case $1 in
+    multiloop) launch multiloop ${PEER_WRAP:-} lua5.4 bench/ml_server.lua "$PROXY_HANDLER" 1 "$DISPATCH" \
+                 "upstreams[]=127.0.0.1:$UPORT" ;;
+    haproxy) launch_peer haproxy bench/peers/haproxy_tcp.sh "$UPORT" ;;
+    nginx-stream) launch_peer nginx-stream bench/peers/nginx_stream.sh "$UPORT" "${NGINX_SINGLE:-}" ;;
+  esac
+}
+
+# proxy_check SCENARIO SERVER: a short echo through the server (4
+# connections, 4 in flight, 1 s); fails, naming what it saw, unless
+# something came back and nothing went wrong.
+proxy_check() {
+  local ops errs
+  $CLIENT_PIN $B/loadgen --port "$PORT" --duration 1 --mode echo --conns 4 --size 64 --depth 4 \
+    > "$TMP/check.out" 2> "$TMP/check.err"
+  ops=$(field ops "$TMP/check.out"); errs=$(field errors "$TMP/check.out")
+  if [ -z "$ops" ] || [ "$ops" -lt 1 ] || [ "${errs:-1}" != 0 ]; then
+    echo "bench: $1/$2: no clean echo through it (ops '${ops}', errors '${errs}'): skipped" >&2
+    cat "$TMP/check.err" "$TMP/server.err" 2>/dev/null | tail -5 | sed 's/^/  /' >&2
+    return 1
+  fi
+}
+
 # --- servers -----------------------------------------------------------------
 
 have_luv=1; have_node=1; have_nginx=1; have_wrk=1
@@ -421,9 +513,28 @@ if [ ! -f bench/serve_echo_handler.lua ]; then
   have_serve=0
   want echo && echo "bench: note: bench/serve_echo_handler.lua is missing: the serve-style echo (ml-serve) is skipped"
 fi
-if want echo-ir; then
+if want echo-ir || want proxy-ir; then
   { command -v valgrind > /dev/null && command -v callgrind_control > /dev/null; } ||
-    { have_valgrind=0; echo "bench: note: valgrind is missing: echo-ir (callgrind Ir per op) is skipped"; }
+    { have_valgrind=0; echo "bench: note: valgrind is missing: echo-ir and proxy-ir (callgrind Ir per op) are skipped"; }
+fi
+have_haproxy=1; have_nginx_stream=1; have_proxy_handler=1
+if want proxy || want proxy-ir; then
+  command -v haproxy > /dev/null ||
+    { have_haproxy=0; echo "bench: note: haproxy is missing: the HAProxy proxy peer is skipped"; }
+  { command -v nginx > /dev/null && [ -f /usr/lib/nginx/modules/ngx_stream_module.so ]; } ||
+    { have_nginx_stream=0; echo "bench: note: nginx or libnginx-mod-stream is missing: the nginx stream proxy peer is skipped"; }
+  [ -f "$(echo "$PROXY_HANDLER" | tr . /).lua" ] ||
+    { have_proxy_handler=0; echo "bench: note: $(echo "$PROXY_HANDLER" | tr . /).lua is missing: multiloop's proxy is skipped"; }
+fi
+have_resty_redis=1
+if want redis-pool; then
+  if ! { command -v redis-server > /dev/null && command -v redis-cli > /dev/null; }; then
+    have_resty_redis=0; echo "bench: note: redis-server or redis-cli is missing: redis-pool is skipped"
+  elif [ ! -f /usr/share/lua/5.1/nginx/redis.lua ]; then
+    have_resty_redis=0; echo "bench: note: lua-nginx-redis (lua-resty-redis) is missing: redis-pool is skipped"
+  elif [ ! -f lua/multiloop/ngx.lua ]; then
+    have_resty_redis=0; echo "bench: note: lua/multiloop/ngx.lua is missing: redis-pool is skipped"
+  fi
 fi
 if want kv; then
   { command -v redis-server > /dev/null && command -v redis-benchmark > /dev/null && command -v redis-cli > /dev/null; } ||
@@ -458,6 +569,7 @@ rotate() {
 }
 
 echo_servers() { local s="multiloop ref-c"; [ $have_serve = 1 ] && s="$s ml-serve"; [ "$1" = 1 ] && [ $have_luv = 1 ] && s="$s luv"; [ $have_node = 1 ] && s="$s node"; echo "$s"; }
+proxy_servers() { local s=""; [ $have_proxy_handler = 1 ] && s="multiloop"; [ $have_haproxy = 1 ] && s="$s haproxy"; [ $have_nginx_stream = 1 ] && s="$s nginx-stream"; echo "$s"; }
 http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-lua"; [ $have_node = 1 ] && s="$s node"; echo "$s"; }
 
 # --- the machine and the settings, for the report -----------------------------
@@ -480,13 +592,16 @@ http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-l
   echo "nginx=$([ $have_nginx = 1 ] && nginx -v 2>&1 | sed 's/.*nginx\///' || echo missing)"
   echo "nginx_lua=$([ $have_nginx = 1 ] && dpkg-query -W -f='${Version}' libnginx-mod-http-lua 2>/dev/null || echo missing)"
   echo "wrk=$([ $have_wrk = 1 ] && dpkg-query -W -f='${Version}' wrk 2>/dev/null || echo missing)"
-  echo "valgrind=$([ $have_valgrind = 1 ] && want echo-ir && valgrind --version | sed 's/^valgrind-//' || echo missing)"
-  echo "redis=$([ $have_redis = 1 ] && want kv && redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/' || echo missing)"
+  echo "valgrind=$([ $have_valgrind = 1 ] && { want echo-ir || want proxy-ir; } && valgrind --version | sed 's/^valgrind-//' || echo missing)"
+  echo "redis=$([ $have_redis = 1 ] && { want kv || want redis-pool; } && command -v redis-server > /dev/null && redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/' || echo missing)"
   echo "ir_seconds=$IR_SECS"
   echo "ir_handlers=$IR_HANDLERS"
   echo "kv_handler=$KV_HANDLER"
   echo "kv_n16=$KV_N16"
   echo "kv_n1=$KV_N1"
+  echo "proxy_handler=$PROXY_HANDLER"
+  echo "haproxy=$([ $have_haproxy = 1 ] && { want proxy || want proxy-ir; } && haproxy -v | awk 'NR == 1 { print $3 }' || echo missing)"
+  echo "nginx_stream=$([ $have_nginx_stream = 1 ] && { want proxy || want proxy-ir; } && dpkg-query -W -f='${Version}' libnginx-mod-stream 2>/dev/null || echo missing)"
   echo "only=$ONLY"
   echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$RES/meta.txt"
@@ -562,6 +677,48 @@ for r in $(seq "$REPEATS"); do
       kv_run "$r" "$s"
       stop_server
     done
+  fi
+  if want proxy && [ -n "$(proxy_servers)" ]; then
+    if start_upstream; then
+      for s in $(rotate "$r" $(proxy_servers)); do
+        start_proxy "$s" || continue
+        if proxy_check proxy "$s"; then
+          loadgen_run "$r" 1 proxy-p1 "$s" --mode echo --conns 64 --size 64 --depth 1
+          loadgen_run "$r" 1 proxy-p16 "$s" --mode echo --conns 64 --size 64 --depth 16
+        fi
+        stop_server
+      done
+      stop_upstream
+    fi
+  fi
+  if want redis-pool && [ $have_resty_redis = 1 ]; then
+    if SERVER_PIN="taskset -c 1" launch_redis; then
+      UPID=$SPID; UPORT=$PORT; SPID=""
+      if [ "$(redis-cli -h 127.0.0.1 -p "$UPORT" set bench:pool 42 2>&1)" = OK ]; then
+        for s in $(rotate "$r" pool connect); do
+          launch "redis-$s" lua5.4 bench/ml_server.lua bench.redis_pool_handler 1 "$DISPATCH" \
+            "redis_port=$UPORT" "mode=$s" || continue
+          if proxy_check redis-pool "$s"; then
+            loadgen_run "$r" 1 redis-pool "$s" --mode echo --conns 64 --size 64 --depth 1
+          fi
+          stop_server
+        done
+      else
+        echo "bench: redis-pool: SET bench:pool with redis-cli failed: skipped" >&2
+      fi
+      stop_upstream
+    fi
+  fi
+  if want proxy-ir && [ $have_valgrind = 1 ] && [ -n "$(proxy_servers)" ]; then
+    if start_upstream; then
+      for s in $(rotate "$r" $(proxy_servers)); do
+        rm -f "$TMP/callgrind.out" "$TMP/callgrind.out".*
+        PEER_WRAP="valgrind --tool=callgrind --callgrind-out-file=$TMP/callgrind.out" \
+          NGINX_SINGLE=single LAUNCH_TRIES=1200 start_proxy "$s" || continue
+        if proxy_check proxy-ir "$s"; then ir_count "$r" proxy-ir "$s"; else stop_server; fi
+      done
+      stop_upstream
+    fi
   fi
 done
 echo "bench: measured in $(( $(date +%s) - start_time )) s"

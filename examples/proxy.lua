@@ -34,12 +34,19 @@ function proxy.init(w)
 end
 
 function proxy.serve(conn)
-  for _ = 1, #upstreams do
-    turn = turn % #upstreams + 1
-    local u = upstreams[turn]
+  -- This client's first upstream: the next in turn. Its retries go round
+  -- from there (not from the shared cursor, which other clients move while
+  -- this one waits in connect).
+  local n = #upstreams
+  turn = turn % n + 1
+  local first = turn
+  for k = 0, n - 1 do
+    local i = (first - 1 + k) % n + 1
+    local u = upstreams[i]
     local up = worker.tcp()
     up:settimeouts(connect_timeout, 0, 0)    -- the pipe itself has no timeout
     if up:connect(u[1], u[2]) then
+      if turn == first then turn = i end     -- skipped a dead one: the next client goes on from here
       conn:pipe(up)                          -- both directions, until both are done
       return
     end

@@ -85,6 +85,23 @@ describe("examples/proxy.lua", function()
     assert.is_true(server:stats().connect_errors >= 1)
   end)
 
+  it("still reaches the good upstream when many clients connect at once past a dead one", function()
+    -- Each client's tries start from one place and go round once, whatever
+    -- other clients do to the worker's cursor meanwhile.
+    local dead = "127.0.0.1:" .. free_port()
+    start({ dead, named_upstream("good") })
+    local clients = {}
+    for i = 1, 32 do
+      clients[i] = helper.connect(port)
+      assert(clients[i]:send("who\n"))
+    end
+    for i = 1, 32 do
+      local line, err = clients[i]:receive("*l")
+      assert.are.same({ "good", nil }, { line, err }, "client " .. i)
+      clients[i]:close()
+    end
+  end)
+
   it("closes the client when every upstream refuses", function()
     start({ "127.0.0.1:" .. free_port() })
     local c = helper.connect(port)

@@ -113,6 +113,12 @@ describe("multiloop.ngx in a worker", function()
     assert.is_true(math.abs(t0 - before) < 1.5, reply)
   end)
 
+  it("install() sets unpack and ngx, and gives require 'table.new' (lua_createtable)", function()
+    local reply = ask(c, "install")
+    assert.are.equal("true true function table nil false ", reply:sub(1, 35))
+    assert.matches("bad argument #2 .*number expected, got string", reply)
+  end)
+
   it("ngx.null is one read-only value, not nil or false, that prints as null", function()
     if skip_without_library() then return end
     local reply = ask(c, "null")

@@ -207,6 +207,9 @@ describe("serve", function()
     assert.are.equal("ab12.5c", helper.line(c))
     assert.are.equal("8 0 false conn:send: data must be a string, a number or an array of "
                      .. "them (found boolean)", helper.line(c))
+    -- numbers as tostring writes them (integers are formatted in C)
+    assert.are.equal(table.concat({ -7, 0, math.mininteger, math.maxinteger, 10, 1e15, -0.0, 2^53, 0.1 },
+                                  " "), helper.line(c))
   end)
 
   it("send waits while the client does not read: the queue stays bounded", function()

@@ -21,8 +21,23 @@ static int core_worker(lua_State *L) {
   return 1;
 }
 
+/* core.table_new(narr, nrec): a table with room for narr array items and
+ * nrec fields (lua_createtable), as LuaJIT's table.new: libraries written
+ * for OpenResty (lua-resty-redis) preallocate with it when they find it.
+ * Negative or absurd sizes are clamped (a hint, not a bound). */
+static int core_table_new(lua_State *L) {
+  lua_Integer narr = luaL_optinteger(L, 1, 0), nrec = luaL_optinteger(L, 2, 0);
+  if (narr < 0) narr = 0;
+  if (nrec < 0) nrec = 0;
+  if (narr > 1 << 20) narr = 1 << 20;
+  if (nrec > 1 << 20) nrec = 1 << 20;
+  lua_createtable(L, (int)narr, (int)nrec);
+  return 1;
+}
+
 static const luaL_Reg module_funcs[] = {
   { "worker", core_worker },
+  { "table_new", core_table_new },
   { "new", multiloop_server_new },
   { "wait_signal", multiloop_wait_signal },
   { "parallelism", core_parallelism },

@@ -755,13 +755,39 @@ static int serve_receiveuntil(lua_State *L) {
   return 1;
 }
 
+/* An integer's decimal digits into buf (at least 21 bytes), as Lua's
+ * tostring writes them: their count. Without a Lua string or snprintf: a
+ * request table of lua-resty-redis has a length per argument, and measuring
+ * and copying each through lua_tolstring cost about 4,200 instructions per
+ * GET (callgrind). */
+static size_t int_digits(lua_Integer v, char *buf) {
+  char tmp[24];
+  size_t n = 0, i;
+  lua_Unsigned u = v < 0 ? 0u - (lua_Unsigned)v : (lua_Unsigned)v;
+  do {
+    tmp[n++] = (char)('0' + (int)(u % 10));
+    u /= 10;
+  } while (u > 0);
+  if (v < 0) tmp[n++] = '-';
+  for (i = 0; i < n; i++) buf[i] = tmp[n - 1 - i];
+  return n;
+}
+
 /* send's argument at idx: a string, a number, or an array of them (nested).
  * With out == NULL, returns its length, raising naming what it cannot send;
  * then again with room for that length, copies it to out. */
 static size_t add_piece(lua_State *L, int idx, char *out, int depth) {
   switch (lua_type(L, idx)) {
-    case LUA_TSTRING:
-    case LUA_TNUMBER: {
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, idx)) {
+        char digits[24];
+        size_t n = int_digits(lua_tointeger(L, idx), digits);
+        if (out) memcpy(out, digits, n);
+        return n;
+      }
+      /* a float as tostring writes it */
+      /* fall through */
+    case LUA_TSTRING: {
       size_t len;
       const char *s = lua_tolstring(L, idx, &len);   /* a number's copy on the stack */
       if (out) memcpy(out, s, len);

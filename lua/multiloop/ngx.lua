@@ -316,10 +316,17 @@ ngx.shared = setmetatable({}, {
 })
 
 -- install(): the globals a Lua 5.1 library expects, in this state only:
--- `ngx` (this table) and `unpack` (table.unpack). Returns the table.
+-- `ngx` (this table) and `unpack` (table.unpack); and LuaJIT's `table.new`
+-- as a module (require "table.new" gives lua_createtable), which
+-- OpenResty libraries look for to preallocate (lua-resty-redis does, for
+-- every request and reply). Returns the table.
+local table_new = core.table_new
 function ngx.install()
   rawset(_G, "ngx", ngx)
   if rawget(_G, "unpack") == nil then rawset(_G, "unpack", table.unpack) end
+  if package.loaded["table.new"] == nil and package.preload["table.new"] == nil then
+    package.preload["table.new"] = function() return table_new end
+  end
   return ngx
 end
 
