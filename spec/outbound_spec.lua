@@ -109,6 +109,14 @@ describe("outbound", function()
       assert.is_true(helper.eventually(function() return helper.fd_count() <= before end))
     end)
 
+    it("still connects during a graceful stop's grace period", function()
+      local c = start()
+      assert.are.equal("waiting", ask(c, "graceconnect"))
+      assert(server:stop({ timeout = 3000 }))
+      server = nil
+      assert.are.equal("graceconnect 1 nil [hello]", helper.line(c))
+    end)
+
     it("resolves localhost off the loop and connects by name", function()
       local c = start()
       assert.matches("^resolve table: ", ask(c, "resolve localhost"))

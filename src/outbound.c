@@ -79,7 +79,7 @@ struct sock_s {
 
 struct multiloop_connect_s {
   multiloop_connect_t *prev, *next;    /* w->connects */
-  multiloop_connect_t *wnext;          /* its pool's backlog queue */
+  multiloop_connect_t *wprev, *wnext;  /* its pool's backlog queue */
   multiloop_worker_t *w;
   sock_t *k;                           /* the socket style: its socket, or NULL */
   multiloop_thread_t *t;               /* ... and its waiting thread */
@@ -148,12 +148,12 @@ static void unpool(multiloop_conn_t *c) {
 }
 
 static void queue_remove(multiloop_pool_t *p, multiloop_connect_t *op) {
-  multiloop_connect_t **pp;
   if (!op->queued) return;
-  for (pp = &p->wait_head; *pp && *pp != op; pp = &(*pp)->wnext) {}
-  if (*pp) *pp = op->wnext;
-  p->wait_tail = NULL;
-  for (op->wnext = NULL, pp = &p->wait_head; *pp; pp = &(*pp)->wnext) p->wait_tail = *pp;
+  if (op->wprev) op->wprev->wnext = op->wnext;
+  else p->wait_head = op->wnext;
+  if (op->wnext) op->wnext->wprev = op->wprev;
+  else p->wait_tail = op->wprev;
+  op->wprev = op->wnext = NULL;
   op->queued = 0;
   p->nwait--;
 }
@@ -707,7 +707,9 @@ static int sock_connect(lua_State *L) {
     multiloop_serve_uncork(c);
     multiloop_stream_close_flushed(&c->s);
   }
-  if (multiloop_threads_closing(w) || w->stopping) return nil_err(L, "stopped");
+  /* A graceful stop's grace period still connects (the requests it lets
+   * finish may need their upstreams); only the closing worker refuses. */
+  if (multiloop_threads_closing(w) || w->closing) return nil_err(L, "stopped");
   if ((p = pool_get(w, key, keylen, size, backlog)) == NULL) return luaL_error(L, "not enough memory");
   if (p->idle) {                                 /* reuse, at once */
     c = p->idle;
@@ -752,6 +754,7 @@ static int sock_connect(lua_State *L) {
   op->pool = p;
   if (p->backlog >= 0 && p->active >= p->size) {   /* wait for a slot */
     op->queued = 1;
+    op->wprev = p->wait_tail;
     if (p->wait_tail) p->wait_tail->wnext = op;
     else p->wait_head = op;
     p->wait_tail = op;
@@ -979,7 +982,7 @@ static int core_connect(lua_State *L) {
                         luaL_typename(L, tg.opts));
     timeout = int_opt(L, tg.opts, "worker.connect", "timeout", 0, MAX_TIMEOUT, DEFAULT_TIMEOUT);
   }
-  if (w->closing || w->stopping) return luaL_error(L, "worker.connect: the worker is stopping");
+  if (w->closing) return luaL_error(L, "worker.connect: the worker is closing");
   lua_pushvalue(L, fn);
   cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   c = multiloop_conn_new(L, w, tg.is_unix, 0, 1);   /* (a raise here would keep cb_ref) */

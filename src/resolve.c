@@ -284,7 +284,8 @@ int multiloop_push_addrs(lua_State *L, const struct sockaddr_storage *addrs, int
 
 const char *multiloop_resolve_error(lua_State *L, const char *name, int status) {
   return lua_pushfstring(L, "%s could not be resolved (%s)", name,
-                         status == UV_ECANCELED ? "stopped" : uv_strerror(status));
+                         status == UV_ECANCELED || status == UV_EAI_CANCELED ? "stopped"
+                                                                             : uv_strerror(status));
 }
 
 static int push_resolved(lua_State *L, void *ev) {
