@@ -9,9 +9,11 @@
 -- worker.config (examples/proxy_server.lua sets it):
 --   upstreams        { "127.0.0.1:6379", ... } (required)
 --   connect_timeout  ms per upstream tried (default 1000)
+--   idle_timeout     ms with no byte either way before both sides close
+--                    (default 0: none), HAProxy's timeout client/server
 local proxy = {}
 
-local worker, upstreams, connect_timeout
+local worker, upstreams, connect_timeout, pipe_opts
 local turn = 0                               -- this worker's round-robin cursor
 
 -- "host:port" -> host, port; "unix:/path" -> the string itself.
@@ -27,6 +29,7 @@ end
 function proxy.init(w)
   worker = w
   connect_timeout = w.config.connect_timeout or 1000
+  pipe_opts = { timeout = w.config.idle_timeout or 0 }
   upstreams = {}
   for i, u in ipairs(w.config.upstreams or {}) do upstreams[i] = { parse(u) } end
   assert(#upstreams > 0, "examples/proxy.lua: config.upstreams must list at least one upstream")
@@ -47,7 +50,7 @@ function proxy.serve(conn)
     up:settimeouts(connect_timeout, 0, 0)    -- the pipe itself has no timeout
     if up:connect(u[1], u[2]) then
       if turn == first then turn = i end     -- skipped a dead one: the next client goes on from here
-      conn:pipe(up)                          -- both directions, until both are done
+      conn:pipe(up, pipe_opts)               -- both directions, until both are done
       return
     end
     up:close()

@@ -301,6 +301,17 @@ describe("outbound", function()
       assert.are.equal("8 12 nil", d:get("pipe"))
     end)
 
+    it("ends with nil, 'timeout' when no byte moves either way for its timeout", function()
+      local c = start()
+      c:send("pipeidle\n")
+      assert.are.equal("piping conn:pipe: option 'timeout' must be an integer from 0 to 2147483647 ms (got -1)",
+                       helper.line(c))
+      assert.is_true(helper.eventually(function() return d:get("pipe") ~= nil end, 3000))
+      assert.are.equal("nil timeout 0 0 true", d:get("pipe"))
+      local rest, err = c:receive("*l")
+      assert.are.same({ nil, "closed" }, { rest, err })
+    end)
+
     it("holds both connections: a socket collected meanwhile cuts nothing (callback form)", function()
       local c = start()
       assert.are.equal("piping", ask(c, "pipegc"))

@@ -1,5 +1,5 @@
 /*
- * pipe.c: conn:pipe(other [, fn]): the two connections' bytes go to each
+ * pipe.c: conn:pipe(other [, opts] [, fn]): the two connections' bytes go to each
  * other in C, both ways, with no Lua call per chunk (HAProxy's TCP mode,
  * Node's a.pipe(b).pipe(a)).
  *
@@ -34,7 +34,9 @@ typedef struct {
   int cb_ref;                          /* fn(sent, received, err), or LUA_NOREF */
   int reason;                          /* the first close reason that was not 0 */
   int nclosed;                         /* ends whose `closed` came */
+  int nclosing;                        /* ends whose `closing` came */
   multiloop_worker_t *w;
+  multiloop_deadline_t idle;           /* { timeout = ms }: no byte either way for that long */
 } pipe_t;
 
 static int end_of(const pipe_t *p, const multiloop_conn_t *c) { return p->end[1] == c; }
@@ -57,6 +59,7 @@ static void forward(pipe_t *p, int i, const char *data, size_t len) {
   int n;
   if (len == 0 || to == NULL || to->s.closing || to->s.shutdown_requested) return;   /* nowhere to go */
   p->bytes[i] += len;
+  if (p->idle.list) multiloop_deadline_touch(p->w, &p->idle);
   n = multiloop_stream_try_write(&to->s, data, len);
   if (n < 0) return;                             /* `to` closed: its closing ends the pipe */
   if ((size_t)n < len) {
@@ -97,7 +100,7 @@ static void forward_buffered(pipe_t *p, int i) {
 
 void multiloop_pipe_read(multiloop_conn_t *c, const char *data, size_t len) {
   pipe_t *p = pipe_of(c);
-  forward(p, end_of(p, c), data, len);
+  if (p != NULL) forward(p, end_of(p, c), data, len);   /* (piped: it is there) */
 }
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
 #pragma GCC diagnostic pop
@@ -125,6 +128,7 @@ void multiloop_pipe_closing(multiloop_conn_t *c) {
   if (p == NULL) return;
   other = p->end[1 - end_of(p, c)];
   if (p->reason == 0 && c->s.reason != 0) p->reason = c->s.reason;
+  if (++p->nclosing == 2) multiloop_deadline_remove(&p->idle);
   if (other != NULL && !other->s.closing && !(other->s.read_ended && other->s.shutdown_requested))
     multiloop_stream_close_flushed(&other->s);
 }
@@ -181,6 +185,15 @@ void multiloop_pipe_closed(multiloop_conn_t *c, void *pipe) {
   free(p);
 }
 
+/* No byte either way for the pipe's timeout: both ends close, "timeout". */
+static void pipe_idle(multiloop_deadline_t *d, uint64_t ms) {
+  pipe_t *p = (pipe_t *)(void *)((char *)d - offsetof(pipe_t, idle));
+  int i;
+  (void)ms;
+  for (i = 0; i < 2; i++)
+    if (p->end[i]) multiloop_stream_close(&p->end[i]->s, REASON_TIMEOUT);
+}
+
 /* The waiting thread was killed or closed: the pipe ends now. */
 static void cancel_pipe(multiloop_thread_t *t, void *data) {
   pipe_t *p = data;
@@ -210,16 +223,28 @@ static const char *busy(multiloop_conn_t *c) {
 }
 
 
-/* conn:pipe(other [, fn(sent, received, err)]). */
+/* conn:pipe(other [, { timeout = ms }] [, fn(sent, received, err)]). */
 int multiloop_conn_pipe(lua_State *L) {
   multiloop_conn_t *c = multiloop_conn_check(L), *o;
   multiloop_thread_t *t = NULL;
   multiloop_worker_t *w = CONN_WORKER(c);
   const char *why;
   pipe_t *p;
-  int has_fn = !lua_isnoneornil(L, 3), i;
+  int fn = lua_istable(L, 3) ? 4 : 3, has_fn = !lua_isnoneornil(L, fn), i;
+  lua_Integer timeout = 0;
   o = conn_arg(L, 2);
-  luaL_argexpected(L, !has_fn || lua_isfunction(L, 3), 3, "function or nil");
+  if (fn == 4) {                                 /* { timeout = ms } */
+    int isint = 0, ty = lua_getfield(L, 3, "timeout");
+    if (ty != LUA_TNIL) {
+      timeout = ty == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
+      if (!isint || timeout < 0 || timeout > 0x7fffffff)
+        return luaL_error(L, "conn:pipe: option 'timeout' must be an integer from 0 to "
+                             "2147483647 ms (got %s)",
+                          ty == LUA_TNUMBER ? luaL_tolstring(L, -1, NULL) : luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+  }
+  luaL_argexpected(L, !has_fn || lua_isfunction(L, fn), fn, "function or nil");
   if (o == c) return luaL_argerror(L, 2, "a connection cannot be piped to itself");
   if (!has_fn) t = multiloop_thread_self(L, "conn:pipe");
   if (o == NULL || c->s.closing || o->s.closing || c->pooled || o->pooled) {
@@ -237,13 +262,16 @@ int multiloop_conn_pipe(lua_State *L) {
   p->end[1] = o;
   p->w = w;
   p->cb_ref = LUA_NOREF;
-  if (multiloop_stream_set_tap(&c->s, p) != 0 || multiloop_stream_set_tap(&o->s, p) != 0) {
+  multiloop_deadline_init(&p->idle, pipe_idle);
+  if (multiloop_stream_set_tap(&c->s, p) != 0 || multiloop_stream_set_tap(&o->s, p) != 0 ||
+      multiloop_deadline_set(w, &p->idle, (uint64_t)timeout) != 0) {
     if (c->s.ext) c->s.ext->tap = NULL;
+    if (o->s.ext) o->s.ext->tap = NULL;
     free(p);
     return luaL_error(L, "not enough memory");
   }
   if (has_fn) {
-    lua_pushvalue(L, 3);
+    lua_pushvalue(L, fn);
     p->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* (a raise here leaves the taps set: harmless) */
   }
   if (c->serve) multiloop_serve_uncork(c);
