@@ -1,0 +1,43 @@
+-- A second hostile review, of what changed after the first
+-- (spec/outbound_hostile_spec.lua): conn:pipe's timeout, connects during a
+-- graceful stop, send's number formatting, examples/proxy.lua. The cases
+-- run in spec/fixtures/outbound_hostile2*.lua.
+local helper = require("spec.helper")
+
+describe("outbound (hostile, second review)", function()
+  local server, port
+
+  after_each(function()
+    helper.stop_checked(server)
+    server = nil
+  end)
+
+  local function start(opts)
+    opts = opts or {}
+    opts.workers = 1
+    opts.handler = opts.handler or "spec.fixtures.outbound_hostile2"
+    server, port = helper.server(opts)
+    local c = helper.connect(port)
+    helper.defer(function() c:close() end)
+    return c
+  end
+
+  describe("conn:send of a table", function()
+    it("copies no more than it measured when a finalizer changes the table in between", function()
+      local c = start()
+      assert(c:send("gcsend\n"))
+      local data = helper.line(c)
+      local result = helper.line(c)
+      local parts = { "a" }
+      for i = 2, 40001 do parts[i] = tostring(i + 0.5) end
+      if data == "" then
+        assert.are.equal("raised conn:send: the table changed while it was being sent true", result)
+      else
+        -- The finalizer came after the copy of t[1]: what was measured went out.
+        local expected = table.concat(parts)
+        assert.is_true(data == expected, ("%d bytes, not the %d measured"):format(#data, #expected))
+        assert.are.equal(("sent %d true"):format(#expected), result)
+      end
+    end)
+  end)
+end)
