@@ -755,6 +755,10 @@ static int serve_receiveuntil(lua_State *L) {
   return 1;
 }
 
+static void changed(lua_State *L) {
+  luaL_error(L, "conn:send: the table changed while it was being sent");
+}
+
 /* An integer's decimal digits into buf (at least 21 bytes), as Lua's
  * tostring writes them: their count. Without a Lua string or snprintf: a
  * request table of lua-resty-redis has a length per argument, and measuring
@@ -775,13 +779,17 @@ static size_t int_digits(lua_Integer v, char *buf) {
 
 /* send's argument at idx: a string, a number, or an array of them (nested).
  * With out == NULL, returns its length, raising naming what it cannot send;
- * then again with room for that length, copies it to out. */
-static size_t add_piece(lua_State *L, int idx, char *out, int depth) {
+ * then again with room for that length, copies it to out, at most `room`
+ * bytes. The two walks can differ: a float's conversion allocates, and the
+ * collector may run a finalizer (Lua code) that changes the tables in
+ * between; the copy then raises rather than write past what was measured. */
+static size_t add_piece(lua_State *L, int idx, char *out, size_t room, int depth) {
   switch (lua_type(L, idx)) {
     case LUA_TNUMBER:
       if (lua_isinteger(L, idx)) {
         char digits[24];
         size_t n = int_digits(lua_tointeger(L, idx), digits);
+        if (out && n > room) changed(L);
         if (out) memcpy(out, digits, n);
         return n;
       }
@@ -790,6 +798,7 @@ static size_t add_piece(lua_State *L, int idx, char *out, int depth) {
     case LUA_TSTRING: {
       size_t len;
       const char *s = lua_tolstring(L, idx, &len);   /* a number's copy on the stack */
+      if (out && len > room) changed(L);
       if (out) memcpy(out, s, len);
       return len;
     }
@@ -802,7 +811,8 @@ static size_t add_piece(lua_State *L, int idx, char *out, int depth) {
       for (i = 1; i <= n; i++) {
         size_t len;
         lua_rawgeti(L, idx, i);
-        len = add_piece(L, lua_gettop(L), out ? out + total : NULL, depth + 1);
+        len = add_piece(L, lua_gettop(L), out ? out + total : NULL, out ? room - total : 0,
+                        depth + 1);
         lua_pop(L, 1);
         if (len > SIZE_MAX / 2 - total) luaL_error(L, "conn:send: data too long");
         total += len;
@@ -827,9 +837,11 @@ static int serve_send(lua_State *L) {
   int n, rc;
   if (lua_type(L, 2) == LUA_TTABLE) {        /* one string: measured, then copied */
     luaL_Buffer b;
-    size_t total = add_piece(L, 2, NULL, 0);
+    size_t total = add_piece(L, 2, NULL, 0, 0);
     char *out = luaL_buffinitsize(L, &b, total);
-    add_piece(L, 2, out, 0);                /* no buffer call between: out stays put */
+    /* no buffer call between: out stays put; fewer bytes than measured
+     * would send what the buffer held before */
+    if (add_piece(L, 2, out, total, 0) != total) changed(L);
     luaL_pushresultsize(&b, total);
     lua_replace(L, 2);
   } else if (lua_type(L, 2) != LUA_TSTRING && lua_type(L, 2) != LUA_TNUMBER) {
