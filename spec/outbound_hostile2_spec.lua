@@ -40,4 +40,29 @@ describe("outbound (hostile, second review)", function()
       end
     end)
   end)
+
+  describe("examples/proxy.lua", function()
+    local upstream
+    after_each(function()
+      helper.stop_checked(upstream)
+      upstream = nil
+    end)
+
+    it("closes its upstream connection when the client is gone before the pipe starts", function()
+      local up_port
+      upstream, up_port = helper.server({ workers = 1, handler = "spec.fixtures.upstream" })
+      server, port = helper.server({ workers = 1, handler = "examples.proxy",
+                                     config = { upstreams = { "localhost:" .. up_port } } })
+      -- Each client resets at once: its reset is read while the upstream's
+      -- name is looked up, so conn:pipe finds the client closed.
+      for _ = 1, 20 do
+        local c = helper.connect(port)
+        assert(c:setoption("linger", { on = true, timeout = 0 }))
+        c:close()
+      end
+      assert.is_true(helper.eventually(function() return upstream:stats().accepted == 20 end))
+      assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end, 2000),
+                     ("%d upstream connections still open"):format(upstream:stats().active))
+    end)
+  end)
 end)
