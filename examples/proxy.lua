@@ -51,6 +51,10 @@ function proxy.serve(conn)
     if up:connect(u[1], u[2]) then
       if turn == first then turn = i end     -- skipped a dead one: the next client goes on from here
       conn:pipe(up, pipe_opts)               -- both directions, until both are done
+      -- A pipe that ran has closed both (the socket let go of its
+      -- connection: this close says "closed"); one refused because the
+      -- client had already gone leaves the upstream open until collected.
+      up:close()
       return
     end
     up:close()
