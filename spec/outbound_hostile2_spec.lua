@@ -3,6 +3,7 @@
 -- graceful stop, send's number formatting, examples/proxy.lua. The cases
 -- run in spec/fixtures/outbound_hostile2*.lua.
 local helper = require("spec.helper")
+local d = require("multiloop").shared("spec.outbound_hostile2")
 
 describe("outbound (hostile, second review)", function()
   local server, port
@@ -21,6 +22,64 @@ describe("outbound (hostile, second review)", function()
     helper.defer(function() c:close() end)
     return c
   end
+
+  describe("connects during a graceful stop", function()
+    local upstream, up_port
+    before_each(function()
+      upstream, up_port = helper.server({ workers = 1, handler = "spec.fixtures.upstream" })
+    end)
+    after_each(function()
+      helper.stop_checked(upstream)
+      upstream = nil
+      d:flush()
+    end)
+
+    local function grace_server(mode)
+      server, port = helper.server({ workers = 1, handler = "spec.fixtures.outbound_hostile2_grace",
+                                     config = { up = up_port, mode = mode } })
+    end
+
+    it("a backlog waiter started by a keepalive during the grace period gets its own connection", function()
+      grace_server()
+      local c = helper.connect(port)
+      helper.defer(function() c:close() end)
+      assert(c:send("backlog\n"))
+      assert.are.equal("waiting", helper.line(c))
+      assert(server:stop({ timeout = 3000 }))
+      assert.are.equal("1 nil [hello] 1 | 1 nil [hello] 1", helper.line(c))
+      assert.are.equal(0, server:stats().pooled)
+      server = nil
+      assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end))
+      assert.are.equal(2, upstream:stats().accepted)
+    end)
+
+    it("a light thread the shutdown hook starts connects, and its keepalive closes", function()
+      grace_server("hookthread")
+      assert(server:stop({ timeout = 3000 }))
+      assert.are.equal("1 nil [hello] 1", d:get("hookthread"))
+      server = nil
+      assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end))
+    end)
+
+    it("a worker.connect from the shutdown hook leaves nothing when nothing else holds the stop", function()
+      -- One connection first: the upstream's loop keeps libuv's reserve fd
+      -- (/dev/null, for EMFILE) from its first accepted connection on.
+      local warm = helper.connect(up_port)
+      assert(warm:send("x\n"))
+      assert.are.equal("[x]", helper.line(warm))
+      warm:close()
+      assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end))
+      local before = helper.fd_count()
+      grace_server("hookconnect")
+      assert(server:stop({ timeout = 3000 }))
+      server = nil
+      -- The worker closed at once: the connect ended without its callback.
+      assert.is_nil(d:get("hookconnect"))
+      assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end))
+      assert.is_true(helper.eventually(function() return helper.fd_count() <= before end),
+                     ("%d fds open, %d before"):format(helper.fd_count(), before))
+    end)
+  end)
 
   describe("conn:send of a table", function()
     it("copies no more than it measured when a finalizer changes the table in between", function()
