@@ -21,17 +21,23 @@ static int core_worker(lua_State *L) {
   return 1;
 }
 
+/* A size hint: any number (LuaJIT's table.new truncates: lua-resty-redis
+ * asks for n / 2, a float in Lua 5.4), clamped to [0, 2^20]; NaN is 0. */
+static int size_hint(lua_State *L, int arg) {
+  lua_Number x;
+  if (lua_isnoneornil(L, arg)) return 0;
+  x = luaL_checknumber(L, arg);
+  if (!(x > 0)) return 0;
+  return x >= (lua_Number)(1 << 20) ? 1 << 20 : (int)x;
+}
+
 /* core.table_new(narr, nrec): a table with room for narr array items and
  * nrec fields (lua_createtable), as LuaJIT's table.new: libraries written
  * for OpenResty (lua-resty-redis) preallocate with it when they find it.
  * Negative or absurd sizes are clamped (a hint, not a bound). */
 static int core_table_new(lua_State *L) {
-  lua_Integer narr = luaL_optinteger(L, 1, 0), nrec = luaL_optinteger(L, 2, 0);
-  if (narr < 0) narr = 0;
-  if (nrec < 0) nrec = 0;
-  if (narr > 1 << 20) narr = 1 << 20;
-  if (nrec > 1 << 20) nrec = 1 << 20;
-  lua_createtable(L, (int)narr, (int)nrec);
+  int narr = size_hint(L, 1), nrec = size_hint(L, 2);
+  lua_createtable(L, narr, nrec);
   return 1;
 }
 
