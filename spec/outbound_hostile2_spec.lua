@@ -115,6 +115,22 @@ describe("outbound (hostile, second review)", function()
       upstream = nil
     end)
 
+    it("refuses a config.idle_timeout or connect_timeout that is not a whole number of ms, at start", function()
+      local multiloop = require("multiloop")
+      for _, bad in ipairs { { idle_timeout = "1000" }, { connect_timeout = -1 } } do
+        bad.upstreams = { "127.0.0.1:1" }
+        local s = multiloop.server({ host = "127.0.0.1", port = 0, workers = 1,
+                                     handler = "examples.proxy", config = bad })
+        local ok, err = pcall(s.start, s)
+        s:stop()
+        local name = bad.idle_timeout and "idle_timeout" or "connect_timeout"
+        assert.is_false(ok)
+        assert.are.equal("multiloop.server: start: worker 1 failed to load the handler: examples/proxy.lua: config."
+                         .. name .. " must be an integer number of ms from 0 to 2147483647 (got "
+                         .. tostring(bad[name]) .. ")", err)
+      end
+    end)
+
     it("closes its upstream connection when the client is gone before the pipe starts", function()
       local up_port
       upstream, up_port = helper.server({ workers = 1, handler = "spec.fixtures.upstream" })
