@@ -26,10 +26,23 @@ local function parse(u)
   return host, math.tointeger(tonumber(port))
 end
 
+-- config[name] (or dflt), checked here: a bad one would raise in every
+-- client's serve instead, after its upstream connected.
+local function ms_option(config, name, dflt)
+  local v = config[name]
+  if v == nil then return dflt end
+  local ms = math.tointeger(v)
+  if type(v) ~= "number" or ms == nil or ms < 0 or ms > 0x7fffffff then
+    error(("examples/proxy.lua: config.%s must be an integer number of ms from 0 to 2147483647 (got %s)")
+      :format(name, tostring(v)), 3)
+  end
+  return ms
+end
+
 function proxy.init(w)
   worker = w
-  connect_timeout = w.config.connect_timeout or 1000
-  pipe_opts = { timeout = w.config.idle_timeout or 0 }
+  connect_timeout = ms_option(w.config, "connect_timeout", 1000)
+  pipe_opts = { timeout = ms_option(w.config, "idle_timeout", 0) }
   upstreams = {}
   for i, u in ipairs(w.config.upstreams or {}) do upstreams[i] = { parse(u) } end
   assert(#upstreams > 0, "examples/proxy.lua: config.upstreams must list at least one upstream")
