@@ -3,6 +3,7 @@
 -- graceful stop, send's number formatting, examples/proxy.lua. The cases
 -- run in spec/fixtures/outbound_hostile2*.lua.
 local helper = require("spec.helper")
+local socket = require("socket")
 local d = require("multiloop").shared("spec.outbound_hostile2")
 
 describe("outbound (hostile, second review)", function()
@@ -48,6 +49,18 @@ describe("outbound (hostile, second review)", function()
       assert(server:stop({ timeout = 3000 }))
       assert.are.equal("1 nil [hello] 1 | 1 nil [hello] 1", helper.line(c))
       assert.are.equal(0, server:stats().pooled)
+      server = nil
+      assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end))
+      assert.are.equal(2, upstream:stats().accepted)
+    end)
+
+    it("a callback pipe's timeout during the grace period ends the stop, its callback told", function()
+      grace_server("hookpipe")
+      local t0 = socket.gettime()
+      assert(server:stop({ timeout = 5000 }))
+      local took = socket.gettime() - t0
+      assert.is_true(took > 0.25 and took < 2, ("the stop took %.2f s"):format(took))
+      assert.are.equal("0 0 timeout", d:get("hookpipe"))
       server = nil
       assert.is_true(helper.eventually(function() return upstream:stats().active == 0 end))
       assert.are.equal(2, upstream:stats().accepted)
