@@ -119,7 +119,12 @@ describe("outbound (hostile)", function()
       assert.are.equal("[again]", ask(c, "again"))
     end)
 
-    it("touches neither end once it is closed and collected, while the other ends", function()
+    -- #notsan: gcc 12's TSan runtime crashes on this case inside its own
+    -- epoll_wait interceptor (SEGV in __tsan::ThreadClock::set, from
+    -- FdAcquire on the loop's epoll fd; 5 runs in 6), once a thread runs a
+    -- full collection on every turn of the loop; without that thread it
+    -- passes 4 in 4. The plain, ASan and valgrind runs cover the case.
+    it("touches neither end once it is closed and collected, while the other ends #notsan", function()
       local big = helper.server({ workers = 1, handler = "spec.fixtures.outbound_hostile_upstream" })
       helper.defer(function() big:stop() end)
       local _, big_port = big:address()

@@ -230,10 +230,12 @@ int multiloop_conn_pipe(lua_State *L) {
   multiloop_worker_t *w = CONN_WORKER(c);
   const char *why;
   pipe_t *p;
-  int fn = lua_istable(L, 3) ? 4 : 3, has_fn = !lua_isnoneornil(L, fn), i;
+  /* (other, opts, fn), (other, nil, fn), (other, fn), (other, opts), (other) */
+  int fn = lua_istable(L, 3) || (lua_isnil(L, 3) && !lua_isnone(L, 4)) ? 4 : 3;
+  int has_fn = !lua_isnoneornil(L, fn), i, cb_ref = LUA_NOREF;
   lua_Integer timeout = 0;
   o = conn_arg(L, 2);
-  if (fn == 4) {                                 /* { timeout = ms } */
+  if (fn == 4 && lua_istable(L, 3)) {           /* { timeout = ms } */
     int isint = 0, ty = lua_getfield(L, 3, "timeout");
     if (ty != LUA_TNIL) {
       timeout = ty == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
@@ -257,22 +259,28 @@ int multiloop_conn_pipe(lua_State *L) {
     lua_pushstring(L, why);
     return 2;
   }
-  if ((p = calloc(1, sizeof *p)) == NULL) return luaL_error(L, "not enough memory");
+  if (has_fn) {                                  /* first: a raise here loses nothing */
+    lua_pushvalue(L, fn);
+    cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  if ((p = calloc(1, sizeof *p)) == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
+    return luaL_error(L, "not enough memory");
+  }
   p->end[0] = c;
   p->end[1] = o;
   p->w = w;
-  p->cb_ref = LUA_NOREF;
+  p->cb_ref = cb_ref;
   multiloop_deadline_init(&p->idle, pipe_idle);
+  /* The last step that can fail: nothing is armed for a pipe that never starts. */
   if (multiloop_stream_set_tap(&c->s, p) != 0 || multiloop_stream_set_tap(&o->s, p) != 0 ||
       multiloop_deadline_set(w, &p->idle, (uint64_t)timeout) != 0) {
     if (c->s.ext) c->s.ext->tap = NULL;
     if (o->s.ext) o->s.ext->tap = NULL;
+    multiloop_deadline_remove(&p->idle);
+    luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
     free(p);
     return luaL_error(L, "not enough memory");
-  }
-  if (has_fn) {
-    lua_pushvalue(L, fn);
-    p->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* (a raise here leaves the taps set: harmless) */
   }
   if (c->serve) multiloop_serve_uncork(c);
   if (o->serve) multiloop_serve_uncork(o);
