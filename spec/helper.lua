@@ -273,4 +273,80 @@ function M.spawn(args, prefix)
   return child
 end
 
+-- Whether a command is on PATH.
+function M.installed(cmd)
+  return os.execute("command -v " .. cmd .. " >/dev/null 2>&1") == true
+end
+
+-- A port nothing listens on now (the kernel's pick for a socket bound to
+-- port 0, then closed); another process may take it before we do, which
+-- M.start_redis notices (redis-server exits) and tries again.
+function M.free_port()
+  local s = assert(socket.tcp())
+  assert(s:bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+-- redis-server on 127.0.0.1 in a directory of its own, saving nothing:
+-- { pid, port, stop() }, once it answers PING; nil, why otherwise.
+function M.start_redis()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -m 700 " .. dir))
+  for _ = 1, 3 do
+    local port = M.free_port()
+    -- env -u LD_PRELOAD: under `make asan` the sanitizer runtime is
+    -- preloaded into lua5.4, and redis-server is not ours to check.
+    local p = assert(io.popen(("exec env -u LD_PRELOAD sh -c 'echo $$; exec redis-server --port %d "
+      .. "--bind 127.0.0.1 --unixsocket %s/redis.sock --save \"\" --appendonly no --dir %s "
+      .. "--logfile %s/log' "):format(port, dir, dir, dir)))
+    local pid = tonumber(p:read("l"))
+    local function alive() return os.execute(("kill -0 %d 2>/dev/null"):format(pid)) == true end
+    local up = M.eventually(function()
+      if not alive() then return "dead" end
+      local c = socket.tcp()
+      c:settimeout(1)
+      local ok = c:connect("127.0.0.1", port) and c:send("PING\r\n") and c:receive("*l") == "+PONG"
+      c:close()
+      return ok and "up"
+    end, 5000)
+    if up == "up" then
+      return {
+        pid = pid, port = port, path = dir .. "/redis.sock",
+        stop = function()
+          os.execute(("kill %d"):format(pid))
+          p:close()                      -- waits for sh's exec, redis-server itself
+          os.execute("rm -rf " .. dir)
+        end,
+      }
+    end
+    if alive() then os.execute(("kill %d"):format(pid)) end
+    p:close()
+  end
+  os.execute("rm -rf " .. dir)
+  return nil, "redis-server did not start on a free port in 3 tries"
+end
+
+-- A loopback listener whose backlog is full: a connect to it stays in
+-- SYN_SENT until its timeout (or a stop). Its port; closed when the test ends.
+function M.full_listener()
+  local l = assert(socket.tcp())
+  assert(l:bind("127.0.0.1", 0))
+  assert(l:listen(0))
+  local _, lport = l:getsockname()
+  local fillers = {}
+  for i = 1, 4 do                      -- backlog 0 queues one: the rest of the SYNs drop
+    fillers[i] = assert(socket.tcp())
+    fillers[i]:settimeout(0)
+    fillers[i]:connect("127.0.0.1", lport)
+  end
+  M.defer(function()
+    for _, f in ipairs(fillers) do f:close() end
+    l:close()
+  end)
+  return tonumber(lport)
+end
+
 return M

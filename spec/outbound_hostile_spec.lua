@@ -13,25 +13,7 @@ local d = multiloop.shared("spec.outbound_hostile")
 describe("outbound (hostile)", function()
   local upstream, up_port, server, port
 
-  -- A loopback listener whose backlog is full: a connect to it stays in
-  -- SYN_SENT until its timeout (or a stop).
-  local function full_listener()
-    local l = assert(socket.tcp())
-    assert(l:bind("127.0.0.1", 0))
-    assert(l:listen(0))
-    local _, lport = l:getsockname()
-    local fillers = {}
-    for i = 1, 4 do
-      fillers[i] = assert(socket.tcp())
-      fillers[i]:settimeout(0)
-      fillers[i]:connect("127.0.0.1", lport)
-    end
-    helper.defer(function()
-      for _, f in ipairs(fillers) do f:close() end
-      l:close()
-    end)
-    return lport
-  end
+  local full_listener = helper.full_listener
 
   local function start(config, opts)
     config = config or {}

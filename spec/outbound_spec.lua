@@ -62,39 +62,13 @@ describe("outbound", function()
     end)
 
     it("returns nil, 'timeout' within the connect timeout when a listener's backlog is full", function()
-      local l = assert(socket.tcp())
-      assert(l:bind("127.0.0.1", 0))
-      assert(l:listen(0))
-      local _, lport = l:getsockname()
-      local fillers = {}
-      for i = 1, 4 do                        -- backlog 0 queues one: the rest of the SYNs drop
-        fillers[i] = assert(socket.tcp())
-        fillers[i]:settimeout(0)
-        fillers[i]:connect("127.0.0.1", lport)
-      end
-      helper.defer(function()
-        for _, f in ipairs(fillers) do f:close() end
-        l:close()
-      end)
+      local lport = helper.full_listener()
       local c = start()
       assert.are.equal("timeout nil timeout true", ask(c, "timeout " .. lport))
     end)
 
     it("returns nil, 'stopped' at once when the server stops during a connect", function()
-      local l = assert(socket.tcp())
-      assert(l:bind("127.0.0.1", 0))
-      assert(l:listen(0))
-      local _, lport = l:getsockname()
-      local fillers = {}
-      for i = 1, 4 do
-        fillers[i] = assert(socket.tcp())
-        fillers[i]:settimeout(0)
-        fillers[i]:connect("127.0.0.1", lport)
-      end
-      helper.defer(function()
-        for _, f in ipairs(fillers) do f:close() end
-        l:close()
-      end)
+      local lport = helper.full_listener()
       local before = helper.fd_count()
       local c = start()
       assert.are.equal("connecting", ask(c, "slowconnect " .. lport))

@@ -3,22 +3,8 @@
 -- driven with redis-cli and redis-benchmark, and in front of multiloop
 -- upstreams for the round-robin and next-upstream cases.
 local helper = require("spec.helper")
-local socket = require("socket")
 
-local function installed(cmd)
-  local p = io.popen("command -v " .. cmd .. " 2>/dev/null")
-  local found = p:read("a")
-  p:close()
-  return found ~= ""
-end
-
--- A loopback port nobody listens on now.
-local function free_port()
-  local l = assert(socket.bind("127.0.0.1", 0))
-  local _, port = l:getsockname()
-  l:close()
-  return port
-end
+local installed, free_port = helper.installed, helper.free_port
 
 -- Runs a command line without any sanitizer runtime preloaded: output, status.
 local function run(cmd)
@@ -26,27 +12,6 @@ local function run(cmd)
   local out = p:read("a")
   local _, _, status = p:close()
   return out, status
-end
-
--- redis-server on a free loopback port, saving nothing: its port.
-local function start_redis()
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(os.execute("mkdir -m 700 " .. dir))
-  local port = free_port()
-  local p = assert(io.popen(("exec env -u LD_PRELOAD sh -c 'echo $$; exec redis-server --port %d "
-    .. "--bind 127.0.0.1 --save \"\" --appendonly no --dir %s --logfile %s/log'"):format(port, dir, dir)))
-  local pid = tonumber(p:read("l"))
-  helper.defer(function()
-    os.execute(("kill %d"):format(pid))
-    p:close()
-    os.execute("rm -rf " .. dir)
-  end)
-  assert(helper.eventually(function()
-    local c = socket.connect("127.0.0.1", port)
-    if c then c:close() return true end
-  end, 5000), "redis-server did not start")
-  return port
 end
 
 describe("examples/proxy.lua", function()
@@ -115,7 +80,9 @@ describe("examples/proxy.lua", function()
       pending("redis-server and redis-cli are needed (Debian: redis-server, redis-tools)")
       return
     end
-    local rport = start_redis()
+    local redis = assert(helper.start_redis())
+    helper.defer(redis.stop)
+    local rport = redis.port
     start({ "127.0.0.1:" .. rport }, 2)
     local function cli(args) return (run(("timeout 10 redis-cli -p %d %s"):format(port, args))) end
     assert.are.equal("PONG\n", cli("PING"))

@@ -12,60 +12,7 @@ local socket = require("socket")
 
 local REDIS_LUA = "/usr/share/lua/5.1/nginx/redis.lua"
 
-local function installed(cmd)
-  return os.execute("command -v " .. cmd .. " >/dev/null 2>&1") == true
-end
-
--- A port nothing listens on now (the kernel's pick for a socket bound to
--- port 0, then closed); another process may take it before we do, which
--- start_redis notices (redis-server exits) and tries again.
-local function free_port()
-  local s = assert(socket.tcp())
-  assert(s:bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
-
--- redis-server on 127.0.0.1 in a directory of its own, saving nothing:
--- { pid, port, stop() }, once it answers PING; nil, why otherwise.
-local function start_redis()
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(os.execute("mkdir -m 700 " .. dir))
-  for _ = 1, 3 do
-    local port = free_port()
-    -- env -u LD_PRELOAD: under `make asan` the sanitizer runtime is
-    -- preloaded into lua5.4, and redis-server is not ours to check.
-    local p = assert(io.popen(("exec env -u LD_PRELOAD sh -c 'echo $$; exec redis-server --port %d "
-      .. "--bind 127.0.0.1 --unixsocket %s/redis.sock --save \"\" --appendonly no --dir %s "
-      .. "--logfile %s/log' "):format(port, dir, dir, dir)))
-    local pid = tonumber(p:read("l"))
-    local function alive() return os.execute(("kill -0 %d 2>/dev/null"):format(pid)) == true end
-    local up = helper.eventually(function()
-      if not alive() then return "dead" end
-      local c = socket.tcp()
-      c:settimeout(1)
-      local ok = c:connect("127.0.0.1", port) and c:send("PING\r\n") and c:receive("*l") == "+PONG"
-      c:close()
-      return ok and "up"
-    end, 5000)
-    if up == "up" then
-      return {
-        pid = pid, port = port, path = dir .. "/redis.sock",
-        stop = function()
-          os.execute(("kill %d"):format(pid))
-          p:close()                      -- waits for sh's exec, redis-server itself
-          os.execute("rm -rf " .. dir)
-        end,
-      }
-    end
-    if alive() then os.execute(("kill %d"):format(pid)) end
-    p:close()
-  end
-  os.execute("rm -rf " .. dir)
-  return nil, "redis-server did not start on a free port in 3 tries"
-end
+local installed, start_redis = helper.installed, helper.start_redis
 
 -- One request on c, its one line of reply.
 local function ask(c, line)

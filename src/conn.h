@@ -143,6 +143,9 @@ void multiloop_serve_closing(multiloop_conn_t *c);
 void multiloop_serve_uncork(multiloop_conn_t *c);
 /* Protected: starts handler.serve(conn), the conn on top of L. */
 void multiloop_serve_start(lua_State *L, multiloop_conn_t *c);
+/* A timeout argument: an integer from 0 to 2^31-1 ms, or an error naming
+ * `who` (serve.c; the sockets' settimeout(s) use it too). */
+uint32_t multiloop_check_timeout(lua_State *L, int arg, const char *who);
 /* The methods (each with the metatable as upvalue 1). */
 extern const luaL_Reg multiloop_serve_methods[];
 

@@ -272,20 +272,10 @@ static int core_tcp(lua_State *L) {
   return 1;
 }
 
-static uint32_t check_timeout(lua_State *L, int arg, const char *who) {
-  int isint = 0;
-  lua_Integer ms = lua_type(L, arg) == LUA_TNUMBER ? lua_tointegerx(L, arg, &isint) : 0;
-  if (!isint || ms < 0 || ms > MAX_TIMEOUT)
-    luaL_error(L, "%s: a timeout must be an integer from 0 to %d ms (got %s)", who, MAX_TIMEOUT,
-               lua_type(L, arg) == LUA_TNUMBER ? luaL_tolstring(L, arg, NULL)
-                                               : luaL_typename(L, arg));
-  return (uint32_t)ms;
-}
-
 /* sock:settimeout(ms): connect, send and read. */
 static int sock_settimeout(lua_State *L) {
   sock_t *k = check_sock(L);
-  k->connect_ms = k->send_ms = k->read_ms = check_timeout(L, 2, "sock:settimeout");
+  k->connect_ms = k->send_ms = k->read_ms = multiloop_check_timeout(L, 2, "sock:settimeout");
   if (k->c) apply_timeouts(k, k->c);
   return 0;
 }
@@ -293,8 +283,8 @@ static int sock_settimeout(lua_State *L) {
 /* sock:settimeouts(connect, send, read). */
 static int sock_settimeouts(lua_State *L) {
   sock_t *k = check_sock(L);
-  uint32_t c = check_timeout(L, 2, "sock:settimeouts"), s = check_timeout(L, 3, "sock:settimeouts");
-  k->read_ms = check_timeout(L, 4, "sock:settimeouts");
+  uint32_t c = multiloop_check_timeout(L, 2, "sock:settimeouts"), s = multiloop_check_timeout(L, 3, "sock:settimeouts");
+  k->read_ms = multiloop_check_timeout(L, 4, "sock:settimeouts");
   k->connect_ms = c;
   k->send_ms = s;
   if (k->c) apply_timeouts(k, k->c);
@@ -779,7 +769,7 @@ static int sock_setkeepalive(lua_State *L) {
   multiloop_serve_t *sv;
   multiloop_pool_t *p;
   size_t kept = 0;
-  if (!lua_isnoneornil(L, 2)) timeout = check_timeout(L, 2, "sock:setkeepalive");
+  if (!lua_isnoneornil(L, 2)) timeout = multiloop_check_timeout(L, 2, "sock:setkeepalive");
   if (!lua_isnoneornil(L, 3)) {
     int isint = 0;
     size = lua_type(L, 3) == LUA_TNUMBER ? lua_tointegerx(L, 3, &isint) : 0;

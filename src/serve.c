@@ -922,7 +922,7 @@ static int serve_dirty(lua_State *L) {
   return 1;
 }
 
-static uint32_t check_timeout(lua_State *L, int arg, const char *who) {
+uint32_t multiloop_check_timeout(lua_State *L, int arg, const char *who) {
   int isint = 0;
   lua_Integer ms = lua_type(L, arg) == LUA_TNUMBER ? lua_tointegerx(L, arg, &isint) : 0;
   if (!isint || ms < 0 || ms > MAX_TIMEOUT)
@@ -936,7 +936,7 @@ static uint32_t check_timeout(lua_State *L, int arg, const char *who) {
 static int serve_settimeout(lua_State *L) {
   multiloop_conn_t *c = check_serve(L, "conn:settimeout");
   multiloop_serve_t *sv = SERVE(c);
-  sv->send_ms = sv->read_ms = check_timeout(L, 2, "conn:settimeout");
+  sv->send_ms = sv->read_ms = multiloop_check_timeout(L, 2, "conn:settimeout");
   return 0;
 }
 
@@ -945,9 +945,9 @@ static int serve_settimeouts(lua_State *L) {
   multiloop_conn_t *c = check_serve(L, "conn:settimeouts");
   multiloop_serve_t *sv = SERVE(c);
   uint32_t sms;
-  check_timeout(L, 2, "conn:settimeouts");   /* connect's: for outbound connections */
-  sms = check_timeout(L, 3, "conn:settimeouts");
-  sv->read_ms = check_timeout(L, 4, "conn:settimeouts");
+  multiloop_check_timeout(L, 2, "conn:settimeouts");   /* connect's: for outbound connections */
+  sms = multiloop_check_timeout(L, 3, "conn:settimeouts");
+  sv->read_ms = multiloop_check_timeout(L, 4, "conn:settimeouts");
   sv->send_ms = sms;
   return 0;
 }
