@@ -144,6 +144,10 @@ describe("outbound", function()
         "options must be a table (got string)",
         "sock:settimeouts: a timeout must be an integer from 0 to 2147483647 ms (got -1)",
         "worker.resolve: the host must be 1 to 253 bytes with no NUL (got 0 bytes)",
+        "worker.connect: the last argument must be a function fn(conn, err)",
+        "worker.connect: options must be a table (got number)",
+        "bad argument #2 to '?' (connection or socket expected, got number)",
+        "bad argument #2 to '?' (a connection cannot be piped to itself)",
       }, "|")
       assert.are.equal(want, got)
     end)
