@@ -748,8 +748,12 @@ static void pump(tls_conn_t *tc) {
         if (flush(tc, 1) != 0) multiloop_stream_close(s, UV_EPIPE);
         return;
       }
-      if (tc->eof && e != SSL_ERROR_SSL) snprintf(tc->err, sizeof tc->err, "handshake failed: the peer closed the connection");
-      handshake_failed(tc);
+      if (tc->eof && e != SSL_ERROR_SSL) {
+        snprintf(tc->err, sizeof tc->err, "handshake failed: the peer closed the connection");
+        fail(tc, MULTILOOP_REASON_TLS);
+      } else {
+        handshake_failed(tc);
+      }
       return;
     }
     handshake_done(tc);
