@@ -524,6 +524,13 @@ static void make_bio_method(void) {
   BIO_meth_set_create(bio_method, bio_create);
 }
 
+/* Made once per process; freed as the module is unloaded (lua_close of the
+ * state that loaded it dlcloses it), when no worker runs any more. */
+__attribute__((destructor)) static void free_bio_method(void) {
+  if (bio_method) BIO_meth_free(bio_method);
+  bio_method = NULL;
+}
+
 static multiloop_tls_worker_t *tls_worker(multiloop_worker_t *w) {
   if (w->tls == NULL && !w->closing) {
     multiloop_tls_worker_t *tw = calloc(1, sizeof *tw);
