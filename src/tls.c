@@ -75,10 +75,11 @@ struct multiloop_tls_client_s {
   char error[200];                     /* why ctx could not be made */
 };
 
-/* OpenSSL's reason for the last error, with the queue emptied. */
+/* OpenSSL's reason for the first error queued (the cause; later ones say
+ * where it surfaced: "PEM lib"), with the queue emptied. */
 static const char *ssl_reason(char *buf, size_t len) {
-  unsigned long e, last = 0;
-  while ((e = ERR_get_error()) != 0) last = e;
+  unsigned long e, last = ERR_get_error();
+  while ((e = ERR_get_error()) != 0) {}
   if (last == 0) snprintf(buf, len, "unknown error");
   else if (ERR_reason_error_string(last)) snprintf(buf, len, "%s", ERR_reason_error_string(last));
   else ERR_error_string_n(last, buf, len);
@@ -150,10 +151,15 @@ static void load_pair(lua_State *L, int idx, const char *pre, SSL_CTX **ctxp) {
     snprintf(opt, sizeof opt, "%s.cert", pre);
     luaL_error(L, "option '%s': cannot load '%s': %s", opt, cert, ssl_reason(reason, sizeof reason));
   }
-  if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1)
-    luaL_error(L, "option '%s': cannot load '%s': %s", opt, key, ssl_reason(reason, sizeof reason));
+  if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+    ssl_reason(reason, sizeof reason);
+    if (strcmp(reason, "key values mismatch") == 0)   /* OpenSSL checks the pair here */
+      luaL_error(L, "option '%s': '%s' does not match the certificate in '%s.cert' (%s)", opt, key,
+                 pre, reason);
+    luaL_error(L, "option '%s': cannot load '%s': %s", opt, key, reason);
+  }
   if (SSL_CTX_check_private_key(ctx) != 1)
-    luaL_error(L, "option '%s': '%s' does not match the certificate in %s.cert (%s)", opt, key,
+    luaL_error(L, "option '%s': '%s' does not match the certificate in '%s.cert' (%s)", opt, key,
                pre, ssl_reason(reason, sizeof reason));
 }
 
