@@ -92,7 +92,7 @@ static void hand_off_ipc(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker) {
   ho->byte = 'c';
   ho->req.data = ho;
   ho->client.handle.data = ho;
-  if (rt->cfg->path) {
+  if (rt->listen_unix) {
     uv_pipe_init(&a->loop, &ho->client.pipe, 0);
     rc = uv_pipe_open(&ho->client.pipe, fd);
   } else {

@@ -88,6 +88,9 @@ typedef struct {
   /* Outbound connections: name resolution (resolve.c) */
   uint64_t dns_cache_ttl;     /* ms an answer is reused, 0: never */
   int dns_max_lookups;        /* lookups one worker runs at once on libuv's pool */
+  /* Socket activation and inherited sockets (activation.c) */
+  int inherit_fd;             /* listen on (dups of) this inherited socket, or -1 */
+  char *inherit_listen;       /* the `listen` option that named it ("systemd:web"), or NULL */
 } multiloop_config_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
@@ -356,6 +359,10 @@ struct multiloop_runtime_s {
   char bound_host[64];                 /* what address() reports */
   int bound_port;
   multiloop_listen_addr_t listen_addr; /* what open_sockets resolved and made */
+  /* What the connections are (a path, or an inherited socket's family) and,
+   * for an inherited Unix socket, its path for address() (activation.c). */
+  int listen_unix;
+  char bound_path[112];                /* sun_path, "@name" when abstract */
 };
 
 /* uv_loop_init, without the fd it leaks on failure: before libuv 1.51
@@ -421,6 +428,11 @@ int multiloop_listen_probe(const multiloop_config_t *cfg, multiloop_listen_addr_
                            int port, int *bound_port, char *err, size_t errlen);
 void multiloop_listener_resume(multiloop_listener_t *l);
 void multiloop_listener_close(multiloop_listener_t *l);
+
+/* activation.c: inherited listening sockets (socket activation, fd = n). */
+int multiloop_listen_fds(lua_State *L);                            /* core.listen_fds */
+void multiloop_inherited_config(lua_State *L, multiloop_config_t *cfg);   /* core.new */
+int multiloop_inherited_open(multiloop_runtime_t *rt, char *err, size_t errlen);   /* start */
 
 /* acceptor.c */
 int multiloop_acceptor_start(multiloop_runtime_t *rt);

@@ -143,6 +143,8 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   socklen_t len = sizeof ss;
   uv_os_sock_t first;
   multiloop_listen_addr_t *la = &rt->listen_addr;
+  if (cfg->inherit_fd >= 0) return multiloop_inherited_open(rt, err, errlen);   /* listen, fd */
+  rt->listen_unix = cfg->path != NULL;
   if ((rc = multiloop_listen_resolve(cfg, la, err, errlen)) != 0) return rc;
   if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
     if ((rc = multiloop_listen_probe(cfg, la, port, &port, err, errlen)) != 0) return rc;
@@ -338,6 +340,7 @@ static void config_free(multiloop_config_t *cfg) {
   free(cfg->config);
   free(cfg->package_path);
   free(cfg->package_cpath);
+  free(cfg->inherit_listen);
   memset(cfg, 0, sizeof *cfg);
 }
 
@@ -421,6 +424,12 @@ static int choice_field(lua_State *L, const char *key, const char *const names[]
   return bad_option(L, key, "is not one of the choices");
 }
 
+static int has_field(lua_State *L, const char *key) {
+  int has = lua_getfield(L, 1, key) != LUA_TNIL;
+  lua_pop(L, 1);
+  return has;
+}
+
 static int bool_field(lua_State *L, const char *key) {
   int v = (lua_getfield(L, 1, key), lua_toboolean(L, -1));
   lua_pop(L, 1);
@@ -447,6 +456,7 @@ int multiloop_server_new(lua_State *L) {
   luaL_setmetatable(L, SERVER_MT);         /* from here __gc frees what is copied */
   cfg = &s->cfg;
   cfg->mode = -1;
+  cfg->inherit_fd = -1;
 
   cfg->nworkers = nworkers;
   cfg->port = (int)int_field(L, "port", 0, 65535);
@@ -510,6 +520,9 @@ int multiloop_server_new(lua_State *L) {
     if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT)
       return luaL_error(L, "option 'dispatch' 'reuseport' cannot listen on a Unix socket (path)");
     cfg->host = str_field(L, "host", 0, MULTILOOP_MAX_HOST, 0, NULL);   /* unused */
+  } else if (has_field(L, "listen") || has_field(L, "fd")) {
+    lua_pop(L, 1);                         /* an inherited socket: multiloop_inherited_config */
+    cfg->host = str_field(L, "host", 0, MULTILOOP_MAX_HOST, 0, NULL);   /* unused */
   } else {
     lua_pop(L, 1);
     cfg->host = str_field(L, "host", 1, MULTILOOP_MAX_HOST, 0, NULL);
@@ -521,6 +534,7 @@ int multiloop_server_new(lua_State *L) {
   } else {
     lua_pop(L, 1);
   }
+  multiloop_inherited_config(L, cfg);      /* listen, fd: socket activation (activation.c) */
   cfg->handler_kind = (multiloop_handler_kind)choice_field(L, "handler_kind", kinds, -1);
   if ((int)cfg->handler_kind < 0) return luaL_error(L, "option 'handler_kind' is required");
   cfg->handler = str_field(L, "handler", 1, MAX_BYTES, cfg->handler_kind ==
@@ -579,6 +593,10 @@ static int server_address(lua_State *L) {
   }
   if (s->cfg.path) {                       /* a Unix socket: just its path */
     lua_pushstring(L, s->cfg.path);
+    return 1;
+  }
+  if (s->rt->listen_unix) {                /* an inherited one: the path it is bound to */
+    lua_pushstring(L, s->rt->bound_path);
     return 1;
   }
   lua_pushstring(L, s->rt->bound_host);
