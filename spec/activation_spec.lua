@@ -30,10 +30,12 @@ local function start_child(command)
   local p = assert(io.popen(("sh -c 'echo $$; exec %s 2>%s'"):format(command, errfile), "r"))
   local child = { pid = tonumber(p:read("*l")) }
   function child.line() return p:read("*l") end
-  function child.rest()
+  function child.rest()       -- the rest of stdout, once it has exited with 0
     local rest = p:read("*a")
-    p:close()
+    local _, how, code = p:close()
     child.done = true
+    assert(how == "exit" and code == 0, ("the server ended with %s %s: %s"):format(
+      how, code, child.stderr()))
     return rest
   end
   function child.stderr() return read_file(errfile) end

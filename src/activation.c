@@ -66,6 +66,14 @@ static pthread_mutex_t passed_lock = PTHREAD_MUTEX_INITIALIZER;
 static passed_t *passed;                 /* passed_lock; NULL until read */
 static int npassed;
 
+/* What was read lives as long as the module: freed when it is unloaded
+ * (lua_close dlcloses it), when no server can be using it any more. */
+__attribute__((destructor)) static void passed_free(void) {
+  free(passed);
+  passed = NULL;
+  npassed = 0;
+}
+
 /* A non-negative decimal integer, all of s; -1 otherwise. */
 static long parse_count(const char *s) {
   char *end;
@@ -152,7 +160,7 @@ static int read_environment(char *err, size_t errlen) {
 }
 
 /* The sockets passed to this process (read on the first call), or NULL
- * with a message. Never freed: they are the process's. */
+ * with a message. */
 static const passed_t *get_passed(int *n, char *err, size_t errlen) {
   const passed_t *p;
   pthread_mutex_lock(&passed_lock);
