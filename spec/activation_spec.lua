@@ -109,33 +109,88 @@ describe("listen = 'systemd' under systemd-socket-activate #child", function()
       end)
   end
 
-  it("refuses 'systemd' when several sockets are passed, naming them", function()
+  for _, dispatch in ipairs { "queue", "ipc" } do
+    it("serves every socket passed, TCP and Unix, through one server (" .. dispatch .. ")",
+      function()
+        local port, path = ports(1)[1], helper.sock_path()
+        local child = activate({ "127.0.0.1:" .. port, path }, "--fdname=web:local",
+          "systemd " .. dispatch)
+        local tcp = helper.connect(port)
+        assert.are.equal("[tcp]", ask(tcp, "tcp"))
+        assert.are.equal("listening systemd 127.0.0.1:" .. port, child.line())  -- the first
+        local seen = {}
+        for i = 1, 4 do                  -- round-robin: both workers serve each kind
+          local u = helper.connect_unix(path)
+          assert.are.equal("[unix " .. i .. "]", ask(u, "unix " .. i))
+          seen[ask(u, "who")] = true
+          u:close()
+          local t = helper.connect(port)
+          assert.are.equal("[tcp " .. i .. "]", ask(t, "tcp " .. i))
+          seen[ask(t, "who")] = true
+          t:close()
+        end
+        assert.are.same({ ["who 1 systemd"] = true, ["who 2 systemd"] = true }, seen)
+        tcp:close()
+        child.term()
+        assert.are.equal("accepted systemd 9\n", child.rest())
+      end)
+  end
+
+  it("holds back every socket at max_connections, and resumes each when a slot frees", function()
+    local p = ports(2)
+    local child = activate({ "127.0.0.1:" .. p[1], "127.0.0.1:" .. p[2] }, "", "systemd - 1 1")
+    local function waits(c, line)       -- sent, and no answer for 300 ms
+      assert(c:send(line .. "\n"))
+      c:settimeout(0.3)
+      local got, err = c:receive("*l")
+      c:settimeout(helper.TIMEOUT)
+      assert.are.same({ nil, "timeout" }, { got, err })
+    end
+    local a = helper.connect(p[1])
+    assert.are.equal("[a]", ask(a, "a"))
+    assert.are.equal("listening systemd 127.0.0.1:" .. p[1], child.line())
+    local b = helper.connect(p[2])      -- the second socket's listener is held back
+    waits(b, "b")
+    a:close()
+    assert.are.equal("[b]", helper.line(b))
+    local c = helper.connect(p[1])      -- and the first's, while b holds the slot
+    waits(c, "c")
+    b:close()
+    assert.are.equal("[c]", helper.line(c))
+    c:close()
+    child.term()
+    assert.are.equal("accepted systemd 3\n", child.rest())
+  end)
+
+  it("refuses reuseport with several sockets, naming both options", function()
     local p = ports(2)
     local child = activate({ "127.0.0.1:" .. p[1], "127.0.0.1:" .. p[2] }, "--fdname=web:admin",
-      "systemd")
+      "systemd reuseport")
     local c = helper.connect(p[1])
-    assert.are.equal("error multiloop.server: option 'listen' 'systemd': LISTEN_FDS passed 2 "
-      .. "sockets (fd 3 'web', fd 4 'admin'); a server listens on one: pick it with "
-      .. "'systemd:NAME' or fd = n", child.line())
+    assert.are.equal("error multiloop.server: option 'dispatch' 'reuseport' serves one inherited "
+      .. "socket, and option 'listen' 'systemd' names 2: use 'queue' or 'ipc'", child.line())
     assert.are.equal("env unset unset unset", child.line())   -- read, so removed
     c:close()
     child.rest()
   end)
 
-  it("gives each server of the process the socket it names ('systemd:NAME')", function()
-    local p = ports(2)
-    local child = activate({ "127.0.0.1:" .. p[1], "127.0.0.1:" .. p[2] }, "--fdname=web:admin",
-      "each queue 1")
+  it("gives each server of the process the sockets it names ('systemd:NAME')", function()
+    local p = ports(3)
+    local child = activate({ "127.0.0.1:" .. p[1], "127.0.0.1:" .. p[2], "127.0.0.1:" .. p[3] },
+      "--fdname=web:admin:web", "each queue 1")
     local web = helper.connect(p[1])
     assert.are.equal("who 1 web", ask(web, "who"))
     assert.are.equal("listening web 127.0.0.1:" .. p[1], child.line())
     assert.are.equal("listening admin 127.0.0.1:" .. p[2], child.line())
     local admin = helper.connect(p[2])
     assert.are.equal("who 1 admin", ask(admin, "who"))
+    local web2 = helper.connect(p[3])
+    assert.are.equal("who 1 web", ask(web2, "who"))
     web:close()
     admin:close()
+    web2:close()
     child.term()
-    assert.are.equal("accepted web 1\naccepted admin 1\n", child.rest())
+    assert.are.equal("accepted web 2\naccepted admin 1\n", child.rest())
   end)
 
   it("says which name it did not find", function()

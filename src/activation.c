@@ -17,12 +17,17 @@
  * While LISTEN_PID names another process nothing is taken and nothing is
  * removed: they are not ours.
  *
- * One server listens on one inherited socket. With several passed, `listen
- * = "systemd"` is an error naming them, and each server picks its own by
- * name (or by fd): servers in one process can share them out.
+ * Several sockets: `listen = "systemd"` serves every one passed, and
+ * "systemd:NAME" every one named NAME, all through one server: the
+ * acceptor thread has a listener on each (acceptor.more: the second and
+ * later), and any worker serves a connection from any of them. Their
+ * families may differ (TCP and Unix): then each connection's is asked of
+ * its fd (multiloop_conn_is_unix). A server can also take only some, by
+ * name, and another server of the process the rest. Reuseport serves one
+ * inherited socket only (each worker's listener is the one socket).
  *
- * Ownership: the inherited fd is never closed by multiloop. Each start
- * listens on a dup of it (one for the acceptor; with reuseport, one per
+ * Ownership: an inherited fd is never closed by multiloop. Each start
+ * listens on a dup of each (one for the acceptor; with reuseport, one per
  * worker, all on the one socket and its one accept queue), which the
  * listener closes at stop: so a stopped server can start again, and a
  * client that connects while it is stopped waits in the socket's backlog
@@ -204,44 +209,46 @@ static void list_passed(const passed_t *p, int n, char *out, size_t outlen) {
   if (i < n && used < outlen) snprintf(out + used, outlen - used, ", ...");
 }
 
-/* The fd that `listen` ("systemd" or "systemd:NAME") names, or -1 with a
- * message naming the option. */
-static int pick_passed(const char *listen, char *err, size_t errlen) {
+/* The fds that `listen` names: "systemd", every passed socket;
+ * "systemd:NAME", every one named NAME (a .socket unit with two
+ * ListenStream= lines names both after itself). A malloc'd array and its
+ * length, or NULL with a message naming the option (or "not enough
+ * memory", *n = -1: raise that as it is). */
+static int *pick_passed(const char *listen, int *count, char *err, size_t errlen) {
   char why[256], names[400];
   const char *want = NULL;
-  int i, n, found = -1, count = 0;
+  int i, n, k = 0;
+  int *fds;
   const passed_t *p;
+  *count = 0;
   if (strcmp(listen, "systemd") != 0) {
     if (strncmp(listen, "systemd:", 8) != 0 || listen[8] == '\0') {
       snprintf(err, errlen, "option 'listen' must be 'systemd' or 'systemd:NAME' (got '%.64s')",
                listen);
-      return -1;
+      return NULL;
     }
     want = listen + 8;
   }
   if ((p = get_passed(&n, why, sizeof why)) == NULL) {
     snprintf(err, errlen, "option 'listen' '%.64s': %s", listen, why);
-    return -1;
+    return NULL;
   }
-  list_passed(p, n, names, sizeof names);
-  if (want == NULL) {
-    if (n == 1) return p[0].fd;
-    snprintf(err, errlen, "option 'listen' 'systemd': LISTEN_FDS passed %d sockets (%s); a "
-             "server listens on one: pick it with 'systemd:NAME' or fd = n", n, names);
-    return -1;
+  if ((fds = malloc((size_t)n * sizeof *fds)) == NULL) {
+    snprintf(err, errlen, "not enough memory");
+    *count = -1;
+    return NULL;
   }
   for (i = 0; i < n; i++)
-    if (strcmp(p[i].name, want) == 0) {
-      if (count++ == 0) found = p[i].fd;
-    }
-  if (count == 1) return found;
-  if (count == 0)
+    if (want == NULL || strcmp(p[i].name, want) == 0) fds[k++] = p[i].fd;
+  if (k == 0) {
+    list_passed(p, n, names, sizeof names);
     snprintf(err, errlen, "option 'listen' '%.64s': no socket is named '%.40s' (passed: %s)",
              listen, want, names);
-  else
-    snprintf(err, errlen, "option 'listen' '%.64s': %d sockets are named '%.40s' (%s): "
-             "pick one with fd = n", listen, count, want, names);
-  return -1;
+    free(fds);
+    return NULL;
+  }
+  *count = k;
+  return fds;
 }
 
 /* --- checking and opening an inherited socket ------------------------------ */
@@ -306,24 +313,39 @@ fail_errno: {
   }
 }
 
-/* What messages call the socket: "option 'fd' 7", "option 'listen'
- * 'systemd:web' (fd 4)". */
-static void label_of(const multiloop_config_t *cfg, char *out, size_t outlen) {
+/* What messages call inherited socket i: "option 'fd' 7", "option
+ * 'listen' 'systemd:web' (fd 4)". */
+static void label_of(const multiloop_config_t *cfg, int i, char *out, size_t outlen) {
   if (cfg->inherit_listen)
     snprintf(out, outlen, "option 'listen' '%.64s' (fd %d)", cfg->inherit_listen,
-             cfg->inherit_fd);
+             cfg->inherit_fds[i]);
   else
-    snprintf(out, outlen, "option 'fd' %d", cfg->inherit_fd);
+    snprintf(out, outlen, "option 'fd' %d", cfg->inherit_fds[i]);
 }
 
-/* core.new, after the other options: `listen` or `fd` into cfg (inherit_fd
- * stays -1 without either), checked now so that a bad one fails the
+/* Checks every inherited socket of cfg; 0, or a uv error with a message.
+ * *is_unix: all are Unix sockets; *mixed: some are and some are not. */
+static int check_all(const multiloop_config_t *cfg, int *is_unix, int *mixed, char *err,
+                     size_t errlen) {
+  char label[128];
+  int i, rc, unix_n = 0, one = 0;
+  for (i = 0; i < cfg->ninherit; i++) {
+    label_of(cfg, i, label, sizeof label);
+    if ((rc = check_socket(cfg->inherit_fds[i], label, &one, err, errlen)) != 0) return rc;
+    unix_n += one;
+  }
+  *is_unix = unix_n == cfg->ninherit;
+  *mixed = unix_n > 0 && unix_n < cfg->ninherit;
+  return 0;
+}
+
+/* core.new, after the other options: `listen` or `fd` into cfg (ninherit
+ * stays 0 without either), checked now so that a bad one fails the
  * server's creation naming it (start checks again: it may have been closed
  * since). Raises. */
 void multiloop_inherited_config(lua_State *L, multiloop_config_t *cfg) {
-  char err[1024], label[128];
-  int is_unix, has_listen, has_fd;
-  cfg->inherit_fd = -1;
+  char err[1024];
+  int is_unix, mixed, has_listen, has_fd;
   has_listen = lua_getfield(L, 1, "listen") != LUA_TNIL;
   has_fd = lua_getfield(L, 1, "fd") != LUA_TNIL;
   lua_pop(L, 2);
@@ -340,52 +362,57 @@ void multiloop_inherited_config(lua_State *L, multiloop_config_t *cfg) {
       luaL_error(L, "option 'fd' must be an integer from 0 to %d (got %s)", INT_MAX,
                  luaL_tolstring(L, -1, NULL));
     lua_pop(L, 1);
-    cfg->inherit_fd = (int)fd;
+    if ((cfg->inherit_fds = malloc(sizeof *cfg->inherit_fds)) == NULL)
+      luaL_error(L, "not enough memory");
+    cfg->inherit_fds[0] = (int)fd;
+    cfg->ninherit = 1;                     /* config_free frees inherit_fds */
   } else {
     size_t n;
     const char *s;
-    char *copy;
+    int count;
     lua_getfield(L, 1, "listen");
     if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option 'listen' must be a string");
     s = lua_tolstring(L, -1, &n);
     if (n > 8 + MAX_NAME || strlen(s) != n)
       luaL_error(L, "option 'listen' must be 'systemd' or 'systemd:NAME' with a NAME of 1 to "
                  "%d bytes", MAX_NAME);
-    if ((cfg->inherit_fd = pick_passed(s, err, sizeof err)) < 0) luaL_error(L, "%s", err);
-    if ((copy = strdup(s)) == NULL) luaL_error(L, "not enough memory");
-    cfg->inherit_listen = copy;            /* config_free frees it */
+    if ((cfg->inherit_listen = strdup(s)) == NULL) luaL_error(L, "not enough memory");
+    if ((cfg->inherit_fds = pick_passed(s, &count, err, sizeof err)) == NULL)
+      luaL_error(L, "%s", err);
+    cfg->ninherit = count;                 /* config_free frees both */
     lua_pop(L, 1);
   }
-  label_of(cfg, label, sizeof label);
-  if (check_socket(cfg->inherit_fd, label, &is_unix, err, sizeof err) != 0)
-    luaL_error(L, "%s", err);
+  if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT && cfg->ninherit > 1)
+    luaL_error(L, "option 'dispatch' 'reuseport' serves one inherited socket, and option "
+               "'listen' '%s' names %d: use 'queue' or 'ipc'", cfg->inherit_listen,
+               cfg->ninherit);
+  if (check_all(cfg, &is_unix, &mixed, err, sizeof err) != 0) luaL_error(L, "%s", err);
 }
 
-/* open_sockets (server.c), main thread, each start: the listening fds of
- * this start, dups of the inherited one, into the acceptor's listen_fd (or
- * each reuseport worker's), which runtime_free closes if the start fails;
- * the address address() reports. 0, or a uv error with a message. */
-int multiloop_inherited_open(multiloop_runtime_t *rt, char *err, size_t errlen) {
-  const multiloop_config_t *cfg = rt->cfg;
-  int i, rc, n = cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT ? cfg->nworkers : 1;
-  char label[128];
+/* A dup of fd for a listener: close-on-exec, non-blocking (the flag is the
+ * socket's: the original fd gets it too). -1 with errno on failure. */
+static int dup_listening(int fd) {
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0), flags;
+  if (copy < 0) return -1;
+  if ((flags = fcntl(copy, F_GETFL)) < 0 || fcntl(copy, F_SETFL, flags | O_NONBLOCK) != 0) {
+    int e = errno;
+    close(copy);
+    errno = e;
+    return -1;
+  }
+  return copy;
+}
+
+/* What address() reports: the first socket's address. */
+static int record_address(multiloop_runtime_t *rt, int fd) {
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
-  label_of(cfg, label, sizeof label);
-  if ((rc = check_socket(cfg->inherit_fd, label, &rt->listen_unix, err, errlen)) != 0)
-    return rc;
-  for (i = 0; i < n; i++) {
-    uv_os_sock_t *slot = cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT
-                             ? &rt->workers[i].listen_fd : &rt->acceptor.listen_fd;
-    int fd = fcntl(cfg->inherit_fd, F_DUPFD_CLOEXEC, 0), flags;
-    if (fd < 0) goto fail_errno;
-    *slot = fd;
-    if ((flags = fcntl(fd, F_GETFL)) < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0)
-      goto fail_errno;
-  }
+  int is_unix;
   memset(&ss, 0, sizeof ss);
-  if (getsockname(cfg->inherit_fd, (struct sockaddr *)&ss, &len) != 0) goto fail_errno;
-  if (rt->listen_unix) {
+  if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0) return -1;
+  is_unix = ss.ss_family == AF_UNIX;
+  rt->bound_path[0] = '\0';
+  if (is_unix) {
     const struct sockaddr_un *sun = (const struct sockaddr_un *)&ss;
     size_t off = offsetof(struct sockaddr_un, sun_path);
     size_t plen = len > off ? len - off : 0;
@@ -397,7 +424,6 @@ int multiloop_inherited_open(multiloop_runtime_t *rt, char *err, size_t errlen) 
     } else {
       memcpy(rt->bound_path, sun->sun_path, plen);
       rt->bound_path[plen] = '\0';
-      rt->bound_path[strnlen(rt->bound_path, plen)] = '\0';
     }
   } else {
     uv_ip_name((const struct sockaddr *)&ss, rt->bound_host, sizeof rt->bound_host);
@@ -405,9 +431,75 @@ int multiloop_inherited_open(multiloop_runtime_t *rt, char *err, size_t errlen) 
                                                     : ((struct sockaddr_in *)&ss)->sin_port);
   }
   return 0;
+}
+
+/* open_sockets (server.c), main thread, each start: the listening fds of
+ * this start, dups of the inherited ones: the first into the acceptor's
+ * listen_fd (with reuseport, a dup of the one socket into each worker's),
+ * the others into acceptor.more_fds; whatever no thread has taken when the
+ * start fails or the server stops, runtime_free closes (here:
+ * multiloop_inherited_free). 0, or a uv error with a message. */
+int multiloop_inherited_open(multiloop_runtime_t *rt, char *err, size_t errlen) {
+  const multiloop_config_t *cfg = rt->cfg;
+  multiloop_acceptor_t *a = &rt->acceptor;
+  int reuseport = cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT;
+  int i, rc, n = reuseport ? cfg->nworkers : 1, at = 0;
+  char label[128];
+  if ((rc = check_all(cfg, &rt->listen_unix, &rt->listen_mixed, err, errlen)) != 0) return rc;
+  for (i = 0; i < n; i++) {
+    int fd = dup_listening(cfg->inherit_fds[0]);
+    if (fd < 0) goto fail_errno;
+    if (reuseport) rt->workers[i].listen_fd = fd;
+    else a->listen_fd = fd;
+  }
+  if (!reuseport && cfg->ninherit > 1) {
+    int more = cfg->ninherit - 1;
+    a->more = calloc((size_t)more, sizeof *a->more);
+    a->more_fds = malloc((size_t)more * sizeof *a->more_fds);
+    if (a->more == NULL || a->more_fds == NULL) {
+      snprintf(err, errlen, "not enough memory");
+      return UV_ENOMEM;                    /* multiloop_inherited_free frees what was made */
+    }
+    for (i = 0; i < more; i++) a->more_fds[i] = -1;
+    a->nmore = more;
+    for (i = 0; i < more; i++) {
+      at = i + 1;
+      if ((a->more_fds[i] = dup_listening(cfg->inherit_fds[at])) < 0) goto fail_errno;
+    }
+  }
+  at = 0;
+  if (record_address(rt, cfg->inherit_fds[0]) != 0) goto fail_errno;
+  return 0;
 
 fail_errno:
   rc = uv_translate_sys_error(errno);
+  label_of(cfg, at, label, sizeof label);
   snprintf(err, errlen, "%s: %s (%s)", label, uv_strerror(rc), uv_err_name(rc));
   return rc;
+}
+
+/* runtime_free, main thread, every thread joined: the other inherited
+ * sockets' dups no listener took, and their arrays. */
+void multiloop_inherited_free(multiloop_runtime_t *rt) {
+  multiloop_acceptor_t *a = &rt->acceptor;
+  int i;
+  for (i = 0; i < a->nmore; i++)
+    if (a->more_fds[i] >= 0) close(a->more_fds[i]);
+  free(a->more);
+  free(a->more_fds);
+  a->more = NULL;
+  a->more_fds = NULL;
+  a->nmore = 0;
+}
+
+/* Whether a connection is a Unix one. Known for the whole server unless
+ * its inherited sockets are of both kinds: then an ipc hand-off says (the
+ * type pending on the pipe) and an fd is asked (SO_DOMAIN). */
+int multiloop_conn_is_unix(const multiloop_runtime_t *rt, uv_pipe_t *pipe, uv_os_sock_t fd) {
+  int domain = 0;
+  socklen_t len = sizeof domain;
+  if (!rt->listen_mixed) return rt->listen_unix;
+  if (fd < 0) return pipe != NULL && uv_pipe_pending_type(pipe) == UV_NAMED_PIPE;
+  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return 0;
+  return domain == AF_UNIX;
 }

@@ -99,6 +99,8 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
   if (!reuseport) {
     total->handed_off = LOAD(rt->acceptor.handed_off);
     total->accept_errors = LOAD(rt->acceptor.listener.accept_errors);
+    for (i = 0; i < rt->acceptor.nmore; i++)       /* several inherited sockets */
+      total->accept_errors += LOAD(rt->acceptor.more[i].accept_errors);
   }
 }
 
@@ -121,6 +123,7 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
     free(w->error);
   }
   close_fd(&rt->acceptor.listen_fd);
+  multiloop_inherited_free(rt);            /* several inherited sockets: the others */
   multiloop_listen_unlink(rt->cfg, &rt->listen_addr);   /* only the file we made */
   free(rt->acceptor.error);
   free(rt->acceptor.pipes);
@@ -143,7 +146,7 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   socklen_t len = sizeof ss;
   uv_os_sock_t first;
   multiloop_listen_addr_t *la = &rt->listen_addr;
-  if (cfg->inherit_fd >= 0) return multiloop_inherited_open(rt, err, errlen);   /* listen, fd */
+  if (cfg->ninherit > 0) return multiloop_inherited_open(rt, err, errlen);   /* listen, fd */
   rt->listen_unix = cfg->path != NULL;
   if ((rc = multiloop_listen_resolve(cfg, la, err, errlen)) != 0) return rc;
   if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
@@ -341,6 +344,7 @@ static void config_free(multiloop_config_t *cfg) {
   free(cfg->package_path);
   free(cfg->package_cpath);
   free(cfg->inherit_listen);
+  free(cfg->inherit_fds);
   memset(cfg, 0, sizeof *cfg);
 }
 
@@ -456,7 +460,6 @@ int multiloop_server_new(lua_State *L) {
   luaL_setmetatable(L, SERVER_MT);         /* from here __gc frees what is copied */
   cfg = &s->cfg;
   cfg->mode = -1;
-  cfg->inherit_fd = -1;
 
   cfg->nworkers = nworkers;
   cfg->port = (int)int_field(L, "port", 0, 65535);
