@@ -410,7 +410,7 @@ static int record_address(multiloop_runtime_t *rt, int fd) {
   int is_unix;
   memset(&ss, 0, sizeof ss);
   if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0) return -1;
-  is_unix = ss.ss_family == AF_UNIX;
+  rt->bound_unix = is_unix = ss.ss_family == AF_UNIX;
   rt->bound_path[0] = '\0';
   if (is_unix) {
     const struct sockaddr_un *sun = (const struct sockaddr_un *)&ss;

@@ -371,6 +371,7 @@ struct multiloop_runtime_s {
    * for an inherited Unix socket, its path for address() (activation.c). */
   int listen_unix;                     /* every listening socket is a Unix one */
   int listen_mixed;                    /* some are, some are not: ask each fd */
+  int bound_unix;                      /* address() reports bound_path */
   char bound_path[112];                /* sun_path, "@name" when abstract */
 };
 

@@ -598,7 +598,7 @@ static int server_address(lua_State *L) {
     lua_pushstring(L, s->cfg.path);
     return 1;
   }
-  if (s->rt->listen_unix) {                /* an inherited one: the path it is bound to */
+  if (s->rt->bound_unix) {                 /* an inherited one: the path it is bound to */
     lua_pushstring(L, s->rt->bound_path);
     return 1;
   }
