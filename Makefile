@@ -15,12 +15,13 @@ LUA      ?= lua5.4
 # runs and `make lint` need on top (the examples' specs drive them with
 # redis-cli and redis-benchmark from redis-tools, ab from apache2-utils, and
 # curl; packaging_spec runs `luarocks make` and `luarocks test`, offline in
-# a network namespace made with iproute2). LINT_PACKAGES is the part of
+# a network namespace made with iproute2; activation_spec starts a server
+# under systemd-socket-activate, from systemd). LINT_PACKAGES is the part of
 # TEST_PACKAGES that `make lint` uses.
 BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev libssl-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
 TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server lua-nginx-redis apache2-utils curl \
-                  valgrind luarocks iproute2 $(LINT_PACKAGES)
+                  valgrind luarocks iproute2 systemd $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes
 
@@ -170,7 +171,7 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/message_spec.lua spec/timer_spec.lua spec/examples_spec.lua \
               spec/kv_spec.lua spec/unix_spec.lua spec/thread_spec.lua spec/serve_spec.lua \
               spec/serve_hostile_spec.lua spec/outbound_spec.lua spec/outbound_hostile_spec.lua \
-              spec/redis_spec.lua spec/proxy_spec.lua
+              spec/redis_spec.lua spec/proxy_spec.lua spec/activation_spec.lua
 
 .PHONY: tsan
 tsan: check-test-deps

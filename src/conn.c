@@ -273,7 +273,8 @@ void multiloop_conn_opened(multiloop_conn_t *c) {
 static int accept_body(lua_State *L) {
   accept_ev *ev = lua_touserdata(L, 1);
   multiloop_worker_t *w = ev->w;
-  multiloop_conn_t *c = multiloop_conn_new(L, w, w->cfg->path != NULL, w->serve, 0);
+  multiloop_conn_t *c = multiloop_conn_new(L, w, multiloop_conn_is_unix(w->rt, &w->pipe, ev->fd),
+                                            w->serve, 0);
   int rc;
   c->counted = 1;                          /* the fd holds a slot (slots.c) */
   ev->taken = 1;

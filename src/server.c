@@ -105,6 +105,8 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
   if (!reuseport) {
     total->handed_off = LOAD(rt->acceptor.handed_off);
     total->accept_errors = LOAD(rt->acceptor.listener.accept_errors);
+    for (i = 0; i < rt->acceptor.nmore; i++)       /* several inherited sockets */
+      total->accept_errors += LOAD(rt->acceptor.more[i].accept_errors);
   }
 }
 
@@ -127,6 +129,7 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
     free(w->error);
   }
   close_fd(&rt->acceptor.listen_fd);
+  multiloop_inherited_free(rt);            /* several inherited sockets: the others */
   multiloop_listen_unlink(rt->cfg, &rt->listen_addr);   /* only the file we made */
   free(rt->acceptor.error);
   free(rt->acceptor.pipes);
@@ -149,6 +152,8 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   socklen_t len = sizeof ss;
   uv_os_sock_t first;
   multiloop_listen_addr_t *la = &rt->listen_addr;
+  if (cfg->ninherit > 0) return multiloop_inherited_open(rt, err, errlen);   /* listen, fd */
+  rt->listen_unix = cfg->path != NULL;
   if ((rc = multiloop_listen_resolve(cfg, la, err, errlen)) != 0) return rc;
   if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
     if ((rc = multiloop_listen_probe(cfg, la, port, &port, err, errlen)) != 0) return rc;
@@ -345,6 +350,8 @@ static void config_free(multiloop_config_t *cfg) {
   free(cfg->package_path);
   free(cfg->package_cpath);
   multiloop_tls_free(cfg);
+  free(cfg->inherit_listen);
+  free(cfg->inherit_fds);
   memset(cfg, 0, sizeof *cfg);
 }
 
@@ -426,6 +433,12 @@ static int choice_field(lua_State *L, const char *key, const char *const names[]
         return i;
       }
   return bad_option(L, key, "is not one of the choices");
+}
+
+static int has_field(lua_State *L, const char *key) {
+  int has = lua_getfield(L, 1, key) != LUA_TNIL;
+  lua_pop(L, 1);
+  return has;
 }
 
 static int bool_field(lua_State *L, const char *key) {
@@ -517,6 +530,9 @@ int multiloop_server_new(lua_State *L) {
     if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT)
       return luaL_error(L, "option 'dispatch' 'reuseport' cannot listen on a Unix socket (path)");
     cfg->host = str_field(L, "host", 0, MULTILOOP_MAX_HOST, 0, NULL);   /* unused */
+  } else if (has_field(L, "listen") || has_field(L, "fd")) {
+    lua_pop(L, 1);                         /* an inherited socket: multiloop_inherited_config */
+    cfg->host = str_field(L, "host", 0, MULTILOOP_MAX_HOST, 0, NULL);   /* unused */
   } else {
     lua_pop(L, 1);
     cfg->host = str_field(L, "host", 1, MULTILOOP_MAX_HOST, 0, NULL);
@@ -528,6 +544,7 @@ int multiloop_server_new(lua_State *L) {
   } else {
     lua_pop(L, 1);
   }
+  multiloop_inherited_config(L, cfg);      /* listen, fd: socket activation (activation.c) */
   cfg->handler_kind = (multiloop_handler_kind)choice_field(L, "handler_kind", kinds, -1);
   if ((int)cfg->handler_kind < 0) return luaL_error(L, "option 'handler_kind' is required");
   cfg->handler = str_field(L, "handler", 1, MAX_BYTES, cfg->handler_kind ==
@@ -587,6 +604,10 @@ static int server_address(lua_State *L) {
   }
   if (s->cfg.path) {                       /* a Unix socket: just its path */
     lua_pushstring(L, s->cfg.path);
+    return 1;
+  }
+  if (s->rt->bound_unix) {                 /* an inherited one: the path it is bound to */
+    lua_pushstring(L, s->rt->bound_path);
     return 1;
   }
   lua_pushstring(L, s->rt->bound_host);

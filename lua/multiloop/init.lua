@@ -173,6 +173,16 @@ local checks = {
     if type(v) ~= "string" then fail("tls_ca", "must be a path to a PEM file of CA certificates", v) end
     return v
   end,
+  -- Socket activation and inherited sockets (src/activation.c): which socket
+  -- and whether it is one we can serve are checked by the core.
+  listen = function(v)
+    if type(v) ~= "string" or not (v == "systemd" or v:match("^systemd:[^%z]+$")) or #v > 263 then
+      fail("listen", "must be 'systemd' or 'systemd:NAME' (NAME: one of LISTEN_FDNAMES, "
+        .. "1 to 255 bytes)", v)
+    end
+    return v
+  end,
+  fd = function(v) return integer_in("fd", v, 0, 0x7fffffff) end,
 }
 
 -- dispatch: the fastest mode on connection rate, measured with `make bench`
@@ -204,6 +214,15 @@ local function check_server(self, method)
   return self
 end
 
+--- The sockets socket activation passed to this process: { { fd = 3, name =
+-- "web" }, ... } (a socket without a name in LISTEN_FDNAMES is "unknown"),
+-- or nil, why. Read from LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES on the
+-- first call (or the first server with `listen`), which then removes them
+-- and marks the sockets close-on-exec (src/activation.c).
+function M.listen_fds()
+  return core.listen_fds()
+end
+
 --- Creates a server; nothing runs until start() or run().
 function M.server(opts)
   if type(opts) ~= "table" then
@@ -219,7 +238,19 @@ function M.server(opts)
       error("multiloop.server: option 'handler' is required "
         .. "(a module name, a path to a .lua file, or a function)", 0)
     end
-    if opts.path ~= nil then
+    local inherited = opts.listen ~= nil and "listen" or opts.fd ~= nil and "fd" or nil
+    if inherited then
+      -- The socket exists already: where it listens, and how, are its owner's.
+      if opts.listen ~= nil and opts.fd ~= nil then
+        error("multiloop.server: option 'listen' cannot be combined with 'fd'", 0)
+      end
+      for _, k in ipairs { "host", "port", "path", "backlog", "mode", "unlink" } do
+        if opts[k] ~= nil then
+          error(("multiloop.server: option '%s' (an inherited socket) cannot be combined with "
+            .. "'%s'"):format(inherited, k), 0)
+        end
+      end
+    elseif opts.path ~= nil then
       if opts.port ~= nil or opts.host ~= nil then
         error("multiloop.server: option 'path' (a Unix socket) cannot be combined with "
           .. "'host' or 'port'", 0)
@@ -245,11 +276,15 @@ function M.server(opts)
   ok, err = pcall(function()
     for k, check in pairs(checks) do
       local v = opts[k]
-      if v == nil and not (opts.path and (k == "host" or k == "port")) then v = defaults[k] end
+      local elsewhere = opts.path or opts.listen or opts.fd      -- no host, no port
+      if v == nil and not (elsewhere and (k == "host" or k == "port")) then v = defaults[k] end
       if v ~= nil then o[k] = check(v) end
     end
     o.workers = o.workers or core.parallelism()
-    o.dispatch = o.dispatch or ((o.path or o.balance) and "queue" or "reuseport")
+    -- An inherited socket has one accept queue whatever the dispatch, so
+    -- reuseport has nothing to spread: queue (README, "Inherited sockets").
+    o.dispatch = o.dispatch or ((o.path or o.balance or o.listen or o.fd) and "queue"
+      or "reuseport")
     if o.dispatch ~= "reuseport" then o.balance = o.balance or "round_robin" end
     o.write_low_water = o.write_low_water or o.write_high_water // 4
     if o.write_low_water >= o.write_high_water then
@@ -275,6 +310,8 @@ function M.server(opts)
     host = o.host,
     port = o.port,
     path = o.path,
+    listen = o.listen,
+    fd = o.fd,
     dispatch = o.dispatch,
     workers = o.workers,
     handler = type(opts.handler) == "string" and opts.handler or "function",
@@ -388,6 +425,11 @@ function Server:__tostring()
   local where
   if self.path then
     where = "path=" .. self.path
+  elseif self.listen or self.fd then
+    where = self.listen and ("listen=" .. self.listen) or ("fd=" .. self.fd)
+    local a, port = self._core:address()
+    if port then where = where .. (", host=%s, port=%d"):format(a, port)
+    elseif a then where = where .. ", path=" .. a end
   else
     local host, port = self._core:address()
     if not host then host, port = self.host, self.port end
