@@ -20,7 +20,7 @@ LUA      ?= lua5.4
 # TEST_PACKAGES that `make lint` uses.
 BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev libssl-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
-TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server lua-nginx-redis apache2-utils curl \
+TEST_PACKAGES  ?= lua-busted lua-socket lua-sec openssl haproxy redis-tools redis-server lua-nginx-redis apache2-utils curl \
                   valgrind luarocks iproute2 systemd $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes
@@ -171,7 +171,7 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/message_spec.lua spec/timer_spec.lua spec/examples_spec.lua \
               spec/kv_spec.lua spec/unix_spec.lua spec/thread_spec.lua spec/serve_spec.lua \
               spec/serve_hostile_spec.lua spec/outbound_spec.lua spec/outbound_hostile_spec.lua \
-              spec/redis_spec.lua spec/proxy_spec.lua spec/activation_spec.lua
+              spec/redis_spec.lua spec/proxy_spec.lua spec/proxy_protocol_spec.lua spec/activation_spec.lua
 
 .PHONY: tsan
 tsan: check-test-deps

@@ -92,6 +92,8 @@ typedef struct {
    * sslhandshake (made on first use; tls_ca's path). */
   struct multiloop_tls_s *tls;
   struct multiloop_tls_client_s *tls_client;
+  /* PROXY protocol (proxy.c): the trusted sources and timeout, or NULL. */
+  struct multiloop_proxy_cfg_s *proxy;
   /* Socket activation and inherited sockets (activation.c) */
   int ninherit;               /* inherited sockets to listen on (dups of them); 0: none */
   int *inherit_fds;           /* malloc'd: their fds, ninherit of them */
@@ -100,6 +102,7 @@ typedef struct {
 typedef struct multiloop_tls_s multiloop_tls_t;
 typedef struct multiloop_tls_client_s multiloop_tls_client_t;
 typedef struct multiloop_tls_worker_s multiloop_tls_worker_t;
+typedef struct multiloop_proxy_cfg_s multiloop_proxy_cfg_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
 #define MULTILOOP_INBOX_LIMIT_DEFAULT (64 * 1024 * 1024)
@@ -295,6 +298,8 @@ struct multiloop_worker_s {
   multiloop_tls_worker_t *tls;
   atomic_uint_fast64_t tls_handshakes;
   atomic_uint_fast64_t tls_errors;     /* failed handshakes, bad records, alerts */
+  /* PROXY protocol (proxy.c, conn.c): connections refused before the handler. */
+  atomic_uint_fast64_t proxy_errors;
 
   /* Timers and messages (timer.c, message.c). `timers` is the worker
    * thread's alone; msg_ready is set once by the worker (its inbox is up)

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "multiloop.h"
+#include "proxy.h"
 #include "tls.h"
 
 #define SERVER_MT "multiloop.core.server"
@@ -41,6 +42,7 @@ typedef struct {
   uint64_t threads;                    /* live light threads (thread.c) */
   uint64_t connects, connect_errors, reused, pooled;   /* outbound (outbound.c) */
   uint64_t tls_handshakes, tls_errors;                 /* tls.c */
+  uint64_t proxy_errors;                               /* proxy.c */
 } counts_t;
 
 typedef struct {
@@ -93,6 +95,8 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
     c->tls_errors = LOAD(w->tls_errors);
     total->tls_handshakes += c->tls_handshakes;
     total->tls_errors += c->tls_errors;
+    c->proxy_errors = LOAD(w->proxy_errors);
+    total->proxy_errors += c->proxy_errors;
     total->accepted += c->accepted;
     total->active += c->active;
     total->bytes_in += c->bytes_in;
@@ -350,6 +354,7 @@ static void config_free(multiloop_config_t *cfg) {
   free(cfg->package_path);
   free(cfg->package_cpath);
   multiloop_tls_free(cfg);
+  multiloop_proxy_free(cfg);
   free(cfg->inherit_listen);
   free(cfg->inherit_fds);
   memset(cfg, 0, sizeof *cfg);
@@ -558,6 +563,7 @@ int multiloop_server_new(lua_State *L) {
   }
   lua_pop(L, 1);
   multiloop_tls_configure(L, 1, cfg);      /* tls, tls_ca: OpenSSL loads the files now */
+  multiloop_proxy_configure(L, 1, cfg);
   lua_settop(L, 2);                        /* opts, the server */
   return 1;
 }
@@ -838,6 +844,7 @@ static int server_stats(lua_State *L) {
     set_counter(L, "pooled", s->counts[i].pooled);
     set_counter(L, "tls_handshakes", s->counts[i].tls_handshakes);
     set_counter(L, "tls_errors", s->counts[i].tls_errors);
+    set_counter(L, "proxy_errors", s->counts[i].proxy_errors);
     lua_rawseti(L, -2, i);
   }
   lua_setfield(L, -2, "workers");
@@ -854,6 +861,7 @@ static int server_stats(lua_State *L) {
   set_counter(L, "pooled", s->counts[0].pooled);
   set_counter(L, "tls_handshakes", s->counts[0].tls_handshakes);
   set_counter(L, "tls_errors", s->counts[0].tls_errors);
+  set_counter(L, "proxy_errors", s->counts[0].proxy_errors);
   return 1;
 }
 

@@ -169,6 +169,26 @@ local checks = {
     end
     return v
   end,
+  -- PROXY protocol (src/proxy.c): the addresses are parsed by the core.
+  proxy_protocol = function(v)
+    if type(v) ~= "table" then
+      fail("proxy_protocol", "must be a table { from = { trusted addresses }, timeout = ms }", v)
+    end
+    for k in pairs(v) do
+      if k ~= "from" and k ~= "timeout" then
+        fail("proxy_protocol", "has an unknown field '" .. tostring(k) .. "'", v)
+      end
+    end
+    if type(v.from) ~= "table" or #v.from == 0 then
+      fail("proxy_protocol.from", "is required: a list of trusted addresses or CIDR blocks "
+        .. "(a receiver must never guess whether a header is there)", v.from)
+    end
+    for i, a in ipairs(v.from) do
+      if type(a) ~= "string" then fail(("proxy_protocol.from[%d]"):format(i), "must be a string", a) end
+    end
+    if v.timeout ~= nil then integer_in("proxy_protocol.timeout", v.timeout, 1, MAX_MS) end
+    return v
+  end,
   tls_ca = function(v)
     if type(v) ~= "string" then fail("tls_ca", "must be a path to a PEM file of CA certificates", v) end
     return v
