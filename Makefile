@@ -1,10 +1,12 @@
 # multiloop: build, run, test, install.
 #   make          build build/multiloop/core.so
-#   make run      build and start examples/echo.lua on 127.0.0.1:7000
+#   make run      build and serve examples/echo_handler.lua on 127.0.0.1:7000
+#                 with the multiloop command (bin/multiloop)
 #   make test     run the specs (prints "N passed, N failed" last)
 #   make lint     luacheck, cppcheck and gcc -fanalyzer, all clean
 #   make deps     install the Debian packages the project needs that are missing
-#   make install  copy the module and the Lua files to LIBDIR and LUADIR
+#   make install  copy the module and the Lua files to LIBDIR and LUADIR, and
+#                 the multiloop command to BINDIR (none when BINDIR is empty)
 # Only `deps`, `run` and `test` install packages, and `run` and `test` only
 # the ones that are missing. Every other goal (the build, `lint`, `asan`,
 # `tsan`, `valgrind`, `bench`) stops at once, naming what is missing.
@@ -62,6 +64,10 @@ LIBFLAG      ?= -shared
 # Where `make install` puts the module (luarocks passes its tree's).
 LIBDIR       ?= /usr/local/lib/lua/5.4
 LUADIR       ?= /usr/local/share/lua/5.4
+# Where it puts the command; luarocks passes it empty and installs the
+# command itself (the rockspec's build.install.bin), with a wrapper that
+# sets its tree's paths.
+BINDIR       ?= /usr/local/bin
 
 OPTFLAGS ?= -O2 -g
 WERROR   ?= -Werror
@@ -99,7 +105,7 @@ deps:
 
 run: check-deps
 	@$(MAKE) --no-print-directory build
-	$(LUA) examples/echo.lua
+	$(LUA) bin/multiloop examples/echo_handler.lua --port 7000
 
 # SPECS picks spec files: make test SPECS=spec/stop_spec.lua (also asan, valgrind).
 # Each file's stderr (tracebacks the specs provoke, sanitizer reports) goes
@@ -134,6 +140,8 @@ install: build
 	install -d $(DESTDIR)$(LIBDIR)/multiloop $(DESTDIR)$(LUADIR)/multiloop
 	install -m 755 $(MODULE) $(DESTDIR)$(LIBDIR)/multiloop/core.so
 	install -m 644 lua/multiloop/*.lua $(DESTDIR)$(LUADIR)/multiloop/
+	$(if $(BINDIR),install -d $(DESTDIR)$(BINDIR))
+	$(if $(BINDIR),install -m 755 bin/multiloop $(DESTDIR)$(BINDIR)/multiloop)
 
 clean:
 	rm -rf $(BUILD)
