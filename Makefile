@@ -17,12 +17,13 @@ LUA      ?= lua5.4
 # runs and `make lint` need on top (the examples' specs drive them with
 # redis-cli and redis-benchmark from redis-tools, ab from apache2-utils, and
 # curl; packaging_spec runs `luarocks make` and `luarocks test`, offline in
-# a network namespace made with iproute2). LINT_PACKAGES is the part of
-# TEST_PACKAGES that `make lint` uses.
+# a network namespace made with iproute2; metrics_spec reads server:metrics()
+# with the Prometheus client's own parser, python3-prometheus-client).
+# LINT_PACKAGES is the part of TEST_PACKAGES that `make lint` uses.
 BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
 TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server lua-nginx-redis apache2-utils curl \
-                  valgrind luarocks iproute2 $(LINT_PACKAGES)
+                  valgrind luarocks iproute2 python3-prometheus-client $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes
 
@@ -129,7 +130,7 @@ CPPCHECK = cppcheck -q --std=c11 --enable=warning,performance,portability \
 ANALYZER_CC ?= gcc
 
 lint: check-lint-deps
-	luacheck -q --no-color lua spec examples bench
+	luacheck -q --no-color lua spec examples bench bin/multiloop
 	$(CPPCHECK) $(SRC)
 	@for f in $(SRC); do \
 	  echo "$(ANALYZER_CC) -fanalyzer $$f"; \

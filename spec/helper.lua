@@ -349,4 +349,47 @@ function M.full_listener()
   return tonumber(lport)
 end
 
+-- Starts the shell command line `cmd` (no single quotes in it) as a child
+-- process, exec'd in place of sh so that its pid is the command's: stdout is
+-- read here (line() reads the next line, nil at the end), stderr goes to a
+-- file (stderr()). wait() returns the rest of stdout, how it ended ("exit"
+-- or "signal") and the code; signal(sig) sends one (INT and TERM once the
+-- child catches them: see spawn). Killed when the test ends unless waited.
+function M.spawn_command(cmd)
+  local errfile = os.tmpname()
+  local p = assert(io.popen(("sh -c 'echo $$; exec %s 2>%s'"):format(cmd, errfile), "r"))
+  local child = { pipe = p, errfile = errfile }
+  child.pid = tonumber(p:read("*l"))
+  function child.line() return p:read("*l") end
+  function child.caught_term()
+    return M.eventually(function() return procsig.caught(child.pid, "TERM") end, 10000)
+  end
+  function child.signal(sig)
+    if sig == "TERM" or sig == "INT" then
+      assert(child.caught_term(), "the child never caught SIGTERM: " .. child.stderr())
+    end
+    os.execute(("kill -%s %d"):format(sig, child.pid))
+  end
+  function child.wait()
+    local rest = p:read("*a")
+    local _, how, code = p:close()
+    child.waited = true
+    return rest, how, code
+  end
+  function child.stderr()
+    local f = io.open(errfile)
+    local s = f and f:read("*a") or ""
+    if f then f:close() end
+    return s
+  end
+  M.defer(function()
+    if not child.waited then
+      os.execute(("kill -KILL %d 2>/dev/null"):format(child.pid))
+      pcall(p.close, p)
+    end
+    os.remove(errfile)
+  end)
+  return child
+end
+
 return M

@@ -351,19 +351,23 @@ local function sample_value(v)
   return ("%.17g"):format(v)
 end
 
---- stats() in the Prometheus text exposition format (version 0.0.4): per
--- metric a # HELP and a # TYPE line, the total without labels, then each
--- worker's figure labelled worker="N" where stats() has one per worker.
-function Server:metrics()
-  check_server(self, "metrics")
-  local stats = self._core:stats()
-  local workers = stats.workers or {}
+--- multiloop.metrics_text(stats): a table shaped as stats() returns (its
+-- numeric fields, and workers[i]'s) in the Prometheus text exposition format
+-- (version 0.0.4): per metric a # HELP and a # TYPE line, the total without
+-- labels, then each worker's figure labelled worker="N" where stats() has
+-- one per worker. server:metrics() is this over server:stats().
+function M.metrics_text(stats)
+  if type(stats) ~= "table" then
+    error("multiloop.metrics_text: expected a table shaped as server:stats() returns (got "
+      .. type(stats) .. ")", 2)
+  end
+  local workers = type(stats.workers) == "table" and stats.workers or {}
   local names, seen = {}, {}
   for _, m in ipairs(METRICS) do
     names[#names + 1], seen[m[1]] = m[1], true
   end
   local extra = {}
-  for _, t in ipairs { stats, workers[1] or {} } do
+  for _, t in ipairs { stats, type(workers[1]) == "table" and workers[1] or {} } do
     for k, v in pairs(t) do
       if type(k) == "string" and type(v) == "number" and not seen[k] and k:match("^[%a_][%w_]*$") then
         extra[#extra + 1], seen[k] = k, true
@@ -381,7 +385,7 @@ function Server:metrics()
       lines[#lines + 1] = metric .. " " .. sample_value(stats[name])
     end
     for i, w in ipairs(workers) do
-      if type(w[name]) == "number" then
+      if type(w) == "table" and type(w[name]) == "number" then
         lines[#lines + 1] = ('%s{worker="%d"} %s'):format(metric, i, sample_value(w[name]))
       end
     end
@@ -392,6 +396,12 @@ function Server:metrics()
     end
   end
   return table.concat(out, "\n") .. "\n"
+end
+
+--- stats() in the Prometheus text exposition format (multiloop.metrics_text).
+function Server:metrics()
+  check_server(self, "metrics")
+  return M.metrics_text(self._core:stats())
 end
 
 --- Starts (unless running) and serves until SIGINT or SIGTERM. The first
