@@ -126,7 +126,7 @@ describe("the multiloop command #child", function()
       assert.are.equal(("multiloop: start: bind 127.0.0.1 port %d: address already in use "
         .. "(EADDRINUSE)\n"):format(port), err)
       out, err, code = run("spec/fixtures/syntax_error.lua --port 0 --workers 1")
-      assert.are.equal(1, code)
+      assert.are.same({ "", 1 }, { out, code })
       assert.truthy(err:find("^multiloop: start: worker 1 failed to load the handler: "
         .. "spec/fixtures/syntax_error.lua:3: "), err)
     end)
