@@ -146,7 +146,7 @@ describe("server:metrics()", function()
       "multiloop_reused_total", "multiloop_pooled" }, order)
   end)
 
-  it("reads the same in the Prometheus client's own parser", function()
+  it("reads the same in the Prometheus client's own parser #child", function()
     assert(os.execute("env -u LD_PRELOAD " .. PYTHON .. " -c 'import prometheus_client.parser' "
       .. "2>/dev/null"), "python3-prometheus-client is not installed (make test installs it)")
     local s = busy_server()
