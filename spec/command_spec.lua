@@ -107,7 +107,7 @@ describe("the multiloop command #child", function()
     it("listens on a Unix socket with --path, and removes it at the end", function()
       local path = helper.sock_path()
       local child, line = serve("spec/fixtures/greeter.lua --path " .. path .. " --workers 1")
-      assert.are.equal(("multiloop: listening on %s (1 workers, dispatch queue, handler "
+      assert.are.equal(("multiloop: listening on %s (1 worker, dispatch queue, handler "
         .. "spec/fixtures/greeter.lua)"):format(path), line)
       local c = helper.connect_unix(path)
       assert.are.equal("hello from worker 1 of 1", helper.line(c))
@@ -160,7 +160,7 @@ return {
 }]]):format(helper.sock_path()))
       local child, line, port = serve("spec/fixtures/greeter.lua --config=" .. conf
         .. " --workers 1 --port 0")
-      assert.are.equal(("multiloop: listening on 127.0.0.1:%d (1 workers, dispatch ipc, "
+      assert.are.equal(("multiloop: listening on 127.0.0.1:%d (1 worker, dispatch ipc, "
         .. "handler spec/fixtures/greeter.lua)"):format(port), line)
       local c = helper.connect(port)
       assert.are.equal("hey from worker 1 of 1", helper.line(c))
