@@ -231,7 +231,7 @@ describe("multiloop.metrics_text", function()
   end)
 end)
 
-describe("server:run{ every, tick }", function()
+describe("server:run{ ready, every, tick }", function()
   it("runs tick in this state every `every` ms while serving; an error in it stops and raises", function()
     local s = multiloop.server{ host = "127.0.0.1", port = 0, workers = 1,
                                 handler = "examples.echo_handler" }
@@ -252,13 +252,53 @@ describe("server:run{ every, tick }", function()
     assert.are.same({ nil, "not running" }, { s:address() })
   end)
 
+  it("runs ready once it serves, before any tick; an error in it stops and raises", function()
+    local s = multiloop.server{ host = "127.0.0.1", port = 0, workers = 1,
+                                handler = "examples.echo_handler" }
+    helper.defer(function() s:stop() end)
+    local calls = {}
+    local ok, err = pcall(s.run, s, {
+      ready = function(server)
+        calls[#calls + 1] = "ready " .. tostring(select(2, server:address()) > 0)
+      end,
+      every = 10,
+      tick = function()
+        calls[#calls + 1] = "tick"
+        if #calls == 3 then error("stop here") end
+      end,
+    })
+    assert.is_false(ok)
+    assert.truthy(err:find("multiloop.server: run: tick: ", 1, true), err)
+    assert.are.same({ "ready true", "tick", "tick" }, calls)
+    ok, err = pcall(s.run, s, { ready = function() error("not ready") end })
+    assert.is_false(ok)
+    assert.truthy(err:find("multiloop.server: run: ready: ", 1, true), err)
+    assert.truthy(err:find("not ready", 1, true), err)
+    assert.are.same({ nil, "not running" }, { s:address() })
+  end)
+
+  it("raises a failed start as start() does, pointing at its caller", function()
+    local taken = assert(socket.bind("127.0.0.1", 0))
+    helper.defer(function() taken:close() end)
+    local _, port = taken:getsockname()
+    local s = multiloop.server{ host = "127.0.0.1", port = tonumber(port), workers = 1,
+                                dispatch = "queue", handler = "examples.echo_handler" }
+    local ok, err = pcall(s.run, s, { ready = function() error("never called") end })
+    assert.is_false(ok)
+    assert.truthy(err:find(("multiloop.server: start: bind 127.0.0.1 port %d: address already "
+      .. "in use (EADDRINUSE)"):format(port), 1, true), err)
+    assert.is_falsy(err:find("init.lua", 1, true), err)
+  end)
+
   for _, case in ipairs {
+    { { ready = true }, "multiloop.server: run: option 'ready' must be a function (got true)" },
     { { every = 0, tick = print }, "multiloop.server: run: option 'every' must be an integer from 1 to 2147483647 (got 0)" },
     { { every = 10, tick = 1 }, "multiloop.server: run: option 'tick' must be a function (got 1)" },
     { { every = 10 }, "multiloop.server: run: option 'every' and option 'tick' go together" },
     { { tick = print }, "multiloop.server: run: option 'every' and option 'tick' go together" },
     { { each = 10 }, "multiloop.server: run: unknown option 'each'" },
-    { 5, "multiloop.server: run: expected nil or a table { timeout = ms, every = ms, tick = fn } (got number)" },
+    { 5, "multiloop.server: run: expected nil or a table { timeout = ms, every = ms, tick = fn, "
+      .. "ready = fn } (got number)" },
   } do
     it("raises on bad options before it starts: " .. case[2], function()
       local s = multiloop.server{ host = "127.0.0.1", port = 0, workers = 1,

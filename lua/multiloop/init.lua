@@ -406,16 +406,18 @@ end
 
 --- Starts (unless running) and serves until SIGINT or SIGTERM. The first
 -- signal stops gracefully, giving connections opts.timeout ms (default
--- 5000) to finish; a second one stops at once. With opts.tick (a function)
--- and opts.every (ms), tick(server) runs in this state every `every` ms
--- while it serves (an error in it stops the server at once and is raised).
--- Returns the first signal's name and how many signals arrived during run().
-local run_options = { timeout = true, every = true, tick = true }
+-- 5000) to finish; a second one stops at once. opts.ready(server) runs once
+-- it serves, with the signals already caught (where to say that it
+-- listens); with opts.tick (a function) and opts.every (ms), tick(server)
+-- runs in this state every `every` ms while it serves. An error in either
+-- stops the server at once and is raised. Returns the first signal's name
+-- and how many signals arrived during run().
+local run_options = { timeout = true, every = true, tick = true, ready = true }
 function Server:run(opts)
   check_server(self, "run")
   if opts ~= nil and type(opts) ~= "table" then
     error("multiloop.server: run: expected nil or a table { timeout = ms, every = ms, "
-      .. "tick = fn } (got " .. type(opts) .. ")", 2)
+      .. "tick = fn, ready = fn } (got " .. type(opts) .. ")", 2)
   end
   opts = opts or {}
   for k in pairs(opts) do
@@ -428,6 +430,9 @@ function Server:run(opts)
     integer_in("timeout", timeout, 0, MAX_MS)
     if every ~= nil then integer_in("every", every, 1, MAX_MS) end
     if tick ~= nil and type(tick) ~= "function" then fail("tick", "must be a function", tick) end
+    if opts.ready ~= nil and type(opts.ready) ~= "function" then
+      fail("ready", "must be a function", opts.ready)
+    end
     if (every == nil) ~= (tick == nil) then
       error("multiloop.server: option 'every' and option 'tick' go together", 0)
     end
@@ -437,17 +442,22 @@ function Server:run(opts)
   -- whole of run(), and one that arrives while nothing waits (during start,
   -- between the two waits, during the final stop) is kept, not lost.
   local signals <close> = self._core:signals()
-  if not self._core:running() then self:start() end
+  if not self._core:running() then
+    local started, why = self._core:start()  -- raised from here, as start() does
+    if not started then error("multiloop.server: start: " .. why, 2) end
+  end
+  local function call(name, fn)
+    local done, why = pcall(fn, self)
+    if not done then
+      self._core:stop()
+      error(("multiloop.server: run: %s: %s"):format(name, tostring(why)), 3)
+    end
+  end
+  if opts.ready then call("ready", opts.ready) end
   local sig
   repeat
     sig = signals:wait(false, every)         -- nil, "timeout" once `every` ms pass
-    if sig == nil then
-      local ticked, why = pcall(tick, self)
-      if not ticked then
-        self._core:stop()
-        error("multiloop.server: run: tick: " .. tostring(why), 2)
-      end
-    end
+    if sig == nil then call("tick", tick) end
   until sig
   if timeout > 0 then
     self._core:stop_begin(timeout)
