@@ -276,6 +276,18 @@ return {
         .. "'spec%.fixtures%.nosuch' not found:\n"), err)
     end)
 
+    it("checks a function handler from a config file", function()
+      local conf = tmpfile("return { handler = function(conn) conn:close() end }")
+      local out, err, code = run("--check --config " .. conf)
+      assert.are.same({ "multiloop: --check: function loads and the options are good\n", "", 0 },
+        { out, err, code })
+      conf = tmpfile("local n = 1\nreturn { handler = function(conn) conn:write(n) end }")
+      out, err, code = run("--check --config " .. conf)
+      assert.are.same({ "", 2 }, { out, code })
+      assert.truthy(err:find("^multiloop: %-%-config [^:]+: option 'handler' must be a function "
+        .. "with no upvalues, but it captures 'n'"), err)
+    end)
+
     it("checks the options too", function()
       local out, err, code = run("examples/echo_handler.lua --check --workers 0")
       assert.are.same({ "", "multiloop: --workers: option 'workers' must be an integer from 1 "

@@ -7,7 +7,8 @@
 -- served), it loads the user's handler as src/worker.c's load_handler does,
 -- and checks its shape with the same messages; it never runs init. Any
 -- error fails the server's start, naming it. worker.config arrives as
--- { kind = "path" | "module", handler = ..., config = <the user's config> }
+-- { kind = "path" | "module" | "bytecode", handler = ..., config = <the
+-- user's config> }
 -- and is put back to the user's config before the handler loads.
 --
 -- Runs in a worker's state only.
@@ -20,7 +21,9 @@ local what = worker.config
 worker.config = what.config
 
 local h
-if what.kind == "path" then
+if what.kind == "bytecode" then                -- a function: the handler's connect itself
+  h = assert(load(what.handler, "=handler", "b"))
+elseif what.kind == "path" then
   local chunk, err = loadfile(what.handler)
   if not chunk then error(err, 0) end
   h = chunk()
