@@ -4,9 +4,9 @@
 -- with exit status 0; --check loads a handler in a worker's state without
 -- running anything; --version, --help; every wrong flag and config file
 -- fails with status 2 and a message that names the flag; a config file sets
--- any server option and the flags override it. One-shot runs go through
--- `timeout`, so a command that never ends fails the test instead of
--- hanging it.
+-- any server option and the flags override it. Every run goes through
+-- `timeout` (helper.spawn_command for those that serve), so a command that
+-- never ends fails the test instead of hanging it.
 local helper = require("spec.helper")
 local socket = require("socket")
 
