@@ -669,6 +669,8 @@ typedef struct {
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;
   uv_timer_t poll;                     /* while waiting for a stop: the workers */
+  uv_timer_t tick;                     /* wait(_, ms): run()'s `every` */
+  int ticked;                          /* the tick timer fired during this wait */
   int open;
   unsigned count;                      /* signals seen since open */
   unsigned head, tail;                 /* queue[head..tail): not yet waited for */
@@ -684,6 +686,12 @@ static void watch_signal_cb(uv_signal_t *h, int signum) {
 
 static void watch_poll_cb(uv_timer_t *t) { uv_stop(t->loop); }
 
+static void watch_tick_cb(uv_timer_t *t) {
+  signals_t *w = t->data;
+  w->ticked = 1;
+  uv_stop(t->loop);
+}
+
 /* Runs the loop without blocking: delivers the signals already written to
  * its pipe. */
 static void signals_collect(signals_t *w) {
@@ -697,6 +705,7 @@ static void signals_close(signals_t *w) {
   uv_close((uv_handle_t *)&w->sigint, NULL);
   uv_close((uv_handle_t *)&w->sigterm, NULL);
   uv_close((uv_handle_t *)&w->poll, NULL);
+  uv_close((uv_handle_t *)&w->tick, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
 }
@@ -723,7 +732,8 @@ static int server_signals(lua_State *L) {
   uv_signal_init(&w->loop, &w->sigint);
   uv_signal_init(&w->loop, &w->sigterm);
   uv_timer_init(&w->loop, &w->poll);
-  w->sigint.data = w->sigterm.data = w->poll.data = w;
+  uv_timer_init(&w->loop, &w->tick);
+  w->sigint.data = w->sigterm.data = w->poll.data = w->tick.data = w;
   w->open = 1;
   /* SIGINT first: the specs take a caught SIGTERM (/proc SigCgt) to mean
    * both are, since lua.c catches SIGINT anyway while a script runs. */
@@ -739,16 +749,22 @@ static void push_signal_name(lua_State *L, int signum) {
   lua_pushstring(L, signum == SIGINT ? "SIGINT" : "SIGTERM");
 }
 
-/* watcher:wait([until_stopped]): the name of the next signal not yet waited
- * for, blocking until one comes; with until_stopped, nil as soon as the
- * server's workers have all finished a graceful stop (or it is not running). */
+/* watcher:wait([until_stopped [, ms]]): the name of the next signal not yet
+ * waited for, blocking until one comes; with until_stopped, nil as soon as
+ * the server's workers have all finished a graceful stop (or it is not
+ * running); with ms (0 to 2^31-1), nil, "timeout" once ms pass without a
+ * signal (run()'s `every`). */
 static int signals_wait(lua_State *L) {
   signals_t *w = check_signals(L);
   int until_stopped = lua_toboolean(L, 2);
+  lua_Integer ms = luaL_optinteger(L, 3, -1);
   server_t *s;
+  luaL_argcheck(L, ms >= -1 && ms <= INT_MAX, 3, "must be from 0 to 2147483647 ms");
   lua_getiuservalue(L, 1, 1);
   s = luaL_checkudata(L, -1, SERVER_MT);
   signals_collect(w);
+  w->ticked = 0;
+  if (ms >= 0) uv_timer_start(&w->tick, watch_tick_cb, (uint64_t)ms, 0);
   for (;;) {
     if (w->head != w->tail) {
       push_signal_name(L, w->queue[w->head++ % SIGNALS_QUEUE]);
@@ -758,11 +774,18 @@ static int signals_wait(lua_State *L) {
       lua_pushnil(L);
       break;
     }
+    if (w->ticked) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "timeout");
+      uv_timer_stop(&w->poll);
+      return 2;
+    }
     if (until_stopped && !uv_is_active((uv_handle_t *)&w->poll))
       uv_timer_start(&w->poll, watch_poll_cb, 20, 20);   /* once per stop */
-    uv_run(&w->loop, UV_RUN_DEFAULT);      /* until a signal or a poll */
+    uv_run(&w->loop, UV_RUN_DEFAULT);      /* until a signal, a poll or a tick */
   }
   uv_timer_stop(&w->poll);
+  uv_timer_stop(&w->tick);
   return 1;
 }
 
