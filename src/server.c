@@ -164,7 +164,7 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   return 0;
 }
 
-/* SIGINT and SIGTERM are the main thread's: the threads made between
+/* SIGINT, SIGTERM (and SIGUSR1) are the main thread's: the threads made between
  * block_signals and restore_signals inherit a mask that blocks them (a new
  * thread starts with its creator's mask), so the kernel always delivers
  * them to the thread that waits for them (run()'s watcher), and a worker's
@@ -174,6 +174,7 @@ static void block_signals(sigset_t *old) {
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR1);                /* logs: run() reopens the log file on it */
   pthread_sigmask(SIG_BLOCK, &set, old);
 }
 
@@ -338,6 +339,7 @@ static void config_free(multiloop_config_t *cfg) {
   free(cfg->config);
   free(cfg->package_path);
   free(cfg->package_cpath);
+  multiloop_logger_free(cfg->logger);      /* every thread that wrote through it is joined */
   memset(cfg, 0, sizeof *cfg);
 }
 
@@ -533,6 +535,24 @@ int multiloop_server_new(lua_State *L) {
     return lua_error(L);
   }
   lua_pop(L, 1);
+  /* Logs (log.c): log_level (nil: info) and log, a file opened here, so
+   * that a path that cannot be opened fails the server's creation. */
+  {
+    int level = choice_field(L, "log_level", multiloop_log_levels, MULTILOOP_LOG_INFO - 1) + 1;
+    char *path = NULL, why[512];
+    if (lua_getfield(L, 1, "log") != LUA_TNIL) {
+      lua_pop(L, 1);
+      path = str_field(L, "log", 1, MULTILOOP_LOG_MAX_PATH, 0, NULL);   /* nothing raises */
+    } else {                                                            /* until it is freed */
+      lua_pop(L, 1);
+    }
+    cfg->logger = multiloop_logger_open(path, level, why, sizeof why);
+    free(path);
+    if (cfg->logger == NULL)
+      return luaL_error(L, "option 'log' must be a file that can be opened for appending: %s",
+                        why);
+  }
+  multiloop_logger_make_current(cfg->logger);   /* multiloop.log's, from now on */
   lua_settop(L, 2);                        /* opts, the server */
   return 1;
 }
@@ -633,6 +653,8 @@ static int block_until_finished(multiloop_runtime_t *rt) {
 typedef struct {
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;
+  uv_signal_t sigusr1;                 /* logs: reopens `logger`'s file; not counted */
+  multiloop_logger_t *logger;          /* the server's (its user value keeps it) */
   uv_timer_t poll;                     /* while waiting for a stop: the workers */
   int open;
   unsigned count;                      /* signals seen since open */
@@ -649,6 +671,19 @@ static void watch_signal_cb(uv_signal_t *h, int signum) {
 
 static void watch_poll_cb(uv_timer_t *t) { uv_stop(t->loop); }
 
+/* Logs: SIGUSR1 (logrotate's postrotate) reopens the log file; the wait goes
+ * on. A failure is logged to the file still open. */
+static void watch_usr1_cb(uv_signal_t *h, int signum) {
+  signals_t *w = h->data;
+  char why[512];
+  (void)signum;
+  if (multiloop_logger_reopen(w->logger, why, sizeof why) != 0)
+    multiloop_log_as(w->logger, MULTILOOP_LOG_ERROR, "main", 0,
+                     "SIGUSR1: cannot reopen the log: %s", why);
+  else
+    multiloop_log_as(w->logger, MULTILOOP_LOG_INFO, "main", 0, "SIGUSR1: log reopened");
+}
+
 /* Runs the loop without blocking: delivers the signals already written to
  * its pipe. */
 static void signals_collect(signals_t *w) {
@@ -661,6 +696,7 @@ static void signals_close(signals_t *w) {
   w->open = 0;
   uv_close((uv_handle_t *)&w->sigint, NULL);
   uv_close((uv_handle_t *)&w->sigterm, NULL);
+  uv_close((uv_handle_t *)&w->sigusr1, NULL);
   uv_close((uv_handle_t *)&w->poll, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
@@ -677,7 +713,7 @@ static signals_t *check_signals(lua_State *L) {
 static int server_signals(lua_State *L) {
   signals_t *w;
   int rc;
-  luaL_checkudata(L, 1, SERVER_MT);
+  server_t *s = luaL_checkudata(L, 1, SERVER_MT);
   w = lua_newuserdatauv(L, sizeof *w, 1);
   memset(w, 0, sizeof *w);                 /* closed first */
   luaL_setmetatable(L, SIGNALS_MT);
@@ -687,15 +723,19 @@ static int server_signals(lua_State *L) {
     return luaL_error(L, "signals: cannot make a loop: %s", uv_strerror(rc));
   uv_signal_init(&w->loop, &w->sigint);
   uv_signal_init(&w->loop, &w->sigterm);
+  uv_signal_init(&w->loop, &w->sigusr1);
   uv_timer_init(&w->loop, &w->poll);
-  w->sigint.data = w->sigterm.data = w->poll.data = w;
+  w->sigint.data = w->sigterm.data = w->sigusr1.data = w->poll.data = w;
+  w->logger = s->cfg.logger;
   w->open = 1;
   /* SIGINT first: the specs take a caught SIGTERM (/proc SigCgt) to mean
    * both are, since lua.c catches SIGINT anyway while a script runs. */
   if ((rc = uv_signal_start(&w->sigint, watch_signal_cb, SIGINT)) != 0 ||
-      (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0) {
+      (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0 ||
+      (rc = uv_signal_start(&w->sigusr1, watch_usr1_cb, SIGUSR1)) != 0) {
     signals_close(w);
-    return luaL_error(L, "signals: cannot catch SIGINT and SIGTERM: %s", uv_strerror(rc));
+    return luaL_error(L, "signals: cannot catch SIGINT, SIGTERM and SIGUSR1: %s",
+                      uv_strerror(rc));
   }
   return 1;
 }
@@ -837,7 +877,35 @@ static int server_broadcast(lua_State *L) {
   return multiloop_server_broadcast(L, check_server(L)->rt);
 }
 
+/* Logs (log.c). server:log(level, ...): through this server's log, as
+ * "main". server:reopen_log(): true, or nil, "reopen_log: <path>: <why>",
+ * "<NAME>" (the old file stays open). */
+static int server_log(lua_State *L) {
+  server_t *s = check_server(L);
+  if (s->cfg.logger == NULL) return luaL_error(L, "the server is not configured");
+  return multiloop_log_lua(L, s->cfg.logger, 2, "main", 0, "server:log");
+}
+
+static int server_reopen_log(lua_State *L) {
+  server_t *s = check_server(L);
+  char why[512];
+  const char *name;
+  if (s->cfg.logger == NULL) return luaL_error(L, "the server is not configured");
+  if (multiloop_logger_reopen(s->cfg.logger, why, sizeof why) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushfstring(L, "reopen_log: %s", why);
+  /* why ends with "(NAME)": the name alone as the third value */
+  name = strrchr(why, '(');
+  lua_pushlstring(L, name ? name + 1 : "EIO", name ? strlen(name + 1) - 1 : 3);
+  return 3;
+}
+
 static const luaL_Reg server_methods[] = {
+  { "log", server_log },
+  { "reopen_log", server_reopen_log },
   { "start", server_start },
   { "stop", server_stop },
   { "address", server_address },
