@@ -728,11 +728,12 @@ static int server_signals(lua_State *L) {
   w->sigint.data = w->sigterm.data = w->sigusr1.data = w->poll.data = w;
   w->logger = s->cfg.logger;
   w->open = 1;
-  /* SIGINT first: the specs take a caught SIGTERM (/proc SigCgt) to mean
-   * both are, since lua.c catches SIGINT anyway while a script runs. */
+  /* SIGINT first, SIGTERM last: the specs take a caught SIGTERM (/proc
+   * SigCgt) to mean all three are, since lua.c catches SIGINT anyway while
+   * a script runs. */
   if ((rc = uv_signal_start(&w->sigint, watch_signal_cb, SIGINT)) != 0 ||
-      (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0 ||
-      (rc = uv_signal_start(&w->sigusr1, watch_usr1_cb, SIGUSR1)) != 0) {
+      (rc = uv_signal_start(&w->sigusr1, watch_usr1_cb, SIGUSR1)) != 0 ||
+      (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0) {
     signals_close(w);
     return luaL_error(L, "signals: cannot catch SIGINT, SIGTERM and SIGUSR1: %s",
                       uv_strerror(rc));
