@@ -190,29 +190,25 @@ static size_t prefix(char *buf, size_t cap, int level, const char *who, lua_Inte
 
 void multiloop_log_text(multiloop_logger_t *lg, int level, const char *who, lua_Integer conn_id,
                         const char *msg, size_t len) {
-  char stack[LINE_STACK], *buf = stack;
+  char stack[LINE_STACK], *big = NULL, *buf = stack;
   size_t cap = sizeof stack, n, i, lines = 0, room;
   const char *nl;
-  int truncated = 0;
   if (level < MULTILOOP_LOG_ERROR || level > MULTILOOP_LOG_DEBUG) return;
   if (who == NULL || strlen(who) > 64) who = "?";
   for (nl = msg; (nl = memchr(nl, '\n', len - (size_t)(nl - msg))) != NULL; nl++) lines++;
-  /* prefix (< 160), the message with a tab after each newline, the newline */
-  if (len + lines > SIZE_MAX - 256) truncated = 1;
-  else if (len + lines + 256 > cap) {
-    char *big = malloc(len + lines + 256);
-    if (big) {
-      buf = big;
-      cap = len + lines + 256;
-    } else {
-      truncated = 1;
-    }
+  /* The prefix (< 160 bytes), the message with a tab after each newline,
+   * room for the truncation mark, the final newline: a message that does
+   * not fit on the stack gets a buffer of its size, or is cut short. */
+  if (len + lines <= SIZE_MAX - 256 && len + lines + 256 > cap &&
+      (big = malloc(len + lines + 256)) != NULL) {
+    buf = big;
+    cap = len + lines + 256;
   }
   lock_all();                          /* from here: `current`, and one write at a time */
   if (lg == NULL) lg = current ? current : &fallback;
   if (level > lg->level) goto done;
   n = prefix(buf, cap, level, who, conn_id);
-  room = cap - n - 1 - (truncated ? sizeof TRUNCATED : 0);
+  room = cap - n - 1 - sizeof TRUNCATED;
   for (i = 0; i < len; i++) {
     if (msg[i] != '\n') {
       if (n + 1 > room) break;
@@ -231,28 +227,28 @@ void multiloop_log_text(multiloop_logger_t *lg, int level, const char *who, lua_
   write_all(lg->fd, buf, n);
 done:
   unlock_all();
-  if (buf != stack) free(buf);
+  free(big);
 }
 
 static void log_va(multiloop_logger_t *lg, int level, const char *who, lua_Integer conn_id,
                    const char *fmt, va_list ap) {
-  char stack[LINE_STACK], *msg = stack;
+  char stack[LINE_STACK], *big;
   va_list aq;
   int k;
   va_copy(aq, ap);
   k = vsnprintf(stack, sizeof stack, fmt, aq);
   va_end(aq);
   if (k < 0) return;
-  if ((size_t)k >= sizeof stack) {     /* a long traceback: the whole of it, if memory allows */
-    char *big = malloc((size_t)k + 1);
-    if (big && vsnprintf(big, (size_t)k + 1, fmt, ap) == k) msg = big;
-    else {
-      free(big);
-      k = (int)sizeof stack - 1;
-    }
+  if ((size_t)k < sizeof stack) {
+    multiloop_log_text(lg, level, who, conn_id, stack, (size_t)k);
+    return;
   }
-  multiloop_log_text(lg, level, who, conn_id, msg, (size_t)k);
-  if (msg != stack) free(msg);
+  /* A long traceback: the whole of it if memory allows, else what fitted. */
+  if ((big = malloc((size_t)k + 1)) != NULL && vsnprintf(big, (size_t)k + 1, fmt, ap) == k)
+    multiloop_log_text(lg, level, who, conn_id, big, (size_t)k);
+  else
+    multiloop_log_text(lg, level, who, conn_id, stack, sizeof stack - 1);
+  free(big);
 }
 
 void multiloop_log_as(multiloop_logger_t *lg, int level, const char *who, lua_Integer conn_id,
