@@ -233,6 +233,27 @@ describe("the log", function()
     assert.are.equal("", child.stderr())
   end)
 
+  it("says so on SIGUSR1 when the log is stderr, and goes on #child", function()
+    local child = helper.spawn("spec.fixtures.logger 1")
+    helper.defer(child.kill)
+    child.signal("USR1")
+    local got = helper.eventually(function()
+      local r = records(child.stderr())
+      return #r >= 1 and r
+    end, 5000)
+    assert(got, "nothing on stderr after SIGUSR1")
+    assert.are.same({ "info", "main", "SIGUSR1: nothing to reopen (the log is stderr)" },
+                    { got[1].level, got[1].who, got[1].msg })
+    local c = helper.connect(child.port)
+    helper.defer(function() c:close() end)
+    assert.are.equal("ok", ask(c, "log warn still serving"))
+    c:close()
+    local out, code = child.stop()
+    assert.are.equal("stopped on SIGTERM\n", out)
+    assert.are.equal(0, code)
+    assert.are.equal("still serving", records(child.stderr())[2].msg)
+  end)
+
   it("reopen_log reopens the file on demand and says why it cannot", function()
     -- a path that can no longer be opened: the old file stays in use (the
     -- directory made with lfs, not a shell: dash crashes under TSan)

@@ -122,6 +122,8 @@ void multiloop_logger_free(multiloop_logger_t *lg) {
   free(lg);
 }
 
+const char *multiloop_logger_path(const multiloop_logger_t *lg) { return lg->path; }
+
 int multiloop_logger_reopen(multiloop_logger_t *lg, char *err, size_t errlen) {
   int fd, rc;
   if (lg->path == NULL) return 0;      /* stderr: nothing to reopen */

@@ -396,6 +396,7 @@ multiloop_logger_t *multiloop_logger_open(const char *path, int level, char *err
 void multiloop_logger_make_current(multiloop_logger_t *lg);
 void multiloop_logger_free(multiloop_logger_t *lg);   /* once nothing writes through it */
 int multiloop_logger_reopen(multiloop_logger_t *lg, char *err, size_t errlen);  /* 0 or -1 */
+const char *multiloop_logger_path(const multiloop_logger_t *lg);   /* NULL: stderr */
 int multiloop_log_enabled(const multiloop_logger_t *lg, int level);
 void multiloop_log(multiloop_worker_t *w, int level, lua_Integer conn_id, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

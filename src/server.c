@@ -677,7 +677,10 @@ static void watch_usr1_cb(uv_signal_t *h, int signum) {
   signals_t *w = h->data;
   char why[512];
   (void)signum;
-  if (multiloop_logger_reopen(w->logger, why, sizeof why) != 0)
+  if (multiloop_logger_path(w->logger) == NULL)
+    multiloop_log_as(w->logger, MULTILOOP_LOG_INFO, "main", 0,
+                     "SIGUSR1: nothing to reopen (the log is stderr)");
+  else if (multiloop_logger_reopen(w->logger, why, sizeof why) != 0)
     multiloop_log_as(w->logger, MULTILOOP_LOG_ERROR, "main", 0,
                      "SIGUSR1: cannot reopen the log: %s", why);
   else
