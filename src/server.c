@@ -18,7 +18,8 @@
  * The main thread's blocking waits are here too: server:wait_stopped and
  * core.wait_signal on a loop of their own made and closed by each call, and
  * the signal watcher (server:signals) that run() keeps open from start to
- * end, on a loop that lives as long as the watcher.
+ * end, on a loop that lives as long as the watcher (it also reopens the log
+ * file on SIGUSR1: log.c).
  */
 #include <errno.h>
 #include <limits.h>
