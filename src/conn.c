@@ -31,6 +31,7 @@
  * "timeout"), or when the worker stops (reason "stopped").
  */
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
@@ -692,7 +693,17 @@ static int conn_tostring(lua_State *L) {
   return 1;
 }
 
+/* conn:log(level, ...): worker.log with the connection's id (log.c); a
+ * closed connection keeps its id. */
+static int conn_log(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  char who[32];
+  snprintf(who, sizeof who, "worker %d", WORKER(c)->id);
+  return multiloop_log_lua(L, WORKER(c)->cfg->logger, 2, who, c->id, "conn:log");
+}
+
 static const luaL_Reg conn_methods[] = {
+  { "log", conn_log },
   { "on_data", conn_on_data },
   { "on_end", conn_on_end },
   { "on_close", conn_on_close },
