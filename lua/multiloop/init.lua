@@ -426,6 +426,9 @@ local METRICS = {
   { "connect_errors", "counter", "Outbound connections that failed." },
   { "reused", "counter", "Outbound connects served from a keepalive pool." },
   { "pooled", "gauge", "Idle outbound connections in the keepalive pools now." },
+  { "tls_handshakes", "counter", "TLS handshakes completed, server and client side." },
+  { "tls_errors", "counter", "TLS handshakes that failed or timed out, bad records, fatal alerts." },
+  { "proxy_errors", "counter", "Connections refused in the PROXY protocol phase." },
 }
 local METRIC = {}
 for _, m in ipairs(METRICS) do METRIC[m[1]] = m end
