@@ -383,7 +383,7 @@ static void reload_all(multiloop_runtime_t *rt, int step) {
   while (rt->nreload < posted && step == MULTILOOP_RELOAD_PREPARE &&
          (now = uv_hrtime()) < deadline)
     (void)uv_cond_timedwait(&rt->start_cond, &rt->start_lock, deadline - now);
-  if (rt->nreload < posted)
+  if (rt->nreload < posted && step == MULTILOOP_RELOAD_PREPARE)
     for (i = 0; i < n; i++) multiloop_worker_reload_interrupt(&rt->workers[i]);
   while (rt->nreload < posted) uv_cond_wait(&rt->start_cond, &rt->start_lock);
   uv_mutex_unlock(&rt->start_lock);
