@@ -114,8 +114,9 @@ describe("server:reload", function()
     assert.are.equal("C five", ask(client(port), "five"))
   end)
 
-  it("loses no connection under load: 20 reloads alternating two versions #child", function()
-    local s, port = server{ handler = SERVE, config = { version = "A" }, dispatch = "reuseport" }
+  for _, dispatch in ipairs { "reuseport", "queue", "ipc" } do
+  it(("loses no connection under load: 20 reloads alternating two versions (%s) #child"):format(dispatch), function()
+    local s, port = server{ handler = SERVE, config = { version = "A" }, dispatch = dispatch }
     local stop = os.tmpname()
     os.remove(stop)
     helper.defer(function() os.remove(stop) end)
@@ -141,7 +142,9 @@ describe("server:reload", function()
     assert.truthy(out:find("answer B x", 1, true), out)
     assert.are.equal(20, s:stats().reloads)
     assert.are.equal(21, s:stats().workers[1].generation)
+    io.stderr:write(("reload_spec: under load (%s): %s"):format(dispatch, out))
   end)
+  end
 
   it("closes the old code's connections with reason \"reload\" after drain_timeout, its threads too", function()
     local dict = dict_name()
