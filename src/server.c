@@ -140,6 +140,7 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
     multiloop_inbox_destroy(&w->inbox);
     free(w->stop_msg);
     free(w->error);
+    free(w->reload_error);
   }
   close_fd(&rt->acceptor.listen_fd);
   multiloop_inherited_free(rt);            /* several inherited sockets: the others */
@@ -374,9 +375,9 @@ static void reload_all(multiloop_runtime_t *rt, int step) {
       continue;
     }
     uv_mutex_lock(&rt->start_lock);
-    w->reload_answered = w->reload_failed = 1;
+    w->reload_answered = w->reload_failed = 1;     /* reload_error NULL: "stopped" */
     free(w->reload_error);
-    w->reload_error = strdup("stopped");
+    w->reload_error = NULL;
     uv_mutex_unlock(&rt->start_lock);
   }
   uv_mutex_lock(&rt->start_lock);
@@ -402,7 +403,7 @@ static int runtime_reload(multiloop_runtime_t *rt, const multiloop_reload_t *src
     if (rt->workers[i].reload_failed) bad = i;
   if (bad >= 0) {
     const char *why = rt->workers[bad].reload_error;
-    snprintf(err, errlen, "worker %d: %s", bad + 1, why ? why : "not enough memory");
+    snprintf(err, errlen, "worker %d: %s", bad + 1, why ? why : "stopped");
     reload_all(rt, MULTILOOP_RELOAD_ABORT);
     return -1;
   }
