@@ -84,6 +84,13 @@ describe("server:reload", function()
     assert.are.equal(nil, d:get("shutdown B"))
     s:stop()
     assert.are.equal(2, d:get("shutdown B"))               -- the stop reaches the current code
+    st = s:stats()                                         -- the last run's figures
+    assert.are.same({ 2, 0, 1 }, { st.workers[1].generation, st.old_connections, st.reloads })
+    s:start()                                              -- the new code, counted from zero
+    st = s:stats()
+    assert.are.same({ 1, 0, 0 }, { st.workers[1].generation, st.old_connections, st.reloads })
+    local _, again = s:address()                            -- port 0: a new one
+    assert.are.equal("B five", ask(client(again), "five"))
   end)
 
   it("changes nothing when the new version fails to load in one worker", function()

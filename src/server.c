@@ -676,6 +676,7 @@ static int server_start(lua_State *L) {
     lua_pushstring(L, err);
     return 2;
   }
+  s->reloads = 0;                          /* a restart counts from zero */
   lua_pushboolean(L, 1);
   return 1;
 }
