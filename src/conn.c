@@ -240,15 +240,17 @@ void multiloop_conn_close_all(multiloop_worker_t *w) {
 }
 
 /* Reload: g drained past drain_timeout (or was dropped): its connections
- * close, reason "reload". Each close takes it out of the list at once. */
+ * close, reason "reload". Each close takes it out of the list at once (and
+ * may take another: a pipe's other end; the walk then starts again). */
 void multiloop_conn_close_gen(multiloop_gen_t *g) {
   multiloop_worker_t *w = g->w;
   unsigned idx = (unsigned)(g - w->gen);
-  for (;;) {
-    multiloop_conn_t *c = w->conns;
-    while (c && (c->gen != idx || c->s.closing)) c = c->next;
-    if (c == NULL) return;
+  multiloop_conn_t *c = w->conns, *next;
+  for (; c; c = next) {
+    next = c->next;
+    if (c->gen != idx || c->s.closing) continue;
     multiloop_stream_close(&c->s, REASON_RELOAD);
+    if (next && next->prev == NULL && w->conns != next) next = w->conns;   /* next left too */
   }
 }
 
@@ -320,7 +322,7 @@ void multiloop_conn_opened(multiloop_conn_t *c) {
 }
 
 /* The handler takes the connection: serve(conn) in its own light thread,
- * or connect(conn). In a protected call (L: the worker's state). */
+ * or connect(conn). In a protected call (L: the state of the connection's generation). */
 static void start_handler(lua_State *L, multiloop_conn_t *c) {
   multiloop_worker_t *w = WORKER(c);
   if (!c->serve && multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)

@@ -511,7 +511,7 @@ int multiloop_enter(multiloop_gen_t *g, lua_CFunction body, void *ev,
 int multiloop_traceback(lua_State *L);
 
 /* enter.c: the same door for a light thread. Never raises. Resumes `co` (a
- * light thread's coroutine) from a loop callback (from = w->L) or from
+ * light thread's coroutine) from a loop callback (from = its generation's g->L) or from
  * worker.spawn (from = its caller's state). `nargs` values are on co already,
  * pushed without allocating; `push` (may be NULL) pushes more on `from`,
  * protected, and they are moved onto co. Returns lua_resume's status, with

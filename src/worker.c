@@ -12,10 +12,15 @@
  * from its own listening socket (reuseport). Connection callbacks, timers
  * and messages are then called from C directly: worker.lua runs at start.
  *
- * Threads: multiloop_worker_start, _request_stop and _join are called by the
- * main thread; everything else runs on the worker thread, which alone uses the
- * loop and the Lua state and closes both: the loop runs dry first (every
- * handle closed, uv_loop_close returns 0), then lua_close.
+ * A reload (server:reload: "generations and reload" below) builds a second
+ * state the same way, from the handler and config the reload names, while
+ * the first keeps serving; the worker then holds up to two states.
+ *
+ * Threads: multiloop_worker_start, _request_stop, _request_reload and _join
+ * are called by the main thread; everything else runs on the worker thread,
+ * which alone uses the loop and the Lua states and closes them: the loop runs
+ * dry first (every handle closed, uv_loop_close returns 0), then lua_close
+ * (an old generation's once it has drained, on a loop callback).
  *
  * Every connection that holds a slot for this worker (slots.c: taken by the
  * acceptor as it picked this worker, or here as our own reuseport listener
