@@ -252,6 +252,17 @@ describe("server:reload", function()
     assert.are.equal(56, s:stats().workers[2].generation)
   end)
 
+  it("gives up on a version whose init does not finish within start_timeout", function()
+    local s, port = server{ handler = SERVE, start_timeout = 300, config = { version = "A" } }
+    local t0 = socket.gettime()
+    local ok, err = s:reload{ handler = "spec.fixtures.init_loops", config = { catch = true } }
+    assert.is_nil(ok)
+    assert.are.equal("worker 2: the new version did not load within 300 ms (start_timeout)", err)
+    assert.is_true(socket.gettime() - t0 < 5)
+    assert.are.equal("A still", ask(client(port), "still"))
+    assert.are.same({ 1, 0 }, { s:stats().workers[2].generation, s:stats().reloads })
+  end)
+
   it("checks its options", function()
     local s = multiloop.server{ port = 0, host = "127.0.0.1", workers = 1, handler = SERVE,
                                 config = { version = "A" } }

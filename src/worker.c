@@ -664,6 +664,7 @@ static void reload_prepare(multiloop_worker_t *w) {
   multiloop_gen_t *g = &w->gen[!w->cur];
   load_ev ev;
   const char *err = NULL;
+  char late[96];
   if (g->L != NULL) {                              /* the last reload's old one still drains */
     w->reload_deferred = 1;
     if (!g->forced) gen_force(g);
@@ -685,9 +686,11 @@ static void reload_prepare(multiloop_worker_t *w) {
     if (!given_up && lua_pcall(g->L, 1, 0, 0) != LUA_OK) err = lua_tostring(g->L, -1);
     uv_mutex_lock(&w->rt->start_lock);             /* no hook can be set after this */
     w->reload_L = NULL;
-    if (w->reload_interrupted) {
+    if (w->reload_interrupted) {                   /* whatever the hook made it raise */
       lua_sethook(g->L, NULL, 0, 0);
-      if (err == NULL) err = "start_timeout: interrupted";
+      snprintf(late, sizeof late, "the new version did not load within %llu ms "
+               "(start_timeout)", (unsigned long long)w->cfg->start_timeout);
+      err = late;
     }
     uv_mutex_unlock(&w->rt->start_lock);
   }
