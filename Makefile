@@ -15,12 +15,13 @@ LUA      ?= lua5.4
 # runs and `make lint` need on top (the examples' specs drive them with
 # redis-cli and redis-benchmark from redis-tools, ab from apache2-utils, and
 # curl; packaging_spec runs `luarocks make` and `luarocks test`, offline in
-# a network namespace made with iproute2). LINT_PACKAGES is the part of
+# a network namespace made with iproute2; tls_spec's clients are lua-sec and
+# the openssl CLI, which also makes its certificates). LINT_PACKAGES is the part of
 # TEST_PACKAGES that `make lint` uses.
 BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
 TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server lua-nginx-redis apache2-utils curl \
-                  valgrind luarocks iproute2 $(LINT_PACKAGES)
+                  valgrind luarocks iproute2 lua-sec openssl $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes
 
@@ -159,7 +160,9 @@ asan: check-test-deps
 # it, so tests that start a child server through a shell, tagged #child, are
 # left to the other runs), and those tagged #notsan, where gcc 12's TSan
 # runtime itself crashes (each says why). Suppressions (spec/tsan.supp) name
-# only uninstrumented system code, each with the reason.
+# only uninstrumented system code, each with the reason. The TLS specs'
+# certificates are made here (spec/fixtures/make_certs.sh), as the specs
+# cannot run openssl themselves under TSan, and named in SPEC_CERTS.
 TSAN_RT     = $(shell $(CC) -print-file-name=libtsan.so)
 TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua \
               spec/stop_spec.lua spec/limits_spec.lua spec/shared_spec.lua \
@@ -172,7 +175,8 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
 tsan: check-test-deps
 	$(MAKE) --no-print-directory BUILD=build-tsan \
 	  OPTFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" LIBS="-fsanitize=thread" build
-	@LUA_CPATH="./build-tsan/?.so;;" SPEC_CPATH="./build-tsan/?.so" BUSTED_ARGS="--exclude-tags=child,notsan" SANITIZER=tsan \
+	@rm -rf build-tsan/certs && mkdir -m 700 build-tsan/certs && sh spec/fixtures/make_certs.sh build-tsan/certs
+	@SPEC_CERTS="$(CURDIR)/build-tsan/certs" LUA_CPATH="./build-tsan/?.so;;" SPEC_CPATH="./build-tsan/?.so" BUSTED_ARGS="--exclude-tags=child,notsan" SANITIZER=tsan \
 	  SPEC_LOGS=build-tsan/spec-logs TSAN_OPTIONS="halt_on_error=1:exitcode=66:io_sync=2:suppressions=$(CURDIR)/spec/tsan.supp" \
 	  LUA="env LD_PRELOAD=$(TSAN_RT) $(LUA)" sh spec/run.sh $(TSAN_SPECS)
 

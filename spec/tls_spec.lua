@@ -1,0 +1,586 @@
+-- TLS servers (issue 16): the `tls` option, over real loopback sockets.
+-- Throwaway certificates come from helper.make_certs (the openssl CLI), made
+-- once for this file. The clients: LuaSec (Debian lua-sec) in this process,
+-- for echo in both handler styles, conn:tls(), SNI, ALPN, client
+-- certificates and close_notify; raw LuaSocket for the peers that break
+-- the protocol (plaintext, garbage, half a ClientHello, a reset mid-record),
+-- each of which must close its one connection, count in stats().tls_errors
+-- and leave the worker serving; and, as child processes (#child, which
+-- `make tsan` leaves out: no shell runs under TSan), `openssl s_client` for
+-- ALPN, SNI and resumption on another worker, and curl against
+-- examples/http_hello.lua over TLS.
+local helper = require("spec.helper")
+local multiloop = require("multiloop")
+local socket = require("socket")
+
+local d = multiloop.shared("spec.tls")
+
+-- A command's stdout and stderr (a child process: not under the sanitizer
+-- that may be preloaded into this one), and whether it exited 0.
+local function run(cmd)
+  local p = assert(io.popen("env -u LD_PRELOAD " .. cmd .. " 2>&1"))
+  local out = p:read("a")
+  local ok = p:close()
+  return out, ok
+end
+
+-- A copy of t with the fields of u over it.
+local function with(t, u)
+  local r = {}
+  for k, v in pairs(t) do r[k] = v end
+  for k, v in pairs(u or {}) do r[k] = v end
+  return r
+end
+
+-- The fields of an info line (spec/fixtures/tls.lua).
+local function fields(line)
+  local t = {}
+  for k, v in line:gmatch("(%w+)=(%S+)") do t[k] = v end
+  return t
+end
+
+-- Bytes a client reads until the server closes, and how it ended: "closed",
+-- or the error ("timeout": the server never closed).
+local function until_closed(c)
+  local data, err, partial = c:receive("*a")
+  if data then return data, "closed" end
+  return partial, err
+end
+
+describe("tls", function()
+  local certs, server, port
+
+  setup(function() certs = helper.make_certs() end)
+  teardown(function() certs.remove() end)
+
+  after_each(function()
+    helper.stop_checked(server)
+    server = nil
+    d:flush()
+  end)
+
+  local function tls(extra)
+    return with({ cert = certs.cert, key = certs.key }, extra)
+  end
+
+  -- A TLS server running spec/fixtures/tls.lua's `case` (serve style) or,
+  -- with case "callback", spec/fixtures/tls_callback.lua; 1 worker unless
+  -- opts say otherwise.
+  local function start(case, tls_opts, opts)
+    opts = opts or {}
+    opts.workers = opts.workers or 1
+    opts.handler = case == "callback" and "spec.fixtures.tls_callback" or "spec.fixtures.tls"
+    opts.config = { case = case }
+    opts.tls = tls_opts or tls()
+    server, port = helper.server(opts)
+    return port
+  end
+
+  -- A verifying LuaSec client of the server just started.
+  local function client(params)
+    return assert(helper.tls_connect(port, with({ cafile = certs.ca, sni = "localhost" }, params)))
+  end
+
+  local function tls_errors(worker)
+    local st = server:stats()
+    return worker and st.workers[worker].tls_errors or st.tls_errors
+  end
+
+  local function line(s) return helper.line(s) end
+
+  for _, style in ipairs({ "serve", "callback" }) do
+    local case = style == "serve" and "echo" or "callback"
+
+    describe("echo in the " .. style .. " style", function()
+      it("returns what a LuaSec client sends, verified against the CA", function()
+        start(case)
+        local s = client()
+        assert.are.equal("hello\n", helper.echo(s, "hello\n"))
+        assert.are.equal("TLSv1.3", s:info().protocol)
+        assert.are.equal("localhost", s:getpeercertificate():subject()[1].value)
+        local verified = s:getpeerverification()
+        assert.is_true(verified)
+        assert.are.equal(0, tls_errors())
+      end)
+
+      it("echoes a 16 MiB payload each way #stress", function()
+        start(case)
+        local s = client()
+        local chunk = {}
+        for i = 0, 255 do chunk[#chunk + 1] = string.char(i) end
+        local payload = string.rep(table.concat(chunk), 16 * 1024 * 1024 // 256)
+        local got = helper.echo_big(s, payload, 120)
+        assert.are.equal(#payload, #got)
+        assert.is_true(got == payload, "the echo differs from what was sent")
+        assert.are.equal(0, tls_errors())
+      end)
+
+      it("serves 20 clients at once over 2 workers", function()
+        start(case, nil, { workers = 2 })
+        local clients = {}
+        for i = 1, 20 do clients[i] = client() end
+        for i = 1, 20 do
+          local msg = ("client %d\n"):format(i)
+          assert.are.equal(msg, helper.echo(clients[i], msg))
+        end
+        local st = server:stats()
+        assert.are.equal(20, st.accepted)
+        assert.is_true(st.workers[1].accepted > 0 and st.workers[2].accepted > 0)
+        assert.are.equal(0, st.tls_errors)
+      end)
+    end)
+  end
+
+  describe("conn:tls()", function()
+    it("gives version, cipher, sni and resumed = false for a TLS 1.3 client (serve)", function()
+      start("commands")
+      local s = client()
+      assert(s:send("info\n"))
+      local t = fields(line(s))
+      assert.are.same({ version = "TLSv1.3", cipher = s:info().cipher, alpn = "nil",
+                        sni = "localhost", resumed = "false", worker = "1" }, t)
+    end)
+
+    it("gives the same in the callback style", function()
+      start("callback")
+      local s = client()
+      assert(s:send("info\n"))
+      assert.are.same({ version = "TLSv1.3", cipher = s:info().cipher, alpn = "nil",
+                        sni = "localhost", resumed = "false", worker = "1" }, fields(line(s)))
+    end)
+
+    it("gives TLSv1.2 and its cipher for a TLS 1.2 client, and no sni when none was sent", function()
+      start("commands")
+      local s = client({ protocol = "tlsv1_2", sni = false })
+      assert(s:send("info\n"))
+      local t = fields(line(s))
+      assert.are.equal("TLSv1.2", t.version)
+      assert.are.equal(s:info().cipher, t.cipher)
+      assert.are.equal("nil", t.sni)
+    end)
+
+    it("gives the ALPN protocol picked in the server's order of preference", function()
+      start("commands", tls({ alpn = { "h2", "http/1.1" } }))
+      local s = client({ alpn = { "http/1.1", "h2" } })
+      assert.are.equal("h2", s:getalpn())
+      assert(s:send("info\n"))
+      assert.are.equal("h2", fields(line(s)).alpn)
+      local s2 = client({ alpn = { "http/1.1" } })
+      assert.are.equal("http/1.1", s2:getalpn())
+      assert(s2:send("info\n"))
+      assert.are.equal("http/1.1", fields(line(s2)).alpn)
+    end)
+
+    it("is nil on a plain connection", function()
+      server, port = helper.server({ workers = 1, handler = "spec.fixtures.tls",
+                                     config = { case = "commands" } })
+      local c = helper.connect(port)
+      helper.defer(function() c:close() end)
+      assert(c:send("info\n"))
+      assert.are.equal("plain worker=1", helper.line(c))
+    end)
+  end)
+
+  describe("certificates", function()
+    -- The CN of the certificate the server shows for `name` (nil: no SNI).
+    local function subject(name)
+      local s = client({ sni = name or false })
+      local cn = s:getpeercertificate():subject()[1].value
+      s:close()
+      return cn
+    end
+
+    it("picks the certificate by SNI, the default one for other names or none", function()
+      start("commands", tls({ sni = { ["a.example"] = { cert = certs.sni_cert, key = certs.sni_key },
+                                      ["b.example"] = { cert = certs.sni_cert, key = certs.sni_key } } }))
+      assert.are.equal("a.example", subject("a.example"))
+      assert.are.equal("a.example", subject("b.example"))
+      assert.are.equal("localhost", subject("localhost"))
+      assert.are.equal("localhost", subject("c.example"))
+      assert.are.equal("localhost", subject(nil))
+      local s = client({ sni = "b.example" })
+      assert(s:send("info\n"))
+      assert.are.equal("b.example", fields(line(s)).sni)
+      assert.are.equal(0, tls_errors())
+    end)
+
+    it("with verify_client, takes a client certificate from the CA and refuses none", function()
+      start("commands", tls({ ca = certs.ca, verify_client = true }))
+      local s = client({ certificate = certs.client_cert, key = certs.client_key })
+      assert.are.equal("hi!", (function() assert(s:send("hi\n")) return line(s) end)())
+      -- Without a certificate: in TLS 1.3 the client's handshake may finish
+      -- before the server's verdict, which then comes as an alert on the
+      -- first read; either way nothing is served.
+      local s2, err = helper.tls_connect(port, { cafile = certs.ca, sni = "localhost" })
+      local got
+      if s2 then
+        s2:send("hi\n")
+        got, err = s2:receive("*l")
+      end
+      assert.is_nil(got)
+      assert.is_truthy(err)
+      assert.is_true(helper.eventually(function() return tls_errors() == 1 end))
+      -- A self-signed client certificate is refused too.
+      local s3, err3 = helper.tls_connect(port, { cafile = certs.ca, sni = "localhost",
+                                                 certificate = certs.self_cert, key = certs.self_key })
+      local got3
+      if s3 then
+        s3:send("hi\n")
+        got3, err3 = s3:receive("*l")
+      end
+      assert.is_nil(got3)
+      assert.is_truthy(err3)
+      assert.is_true(helper.eventually(function() return tls_errors() == 2 end))
+      assert(s:send("still\n"))
+      assert.are.equal("still!", line(s))
+    end)
+
+    it("with min_version TLSv1.3, refuses a TLS 1.2 client and takes a 1.3 one", function()
+      start("commands", tls({ min_version = "TLSv1.3" }))
+      local s, err = helper.tls_connect(port, { cafile = certs.ca, protocol = "tlsv1_2" })
+      assert.is_nil(s)
+      assert.is_truthy(err:find("protocol version", 1, true), err)
+      assert.is_true(helper.eventually(function() return tls_errors() == 1 end))
+      local ok = client()
+      assert(ok:send("info\n"))
+      assert.are.equal("TLSv1.3", fields(line(ok)).version)
+    end)
+  end)
+
+  -- A real ClientHello (LuaSec's, for "localhost"), caught by a plain
+  -- listener in this process: the bytes of its first record.
+  local function client_hello()
+    local ssl = require("ssl")
+    local l = assert(socket.bind("127.0.0.1", 0))
+    local _, lport = l:getsockname()
+    local c = helper.connect(lport)
+    local s = assert(ssl.wrap(c, { mode = "client", protocol = "any", verify = "none" }))
+    s:sni("localhost")
+    s:settimeout(0)
+    s:dohandshake()                      -- sends the ClientHello, then "wantread"
+    l:settimeout(helper.TIMEOUT)
+    local a = assert(l:accept())
+    a:settimeout(helper.TIMEOUT)
+    local head = assert(a:receive(5))
+    local body = assert(a:receive(head:byte(4) * 256 + head:byte(5)))
+    s:close()
+    a:close()
+    l:close()
+    assert(head:byte(1) == 22, "not a handshake record")
+    return head .. body
+  end
+
+  for _, style in ipairs({ "serve", "callback" }) do
+    local case = style == "serve" and "commands" or "callback"
+
+    -- Each failure: one worker with an established TLS client (`keep`); the
+    -- bad peer's connection closes within `bound` s, is counted once in
+    -- tls_errors (the total and the worker's), `keep` still works and so
+    -- does a new client. In the callback style, on_close's reason is the
+    -- one expected (nil: any).
+    describe("failures, " .. style .. " style", function()
+      local function check(bad, opts)
+        opts = opts or {}
+        start(case, tls(opts.tls))
+        local keep = client()
+        assert(keep:send("ping\n"))
+        assert.are.equal(style == "serve" and "ping!" or "ping", line(keep))
+        local c = helper.connect(port)
+        helper.defer(function() c:close() end)
+        local t0 = socket.gettime()
+        local got, how = bad(c)
+        local took = socket.gettime() - t0
+        assert.are.equal("closed", how, "the server did not close the bad connection")
+        assert.is_true(took < (opts.bound or 3), ("closed after %.2f s"):format(took))
+        assert.is_true(helper.eventually(function() return tls_errors() == 1 end),
+                       ("tls_errors is %s"):format(tostring(tls_errors())))
+        assert.are.equal(1, tls_errors(1))
+        assert(keep:send("pong\n"))
+        assert.are.equal(style == "serve" and "pong!" or "pong", line(keep))
+        local fresh = client()
+        assert(fresh:send("new\n"))
+        assert.are.equal(style == "serve" and "new!" or "new", line(fresh))
+        assert.are.equal(1, tls_errors())
+        if style == "callback" and opts.reason then
+          assert.is_true(helper.eventually(function()
+            return d:get("close " .. opts.reason) == 1
+          end), "on_close was not told " .. opts.reason)
+        end
+        return got, took
+      end
+
+      it("closes a plaintext client", function()
+        local got = check(function(c)
+          assert(c:send("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+          return until_closed(c)
+        end, { reason = "tls" })
+        assert.is_nil(got:find("HTTP", 1, true), got)
+      end)
+
+      it("closes a client that sends garbage instead of a ClientHello", function()
+        check(function(c)
+          local junk = {}
+          for i = 1, 512 do junk[i] = string.char((i * 37 + 11) % 256) end
+          assert(c:send(table.concat(junk)))
+          return until_closed(c)
+        end, { reason = "tls" })
+      end)
+
+      it("closes a client that sends a handshake record header with a bad length", function()
+        check(function(c)
+          assert(c:send("\22\3\1\255\255" .. string.rep("\0", 64)))
+          return until_closed(c)
+        end, { reason = "tls", bound = 3 })
+      end)
+
+      it("closes a client that sends half a ClientHello and stalls past handshake_timeout", function()
+        local hello = client_hello()
+        local _, took = check(function(c)
+          assert(c:send(hello:sub(1, #hello // 2)))
+          return until_closed(c)
+        end, { tls = { handshake_timeout = 200 }, reason = "timeout", bound = 3 })
+        assert.is_true(took >= 0.15, ("closed after %.3f s, before handshake_timeout"):format(took))
+      end)
+
+      it("closes a client that connects and sends nothing, past handshake_timeout", function()
+        local _, took = check(function(c)
+          return until_closed(c)
+        end, { tls = { handshake_timeout = 200 }, reason = "timeout", bound = 3 })
+        assert.is_true(took >= 0.15, ("closed after %.3f s, before handshake_timeout"):format(took))
+      end)
+
+      it("takes a whole ClientHello sent a byte at a time within handshake_timeout", function()
+        start(case, tls({ handshake_timeout = 2000 }))
+        local hello = client_hello()
+        local c = helper.connect(port)
+        helper.defer(function() c:close() end)
+        c:setoption("tcp-nodelay", true)
+        for i = 1, #hello do
+          assert(c:send(hello:sub(i, i)))
+          if i % 16 == 0 then socket.sleep(0.001) end
+        end
+        -- The ServerHello comes back: a handshake record.
+        local head = assert(c:receive(5))
+        assert.are.equal(22, head:byte(1))
+        assert.are.equal(0, tls_errors())
+      end)
+
+      it("closes a peer that resets mid-record after the handshake", function()
+        start(case)
+        local keep = client()
+        local s, raw = client()
+        assert(s:send("ping\n"))
+        assert.are.equal(style == "serve" and "ping!" or "ping", line(s))
+        -- The raw socket under LuaSec: an application-data record header
+        -- that promises 16000 bytes, 100 of them, then a reset (LuaSec's
+        -- close adds its close_notify inside the promised record, then
+        -- closes with SO_LINGER 0).
+        raw:setfd(s:getfd())
+        assert(raw:setoption("linger", { on = true, timeout = 0 }))
+        assert(raw:send("\23\3\3\62\128" .. string.rep("x", 100)))
+        socket.sleep(0.05)
+        raw:setfd(socket._SOCKETINVALID)
+        s:close()
+        assert.is_true(helper.eventually(function() return tls_errors() == 1 end),
+                       ("tls_errors is %s"):format(tostring(tls_errors())))
+        assert(keep:send("pong\n"))
+        assert.are.equal(style == "serve" and "pong!" or "pong", line(keep))
+        assert.are.equal(1, server:stats().active)
+      end)
+    end)
+  end
+
+  describe("close_notify", function()
+    it("is sent when serve returns: LuaSec reads a clean close", function()
+      start("commands")
+      local s = client()
+      assert(s:send("hi\nbye\n"))
+      local data, err = s:receive("*a")
+      assert.are.equal("hi!\n", data, err)
+    end)
+
+    it("is sent by conn:close() in the callback style", function()
+      start("callback")
+      local s = client()
+      assert(s:send("abc"))
+      assert.are.equal("abc", s:receive(3))
+      assert(s:send("close\n"))
+      local data, err = s:receive("*a")
+      assert.are.equal("", data, err)
+    end)
+
+    it("is sent by conn:shutdown() in the callback style", function()
+      start("callback")
+      local s = client()
+      assert(s:send("shutdown\n"))
+      local data, err = s:receive("*a")
+      assert.are.equal("", data, err)
+    end)
+
+    it("from the client is a clean close: on_close gets no error, no tls_errors", function()
+      start("callback")
+      local s = client()
+      assert.are.equal("x", helper.echo(s, "x"))
+      s:close()                            -- LuaSec sends close_notify
+      assert.is_true(helper.eventually(function() return d:get("close nil") == 1 end),
+                     "on_close did not run with err nil")
+      assert.are.equal(0, tls_errors())
+    end)
+  end)
+
+  describe("bad options raise when the server is created, naming the option", function()
+    local function fails(tls_opts)
+      local before = helper.fd_count()
+      local ok, err = pcall(multiloop.server, { port = 0, workers = 1,
+                                                handler = "spec.fixtures.tls", tls = tls_opts })
+      assert.is_false(ok)
+      assert.are.equal(before, helper.fd_count())
+      return tostring(err)
+    end
+
+    it("tls.cert: a missing file", function()
+      local err = fails(tls({ cert = certs.missing }))
+      assert.is_truthy(err:find("tls.cert", 1, true), err)
+      assert.is_truthy(err:find(certs.missing, 1, true), err)
+      assert.is_truthy(err:find("No such file", 1, true), err)
+    end)
+
+    it("tls.cert: a file that is not a certificate", function()
+      local err = fails(tls({ cert = certs.garbage }))
+      assert.is_truthy(err:find("tls.cert", 1, true), err)
+      assert.is_truthy(err:find(certs.garbage, 1, true), err)
+    end)
+
+    it("tls.key: a missing file", function()
+      local err = fails(tls({ key = certs.missing }))
+      assert.is_truthy(err:find("tls.key", 1, true), err)
+      assert.is_truthy(err:find(certs.missing, 1, true), err)
+    end)
+
+    it("tls.key: a key that does not match the certificate", function()
+      local err = fails(tls({ key = certs.other_key }))
+      assert.is_truthy(err:find("tls.key", 1, true), err)
+      assert.is_truthy(err:find("does not match", 1, true), err)
+    end)
+
+    it("tls.cert and tls.key: required", function()
+      local err = fails({ key = certs.key })
+      assert.is_truthy(err:find("tls.cert", 1, true), err)
+      err = fails({ cert = certs.cert })
+      assert.is_truthy(err:find("tls.key", 1, true), err)
+    end)
+
+    it("tls.min_version: an unknown version", function()
+      local err = fails(tls({ min_version = "SSLv3" }))
+      assert.is_truthy(err:find("tls.min_version", 1, true), err)
+      assert.is_truthy(err:find("SSLv3", 1, true), err)
+    end)
+
+    it("tls.alpn: not a list of strings", function()
+      local err = fails(tls({ alpn = "h2" }))
+      assert.is_truthy(err:find("tls.alpn", 1, true), err)
+      err = fails(tls({ alpn = { "h2", 2 } }))
+      assert.is_truthy(err:find("tls.alpn", 1, true), err)
+    end)
+
+    it("tls.sni: an entry whose key does not match its certificate", function()
+      local err = fails(tls({ sni = { ["a.example"] = { cert = certs.sni_cert, key = certs.key } } }))
+      assert.is_truthy(err:find("tls.sni", 1, true), err)
+      assert.is_truthy(err:find("a.example", 1, true), err)
+    end)
+
+    it("tls.ca: a missing file", function()
+      local err = fails(tls({ ca = certs.missing, verify_client = true }))
+      assert.is_truthy(err:find("tls.ca", 1, true), err)
+      assert.is_truthy(err:find(certs.missing, 1, true), err)
+    end)
+
+    it("tls: not a table", function()
+      local err = fails("yes")
+      assert.is_truthy(err:find("tls", 1, true), err)
+    end)
+  end)
+
+  describe("with openssl s_client #child", function()
+    -- s_client's output for one connection that sends `input` and waits
+    -- for the server to close (-ign_eof); `args` are s_client's own.
+    local function s_client(args, input)
+      local inp = os.tmpname()
+      local f = assert(io.open(inp, "w"))
+      f:write(input or "info\nbye\n")
+      f:close()
+      local out = run(("timeout 10 openssl s_client -connect 127.0.0.1:%d -CAfile %s -ign_eof %s < %s")
+        :format(port, certs.ca, args, inp))
+      os.remove(inp)
+      return out
+    end
+
+    it("negotiates ALPN in the server's order", function()
+      start("commands", tls({ alpn = { "h2", "http/1.1" } }))
+      local out = s_client("-alpn http/1.1,h2")
+      assert.is_truthy(out:find("ALPN protocol: h2", 1, true), out)
+      assert.are.equal("h2", fields(out:match("(version=[^\n]*)")).alpn)
+      out = s_client("-alpn http/1.1")
+      assert.is_truthy(out:find("ALPN protocol: http/1.1", 1, true), out)
+      out = s_client("")
+      assert.is_truthy(out:find("No ALPN negotiated", 1, true), out)
+    end)
+
+    it("shows the certificate SNI picks", function()
+      start("commands", tls({ sni = { ["a.example"] = { cert = certs.sni_cert, key = certs.sni_key } } }))
+      local out = s_client("-servername a.example")
+      assert.is_truthy(out:find("subject=CN = a.example", 1, true), out)
+      assert.is_truthy(out:find("Verify return code: 0 (ok)", 1, true), out)
+      assert.are.equal("a.example", fields(out:match("(version=[^\n]*)")).sni)
+      out = s_client("-servername localhost")
+      assert.is_truthy(out:find("subject=CN = localhost", 1, true), out)
+      out = s_client("-noservername")
+      assert.is_truthy(out:find("subject=CN = localhost", 1, true), out)
+    end)
+
+    for _, version in ipairs({ "1_3", "1_2" }) do
+      it("resumes a TLS " .. version:gsub("_", ".") .. " session on another worker", function()
+        start("commands", nil, { workers = 2 })
+        local sess = os.tmpname()
+        helper.defer(function() os.remove(sess) end)
+        local out = s_client(("-tls%s -sess_out %s"):format(version, sess))
+        assert.is_truthy(out:find("\nNew, TLSv1", 1, true), out)
+        local first = fields(assert(out:match("(version=[^\n]*)"), out))
+        assert.are.equal("false", first.resumed)
+        out = s_client(("-tls%s -sess_in %s"):format(version, sess))
+        assert.is_truthy(out:find("\nReused, TLSv1", 1, true), out)
+        local second = fields(assert(out:match("(version=[^\n]*)"), out))
+        assert.are.equal("true", second.resumed)
+        assert.are_not.equal(first.worker, second.worker)
+        assert.are.equal(0, tls_errors())
+      end)
+    end
+  end)
+
+  describe("curl against examples/http_hello.lua over TLS #child", function()
+    before_each(function()
+      server, port = helper.server({ workers = 2, handler = "examples.http_hello",
+                                     tls = tls({ alpn = { "http/1.1" } }) })
+    end)
+
+    it("gets Hello, world! with --cacert, by IP and by name, keeping the connection", function()
+      local url = ("https://127.0.0.1:%d/"):format(port)
+      local out, ok = run(("timeout 20 curl -sS --cacert %s -w '\\n%%{http_code} %%{num_connects}"
+        .. " %%{http_version}\\n' %s %sagain"):format(certs.ca, url, url))
+      assert.is_true(ok, out)
+      assert.are.equal("Hello, world!\n\n200 1 1.1\nHello, world!\n\n200 0 1.1\n", out)
+      out, ok = run(("timeout 20 curl -sS --cacert %s --resolve localhost:%d:127.0.0.1 "
+        .. "https://localhost:%d/"):format(certs.ca, port, port))
+      assert.is_true(ok, out)
+      assert.are.equal("Hello, world!\n", out)
+      assert.are.equal(0, server:stats().tls_errors)
+    end)
+
+    it("is refused by curl without the CA, counted as a TLS error", function()
+      local out, ok = run(("timeout 20 curl -sS https://127.0.0.1:%d/"):format(port))
+      assert.is_false(ok)
+      assert.is_truthy(out:find("certificate", 1, true), out)
+      assert.is_true(helper.eventually(function() return server:stats().tls_errors == 1 end))
+    end)
+  end)
+end)
