@@ -583,4 +583,122 @@ describe("tls", function()
       assert.is_true(helper.eventually(function() return server:stats().tls_errors == 1 end))
     end)
   end)
+
+  -- sock:sslhandshake on worker.tcp() sockets (spec/fixtures/tls_outbound.lua),
+  -- against a TLS server of this file (the "commands" case).
+  describe("outbound sslhandshake", function()
+    local outbound, out_c
+
+    after_each(function()
+      helper.stop_checked(outbound)
+      outbound = nil
+    end)
+
+    -- The server whose worker makes the outbound connections, and a
+    -- plaintext client of it that gives the commands.
+    local function start_outbound(opts)
+      local out_port
+      outbound, out_port = helper.server(with({ workers = 1, handler = "spec.fixtures.tls_outbound" },
+                                              opts))
+      out_c = helper.connect(out_port)
+      helper.defer(function() out_c:close() end)
+    end
+
+    local function ask(cmd)
+      assert(out_c:send(cmd .. "\n"))
+      return helper.line(out_c)
+    end
+
+    local function hs(name, verify, reuse)
+      return ask(("hs %d %s %s %s"):format(port, name, verify, reuse))
+    end
+
+    it("verifies the server against tls_ca and sends the name as SNI", function()
+      start("commands", tls({ sni = { ["a.example"] = { cert = certs.sni_cert, key = certs.sni_key } } }))
+      start_outbound({ tls_ca = certs.ca })
+      local got = hs("localhost", "true", "none")
+      assert.is_truthy(got:find("^ok userdata version=TLSv1%.3 "), got)
+      assert.are.equal("localhost", fields(got).sni)
+      got = hs("a.example", "true", "none")
+      assert.is_truthy(got:find("^ok userdata "), got)
+      assert.are.equal("a.example", fields(got).sni)
+      assert.are.equal(0, tls_errors())
+      local st = outbound:stats()
+      assert.are.equal(2, st.connects)
+    end)
+
+    it("fails a name the certificate does not have: certificate verify failed, and closes", function()
+      start("commands")
+      start_outbound({ tls_ca = certs.ca })
+      local got = hs("a.example", "true", "none")
+      assert.is_truthy(got:find("^fail .*certificate verify failed.* nil closed$"), got)
+    end)
+
+    it("fails a self-signed server: certificate verify failed, and closes", function()
+      start("commands", tls({ cert = certs.self_cert, key = certs.self_key }))
+      start_outbound({ tls_ca = certs.ca })
+      local got = hs("localhost", "true", "none")
+      assert.is_truthy(got:find("^fail .*certificate verify failed.* nil closed$"), got)
+    end)
+
+    it("fails a server whose CA is not in the system store when there is no tls_ca", function()
+      start("commands")
+      start_outbound()
+      local got = hs("localhost", "true", "none")
+      assert.is_truthy(got:find("^fail .*certificate verify failed.* nil closed$"), got)
+    end)
+
+    it("does not verify with ssl_verify false, nor by default (nil), as OpenResty", function()
+      start("commands", tls({ cert = certs.self_cert, key = certs.self_key }))
+      start_outbound({ tls_ca = certs.ca })
+      local got = hs("localhost", "false", "none")
+      assert.is_truthy(got:find("^ok userdata version=TLSv1%.3 "), got)
+      got = hs("a.example", "-", "none")
+      assert.is_truthy(got:find("^ok userdata "), got)
+      got = hs("-", "false", "none")
+      assert.is_truthy(got:find("^ok userdata "), got)
+      assert.are.equal("nil", fields(got).sni)
+    end)
+
+    it("returns true instead of a session when reused_session is false", function()
+      start("commands")
+      start_outbound({ tls_ca = certs.ca })
+      assert.is_truthy(hs("localhost", "true", "false"):find("^ok boolean version="))
+    end)
+
+    it("resumes the session it returned, on the server's other worker", function()
+      start("commands", nil, { workers = 2 })
+      start_outbound({ tls_ca = certs.ca })
+      local first = hs("localhost", "true", "keep")
+      assert.is_truthy(first:find("^ok userdata "), first)
+      assert.are.equal("false", fields(first).resumed)
+      local second = hs("localhost", "true", "saved")
+      assert.is_truthy(second:find("^ok userdata "), second)
+      assert.are.equal("true", fields(second).resumed, second)
+      assert.are_not.equal(fields(first).worker, fields(second).worker)
+    end)
+
+    it("fails against a server that does not speak TLS, and closes", function()
+      server, port = helper.server({ workers = 1, handler = "spec.fixtures.tls",
+                                     config = { case = "commands" } })
+      start_outbound()
+      local got = ask("plain " .. port)
+      assert.is_truthy(got:find("^plain nil .+ nil closed$"), got)
+    end)
+
+    it("fails on a socket that is not connected", function()
+      start_outbound()
+      local got = ask("unconnected")
+      assert.is_truthy(got:find("^unconnected nil "), got)
+    end)
+
+    it("raises at creation for a tls_ca file that is missing, naming it", function()
+      local ok, err = pcall(multiloop.server, { port = 0, workers = 1,
+                                                handler = "spec.fixtures.tls_outbound",
+                                                tls_ca = certs.missing })
+      assert.is_false(ok)
+      assert.is_truthy(tostring(err):find("tls_ca", 1, true), err)
+      assert.is_truthy(tostring(err):find(certs.missing, 1, true), err)
+    end)
+  end)
 end)
