@@ -405,25 +405,37 @@ describe("tls", function()
       assert(s:send("abc"))
       assert.are.equal("abc", s:receive(3))
       assert(s:send("close\n"))
-      local data, err = s:receive("*a")
-      assert.are.equal("", data, err)
+      -- LuaSocket's "*a" says "closed" when it read nothing; without a
+      -- close_notify, LuaSec says "unexpected eof while reading".
+      assert.are.same({ "", "closed" }, { until_closed(s) })
     end)
 
     it("is sent by conn:shutdown() in the callback style", function()
       start("callback")
       local s = client()
       assert(s:send("shutdown\n"))
-      local data, err = s:receive("*a")
-      assert.are.equal("", data, err)
+      assert.are.same({ "", "closed" }, { until_closed(s) })
     end)
 
+    -- 20 clients, as the answer to the client's close_notify races the
+    -- client's own close (a reset) on loopback: one was enough to see an
+    -- on_close("ENOTCONN") about one run in fifteen.
     it("from the client is a clean close: on_close gets no error, no tls_errors", function()
       start("callback")
-      local s = client()
-      assert.are.equal("x", helper.echo(s, "x"))
-      s:close()                            -- LuaSec sends close_notify
-      assert.is_true(helper.eventually(function() return d:get("close nil") == 1 end),
-                     "on_close did not run with err nil")
+      for i = 1, 20 do
+        local s = client()
+        assert.are.equal("x", helper.echo(s, "x"))
+        s:close()                          -- LuaSec sends close_notify, then closes
+        assert.is_true(helper.eventually(function()
+          local n = 0
+          for _, k in ipairs(d:keys(0)) do n = n + d:get(k) end
+          return n == i
+        end))
+      end
+      local reasons = {}
+      for _, k in ipairs(d:keys(0)) do reasons[#reasons + 1] = k .. " x" .. d:get(k) end
+      table.sort(reasons)
+      assert.are.same({ "close nil x20" }, reasons)
       assert.are.equal(0, tls_errors())
     end)
   end)
@@ -578,7 +590,7 @@ describe("tls", function()
 
     it("is refused by curl without the CA, counted as a TLS error", function()
       local out, ok = run(("timeout 20 curl -sS https://127.0.0.1:%d/"):format(port))
-      assert.is_false(ok)
+      assert.is_falsy(ok)
       assert.is_truthy(out:find("certificate", 1, true), out)
       assert.is_true(helper.eventually(function() return server:stats().tls_errors == 1 end))
     end)
