@@ -173,7 +173,7 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/message_spec.lua spec/timer_spec.lua spec/examples_spec.lua \
               spec/kv_spec.lua spec/unix_spec.lua spec/thread_spec.lua spec/serve_spec.lua \
               spec/serve_hostile_spec.lua spec/outbound_spec.lua spec/outbound_hostile_spec.lua \
-              spec/redis_spec.lua spec/proxy_spec.lua
+              spec/redis_spec.lua spec/proxy_spec.lua spec/tls_spec.lua
 
 .PHONY: tsan
 tsan: check-test-deps
