@@ -238,6 +238,34 @@ describe("tls", function()
       assert.are.equal(0, tls_errors())
     end)
 
+    it("negotiates ALPN for a name with its own certificate too", function()
+      start("commands", tls({ alpn = { "h2", "http/1.1" },
+                              sni = { ["a.example"] = { cert = certs.sni_cert, key = certs.sni_key } } }))
+      local s = client({ sni = "a.example", alpn = { "http/1.1", "h2" } })
+      assert.are.equal("a.example", s:getpeercertificate():subject()[1].value)
+      assert.are.equal("h2", s:getalpn())
+      assert(s:send("info\n"))
+      local t = fields(line(s))
+      assert.are.equal("h2", t.alpn)
+      assert.are.equal("a.example", t.sni)
+    end)
+
+    it("with verify_client, verifies a client that asks for a name with its own certificate", function()
+      start("early", tls({ ca = certs.ca, verify_client = true,
+                           sni = { ["a.example"] = { cert = certs.sni_cert, key = certs.sni_key } } }))
+      local s = client({ sni = "a.example", certificate = certs.client_cert, key = certs.client_key })
+      assert(s:send("x\n"))
+      assert.are.equal("early false nil then true /CN=multiloop spec client true", line(s))
+      local s2, err = helper.tls_connect(port, { cafile = certs.ca, sni = "a.example" })
+      local got
+      if s2 then
+        s2:send("x\n")
+        got, err = s2:receive("*l")
+      end
+      assert.is_nil(got, "served a client without a certificate")
+      assert.is_truthy(err)
+    end)
+
     it("with verify_client, takes a client certificate from the CA and refuses none", function()
       start("commands", tls({ ca = certs.ca, verify_client = true }))
       local s = client({ certificate = certs.client_cert, key = certs.client_key })
@@ -661,6 +689,26 @@ describe("tls", function()
       assert.is_truthy(out:find("no renegotiation", 1, true), out)   -- the server's alert
       local s = client()
       assert.are.equal("hi!", (function() assert(s:send("hi\n")) return line(s) end)())
+    end)
+
+    it("resumes a session of a client with a certificate (verify_client) and of an SNI name", function()
+      start("commands", tls({ ca = certs.ca, verify_client = true,
+                              sni = { ["a.example"] = { cert = certs.sni_cert, key = certs.sni_key } } }),
+            { workers = 2 })
+      for _, name in ipairs({ "localhost", "a.example" }) do
+        for _, version in ipairs({ "1_3", "1_2" }) do
+          local sess = os.tmpname()
+          helper.defer(function() os.remove(sess) end)
+          local args = ("-tls%s -servername %s -cert %s -key %s"):format(version, name,
+            certs.client_cert, certs.client_key)
+          local out = s_client(args .. " -sess_out " .. sess)
+          assert.are.equal("false", fields(assert(out:match("(version=[^\n]*)"), out)).resumed)
+          out = s_client(args .. " -sess_in " .. sess)
+          assert.is_truthy(out:find("\nReused, TLSv1", 1, true), name .. " " .. version .. ": " .. out)
+          assert.are.equal("true", fields(assert(out:match("(version=[^\n]*)"), out)).resumed)
+        end
+      end
+      assert.are.equal(0, tls_errors())
     end)
 
     for _, version in ipairs({ "1_3", "1_2" }) do
