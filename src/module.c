@@ -47,6 +47,7 @@ static const luaL_Reg module_funcs[] = {
   { "new", multiloop_server_new },
   { "wait_signal", multiloop_wait_signal },
   { "parallelism", core_parallelism },
+  { "listen_fds", multiloop_listen_fds },
   { "shared", multiloop_shared_open },
   { NULL, NULL }
 };

@@ -92,10 +92,17 @@ typedef struct {
    * sslhandshake (made on first use; tls_ca's path). */
   struct multiloop_tls_s *tls;
   struct multiloop_tls_client_s *tls_client;
+  /* PROXY protocol (proxy.c): the trusted sources and timeout, or NULL. */
+  struct multiloop_proxy_cfg_s *proxy;
+  /* Socket activation and inherited sockets (activation.c) */
+  int ninherit;               /* inherited sockets to listen on (dups of them); 0: none */
+  int *inherit_fds;           /* malloc'd: their fds, ninherit of them */
+  char *inherit_listen;       /* the `listen` option that named them ("systemd:web"), or NULL */
 } multiloop_config_t;
 typedef struct multiloop_tls_s multiloop_tls_t;
 typedef struct multiloop_tls_client_s multiloop_tls_client_t;
 typedef struct multiloop_tls_worker_s multiloop_tls_worker_t;
+typedef struct multiloop_proxy_cfg_s multiloop_proxy_cfg_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
 #define MULTILOOP_INBOX_LIMIT_DEFAULT (64 * 1024 * 1024)
@@ -291,6 +298,8 @@ struct multiloop_worker_s {
   multiloop_tls_worker_t *tls;
   atomic_uint_fast64_t tls_handshakes;
   atomic_uint_fast64_t tls_errors;     /* failed handshakes, bad records, alerts */
+  /* PROXY protocol (proxy.c, conn.c): connections refused before the handler. */
+  atomic_uint_fast64_t proxy_errors;
 
   /* Timers and messages (timer.c, message.c). `timers` is the worker
    * thread's alone; msg_ready is set once by the worker (its inbox is up)
@@ -332,6 +341,13 @@ typedef struct {
   uv_file *pipe_fds;
   int next;                            /* round-robin cursor */
   atomic_uint_fast64_t handed_off;
+  /* Several inherited sockets (activation.c): the second and later ones,
+   * made by the main thread (multiloop_inherited_open) and freed by it
+   * after the join (multiloop_inherited_free); the fds are the main
+   * thread's until setup() gives each to its listener (then -1). */
+  int nmore;
+  multiloop_listener_t *more;
+  uv_os_sock_t *more_fds;
 
   /* Start handshake: written by the acceptor before it posts rt->ready. */
   int failed;
@@ -369,6 +385,12 @@ struct multiloop_runtime_s {
   char bound_host[64];                 /* what address() reports */
   int bound_port;
   multiloop_listen_addr_t listen_addr; /* what open_sockets resolved and made */
+  /* What the connections are (a path, or an inherited socket's family) and,
+   * for an inherited Unix socket, its path for address() (activation.c). */
+  int listen_unix;                     /* every listening socket is a Unix one */
+  int listen_mixed;                    /* some are, some are not: ask each fd */
+  int bound_unix;                      /* address() reports bound_path */
+  char bound_path[112];                /* sun_path, "@name" when abstract */
 };
 
 /* uv_loop_init, without the fd it leaks on failure: before libuv 1.51
@@ -434,6 +456,14 @@ int multiloop_listen_probe(const multiloop_config_t *cfg, multiloop_listen_addr_
                            int port, int *bound_port, char *err, size_t errlen);
 void multiloop_listener_resume(multiloop_listener_t *l);
 void multiloop_listener_close(multiloop_listener_t *l);
+
+/* activation.c: inherited listening sockets (socket activation, fd = n). */
+int multiloop_listen_fds(lua_State *L);                            /* core.listen_fds */
+void multiloop_inherited_config(lua_State *L, multiloop_config_t *cfg);   /* core.new */
+int multiloop_inherited_open(multiloop_runtime_t *rt, char *err, size_t errlen);   /* start */
+void multiloop_inherited_free(multiloop_runtime_t *rt);             /* runtime_free */
+/* Whether the connection fd (fd < 0: the one pending on `pipe`) is a Unix one. */
+int multiloop_conn_is_unix(const multiloop_runtime_t *rt, uv_pipe_t *pipe, uv_os_sock_t fd);
 
 /* acceptor.c */
 int multiloop_acceptor_start(multiloop_runtime_t *rt);

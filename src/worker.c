@@ -277,7 +277,7 @@ static int refuse_pending(multiloop_worker_t *w) {
     w->spare_busy = 1;
     h = &w->spare.handle;
   }
-  if (w->cfg->path) uv_pipe_init(&w->loop, (uv_pipe_t *)h, 0);
+  if (multiloop_conn_is_unix(w->rt, &w->pipe, -1)) uv_pipe_init(&w->loop, (uv_pipe_t *)h, 0);
   else uv_tcp_init(&w->loop, (uv_tcp_t *)h);
   h->data = w;
   (void)uv_accept((uv_stream_t *)&w->pipe, (uv_stream_t *)h);
