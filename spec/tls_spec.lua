@@ -68,13 +68,15 @@ describe("tls", function()
     return with({ cert = certs.cert, key = certs.key }, extra)
   end
 
-  -- A TLS server running spec/fixtures/tls.lua's `case` (serve style) or,
-  -- with case "callback", spec/fixtures/tls_callback.lua; 1 worker unless
-  -- opts say otherwise.
+  -- The cases of spec/fixtures/tls_callback.lua; the others are
+  -- spec/fixtures/tls.lua's (serve style).
+  local CALLBACK = { callback = true, greet_close = true, greet_big = true }
+
+  -- A TLS server running `case`; 1 worker unless opts say otherwise.
   local function start(case, tls_opts, opts)
     opts = opts or {}
     opts.workers = opts.workers or 1
-    opts.handler = case == "callback" and "spec.fixtures.tls_callback" or "spec.fixtures.tls"
+    opts.handler = CALLBACK[case] and "spec.fixtures.tls_callback" or "spec.fixtures.tls"
     opts.config = { case = case }
     opts.tls = tls_opts or tls()
     server, port = helper.server(opts)
@@ -395,6 +397,27 @@ describe("tls", function()
         end, { reason = "tls", bound = 3 })
       end)
 
+      it("closes a client that sends its ClientHello and then its EOF", function()
+        local hello = client_hello()
+        check(function(c)
+          assert(c:send(hello))
+          c:shutdown("send")
+          local data, how = until_closed(c)
+          return data, how
+        end, { reason = "tls" })
+      end)
+
+      it("closes a client that resets after the ServerHello", function()
+        local hello = client_hello()
+        check(function(c)
+          assert(c:send(hello))
+          assert(c:receive(5))             -- the ServerHello: the server is in the handshake
+          assert(c:setoption("linger", { on = true, timeout = 0 }))
+          c:close()
+          return "", "closed"
+        end, { reason = "ECONNRESET" })          -- the socket's error, as on plain TCP
+      end)
+
       it("closes a client that sends half a ClientHello and stalls past handshake_timeout", function()
         local hello = client_hello()
         local _, took = check(function(c)
@@ -451,7 +474,11 @@ describe("tls", function()
                        ("tls_errors is %s"):format(tostring(tls_errors())))
         assert(keep:send("pong\n"))
         assert.are.equal(style == "serve" and "pong!" or "pong", line(keep))
-        assert.are.equal(1, server:stats().active)
+        assert.is_true(helper.eventually(function() return server:stats().active == 1 end))
+        if style == "callback" then
+          assert.is_true(helper.eventually(function() return d:get("close ECONNRESET") == 1 end),
+                         "on_close: " .. table.concat(d:keys(0), ","))
+        end
       end)
     end)
   end
@@ -513,6 +540,45 @@ describe("tls", function()
     assert.is_true(helper.echo_big(s, payload, 60) == payload, "the echo differs")
     assert.are.equal("tail\n", helper.echo(s, "tail\n"))
     assert.are.equal(0, server:stats().tls_errors)
+  end)
+
+  describe("writes before the handshake ends", function()
+    it("are held and sent after it: 3 MiB from serve", function()
+      start("greet")
+      local s = client()
+      s:settimeout(30)
+      assert.are.equal(3 * 1024 * 1024, #line(s))
+      assert(s:send("hi\n"))
+      assert.are.equal("hi!", line(s))
+    end)
+
+    it("are held and sent after it: 3 MiB from connect (callback)", function()
+      start("greet_big")
+      local s = client()
+      s:settimeout(30)
+      assert.are.equal(3 * 1024 * 1024, #line(s))
+      assert.are.equal("x", helper.echo(s, "x"))
+    end)
+
+    it("and a close: the client gets the bytes, then close_notify", function()
+      start("greet_close")
+      local s = client()
+      assert.are.same({ "bye\n", "closed" }, { until_closed(s) })
+      assert.is_true(helper.eventually(function() return d:get("close nil") == 1 end),
+                     "on_close: " .. table.concat(d:keys(0), ","))
+      assert.are.equal(0, tls_errors())
+    end)
+  end)
+
+  it("counts no TLS error for a client that connects and closes at once (a health check)", function()
+    start("callback")
+    for _ = 1, 5 do
+      local c = helper.connect(port)
+      c:close()
+    end
+    assert.is_true(helper.eventually(function() return server:stats().active == 0 end))
+    assert.are.equal(0, tls_errors())
+    assert.are.equal("x", helper.echo(client(), "x"))
   end)
 
   describe("close_notify", function()
