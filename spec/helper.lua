@@ -19,11 +19,57 @@ require("busted").subscribe({ "test", "end" }, function()
   return nil, true
 end)
 
+-- SPEC_TLS=1 (a probe, not part of any run): every helper.server gets a
+-- `tls` option with throwaway certificates and every helper.connect and
+-- connect_unix client is a LuaSec client of it, so a spec written for
+-- plain TCP runs over TLS. The client object forwards LuaSocket's methods:
+-- the TLS ones to LuaSec, the socket ones (shutdown, setoption, names) to
+-- the socket under it.
+local TLS_MODE = os.getenv("SPEC_TLS") == "1"
+local tls_certs
+local tls_client_mt = {}
+tls_client_mt.__index = tls_client_mt
+local function raw_call(self, name, ...)
+  if self.closed then return nil, "closed" end
+  self.raw:setfd(self.s:getfd())
+  local r = table.pack(self.raw[name](self.raw, ...))
+  self.raw:setfd(socket._SOCKETINVALID)
+  return table.unpack(r, 1, r.n)
+end
+for _, name in ipairs({ "settimeout", "dirty", "getfd", "getstats" }) do
+  tls_client_mt[name] = function(self, ...) return self.s[name](self.s, ...) end
+end
+-- LuaSec says "wantread" or "wantwrite" where LuaSocket says "timeout".
+for _, name in ipairs({ "send", "receive" }) do
+  tls_client_mt[name] = function(self, ...)
+    local a, err, c = self.s[name](self.s, ...)
+    if err == "wantread" or err == "wantwrite" then err = "timeout" end
+    return a, err, c
+  end
+end
+for _, name in ipairs({ "shutdown", "setoption", "getoption", "getsockname", "getpeername" }) do
+  tls_client_mt[name] = function(self, ...) return raw_call(self, name, ...) end
+end
+function tls_client_mt.close(self)
+  self.closed = true
+  return self.s:close()
+end
+local function tls_wrap(c)
+  local ssl = require("ssl")
+  local s = assert(ssl.wrap(c, { mode = "client", protocol = "any", verify = "none",
+                                 options = "all" }))
+  s:settimeout(M.TIMEOUT)
+  s:sni("localhost")
+  assert(s:dohandshake())
+  return setmetatable({ s = s, raw = c }, tls_client_mt)
+end
+
 function M.connect(port, host)
   local c = assert(socket.tcp())
   if host and host:find(":", 1, true) then c = assert(socket.tcp6()) end
   c:settimeout(M.TIMEOUT)
   assert(c:connect(host or "127.0.0.1", port))
+  if TLS_MODE then return tls_wrap(c) end
   return c
 end
 
@@ -165,6 +211,10 @@ function M.server(opts)
   opts.host = opts.host or (opts.path == nil and "127.0.0.1" or nil)
   opts.port = opts.port or (opts.path == nil and 0 or nil)
   if opts.dispatch == nil and opts.balance == nil then opts.dispatch = "queue" end
+  if TLS_MODE and opts.tls == nil then
+    tls_certs = tls_certs or M.make_certs()
+    opts.tls = { cert = tls_certs.cert, key = tls_certs.key }
+  end
   local s = multiloop.server(opts)
   s:start()
   local _, port = s:address()
@@ -186,6 +236,7 @@ function M.connect_unix(path)
   local c = assert(require("socket.unix").stream())
   c:settimeout(M.TIMEOUT)
   assert(c:connect(path))
+  if TLS_MODE then return tls_wrap(c) end
   return c
 end
 
