@@ -185,6 +185,8 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/serve_hostile_spec.lua spec/outbound_spec.lua spec/outbound_hostile_spec.lua \
               spec/redis_spec.lua spec/proxy_spec.lua spec/proxy_protocol_spec.lua spec/activation_spec.lua \
               spec/metrics_spec.lua spec/tls_spec.lua
+# Logs: workers writing records at once, under the log's lock.
+TSAN_SPECS += spec/log_spec.lua
 
 .PHONY: tsan
 tsan: check-test-deps

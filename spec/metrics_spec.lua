@@ -143,9 +143,10 @@ describe("server:metrics()", function()
     local known = { "multiloop_accepted_total", "multiloop_active", "multiloop_handed_off_total",
       "multiloop_accept_errors_total", "multiloop_bytes_in_total", "multiloop_bytes_out_total",
       "multiloop_threads", "multiloop_connects_total", "multiloop_connect_errors_total",
-      "multiloop_reused_total", "multiloop_pooled" }
+      "multiloop_reused_total", "multiloop_pooled", "multiloop_tls_handshakes_total",
+      "multiloop_tls_errors_total", "multiloop_proxy_errors_total" }
     assert.are.same(known, { table.unpack(order, 1, #known) })
-    -- Fields stats() gains later (tls_errors, ...) follow, by name.
+    -- Fields stats() gains later follow, by name.
     local rest = { table.unpack(order, #known + 1) }
     local sorted = { table.unpack(rest) }
     table.sort(sorted)
@@ -206,16 +207,16 @@ end)
 describe("multiloop.metrics_text", function()
   it("makes a field it does not know a counter, after the known ones, by name", function()
     local text = multiloop.metrics_text({
-      accepted = 2, tls_errors = 1, proxy_errors = 0, ratio = 0.5, name = "not a number",
-      workers = { { accepted = 2, tls_errors = 1 } },
+      accepted = 2, zeta_errors = 1, alpha_errors = 0, ratio = 0.5, name = "not a number",
+      workers = { { accepted = 2, zeta_errors = 1 } },
     })
     local families, order = parse(text:gsub("_ratio_total 0.5", "_ratio_total 0"))
-    assert.are.same({ "multiloop_accepted_total", "multiloop_proxy_errors_total",
-      "multiloop_ratio_total", "multiloop_tls_errors_total" }, order)
-    assert.are.equal("counter", families.multiloop_tls_errors_total.type)
-    assert.are.equal("server:stats() field tls_errors.", families.multiloop_tls_errors_total.help)
+    assert.are.same({ "multiloop_accepted_total", "multiloop_alpha_errors_total",
+      "multiloop_ratio_total", "multiloop_zeta_errors_total" }, order)
+    assert.are.equal("counter", families.multiloop_zeta_errors_total.type)
+    assert.are.equal("server:stats() field zeta_errors.", families.multiloop_zeta_errors_total.help)
     assert.are.same({ { labels = {}, value = 1 }, { labels = { worker = "1" }, value = 1 } },
-      families.multiloop_tls_errors_total.samples)
+      families.multiloop_zeta_errors_total.samples)
     assert.truthy(text:find("\nmultiloop_ratio_total 0.5\n", 1, true), text)
     assert.is_falsy(text:find("name", 1, true), text)
   end)

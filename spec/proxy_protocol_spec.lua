@@ -94,31 +94,41 @@ describe("PROXY protocol", function()
       ask(port, "PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\nhello\n"))
   end)
 
-  it("refuses a malformed, oversized or missing header: closed before the handler, counted", function()
-    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" } } }
+  it("refuses a malformed, oversized or missing header: closed before the handler, counted, logged", function()
+    local log = os.tmpname()
+    helper.defer(function() os.remove(log) end)
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" } }, log = log }
     local body4 = ipv4(10, 1, 2, 3) .. ipv4(10, 9, 9, 9) .. string.pack(">I2I2", 1, 2)
-    local bad = {
-      "GET / HTTP/1.0\r\n\r\n",                                     -- no header: never guessed
-      "PROXY " .. ("1"):rep(110) .. "\r\nhello\n",                  -- v1 over 107 bytes
-      "PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\nhello\n",                 -- a leading zero
-      "PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\nhello\n",              -- port out of range
-      "PROXY TCP4 1.2.3 5.6.7.8 1 2\r\nhello\n",                    -- a bad address
-      "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\nhello\n",                    -- LF without CR
-      "PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\nhello\n",                 -- two spaces
-      "PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\nhello\n",                  -- not TCP
-      V2_SIG .. "\49\17\0\12" .. body4 .. "hello\n",                -- version 3
-      V2_SIG .. "\34\17\0\12" .. body4 .. "hello\n",                -- command 2
-      V2_SIG .. "\33\65\0\12" .. body4 .. "hello\n",                -- family 4
-      V2_SIG .. "\33\18\0\12" .. body4 .. "hello\n",                -- datagram
-      V2_SIG .. "\33\17\0\8" .. body4:sub(1, 8) .. "hello\n",       -- addresses cut short
-      V2_SIG .. "\33\17\0\16" .. body4 .. "\4\0\9x" .. "hello\n",   -- a TLV past the end
-      V2_SIG .. "\33\17\16\1" .. body4 .. ("x"):rep(4085),          -- over 4096 bytes
-      "\r\n\r\n\0\r\nQUIX\n" .. "\33\17\0\12" .. body4,             -- a bad signature
+    local bad = {   -- the bytes, and the reason the log gives
+      { "GET / HTTP/1.0\r\n\r\n", "no PROXY protocol header" },           -- never guessed
+      { "PROXY " .. ("1"):rep(110) .. "\r\nhello\n", "v1 header longer than 107 bytes" },
+      { "PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\nhello\n", "v1 header has a bad address or port" },
+      { "PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\nhello\n", "v1 header has a bad address or port" },
+      { "PROXY TCP4 1.2.3 5.6.7.8 1 2\r\nhello\n", "v1 header has a bad address or port" },
+      { "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\nhello\n", "v1 header does not end in CRLF" },
+      { "PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\nhello\n", "v1 header has an empty field" },
+      { "PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\nhello\n", "v1 header's protocol is not TCP4, TCP6 or UNKNOWN" },
+      { V2_SIG .. "\49\17\0\12" .. body4 .. "hello\n", "v2 header's version is not 2" },
+      { V2_SIG .. "\34\17\0\12" .. body4 .. "hello\n", "v2 header's command is not LOCAL or PROXY" },
+      { V2_SIG .. "\33\65\0\12" .. body4 .. "hello\n", "v2 header's family or protocol is unknown" },
+      { V2_SIG .. "\33\18\0\12" .. body4 .. "hello\n", "v2 header is for a datagram connection" },
+      { V2_SIG .. "\33\17\0\8" .. body4:sub(1, 8) .. "hello\n", "v2 header's addresses are cut short" },
+      { V2_SIG .. "\33\17\0\16" .. body4 .. "\4\0\9x" .. "hello\n", "v2 header has a TLV longer than the header" },
+      { V2_SIG .. "\33\17\16\1" .. body4 .. ("x"):rep(4085), "v2 header longer than 4096 bytes" },
+      { "\r\n\r\n\0\r\nQUIX\n" .. "\33\17\0\12" .. body4, "no PROXY protocol header" },
     }
-    for i, bytes in ipairs(bad) do
-      assert.are.equal("closed", ask(port, bytes), "case " .. i)
+    for i, case in ipairs(bad) do
+      assert.are.equal("closed", ask(port, case[1]), "case " .. i)
     end
     helper.eventually(function() return s:stats().proxy_errors == #bad end, 2000)
+    local lines = {}
+    for l in io.lines(log) do
+      local why = l:match(" warn worker 1 conn %d+: PROXY protocol: refused: (.*)$")
+      if why then lines[#lines + 1] = why end
+    end
+    local want = {}
+    for i, case in ipairs(bad) do want[i] = case[2] end
+    assert.are.same(want, lines)
     local st = s:stats()
     assert.are.equal(#bad, st.proxy_errors)
     assert.are.equal(#bad, st.workers[1].proxy_errors)
@@ -128,7 +138,9 @@ describe("PROXY protocol", function()
   end)
 
   it("closes a connection whose header is not whole within the timeout, and one that ends inside it", function()
-    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" }, timeout = 200 } }
+    local log = os.tmpname()
+    helper.defer(function() os.remove(log) end)
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" }, timeout = 200 }, log = log }
     local c = helper.connect(port)
     assert(c:send("PROXY TCP4 1.2.3.4"))
     local t0 = socket.gettime()
@@ -145,6 +157,9 @@ describe("PROXY protocol", function()
     c:close()
     helper.eventually(function() return s:stats().proxy_errors == 2 end, 2000)
     assert.are.equal(2, s:stats().proxy_errors)
+    local text = assert(io.open(log)):read("a")
+    assert.matches("PROXY protocol: refused: no whole header within proxy_protocol%.timeout\n", text)
+    assert.matches("PROXY protocol: refused: the peer closed the connection inside its header\n", text)
   end)
 
   it("a trusted connection that closes before its first byte (a TCP health check) is no error", function()
@@ -157,13 +172,18 @@ describe("PROXY protocol", function()
     assert.are.equal(0, s:stats().proxy_errors)
   end)
 
-  it("never reads a header from a source not in from: closed, counted, the handler never runs", function()
-    local s, port = server{ proxy_protocol = { from = { "10.0.0.0/8", "::1" } } }
+  it("never reads a header from a source not in from: closed, counted, logged, the handler never runs", function()
+    local log = os.tmpname()
+    helper.defer(function() os.remove(log) end)
+    local s, port = server{ proxy_protocol = { from = { "10.0.0.0/8", "::1" } }, log = log }
     assert.are.equal("closed", ask(port, "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhello\n"))
     helper.eventually(function() return s:stats().proxy_errors == 1 end, 2000)
     local st = s:stats()
     assert.are.equal(1, st.proxy_errors)
     assert.are.equal(0, st.threads)
+    local text = assert(io.open(log)):read("a")
+    assert.matches("warn worker 1: PROXY protocol: refused a connection from 127%.0%.0%.1, which is "
+      .. "not in proxy_protocol%.from\n", text)
   end)
 
   it("matches CIDR blocks bit by bit, and a v4 client of an IPv6 socket against v4 blocks", function()

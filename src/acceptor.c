@@ -246,8 +246,8 @@ static void acceptor_main(void *arg) {
   uv_run(&a->loop, UV_RUN_DEFAULT);
   rc = uv_loop_close(&a->loop);
   if (rc != 0)
-    fprintf(stderr, "multiloop: acceptor: loop closed with handles open: %s\n",
-            uv_err_name(rc));
+    multiloop_log_as(rt->cfg->logger, MULTILOOP_LOG_ERROR, "acceptor", 0,
+                     "loop closed with handles open: %s", uv_err_name(rc));
 }
 
 /* Main thread. Starts the acceptor on rt->acceptor.listen_fd and waits until

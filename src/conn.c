@@ -31,6 +31,7 @@
  * "timeout"), or when the worker stops (reason "stopped").
  */
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
@@ -130,6 +131,13 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 
 static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len);
 
+/* A connection refused in the PROXY phase: counted and logged. */
+static void proxy_refused(multiloop_conn_t *c, const char *why) {
+  multiloop_worker_t *w = WORKER(c);
+  atomic_fetch_add_explicit(&w->proxy_errors, 1, memory_order_relaxed);
+  multiloop_log(w, MULTILOOP_LOG_WARN, c->id, "PROXY protocol: refused: %s", why);
+}
+
 static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
   multiloop_conn_t *c = CONN(s);
   if (c->proxying) return proxy_read(c, data, len);
@@ -154,7 +162,7 @@ static void ev_eof(multiloop_stream_t *s) {
   if (c->proxying) {                        /* half a header; none at all: a health check */
     size_t n;
     int some = multiloop_stream_kept(s, &n) != NULL;
-    if (some) atomic_fetch_add_explicit(&WORKER(c)->proxy_errors, 1, memory_order_relaxed);
+    if (some) proxy_refused(c, "the peer closed the connection inside its header");
     multiloop_stream_close(s, some ? REASON_PROXY : 0);
   } else if (c->pooled) multiloop_out_drop(c);
   else if (c->piped) multiloop_pipe_eof(c);
@@ -227,7 +235,7 @@ static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
   multiloop_conn_t *c = (multiloop_conn_t *)((char *)d - offsetof(multiloop_conn_t, idle));
   if (c->s.closing) return;
   if (c->proxying) {                        /* no whole PROXY header in time */
-    atomic_fetch_add_explicit(&WORKER(c)->proxy_errors, 1, memory_order_relaxed);
+    proxy_refused(c, "no whole header within proxy_protocol.timeout");
     multiloop_stream_close(&c->s, REASON_TIMEOUT);
     return;
   }
@@ -311,7 +319,14 @@ static int proxy_trusted(multiloop_conn_t *c) {
     return multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss);
   }
   if (uv_tcp_getpeername(&c->s.h.tcp, (struct sockaddr *)&ss, &len) != 0) return 0;
-  return multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss);
+  if (multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss)) return 1;
+  {
+    char ip[INET6_ADDRSTRLEN];
+    uv_ip_name((struct sockaddr *)&ss, ip, sizeof ip);
+    multiloop_log(WORKER(c), MULTILOOP_LOG_WARN, 0, "PROXY protocol: refused a connection from "
+                  "%s, which is not in proxy_protocol.from", ip);
+  }
+  return 0;
 }
 
 static int handler_body(lua_State *L) {
@@ -337,7 +352,7 @@ static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len) {
   if (r == 0) return 0;                    /* not whole yet */
   if (r < 0 || (x = multiloop_stream_ext(s)) == NULL) {
     free(info);
-    atomic_fetch_add_explicit(&w->proxy_errors, 1, memory_order_relaxed);
+    proxy_refused(c, r < 0 ? err : "out of memory");
     multiloop_stream_close(s, REASON_PROXY);
     return len;
   }
@@ -692,7 +707,17 @@ static int conn_tostring(lua_State *L) {
   return 1;
 }
 
+/* conn:log(level, ...): worker.log with the connection's id (log.c); a
+ * closed connection keeps its id. */
+static int conn_log(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  char who[32];
+  snprintf(who, sizeof who, "worker %d", WORKER(c)->id);
+  return multiloop_log_lua(L, WORKER(c)->cfg->logger, 2, who, c->id, "conn:log");
+}
+
 static const luaL_Reg conn_methods[] = {
+  { "log", conn_log },
   { "on_data", conn_on_data },
   { "on_end", conn_on_end },
   { "on_close", conn_on_close },

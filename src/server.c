@@ -18,7 +18,8 @@
  * The main thread's blocking waits are here too: server:wait_stopped and
  * core.wait_signal on a loop of their own made and closed by each call, and
  * the signal watcher (server:signals) that run() keeps open from start to
- * end, on a loop that lives as long as the watcher.
+ * end, on a loop that lives as long as the watcher (it also reopens the log
+ * file on SIGUSR1: log.c).
  */
 #include <errno.h>
 #include <limits.h>
@@ -179,7 +180,7 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   return 0;
 }
 
-/* SIGINT and SIGTERM are the main thread's: the threads made between
+/* SIGINT, SIGTERM (and SIGUSR1) are the main thread's: the threads made between
  * block_signals and restore_signals inherit a mask that blocks them (a new
  * thread starts with its creator's mask), so the kernel always delivers
  * them to the thread that waits for them (run()'s watcher), and a worker's
@@ -189,6 +190,7 @@ static void block_signals(sigset_t *old) {
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR1);                /* logs: run() reopens the log file on it */
   pthread_sigmask(SIG_BLOCK, &set, old);
 }
 
@@ -357,6 +359,7 @@ static void config_free(multiloop_config_t *cfg) {
   multiloop_proxy_free(cfg);
   free(cfg->inherit_listen);
   free(cfg->inherit_fds);
+  multiloop_logger_free(cfg->logger);      /* every thread that wrote through it is joined */
   memset(cfg, 0, sizeof *cfg);
 }
 
@@ -564,6 +567,24 @@ int multiloop_server_new(lua_State *L) {
   lua_pop(L, 1);
   multiloop_tls_configure(L, 1, cfg);      /* tls, tls_ca: OpenSSL loads the files now */
   multiloop_proxy_configure(L, 1, cfg);
+  /* Logs (log.c): log_level (nil: info) and log, a file opened here, so
+   * that a path that cannot be opened fails the server's creation. */
+  {
+    int level = choice_field(L, "log_level", multiloop_log_levels, MULTILOOP_LOG_INFO - 1) + 1;
+    char *path = NULL, why[512];
+    if (lua_getfield(L, 1, "log") != LUA_TNIL) {
+      lua_pop(L, 1);
+      path = str_field(L, "log", 1, MULTILOOP_LOG_MAX_PATH, 0, NULL);   /* nothing raises */
+    } else {                                                            /* until it is freed */
+      lua_pop(L, 1);
+    }
+    cfg->logger = multiloop_logger_open(path, level, why, sizeof why);
+    free(path);
+    if (cfg->logger == NULL)
+      return luaL_error(L, "option 'log' must be a file that can be opened for appending: %s",
+                        why);
+  }
+  multiloop_logger_make_current(cfg->logger);   /* multiloop.log's, from now on */
   lua_settop(L, 2);                        /* opts, the server */
   return 1;
 }
@@ -668,6 +689,8 @@ static int block_until_finished(multiloop_runtime_t *rt) {
 typedef struct {
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;
+  uv_signal_t sigusr1;                 /* logs: reopens `logger`'s file; not counted */
+  multiloop_logger_t *logger;          /* the server's (its user value keeps it) */
   uv_timer_t poll;                     /* while waiting for a stop: the workers */
   uv_timer_t tick;                     /* wait(_, ms): run()'s `every` */
   int ticked;                          /* the tick timer fired during this wait */
@@ -692,6 +715,22 @@ static void watch_tick_cb(uv_timer_t *t) {
   uv_stop(t->loop);
 }
 
+/* Logs: SIGUSR1 (logrotate's postrotate) reopens the log file; the wait goes
+ * on. A failure is logged to the file still open. */
+static void watch_usr1_cb(uv_signal_t *h, int signum) {
+  signals_t *w = h->data;
+  char why[512];
+  (void)signum;
+  if (multiloop_logger_path(w->logger) == NULL)
+    multiloop_log_as(w->logger, MULTILOOP_LOG_INFO, "main", 0,
+                     "SIGUSR1: nothing to reopen (the log is stderr)");
+  else if (multiloop_logger_reopen(w->logger, why, sizeof why) != 0)
+    multiloop_log_as(w->logger, MULTILOOP_LOG_ERROR, "main", 0,
+                     "SIGUSR1: cannot reopen the log: %s", why);
+  else
+    multiloop_log_as(w->logger, MULTILOOP_LOG_INFO, "main", 0, "SIGUSR1: log reopened");
+}
+
 /* Runs the loop without blocking: delivers the signals already written to
  * its pipe. */
 static void signals_collect(signals_t *w) {
@@ -704,6 +743,7 @@ static void signals_close(signals_t *w) {
   w->open = 0;
   uv_close((uv_handle_t *)&w->sigint, NULL);
   uv_close((uv_handle_t *)&w->sigterm, NULL);
+  uv_close((uv_handle_t *)&w->sigusr1, NULL);
   uv_close((uv_handle_t *)&w->poll, NULL);
   uv_close((uv_handle_t *)&w->tick, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
@@ -721,7 +761,7 @@ static signals_t *check_signals(lua_State *L) {
 static int server_signals(lua_State *L) {
   signals_t *w;
   int rc;
-  luaL_checkudata(L, 1, SERVER_MT);
+  server_t *s = luaL_checkudata(L, 1, SERVER_MT);
   w = lua_newuserdatauv(L, sizeof *w, 1);
   memset(w, 0, sizeof *w);                 /* closed first */
   luaL_setmetatable(L, SIGNALS_MT);
@@ -731,16 +771,21 @@ static int server_signals(lua_State *L) {
     return luaL_error(L, "signals: cannot make a loop: %s", uv_strerror(rc));
   uv_signal_init(&w->loop, &w->sigint);
   uv_signal_init(&w->loop, &w->sigterm);
+  uv_signal_init(&w->loop, &w->sigusr1);
   uv_timer_init(&w->loop, &w->poll);
   uv_timer_init(&w->loop, &w->tick);
-  w->sigint.data = w->sigterm.data = w->poll.data = w->tick.data = w;
+  w->sigint.data = w->sigterm.data = w->sigusr1.data = w->poll.data = w->tick.data = w;
+  w->logger = s->cfg.logger;
   w->open = 1;
-  /* SIGINT first: the specs take a caught SIGTERM (/proc SigCgt) to mean
-   * both are, since lua.c catches SIGINT anyway while a script runs. */
+  /* SIGINT first, SIGTERM last: the specs take a caught SIGTERM (/proc
+   * SigCgt) to mean all three are, since lua.c catches SIGINT anyway while
+   * a script runs. */
   if ((rc = uv_signal_start(&w->sigint, watch_signal_cb, SIGINT)) != 0 ||
+      (rc = uv_signal_start(&w->sigusr1, watch_usr1_cb, SIGUSR1)) != 0 ||
       (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0) {
     signals_close(w);
-    return luaL_error(L, "signals: cannot catch SIGINT and SIGTERM: %s", uv_strerror(rc));
+    return luaL_error(L, "signals: cannot catch SIGINT, SIGTERM and SIGUSR1: %s",
+                      uv_strerror(rc));
   }
   return 1;
 }
@@ -901,7 +946,35 @@ static int server_broadcast(lua_State *L) {
   return multiloop_server_broadcast(L, check_server(L)->rt);
 }
 
+/* Logs (log.c). server:log(level, ...): through this server's log, as
+ * "main". server:reopen_log(): true, or nil, "reopen_log: <path>: <why>",
+ * "<NAME>" (the old file stays open). */
+static int server_log(lua_State *L) {
+  server_t *s = check_server(L);
+  if (s->cfg.logger == NULL) return luaL_error(L, "the server is not configured");
+  return multiloop_log_lua(L, s->cfg.logger, 2, "main", 0, "server:log");
+}
+
+static int server_reopen_log(lua_State *L) {
+  server_t *s = check_server(L);
+  char why[512];
+  const char *name;
+  if (s->cfg.logger == NULL) return luaL_error(L, "the server is not configured");
+  if (multiloop_logger_reopen(s->cfg.logger, why, sizeof why) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushfstring(L, "reopen_log: %s", why);
+  /* why ends with "(NAME)": the name alone as the third value */
+  name = strrchr(why, '(');
+  lua_pushlstring(L, name ? name + 1 : "EIO", name ? strlen(name + 1) - 1 : 3);
+  return 3;
+}
+
 static const luaL_Reg server_methods[] = {
+  { "log", server_log },
+  { "reopen_log", server_reopen_log },
   { "start", server_start },
   { "stop", server_stop },
   { "address", server_address },

@@ -571,8 +571,13 @@ void multiloop_tls_worker_free(multiloop_worker_t *w) {
   OPENSSL_thread_stop();                 /* this thread's error queue */
 }
 
+/* Counted and logged (info, as nginx logs failed handshakes): every
+ * stream is a connection's (conn.c), which has the id. */
 static void count_error(tls_conn_t *tc) {
-  atomic_fetch_add_explicit(&multiloop_stream_worker(tc->s)->tls_errors, 1, memory_order_relaxed);
+  multiloop_worker_t *w = multiloop_stream_worker(tc->s);
+  atomic_fetch_add_explicit(&w->tls_errors, 1, memory_order_relaxed);
+  multiloop_log(w, MULTILOOP_LOG_INFO, ((multiloop_conn_t *)tc->s)->id, "TLS: %s",
+                tc->err[0] ? tc->err : "error");
 }
 
 /* --- writing ciphertext ---------------------------------------------------- */

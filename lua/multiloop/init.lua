@@ -20,11 +20,17 @@ local M = {
 -- the main state and every worker (lua/multiloop/shared.lua).
 M.shared = require("multiloop.shared")
 
+--- multiloop.log(level, ...): one line in the log of the most recently made
+-- server (its level, its file), or on stderr at level info when there is
+-- none; "main" in the line's worker place (src/log.c).
+M.log = core.log
+
 local MAX_WORKERS = 1024
 local MAX_MS = 0x7fffffff                  -- about 24.8 days
 local MAX_BYTES = 0x7fffffff
 local MAX_PATH = 107                       -- sun_path holds 108 bytes with the NUL (Linux)
 local MAX_HOST = 253                       -- the longest DNS name
+local MAX_LOG_PATH = 4095                  -- src/multiloop.h: MULTILOOP_LOG_MAX_PATH
 
 -- Option checkers: each returns the value to use, or raises with a message
 -- that names the option. Ordered: required, important, alphabetical.
@@ -203,6 +209,16 @@ local checks = {
     return v
   end,
   fd = function(v) return integer_in("fd", v, 0, 0x7fffffff) end,
+  -- Logs (src/log.c): the file is opened by core.new, which names the option
+  -- when it cannot be.
+  log = function(v)
+    if type(v) ~= "string" or v == "" or #v > MAX_LOG_PATH then
+      fail("log", ("must be a file path of 1 to %d bytes"):format(MAX_LOG_PATH), v)
+    end
+    if v:find("\0", 1, true) then fail("log", "must not contain a zero byte", v) end
+    return v
+  end,
+  log_level = function(v) return one_of("log_level", v, { "error", "warn", "info", "debug" }) end,
 }
 
 -- dispatch: the fastest mode on connection rate, measured with `make bench`
@@ -221,6 +237,7 @@ local defaults = {
   receive_limit = 1024 * 1024,             -- src/multiloop.h says the same
   dns_cache_ttl = 30000,                   -- so does it for these two
   dns_max_lookups = 4,
+  log_level = "info",                      -- so does src/log.c
 }
 
 local Server = {}
@@ -409,6 +426,9 @@ local METRICS = {
   { "connect_errors", "counter", "Outbound connections that failed." },
   { "reused", "counter", "Outbound connects served from a keepalive pool." },
   { "pooled", "gauge", "Idle outbound connections in the keepalive pools now." },
+  { "tls_handshakes", "counter", "TLS handshakes completed, server and client side." },
+  { "tls_errors", "counter", "TLS handshakes that failed or timed out, bad records, fatal alerts." },
+  { "proxy_errors", "counter", "Connections refused in the PROXY protocol phase." },
 }
 local METRIC = {}
 for _, m in ipairs(METRICS) do METRIC[m[1]] = m end
@@ -483,7 +503,8 @@ end
 -- listens); with opts.tick (a function) and opts.every (ms), tick(server)
 -- runs in this state every `every` ms while it serves. An error in either
 -- stops the server at once and is raised. Returns the first signal's name
--- and how many signals arrived during run().
+-- and how many signals arrived during run(). SIGUSR1 reopens the log file
+-- (option log) and is not counted.
 local run_options = { timeout = true, every = true, tick = true, ready = true }
 function Server:run(opts)
   check_server(self, "run")
@@ -559,6 +580,22 @@ function Server:broadcast(value)
   local ok, n = pcall(self._core.broadcast, self._core, value)
   if not ok then error(n, 2) end
   return n
+end
+
+--- server:log(level, ...): one line in this server's log, as "main"
+-- (multiloop.log writes to the most recently made server's).
+function Server:log(level, ...)
+  check_server(self, "log")
+  local ok, err = pcall(self._core.log, self._core, level, ...)
+  if not ok then error(err, 2) end
+end
+
+--- Reopens the log file (option log) at its path, as SIGUSR1 does during
+-- run(): true, or nil, message, error name (the old file stays in use).
+-- True at once when the log is stderr.
+function Server:reopen_log()
+  check_server(self, "reopen_log")
+  return self._core:reopen_log()
 end
 
 function Server:__close()
