@@ -598,6 +598,46 @@ describe("tls", function()
       end)
     end
 
+    it("serves TLS again after a stop and a new start, and resumes across the restart", function()
+      start("commands", nil, { workers = 2 })
+      assert.are.equal("a!", (function() local s = client() assert(s:send("a\n")) return line(s) end)())
+      assert(server:stop())
+      server:start()
+      local _, p = server:address()
+      port = p
+      local s = client()
+      assert(s:send("info\n"))
+      assert.are.equal("TLSv1.3", fields(line(s)).version)
+      assert.are.equal(1, server:stats().tls_handshakes)   -- a restart counts from zero
+    end)
+
+    it("counts the queued ciphertext for write_high_water: write returns false, then on_drain", function()
+      start("callback")
+      local s = client()
+      assert(s:send("flood\n"))
+      socket.sleep(0.3)                    -- not reading: the queue fills
+      s:settimeout(30)
+      local n = 0
+      local last
+      repeat
+        last = line(s)
+        if last == string.rep("f", 65535) then n = n + 1 end
+      until last:sub(1, 5) == "flood"
+      local writes, buffered = last:match("^flood (%d+) (%d+)$")
+      writes, buffered = tonumber(writes), tonumber(buffered)
+      assert.is_true(writes < 2000, "write never returned false")
+      assert.are.equal(writes, n)
+      assert.is_true(buffered >= 1024 * 1024, "buffered " .. buffered .. " under write_high_water")
+      assert.is_true(buffered < 1024 * 1024 + 2 * 65536 + 4096, "buffered " .. buffered)
+      assert.are.equal("drained", line(s))
+    end)
+
+    it("matches SNI names given in any case in the option", function()
+      start("commands", tls({ sni = { ["A.Example"] = { cert = certs.sni_cert, key = certs.sni_key } } }))
+      local s = client({ sni = "a.example" })
+      assert.are.equal("a.example", s:getpeercertificate():subject()[1].value)
+    end)
+
     it("serves TLS on a Unix socket", function()
       local path = helper.sock_path()
       server = helper.server({ workers = 1, path = path, handler = "spec.fixtures.tls",
