@@ -868,6 +868,45 @@ describe("tls", function()
       assert.is_truthy(err:find(certs.missing, 1, true), err)
     end)
 
+    -- Each of these raises after the certificate's context may already be
+    -- made: `make asan` checks nothing leaks on the way out.
+    local more = {
+      { "an unknown field", { certificate = "x.pem" }, "tls", "certificate" },
+      { "tls.ciphers: not a cipher list", { ciphers = "NO-SUCH-CIPHER" }, "tls.ciphers",
+        "NO-SUCH-CIPHER" },
+      { "tls.ciphersuites: not a suite", { ciphersuites = "TLS_NO_SUCH" }, "tls.ciphersuites",
+        "TLS_NO_SUCH" },
+      { "tls.handshake_timeout: negative", { handshake_timeout = -1 }, "tls.handshake_timeout",
+        "-1" },
+      { "tls.handshake_timeout: not an integer", { handshake_timeout = 1.5 },
+        "tls.handshake_timeout", "1.5" },
+      -- A string of digits was taken (lua_tointegerx converts it), where
+      -- every other ms option refuses one.
+      { "tls.handshake_timeout: a string", { handshake_timeout = "200" }, "tls.handshake_timeout",
+        "integer" },
+      { "tls.session_tickets: not a boolean", { session_tickets = "yes" }, "tls.session_tickets",
+        "boolean" },
+      { "tls.starttls: not a boolean", { starttls = 1 }, "tls.starttls", "boolean" },
+      { "tls.verify_client: without tls.ca", { verify_client = true }, "tls.verify_client",
+        "tls.ca" },
+      { "tls.verify_client: a bad value", { verify_client = "sometimes" }, "tls.verify_client",
+        "optional" },
+      { "tls.alpn: empty", { alpn = {} }, "tls.alpn", "non-empty" },
+      { "tls.alpn: a name of 256 bytes", { alpn = { string.rep("p", 256) } }, "tls.alpn", "255" },
+      { "tls.sni: an entry that is not a table", { sni = { ["a.example"] = "x.pem" } },
+        "tls.sni", "a.example" },
+      { "tls.sni: an entry without its key",
+        function() return { sni = { ["a.example"] = { cert = certs.sni_cert } } } end,
+        "tls.sni['a.example'].key", "required" },
+    }
+    for _, m in ipairs(more) do
+      it(m[1], function()
+        local err = fails(tls(type(m[2]) == "function" and m[2]() or m[2]))
+        assert.is_truthy(err:find(m[3], 1, true), err)
+        assert.is_truthy(err:find(m[4], 1, true), err)
+      end)
+    end
+
     it("tls: not a table", function()
       local err = fails("yes")
       assert.is_truthy(err:find("tls", 1, true), err)

@@ -307,8 +307,8 @@ void multiloop_tls_configure(lua_State *L, int opts, multiloop_config_t *cfg) {
   }
   lua_pop(L, 1);
   if (lua_getfield(L, idx, "handshake_timeout") != LUA_TNIL) {
-    int isint;
-    lua_Integer ms = lua_tointegerx(L, -1, &isint);
+    int isint = 0;                     /* a number only: lua_tointegerx takes "200" too */
+    lua_Integer ms = lua_type(L, -1) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : 0;
     if (!isint || ms < 0 || ms > 0x7fffffff)
       luaL_error(L, "option 'tls.handshake_timeout' must be an integer from 0 to %d (got %s)",
                  0x7fffffff, luaL_tolstring(L, -1, NULL));
