@@ -632,6 +632,25 @@ describe("tls", function()
       assert.are.equal("drained", line(s))
     end)
 
+    it("keeps what arrives while serve is not reading (4 MiB), every byte once", function()
+      start("slowread")
+      local s = client()
+      local payload = {}
+      for i = 1, 4 * 1024 * 1024 // 4096 do payload[i] = string.rep(string.char(i % 256), 4096) end
+      payload = table.concat(payload)
+      local sum = 0
+      for i = 1, #payload, 4096 do
+        local chunk = { payload:byte(i, math.min(i + 4095, #payload)) }
+        for j = 1, #chunk do sum = (sum + chunk[j] * ((i + j) % 251 + 1)) % 0x7fffffff end
+      end
+      s:settimeout(30)
+      assert(s:send(#payload .. "\n"))
+      assert(s:send(payload))
+      assert.are.equal(("slow %d %d"):format(#payload, sum), line(s))
+      assert(s:send("after\n"))
+      assert.are.equal("after!", line(s))
+    end)
+
     it("matches SNI names given in any case in the option", function()
       start("commands", tls({ sni = { ["A.Example"] = { cert = certs.sni_cert, key = certs.sni_key } } }))
       local s = client({ sni = "a.example" })
@@ -1161,6 +1180,14 @@ describe("tls", function()
       outbound = nil
       local got = tostring(d:get("stallstop"))       -- the stop closed the socket
       assert.is_truthy(got == "nil closed" or got == "nil stopped", got)
+    end)
+
+    it("reads 3 MiB answers over outbound TLS with receive(n), '*l', receiveuntil and '*a'", function()
+      start("commands")
+      start_outbound()
+      local n = 3 * 1024 * 1024
+      assert.are.equal(("bigread %d  %d %d  nil"):format(n, math.ceil(n / 1000), n),
+                       ask(("bigread %d %d"):format(port, n)))
     end)
 
     it("returns true instead of a session when reused_session is false", function()
