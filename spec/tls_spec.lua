@@ -1104,6 +1104,10 @@ describe("tls", function()
       local got = hs("localhost", "true", "none")
       assert.is_truthy(got:find("^ok userdata version=TLSv1%.3 "), got)
       assert.are.equal("localhost", fields(got).sni)
+      -- sock:tls() on the client side: the server's certificate, verified.
+      local f = fields(got)
+      assert.are.same({ "TLSv1.3", "/CN=localhost", "true", "localhost" },
+                      { f.cversion, f.cpeer, f.cverified, f.csni })
       got = hs("a.example", "true", "none")
       assert.is_truthy(got:find("^ok userdata "), got)
       assert.are.equal("a.example", fields(got).sni)
@@ -1138,6 +1142,7 @@ describe("tls", function()
       start_outbound({ tls_ca = certs.ca })
       local got = hs("localhost", "false", "none")
       assert.is_truthy(got:find("^ok userdata version=TLSv1%.3 "), got)
+      assert.are.equal("false", fields(got).cverified)   -- a self-signed certificate, unchecked
       got = hs("a.example", "-", "none")
       assert.is_truthy(got:find("^ok userdata "), got)
       got = hs("-", "false", "none")
