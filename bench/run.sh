@@ -551,7 +551,7 @@ tls_note() {
   case " $tls_seen " in *" $server "*) return;; esac
   [ "$(field proto "$out")" = - ] && return
   tls_seen="$tls_seen $server"
-  echo "tls_seen_$server=$(field proto "$out") $(field cipher "$out") $(field group "$out"), tickets $tk in $hs handshakes, resumed $rs" \
+  echo "tls_seen_${server//-/_}=$(field proto "$out") $(field cipher "$out") $(field group "$out"), tickets $tk in $hs handshakes, resumed $rs" \
     >> "$RES/meta.txt"
 }
 
