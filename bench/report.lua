@@ -428,8 +428,9 @@ for _, w in ipairs(workers_list) do
 end
 if #tls_lines > 0 then
   add("")
-  add(("tls: OpenSSL %s, TLS 1.3 %s, %s, %s certificate, no tickets or resumption on")
-    :format(meta.openssl or "?", meta.tls_suite or "?", meta.tls_group or "?", meta.tls_key or "?"))
+  add(("tls: OpenSSL %s, TLS 1.3 %s, %s, %s certificate, %s, no resumption on")
+    :format(meta.openssl or "?", meta.tls_suite or "?", meta.tls_group or "?", meta.tls_key or "?",
+      meta.tls_tickets == "1" and "2 session tickets per connection" or "no session tickets"))
   add("either side; per server CPU-second (tls-idle: bytes per connection; tls-ir: Ir per op),")
   add("median (min-max); multiloop / peer per repeat")
   add(("%-17s %2s %-10s %-24s %-14s %-24s %s"):format("scenario", "w", "server", "multiloop", "peer",
@@ -903,11 +904,19 @@ end
 if #tls_lines > 0 then
   w_("## TLS")
   w_("")
-  w_(("TLS 1.3 with %s and %s on both sides, the same %s certificate, no session")
+  w_(("TLS 1.3 with %s and %s on both sides, the same %s certificate, ")
     :format(meta.tls_suite or "?", meta.tls_group or "?", meta.tls_key or "?"))
-  w_("tickets and no session cache (multiloop `session_tickets = false`; nginx `ssl_session_tickets")
-  w_("off`, `ssl_session_cache off`, `ssl_conf_command NumTickets 0`), and a client that never")
-  w_("offers a session (`bench/tls_loadgen.c`; wrk for `tls-hello`), so every handshake is a")
+  if meta.tls_tickets == "1" then
+    w_("two stateless session tickets sent per connection (`BENCH_TLS_TICKETS=1`: multiloop")
+    w_("`session_tickets = true`; nginx `ssl_session_tickets on`, `ssl_session_cache off`), never")
+    w_("used: a client that never offers a session (`bench/tls_loadgen.c`; wrk for `tls-hello`),")
+    w_("so every handshake is a")
+  else
+    w_("no session tickets and no session cache (multiloop `session_tickets = false`; nginx")
+    w_("`ssl_session_tickets off`, `ssl_session_cache off`, `ssl_conf_command NumTickets 0`), and a")
+    w_("client that never offers a session (`bench/tls_loadgen.c`; wrk for `tls-hello`), so every")
+    w_("handshake is a")
+  end
   w_("full one. Per second of server CPU, median (min-max) over the repeats, and multiloop's")
   w_("figure over the peer's in the same repeat (for `tls-idle` and `tls-ir`: bytes per")
   w_("connection and instructions per operation, where lower is better).")

@@ -78,7 +78,9 @@
 # BENCH_PROXY_HANDLER (multiloop's proxy, examples.proxy; given
 # config.upstreams = { "127.0.0.1:PORT" }), BENCH_TLS_KEY (the certificate's
 # key: ec, a P-256 ECDSA key, the default, or rsa, RSA 2048),
-# BENCH_TLS_IDLE_CONNS (2000), BENCH_TLS_BULK_BYTES (67108864: one echo).
+# BENCH_TLS_IDLE_CONNS (2000), BENCH_TLS_BULK_BYTES (67108864: one echo),
+# BENCH_TLS_TICKETS (0; 1: both sides send TLS 1.3's two stateless session
+# tickets per connection, which the client counts and never uses).
 # Peers that are not installed are skipped with a note. Results:
 # bench/results/raw.tsv (every measurement), then bench/report.lua writes
 # bench/results/latest.txt, the plot and BENCHMARKS.md.
@@ -113,6 +115,7 @@ TLS_KEYTYPE=${BENCH_TLS_KEY:-ec}
 TLS_IDLE=${BENCH_TLS_IDLE_CONNS:-2000}
 TLS_BULK=${BENCH_TLS_BULK_BYTES:-67108864}
 TLS_SUITE=TLS_AES_128_GCM_SHA256          # the one TLS 1.3 suite both sides allow
+TLS_TICKETS=${BENCH_TLS_TICKETS:-0}
 LIFE=600                                  # no server instance outlives this (s)
 HZ=$(getconf CLK_TCK)
 export LUA_PATH="./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;"
@@ -123,6 +126,7 @@ case "$IR_SECS" in ''|*[!0-9]*) echo "bench: BENCH_IR_SECONDS must be a whole nu
 KV_N16=${BENCH_KV_N16:-$((300000 * SECS))}
 KV_N1=${BENCH_KV_N1:-$((60000 * SECS))}
 case "$TLS_IDLE$TLS_BULK" in ''|*[!0-9]*) echo "bench: BENCH_TLS_IDLE_CONNS and BENCH_TLS_BULK_BYTES must be whole numbers" >&2; exit 2;; esac
+case "$TLS_TICKETS" in 0|1) ;; *) echo "bench: BENCH_TLS_TICKETS must be 0 or 1" >&2; exit 2;; esac
 case "$TLS_KEYTYPE" in ec|rsa) ;; *) echo "bench: BENCH_TLS_KEY must be ec or rsa" >&2; exit 2;; esac
 case "$KV_N16$KV_N1" in *[!0-9]*) echo "bench: BENCH_KV_N16 and BENCH_KV_N1 must be whole numbers" >&2; exit 2;; esac
 [ -x $B/loadgen ] && [ -x $B/ref_server ] || { echo "bench: run 'make bench-build' first" >&2; exit 2; }
@@ -545,8 +549,10 @@ tls_seen=""
 tls_note() {
   local server=$1 out=$2 hs tk rs
   hs=$(field handshakes "$out"); tk=$(field tickets "$out"); rs=$(field resumed "$out")
-  if [ "${rs:-0}" != 0 ] || [ "${tk:-0}" != 0 ]; then
-    echo "bench: note: $server: $rs of $hs handshakes resumed, $tk session tickets sent (expected none)" >&2
+  if [ "${rs:-0}" != 0 ] || { [ "$TLS_TICKETS" = 0 ] && [ "${tk:-0}" != 0 ]; } ||
+     { [ "$TLS_TICKETS" = 1 ] && [ "${tk:-0}" != $((2 * ${hs:-0})) ]; }; then
+    echo "bench: note: $server: $rs of $hs handshakes resumed, $tk session tickets sent" \
+      "(expected none resumed and $([ "$TLS_TICKETS" = 1 ] && echo 2 per handshake || echo no tickets))" >&2
   fi
   case " $tls_seen " in *" $server "*) return;; esac
   [ "$(field proto "$out")" = - ] && return
@@ -631,17 +637,17 @@ tls_check() {
 # SPID and PORT.
 start_tls() {
   local ml_tls=("tls.cert=$TLS_CERT_FILE" "tls.key=$TLS_KEY_FILE" "tls.min_version=TLSv1.3"
-    "tls.ciphersuites=$TLS_SUITE" "tls.session_tickets=false")
+    "tls.ciphersuites=$TLS_SUITE" "tls.session_tickets=$([ "$TLS_TICKETS" = 1 ] && echo true || echo false)")
   case $1/$3 in
     multiloop/hello) launch multiloop ${PEER_WRAP:-} lua5.4 bench/ml_server.lua examples.http_hello "$2" \
                        "$DISPATCH" "${ml_tls[@]}" ;;
-    nginx-lua/hello) TLS_CERT=$TLS_CERT_FILE TLS_KEY=$TLS_KEY_FILE TLS_CIPHERSUITES=$TLS_SUITE \
+    nginx-lua/hello) TLS_CERT=$TLS_CERT_FILE TLS_KEY=$TLS_KEY_FILE TLS_CIPHERSUITES=$TLS_SUITE TLS_TICKETS=$NGINX_TICKETS \
                        launch_nginx "$2" ;;
     multiloop/echo) launch multiloop lua5.4 bench/ml_server.lua examples.echo_handler "$2" "$DISPATCH" \
                       "${ml_tls[@]}" ;;
     ml-proxy/echo) launch ml-proxy lua5.4 bench/ml_server.lua "$PROXY_HANDLER" "$2" "$DISPATCH" \
                      "upstreams[]=127.0.0.1:$UPORT" "${ml_tls[@]}" ;;
-    nginx-stream/echo) TLS_CERT=$TLS_CERT_FILE TLS_KEY=$TLS_KEY_FILE TLS_CIPHERSUITES=$TLS_SUITE \
+    nginx-stream/echo) TLS_CERT=$TLS_CERT_FILE TLS_KEY=$TLS_KEY_FILE TLS_CIPHERSUITES=$TLS_SUITE TLS_TICKETS=$NGINX_TICKETS \
                          launch_peer nginx-stream bench/peers/nginx_stream.sh "$UPORT" ;;
   esac
 }
@@ -749,6 +755,7 @@ if want tls-hello || want tls-handshake || want tls-idle || want tls-bulk || wan
     have_tls=0; echo "bench: note: openssl req failed: the TLS scenarios are skipped: $(tail -2 "$TMP/tls/req.err")"
   fi
 fi
+NGINX_TICKETS=off; [ "$TLS_TICKETS" = 1 ] && NGINX_TICKETS=on
 tls_servers() { local s="multiloop"; [ $have_nginx = 1 ] && s="$s nginx-lua"; echo "$s"; }
 tls_bulk_servers() { local s="multiloop"; [ $have_proxy_handler = 1 ] && s="$s ml-proxy"; [ $have_nginx_stream = 1 ] && s="$s nginx-stream"; echo "$s"; }
 
@@ -824,6 +831,7 @@ http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-l
     echo "tls_key=$([ "$TLS_KEYTYPE" = ec ] && echo 'ECDSA P-256' || echo 'RSA 2048')"
     echo "tls_idle_conns=$TLS_IDLE"
     echo "tls_bulk_bytes=$TLS_BULK"
+    echo "tls_tickets=$TLS_TICKETS"
   fi
   echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$RES/meta.txt"

@@ -6,7 +6,9 @@
 # TLS_AES_128_GCM_SHA256), X25519, and no session resumption: no tickets
 # (ssl_session_tickets off alone still sends TLS 1.3 stateful tickets, two
 # per connection; NumTickets 0 sends none, as multiloop's session_tickets =
-# false) and no session cache, so every handshake is a full one.
+# false) and no session cache, so every handshake is a full one. With
+# TLS_TICKETS=on, stateless session tickets (two per connection, OpenSSL's
+# default, as multiloop's session_tickets = true) and still no cache.
 listen="listen 127.0.0.1:$port;"
 tls=""
 if [ -n "${TLS_CERT:-}" ]; then
@@ -15,8 +17,9 @@ if [ -n "${TLS_CERT:-}" ]; then
     ssl_certificate_key $TLS_KEY;
     ssl_protocols TLSv1.3;
     ssl_conf_command Ciphersuites ${TLS_CIPHERSUITES:-TLS_AES_128_GCM_SHA256};
-    ssl_conf_command NumTickets 0;
     ssl_ecdh_curve X25519;
-    ssl_session_tickets off;
+    ssl_session_tickets ${TLS_TICKETS:-off};
     ssl_session_cache off;"
+  [ "${TLS_TICKETS:-off}" = on ] || tls="$tls
+    ssl_conf_command NumTickets 0;"
 fi
