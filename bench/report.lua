@@ -650,9 +650,10 @@ w_(("- libuv %s, Lua %s; peers: lua-luv %s, Node.js %s, nginx %s with lua-nginx-
 if #tls_lines > 0 then
   w_(("- TLS: OpenSSL %s (the `openssl` CLI; Debian's libssl3 %s, which multiloop links as %s;")
     :format(meta.openssl or "?", meta.libssl or "?", meta.libssl_ml ~= "" and meta.libssl_ml or "?"))
-  w_(("  nginx %s), TLS 1.3 only, cipher suite %s, key exchange %s, a throwaway %s")
-    :format(meta.openssl_nginx or "?", meta.tls_suite or "?", meta.tls_group or "?", meta.tls_key or "?"))
-  w_("  certificate for localhost; negotiated, as the client saw it:")
+  w_(("  nginx: built with %s), TLS 1.3 only, cipher suite %s,"):format(meta.openssl_nginx or "?",
+    meta.tls_suite or "?"))
+  w_(("  key exchange %s, a throwaway %s certificate for localhost; negotiated, as the client saw it:")
+    :format(meta.tls_group or "?", meta.tls_key or "?"))
   for _, s in ipairs({ "multiloop", "ml-proxy", "nginx-lua", "nginx-stream" }) do
     local seen = meta["tls_seen_" .. s:gsub("-", "_")]
     if seen then w_(("  %s: %s;"):format(SERVER_TITLE[s] or s, seen)) end
@@ -904,20 +905,18 @@ end
 if #tls_lines > 0 then
   w_("## TLS")
   w_("")
-  w_(("TLS 1.3 with %s and %s on both sides, the same %s certificate, ")
+  w_(("TLS 1.3 with %s and %s on both sides, the same %s certificate,")
     :format(meta.tls_suite or "?", meta.tls_group or "?", meta.tls_key or "?"))
   if meta.tls_tickets == "1" then
-    w_("two stateless session tickets sent per connection (`BENCH_TLS_TICKETS=1`: multiloop")
-    w_("`session_tickets = true`; nginx `ssl_session_tickets on`, `ssl_session_cache off`), never")
-    w_("used: a client that never offers a session (`bench/tls_loadgen.c`; wrk for `tls-hello`),")
-    w_("so every handshake is a")
+    w_("two stateless session tickets sent per connection and never used (`BENCH_TLS_TICKETS=1`:")
+    w_("multiloop `session_tickets = true`; nginx `ssl_session_tickets on`, `ssl_session_cache off`),")
   else
     w_("no session tickets and no session cache (multiloop `session_tickets = false`; nginx")
-    w_("`ssl_session_tickets off`, `ssl_session_cache off`, `ssl_conf_command NumTickets 0`), and a")
-    w_("client that never offers a session (`bench/tls_loadgen.c`; wrk for `tls-hello`), so every")
-    w_("handshake is a")
+    w_("`ssl_session_tickets off`, `ssl_session_cache off`, `ssl_conf_command NumTickets 0`),")
   end
-  w_("full one. Per second of server CPU, median (min-max) over the repeats, and multiloop's")
+  w_("and a client that never offers a session (`bench/tls_loadgen.c`; wrk for `tls-hello`), so")
+  w_("every handshake is a full one; the tickets each server sent are under \"The machine\".")
+  w_("Per second of server CPU, median (min-max) over the repeats, and multiloop's")
   w_("figure over the peer's in the same repeat (for `tls-idle` and `tls-ir`: bytes per")
   w_("connection and instructions per operation, where lower is better).")
   w_("")
