@@ -653,21 +653,37 @@ start_tls() {
 }
 
 # tls_ir_count REPEAT SERVER: SPID runs the server under callgrind (as
-# ir_count); counts Ir per keep-alive request (tls-ir-hello, 16 connections)
-# and per full handshake with its one request (tls-ir-handshake, 8 loops).
+# ir_count); counts Ir per keep-alive request (tls-ir-hello, 16 connections,
+# their handshakes and first requests done before the counters are zeroed:
+# tls_loadgen --wait-go) and per full handshake with its one request
+# (tls-ir-handshake, 8 loops).
 tls_ir_count() {
   local r=$1 server=$2 out=$TMP/callgrind.out vpid part=0 ir ops i scen args
   vpid=$(ps -o pid= --ppid "$SPID" | awk 'NR == 1 { print $1 }')
   if [ -z "$vpid" ]; then echo "bench: tls-ir/$server: no valgrind process under $SPID" >&2; stop_server; return; fi
   for scen in tls-ir-hello tls-ir-handshake; do
     case $scen in
-      tls-ir-hello) args="--mode http --conns 16" ;;
+      tls-ir-hello) args="--mode http --conns 16 --wait-go" ;;
       *) args="--mode handshake --conns 8" ;;
     esac
-    callgrind_control -z "$vpid" > "$TMP/cgc.out" 2>&1 ||
-      { echo "bench: $scen/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; break; }
-    taskset -c 1 $B/tls_loadgen --port "$PORT" --duration "$IR_SECS" --ciphersuites "$TLS_SUITE" $args \
-      > "$TMP/lg.out" 2> "$TMP/lg.err"
+    if [ "$scen" = tls-ir-hello ]; then
+      taskset -c 1 $B/tls_loadgen --port "$PORT" --duration "$IR_SECS" --ciphersuites "$TLS_SUITE" $args \
+        > "$TMP/lg.out" 2> "$TMP/lg.err" &
+      LGPID=$!
+      if [ -z "$(wait_for READY "$TMP/lg.out" "$LGPID" 1200)" ]; then
+        echo "bench: $scen/$server: the connections did not get ready: $(cat "$TMP/lg.err")" >&2
+        stop_pid "$LGPID"; LGPID=""; continue
+      fi
+      callgrind_control -z "$vpid" > "$TMP/cgc.out" 2>&1 ||
+        { echo "bench: $scen/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; stop_pid "$LGPID"; LGPID=""; break; }
+      kill -USR1 "$LGPID"
+      wait "$LGPID"; LGPID=""
+    else
+      callgrind_control -z "$vpid" > "$TMP/cgc.out" 2>&1 ||
+        { echo "bench: $scen/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; break; }
+      taskset -c 1 $B/tls_loadgen --port "$PORT" --duration "$IR_SECS" --ciphersuites "$TLS_SUITE" $args \
+        > "$TMP/lg.out" 2> "$TMP/lg.err"
+    fi
     callgrind_control -d "$vpid" > "$TMP/cgc.out" 2>&1 ||
       { echo "bench: $scen/$server: callgrind_control -d failed: $(cat "$TMP/cgc.out")" >&2; break; }
     part=$((part + 1))

@@ -4,7 +4,7 @@
  *
  *   tls_loadgen --port P [--host 127.0.0.1] --mode http|handshake|idle|bulk
  *               [--conns C] [--duration SECONDS] [--bytes N] [--idle-proto http|echo]
- *               [--ciphersuites LIST] [--groups LIST] [--servername NAME]
+ *               [--ciphersuites LIST] [--groups LIST] [--servername NAME] [--wait-go]
  *
  * Every connection is TLS 1.3 only, offers only --ciphersuites (default
  * TLS_AES_128_GCM_SHA256) and --groups (default X25519), sends SNI
@@ -19,7 +19,12 @@
  * Modes:
  *   http       C keep-alive connections, each with one "GET /" in flight;
  *              every answer must be a 200 with the body "Hello, world!\n"
- *              (examples/http_hello.lua's). ops = requests answered.
+ *              (examples/http_hello.lua's). ops = requests answered. With
+ *              --wait-go, every connection first does its handshake and one
+ *              request (not counted), then "READY <n>" is printed and nothing
+ *              more is sent until SIGUSR1 arrives (at most 300 s), when the
+ *              duration starts: a callgrind count per request can leave the
+ *              handshakes out (bench/run.sh zeroes the counters in between).
  *   handshake  C concurrent loops of: connect, full handshake, one GET with
  *              "Connection: close", read the whole answer, close_notify,
  *              close. ops = connections (handshakes) completed.
@@ -83,6 +88,8 @@ static struct {
 static SSL_CTX *ctx;
 static unsigned char pattern[PATTERN_LEN];
 static atomic_int stop_now;               /* set by SIGTERM/SIGINT */
+static atomic_int go_now;                 /* set by SIGUSR1 (--wait-go) */
+static int wait_go, going = 1, parked;    /* going: counting; parked: waiting for go */
 static uint64_t tickets;                  /* NewSessionTicket messages seen */
 
 /* --- latency histogram (as bench/loadgen.c) -------------------------------- */
@@ -323,6 +330,10 @@ static int begin(conn *c) {
 
 /* One operation is done on c: count it and go on. */
 static void completed(conn *c) {
+  if (!going) {                           /* --wait-go: the warm-up request */
+    parked++;
+    return;
+  }
   hist_add((uint64_t)(now_ns() - c->started));
   ops++;
   if (opt.mode == MODE_HTTP) {
@@ -569,6 +580,11 @@ static void on_signal(int sig) {
   atomic_store(&stop_now, 1);
 }
 
+static void on_go(int sig) {
+  (void)sig;
+  atomic_store(&go_now, 1);
+}
+
 static int busy(void) {
   int i;
   for (i = 0; i < opt.conns; i++) {
@@ -594,6 +610,10 @@ int main(int argc, char **argv) {
   opt.servername = "localhost";
   for (i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+    if (strcmp(a, "--wait-go") == 0) {
+      wait_go = 1;
+      continue;
+    }
     if (v == NULL) usage();
     if (strcmp(a, "--host") == 0) host = v;
     else if (strcmp(a, "--port") == 0) port = (int)parse_num("port", v, 1, 65535);
@@ -614,6 +634,10 @@ int main(int argc, char **argv) {
     i++;
   }
   if (port < 0 || mode == NULL) usage();
+  if (wait_go && strcmp(mode, "http") != 0) {
+    fprintf(stderr, "tls_loadgen: --wait-go is for --mode http only\n");
+    return 2;
+  }
   if (strcmp(mode, "http") == 0) opt.mode = MODE_HTTP;
   else if (strcmp(mode, "handshake") == 0) opt.mode = MODE_HANDSHAKE;
   else if (strcmp(mode, "idle") == 0) opt.mode = MODE_IDLE;
@@ -642,6 +666,8 @@ int main(int argc, char **argv) {
   sa.sa_handler = on_signal;
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
+  sa.sa_handler = on_go;
+  sigaction(SIGUSR1, &sa, NULL);
   signal(SIGPIPE, SIG_IGN);
 
   conns = calloc((size_t)opt.conns, sizeof *conns);
@@ -654,11 +680,34 @@ int main(int argc, char **argv) {
   }
   start = now_ns();
   deadline = start + (int64_t)(opt.duration * 1e9);
+  if (wait_go) {
+    going = 0;
+    deadline = start + 300 * 1000000000LL;  /* the longest wait for SIGUSR1 */
+  }
   if (opt.mode != MODE_IDLE)
     for (i = 0; i < opt.conns; i++) conn_start(&conns[i]);
   for (;;) {
     int64_t t = now_ns();
     int n;
+    if (!going && !stop_now) {
+      if (!announced && parked + (int)errors >= opt.conns) {
+        printf("READY %d\n", parked);
+        fflush(stdout);
+        announced = 1;
+      }
+      if (atomic_load(&go_now)) {         /* the counted run starts now */
+        going = 1;
+        start = t;
+        deadline = start + (int64_t)(opt.duration * 1e9);
+        for (i = 0; i < opt.conns; i++) {
+          conn *c = &conns[i];
+          if (c->state != C_OPEN) continue;
+          c->req_off = c->resp_len = 0;
+          c->started = t;
+          if (http_send(c) != 0) conn_close(c, 0);
+        }
+      }
+    }
     if (opt.mode == MODE_IDLE) {
       while (next_idle < opt.conns && connecting < IDLE_CONNECTING_MAX && !stop_now)
         conn_start(&conns[next_idle++]);
