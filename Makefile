@@ -17,7 +17,7 @@ LUA      ?= lua5.4
 # curl; packaging_spec runs `luarocks make` and `luarocks test`, offline in
 # a network namespace made with iproute2). LINT_PACKAGES is the part of
 # TEST_PACKAGES that `make lint` uses.
-BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev pkg-config
+BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev libssl-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
 TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server lua-nginx-redis apache2-utils curl \
                   valgrind luarocks iproute2 $(LINT_PACKAGES)
@@ -59,6 +59,10 @@ LUA_INCDIR   ?= $(patsubst -I%,%,$(filter -I%,$(shell pkg-config --cflags lua5.4
 LIBUV_INCDIR ?= $(shell pkg-config --variable=includedir libuv)
 LIBUV_LIBDIR ?= $(shell pkg-config --variable=libdir libuv)
 LIBFLAG      ?= -shared
+# OpenSSL 3 (libssl-dev): the TLS transport (src/tls.c).
+OPENSSL_INCDIR ?= /usr/include
+OPENSSL_LIBDIR ?= $(shell pkg-config --variable=libdir openssl 2>/dev/null)
+OPENSSL_LIBS   ?= $(if $(OPENSSL_LIBDIR),-L$(OPENSSL_LIBDIR)) -lssl -lcrypto
 # Where `make install` puts the module (luarocks passes its tree's).
 LIBDIR       ?= /usr/local/lib/lua/5.4
 LUADIR       ?= /usr/local/share/lua/5.4
@@ -69,8 +73,8 @@ WARNINGS  := -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes \
              -Wwrite-strings -Wcast-qual -Wundef $(WERROR)
 # Only luaopen_multiloop_core is exported; everything else stays hidden.
 CFLAGS_ALL = -std=gnu11 -fPIC -pthread -fvisibility=hidden $(WARNINGS) $(OPTFLAGS) \
-             -I$(LUA_INCDIR) -I$(LIBUV_INCDIR) $(CFLAGS)
-LIBS_ALL   = -L$(LIBUV_LIBDIR) -luv -pthread $(LIBS)
+             -I$(LUA_INCDIR) -I$(LIBUV_INCDIR) $(if $(filter-out /usr/include,$(OPENSSL_INCDIR)),-I$(OPENSSL_INCDIR)) $(CFLAGS)
+LIBS_ALL   = -L$(LIBUV_LIBDIR) -luv $(OPENSSL_LIBS) -pthread $(LIBS)
 
 # The spec environment: our Lua modules first, then the build output.
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;

@@ -34,6 +34,10 @@ external_dependencies = {
       header = "uv.h",
       library = "uv",
    },
+   OPENSSL = {
+      header = "openssl/ssl.h",
+      library = "ssl",
+   },
 }
 
 -- The Makefile is the one description of the build: luarocks passes it the
@@ -51,6 +55,8 @@ build = {
       LUA_INCDIR = "$(LUA_INCDIR)",
       LIBUV_INCDIR = "$(LIBUV_INCDIR)",
       LIBUV_LIBDIR = "$(LIBUV_LIBDIR)",
+      OPENSSL_INCDIR = "$(OPENSSL_INCDIR)",
+      OPENSSL_LIBDIR = "$(OPENSSL_LIBDIR)",
       CHECK_DEPS = "no",
       WERROR = "",
    },

@@ -40,6 +40,7 @@
 #include <sys/un.h>
 
 #include "conn.h"
+#include "tls.h"
 
 /* An idle connection is the userdata (Lua's header and 5 user values, 120 B)
  * plus this: 472 B, malloc's 480 B class. 8 B more would cost every idle
@@ -64,6 +65,8 @@ static const char *reason_name(int reason) {
   case REASON_ERROR: return "error";
   case REASON_TIMEOUT: return "timeout";
   case REASON_STOPPED: return "stopped";
+  case MULTILOOP_REASON_TLS: return "tls";
+  case MULTILOOP_REASON_TLS_TIMEOUT: return "timeout";
   default: return uv_err_name(reason);
   }
 }
@@ -275,6 +278,7 @@ static int accept_body(lua_State *L) {
   c->counted = 1;                          /* the fd holds a slot (slots.c) */
   ev->taken = 1;
   rc = multiloop_stream_open(&c->s, ev->fd, (uv_stream_t *)&w->pipe);
+  if (rc == 0 && w->cfg->tls) rc = multiloop_tls_accept(&c->s);
   if (rc != 0) {
     multiloop_stream_close(&c->s, rc);
     return 0;
@@ -575,6 +579,8 @@ static const luaL_Reg conn_methods[] = {
   { "peer", conn_peer },
   { "address", conn_address },
   { "pipe", multiloop_conn_pipe },
+  { "tls", multiloop_tls_info },
+  { "sslhandshake", multiloop_tls_sslhandshake },
   { NULL, NULL }
 };
 

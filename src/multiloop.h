@@ -88,7 +88,14 @@ typedef struct {
   /* Outbound connections: name resolution (resolve.c) */
   uint64_t dns_cache_ttl;     /* ms an answer is reused, 0: never */
   int dns_max_lookups;        /* lookups one worker runs at once on libuv's pool */
+  /* TLS (tls.c): the server's contexts (NULL: plain), and the client's for
+   * sslhandshake (made on first use; tls_ca's path). */
+  struct multiloop_tls_s *tls;
+  struct multiloop_tls_client_s *tls_client;
 } multiloop_config_t;
+typedef struct multiloop_tls_s multiloop_tls_t;
+typedef struct multiloop_tls_client_s multiloop_tls_client_t;
+typedef struct multiloop_tls_worker_s multiloop_tls_worker_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
 #define MULTILOOP_INBOX_LIMIT_DEFAULT (64 * 1024 * 1024)
@@ -278,6 +285,12 @@ struct multiloop_worker_s {
   atomic_uint_fast64_t connect_errors;
   atomic_uint_fast64_t reused;         /* connects served from a pool */
   atomic_int pooled;                   /* idle in the pools now */
+
+  /* TLS (tls.c): made on the first TLS connection; the counters published
+   * (relaxed) for stats. */
+  multiloop_tls_worker_t *tls;
+  atomic_uint_fast64_t tls_handshakes;
+  atomic_uint_fast64_t tls_errors;     /* failed handshakes, bad records, alerts */
 
   /* Timers and messages (timer.c, message.c). `timers` is the worker
    * thread's alone; msg_ready is set once by the worker (its inbox is up)

@@ -924,7 +924,7 @@ static const luaL_Reg sock_methods[] = {
 /* Forwarded to the connection's own methods, by name. */
 static const char *const forwarded[] = {
   "receive", "receiveany", "receiveuntil", "send", "dirty", "peer", "address",
-  "pipe", "shutdown", "set_nodelay", "set_keepalive", "buffered", NULL
+  "pipe", "shutdown", "set_nodelay", "set_keepalive", "buffered", "tls", "sslhandshake", NULL
 };
 
 void multiloop_outbound_register(lua_State *L) {

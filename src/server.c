@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "multiloop.h"
+#include "tls.h"
 
 #define SERVER_MT "multiloop.core.server"
 
@@ -39,6 +40,7 @@ typedef struct {
   uint64_t accepted, active, handed_off, accept_errors, bytes_in, bytes_out;
   uint64_t threads;                    /* live light threads (thread.c) */
   uint64_t connects, connect_errors, reused, pooled;   /* outbound (outbound.c) */
+  uint64_t tls_handshakes, tls_errors;                 /* tls.c */
 } counts_t;
 
 typedef struct {
@@ -87,6 +89,10 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
       total->reused += c->reused;
       total->pooled += c->pooled;
     }
+    c->tls_handshakes = LOAD(w->tls_handshakes);
+    c->tls_errors = LOAD(w->tls_errors);
+    total->tls_handshakes += c->tls_handshakes;
+    total->tls_errors += c->tls_errors;
     total->accepted += c->accepted;
     total->active += c->active;
     total->bytes_in += c->bytes_in;
@@ -338,6 +344,7 @@ static void config_free(multiloop_config_t *cfg) {
   free(cfg->config);
   free(cfg->package_path);
   free(cfg->package_cpath);
+  multiloop_tls_free(cfg);
   memset(cfg, 0, sizeof *cfg);
 }
 
@@ -533,6 +540,7 @@ int multiloop_server_new(lua_State *L) {
     return lua_error(L);
   }
   lua_pop(L, 1);
+  multiloop_tls_configure(L, 1, cfg);      /* tls, tls_ca: OpenSSL loads the files now */
   lua_settop(L, 2);                        /* opts, the server */
   return 1;
 }
@@ -807,6 +815,8 @@ static int server_stats(lua_State *L) {
     set_counter(L, "connect_errors", s->counts[i].connect_errors);
     set_counter(L, "reused", s->counts[i].reused);
     set_counter(L, "pooled", s->counts[i].pooled);
+    set_counter(L, "tls_handshakes", s->counts[i].tls_handshakes);
+    set_counter(L, "tls_errors", s->counts[i].tls_errors);
     lua_rawseti(L, -2, i);
   }
   lua_setfield(L, -2, "workers");
@@ -821,6 +831,8 @@ static int server_stats(lua_State *L) {
   set_counter(L, "connect_errors", s->counts[0].connect_errors);
   set_counter(L, "reused", s->counts[0].reused);
   set_counter(L, "pooled", s->counts[0].pooled);
+  set_counter(L, "tls_handshakes", s->counts[0].tls_handshakes);
+  set_counter(L, "tls_errors", s->counts[0].tls_errors);
   return 1;
 }
 

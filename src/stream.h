@@ -77,6 +77,10 @@ typedef struct {
   /* Half-closes after the queued writes; returns 0 or a libuv error. */
   int (*shutdown)(multiloop_stream_t *s);
   void (*close)(multiloop_stream_t *s);  /* uv_close, ending in `closed` */
+  /* From the close callback, before `closed`: the transport hands back what
+   * it still holds (`written` with UV_ECANCELED) and frees its state. NULL:
+   * nothing to do (plain). */
+  void (*release)(multiloop_stream_t *s);
 } multiloop_transport_t;
 
 extern const multiloop_transport_t multiloop_transport_plain;
@@ -94,8 +98,10 @@ typedef struct {
  * before `read` sees any) belongs here too. */
 struct multiloop_stream_ext_s {
   const multiloop_transport_t *tp;     /* NULL: plain */
-  void *tp_state;                      /* the transport's, freed by its close */
+  void *tp_state;                      /* the transport's, freed by its release */
   void *tap;                           /* the owner's: the pipe it is in (pipe.c), or NULL */
+  size_t held;                         /* bytes the transport holds outside the handle's
+                                          queue (TLS: writes before the handshake ends) */
   multiloop_stream_input_t in;
 };
 
@@ -131,15 +137,19 @@ static inline int multiloop_stream_is_unix(const multiloop_stream_t *s) {
   return s->h.handle.type == UV_NAMED_PIPE;
 }
 
-/* Bytes queued and not yet taken by the kernel. */
+/* Bytes written and not yet taken by the kernel: the handle's queue (for TLS,
+ * ciphertext) and what the transport holds back. */
+static inline size_t multiloop_stream_queue_size(const multiloop_stream_t *s) {
+  return s->h.stream.write_queue_size + (s->ext ? s->ext->held : 0);
+}
 static inline size_t multiloop_stream_queued(const multiloop_stream_t *s) {
-  return s->closing ? 0 : s->h.stream.write_queue_size;
+  return s->closing ? 0 : multiloop_stream_queue_size(s);
 }
 
 /* True while the queue is under the server's write_high_water; false (and
  * `drained` later) once over it. Inline: every write asks. */
 static inline int multiloop_stream_below_high_water(multiloop_stream_t *s) {
-  int under = s->h.stream.write_queue_size < multiloop_stream_worker(s)->cfg->write_high_water;
+  int under = multiloop_stream_queue_size(s) < multiloop_stream_worker(s)->cfg->write_high_water;
   if (!under) s->need_drain = 1;
   return under;
 }
@@ -182,5 +192,29 @@ void multiloop_stream_consume(multiloop_stream_t *s, size_t n);
 void multiloop_stream_shutdown(multiloop_stream_t *s);
 void multiloop_stream_close_flushed(multiloop_stream_t *s);
 void multiloop_stream_close(multiloop_stream_t *s, int reason);
+
+/* --- for transports (tls.c) ------------------------------------------------ */
+
+/* Close reasons a transport gives (beside libuv's errors; inside 16 bits
+ * and below libuv's lowest, UV_EOF): the TLS layer failed (a bad or missing
+ * handshake, a bad record, an alert), or the handshake took too long. */
+enum { MULTILOOP_REASON_TLS = -5001, MULTILOOP_REASON_TLS_TIMEOUT = -5002 };
+
+/* The ext block, made if need be (NULL: out of memory). */
+multiloop_stream_ext_t *multiloop_stream_ext(multiloop_stream_t *s);
+/* Where a transport puts the next bytes for the owner: after the kept bytes
+ * when there are any (room for at least a read's worth; len 0 when memory
+ * ran out), else `scratch`. multiloop_stream_received then hands the n
+ * bytes put there (with the kept ones) to the owner's `read`. */
+uv_buf_t multiloop_stream_read_room(multiloop_stream_t *s, char *scratch, size_t len);
+void multiloop_stream_received(multiloop_stream_t *s, const uv_buf_t *room, size_t n);
+/* The peer ended its side: as the plain transport's EOF. */
+void multiloop_stream_ended(multiloop_stream_t *s);
+/* A write of the transport's is done: the owner's `wr` (or NULL for bytes
+ * of the transport's own) with its status, then the drain check. */
+void multiloop_stream_write_done(multiloop_stream_t *s, multiloop_stream_write_t *wr, int status);
+/* Sets a transport on an open stream (its state is the transport's). */
+int multiloop_stream_set_transport(multiloop_stream_t *s, const multiloop_transport_t *tp,
+                                   void *state);
 
 #endif

@@ -36,6 +36,7 @@
 #include <lualib.h>
 
 #include "multiloop.h"
+#include "tls.h"
 
 /* --- the start handshake -------------------------------------------------- */
 
@@ -414,6 +415,7 @@ static void finish(multiloop_worker_t *w) {
   multiloop_outbound_stop(w);                      /* connects in flight: "stopped" */
   w->closing = 1;
   multiloop_resolver_stop(w);
+  multiloop_tls_worker_close(w);
   multiloop_deadlines_close(w);
   multiloop_timers_close(w);
   multiloop_threads_stop(w);                       /* sleepers get "stopped" */
@@ -581,6 +583,7 @@ static void worker_main(void *arg) {
   if (w->L) lua_close(w->L);
   w->L = NULL;
   multiloop_resolver_free(w);
+  multiloop_tls_worker_free(w);
   free(w->read_buffer);
   w->read_buffer = NULL;
   atomic_store(&w->finished, 1);

@@ -158,6 +158,21 @@ local checks = {
   receive_limit = function(v) return integer_in("receive_limit", v, 1, MAX_BYTES) end,
   dns_cache_ttl = function(v) return integer_in("dns_cache_ttl", v, 0, MAX_MS) end,
   dns_max_lookups = function(v) return integer_in("dns_max_lookups", v, 1, 64) end,
+  -- TLS: the shape here; the files, versions and ciphers by the core (OpenSSL).
+  tls = function(v)
+    if type(v) ~= "table" then fail("tls", "must be a table { cert = ..., key = ... }", v) end
+    for _, k in ipairs { "cert", "key" } do
+      if type(v[k]) ~= "string" then
+        fail("tls." .. k, "is required (a path to a PEM " ..
+          (k == "cert" and "certificate" or "private key") .. " file)", v[k])
+      end
+    end
+    return v
+  end,
+  tls_ca = function(v)
+    if type(v) ~= "string" then fail("tls_ca", "must be a path to a PEM file of CA certificates", v) end
+    return v
+  end,
 }
 
 -- dispatch: the fastest mode on connection rate, measured with `make bench`
