@@ -6,11 +6,13 @@
 # Never part of `make test`. Settings: BENCH_SECONDS, BENCH_REPEATS,
 # BENCH_QUICK=1, BENCH_WORKERS, BENCH_DISPATCH, BENCH_IDLE_CONNS, BENCH_ONLY,
 # BENCH_IR_SECONDS, BENCH_IR_HANDLERS, BENCH_KV_HANDLER, BENCH_KV_N16,
-# BENCH_KV_N1, BENCH_PROXY_HANDLER (bench/run.sh).
+# BENCH_KV_N1, BENCH_PROXY_HANDLER, BENCH_TLS_KEY, BENCH_TLS_IDLE_CONNS,
+# BENCH_TLS_BULK_BYTES, BENCH_TLS_TICKETS (bench/run.sh).
 
 BENCH_BUILD    ?= build/bench
 # The peers and tools, all optional: `make deps BENCH=yes` installs them.
-BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua libnginx-mod-stream haproxy gnuplot-nox curl
+# openssl (the command): the TLS scenarios' throwaway certificate.
+BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua libnginx-mod-stream haproxy gnuplot-nox curl openssl
 # Used by the echo-ir and proxy-ir (callgrind), kv (redis-server) and
 # redis-pool (redis-server, lua-resty-redis) scenarios; already among the
 # Makefile's TEST_PACKAGES, so plain `make deps` installs them.
