@@ -70,7 +70,7 @@
 # BENCH_IDLE_CONNS (10000), BENCH_WORKERS ("1 2"), BENCH_DISPATCH (reuseport,
 # multiloop's default), BENCH_QUICK=1 (1 repeat of 2 s, 2,000 idle
 # connections: a smoke run), BENCH_ONLY (the groups to run, of "echo http
-# dispatch echo-ir kv proxy proxy-ir redis-pool"; all by default), BENCH_IR_SECONDS (5: the load under
+# dispatch echo-ir kv proxy proxy-ir redis-pool tls-hello tls-handshake tls-idle tls-bulk tls-ir"; all by default), BENCH_IR_SECONDS (5: the load under
 # callgrind, quick or not), BENCH_IR_HANDLERS (NAME=MODULE words, default
 # "multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"),
 # BENCH_KV_HANDLER (examples.kv), BENCH_KV_N16 / BENCH_KV_N1 (requests per
