@@ -78,6 +78,7 @@ static void close_cb(uv_handle_t *h) {
   if (s->ext) {
     if (s->ext->tp && s->ext->tp->release) s->ext->tp->release(s);
     tap = s->ext->tap;
+    free(s->ext->proxy);
     free(s->ext->in.base);
     free(s->ext);
     s->ext = NULL;
