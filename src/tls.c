@@ -182,6 +182,10 @@ static void configure(lua_State *L, int idx, multiloop_tls_t *t, SSL_CTX *ctx, i
                                SSL_OP_NO_COMPRESSION | SSL_OP_IGNORE_UNEXPECTED_EOF |
                                (tickets ? 0 : SSL_OP_NO_TICKET));
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  /* Without tickets, TLS 1.3 would still send two stateful ones and keep
+   * every session in the cache the workers share, under its lock (150k Ir a
+   * handshake, 1 KiB a connection: bench/notes.md): none at all. */
+  if (!tickets) SSL_CTX_set_num_tickets(ctx, 0);
   SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"multiloop", 9);
   ERR_clear_error();
   if ((v = opt_string(L, idx, "ciphers", "tls.ciphers")) && SSL_CTX_set_cipher_list(ctx, v) != 1)
