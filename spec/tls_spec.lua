@@ -1023,6 +1023,19 @@ describe("tls", function()
       assert.are.equal(0, tls_errors())
     end)
 
+    -- Tickets off: none is sent (TLS 1.3 then has nothing to resume with;
+    -- TLS 1.2 may still resume by session ID, from OpenSSL's cache).
+    it("sends no session ticket with session_tickets = false, TLS 1.3 and 1.2", function()
+      start("commands", tls({ session_tickets = false }), { workers = 2 })
+      local out = s_client("-tls1_3")
+      assert.is_truthy(out:find("version=TLSv1.3", 1, true), out)
+      assert.is_nil(out:find("New Session Ticket", 1, true), out)
+      out = s_client("-tls1_2")
+      assert.is_truthy(out:find("version=TLSv1.2", 1, true), out)
+      assert.is_nil(out:find("TLS session ticket", 1, true), out)
+      assert.are.equal(0, tls_errors())
+    end)
+
     for _, version in ipairs({ "1_3", "1_2" }) do
       it("resumes a TLS " .. version:gsub("_", ".") .. " session on another worker", function()
         start("commands", nil, { workers = 2 })
@@ -1030,6 +1043,8 @@ describe("tls", function()
         helper.defer(function() os.remove(sess) end)
         local out = s_client(("-tls%s -sess_out %s"):format(version, sess))
         assert.is_truthy(out:find("\nNew, TLSv1", 1, true), out)
+        assert.is_truthy(out:find(version == "1_3" and "New Session Ticket" or "TLS session ticket",
+                                  1, true), out)
         local first = fields(assert(out:match("(version=[^\n]*)"), out))
         assert.are.equal("false", first.resumed)
         out = s_client(("-tls%s -sess_in %s"):format(version, sess))
