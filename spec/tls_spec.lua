@@ -1129,6 +1129,7 @@ describe("tls", function()
       assert.are.equal(0, tls_errors())
       local st = outbound:stats()
       assert.are.equal(2, st.connects)
+      assert.are.same({ 2, 0 }, { st.tls_handshakes, st.tls_errors })
     end)
 
     it("fails a name the certificate does not have: certificate verify failed, and closes", function()
@@ -1136,6 +1137,8 @@ describe("tls", function()
       start_outbound({ tls_ca = certs.ca })
       local got = hs("a.example", "true", "none")
       assert.is_truthy(got:find("^fail .*certificate verify failed.* nil closed$"), got)
+      local st = outbound:stats()              -- counted on the client's side too
+      assert.are.same({ 1, 0, 1 }, { st.tls_errors, st.tls_handshakes, st.workers[1].tls_errors })
     end)
 
     it("fails a self-signed server: certificate verify failed, and closes", function()
