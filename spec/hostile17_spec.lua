@@ -1,0 +1,136 @@
+-- Hostile review of issue 17 (PROXY protocol, inherited sockets, logs, the
+-- multiloop command, metrics): each test here failed against the code it
+-- was written for, or checks an edge that the review tried and found held.
+local helper = require("spec.helper")
+local socket = require("socket")
+local multiloop = require("multiloop")
+
+local V2_SIG = "\r\n\r\n\0\r\nQUIT\n"
+
+local function server(opts)
+  opts.workers = opts.workers or 1
+  opts.handler = opts.handler or "spec.fixtures.proxy_info"
+  local s, port = helper.server(opts)
+  helper.defer(function() helper.stop_checked(s) end)
+  return s, port
+end
+
+-- Sends each of `parts` as its own write (a pause between, so that each is
+-- its own read on the server); the answer line, or the error ("closed").
+local function ask(port, parts)
+  local c = helper.connect(port)
+  c:setoption("tcp-nodelay", true)
+  for i, p in ipairs(parts) do
+    if i > 1 then socket.sleep(0.005) end
+    assert(c:send(p))
+  end
+  local line, err = c:receive("*l")
+  c:close()
+  return line or err
+end
+
+local function v2(cmd, fam, body)
+  return V2_SIG .. string.char(0x20 | cmd, fam) .. string.pack(">I2", #body) .. body
+end
+
+local V1 = "PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
+local V2 = v2(1, 0x11, "\10\1\2\3" .. "\10\9\9\9" .. string.pack(">I2I2", 4000, 8443)
+  .. "\1\0\2h2" .. "\4\0\3abc")
+
+describe("PROXY protocol, hostile", function()
+  it("reads a v1 and a v2 header split at every byte, the first data with the header's end", function()
+    for _, handler in ipairs { "spec.fixtures.proxy_info", "spec.fixtures.proxy_info_cb" } do
+      local s, port = server{ handler = handler, proxy_protocol = { from = { "127.0.0.1" } } }
+      for _, case in ipairs { { V1, "^192%.168%.0%.1 56324 v1 PROXY .* line=hello$" },
+                              { V2, "^10%.1%.2%.3 4000 v2 PROXY .*tlvs=1=h2,4=abc .*line=hello$" } } do
+        local h = case[1]
+        for k = 1, #h - 1 do
+          local r = ask(port, { h:sub(1, k), h:sub(k + 1) .. "hello\n" })
+          assert.matches(case[2], r, handler .. " split at " .. k)
+        end
+      end
+      assert.are.equal(0, s:stats().proxy_errors)
+    end
+  end)
+
+  it("refuses a v1 address with a NUL byte and more after it (inet_pton saw only the part before)", function()
+    local log = os.tmpname()
+    helper.defer(function() os.remove(log) end)
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" } }, log = log }
+    assert.are.equal("closed", ask(port, { "PROXY TCP4 1.2.3.4\0zz 5.6.7.8 1 2\r\nhi\n" }))
+    assert.are.equal("closed", ask(port, { "PROXY TCP6 ::1 ::2\0\0 1 2\r\nhi\n" }))
+    helper.eventually(function() return s:stats().proxy_errors == 2 end, 2000)
+    assert.are.equal(2, s:stats().proxy_errors)
+    local text = assert(io.open(log)):read("a")
+    local _, n = text:gsub("PROXY protocol: refused: v1 header has a bad address or port\n", "")
+    assert.are.equal(2, n)
+    assert.matches("^1%.2%.3%.4 1 v1 PROXY ", ask(port, { "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhi\n" }))
+  end)
+
+  it("ignores whatever follows v1 UNKNOWN up to the CRLF, as the specification says", function()
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" } } }
+    for _, h in ipairs { "PROXY UNKNOWN\r\n", "PROXY UNKNOWN  x\r\n", "PROXY UNKNOWN a b c d e f g\r\n",
+                         "PROXY UNKNOWN ffff::1 ffff::2 1 2 \r\n" } do
+      assert.matches("^127%.0%.0%.1 %d+ v1 UNKNOWN via=127%.0%.0%.1:%d+ dst=%- .* line=hi$",
+        ask(port, { h .. "hi\n" }), h)
+    end
+    assert.are.equal(0, s:stats().proxy_errors)
+  end)
+
+  it("accepts a v2 LOCAL header whatever its family and block (discarded, as the specification says)", function()
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" } } }
+    for _, h in ipairs {
+      v2(0, 0x00, ""),                                   -- what haproxy sends
+      v2(0, 0x11, "xxxxx"),                              -- a block shorter than the addresses
+      v2(0, 0x00, "\1\0\9x"),                            -- not TLVs: not read
+      v2(0, 0x45, "abc"),                                -- an undefined family: ignored
+    } do
+      assert.matches("^127%.0%.0%.1 %d+ v2 LOCAL via=127%.0%.0%.1:%d+ dst=%- tlvs= .* line=hi$",
+        ask(port, { h .. "hi\n" }))
+    end
+    -- a LOCAL block that does hold the addresses and TLVs: the TLVs are read
+    assert.matches("^127%.0%.0%.1 %d+ v2 LOCAL .*tlvs=1=h2 .*line=hi$", ask(port, {
+      v2(0, 0x11, ("\0"):rep(12) .. "\1\0\2h2") .. "hi\n" }))
+    assert.are.equal(0, s:stats().proxy_errors)
+  end)
+
+  it("refuses a v2 PROXY header whose family and protocol byte is not one the specification defines", function()
+    local log = os.tmpname()
+    helper.defer(function() os.remove(log) end)
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" } }, log = log }
+    local body4 = "\1\2\3\4\5\6\7\8\0\1\0\2"
+    for _, fam in ipairs { 0x10, 0x20, 0x01, 0x30 } do
+      assert.are.equal("closed", ask(port, { v2(1, fam, body4 .. ("\0"):rep(204)) .. "hi\n" }),
+        ("family byte 0x%02x"):format(fam))
+    end
+    helper.eventually(function() return s:stats().proxy_errors == 4 end, 2000)
+    assert.are.equal(4, s:stats().proxy_errors)
+    local text = assert(io.open(log)):read("a")
+    local _, n = text:gsub("PROXY protocol: refused: v2 header's family or protocol is unknown\n", "")
+    assert.are.equal(4, n)
+    -- a UNIX_STREAM PROXY header (0x31) is defined: accepted, the real addresses kept
+    assert.matches("^127%.0%.0%.1 %d+ v2 PROXY ", ask(port, { v2(1, 0x31, ("\0"):rep(216)) .. "hi\n" }))
+  end)
+
+  it("logs a refused Unix peer that from does not trust, as it does a TCP one", function()
+    local log = os.tmpname()
+    helper.defer(function() os.remove(log) end)
+    local path = helper.sock_path()
+    local s = multiloop.server{ path = path, workers = 1, handler = "spec.fixtures.proxy_info",
+                                proxy_protocol = { from = { "127.0.0.1" } }, log = log }
+    s:start()
+    helper.defer(function() helper.stop_checked(s) end)
+    local c = helper.connect_unix(path)
+    assert(c:send("PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhi\n"))
+    local line, err = c:receive("*l")
+    c:close()
+    assert.is_nil(line)
+    assert.are.equal("closed", err)
+    helper.eventually(function() return s:stats().proxy_errors == 1 end, 2000)
+    assert.are.equal(1, s:stats().proxy_errors)
+    local text = assert(io.open(log)):read("a")
+    assert.matches("warn worker 1: PROXY protocol: refused a connection on a Unix socket, which "
+      .. "proxy_protocol%.from does not trust %(add \"unix\"%)\n", text)
+  end)
+end)
+
