@@ -231,8 +231,8 @@ static int parse_v1(const char *p, size_t len, multiloop_proxy_info_t **out, siz
       free(info);
       return fail(err, errlen, "v1 header's protocol is not TCP4, TCP6 or UNKNOWN");
     }
-    for (i = 0; i < 2; i++) {
-      if (fl[2 + i] >= sizeof buf[i] ||
+    for (i = 0; i < 2; i++) {           /* a NUL would end inet_pton's string early */
+      if (fl[2 + i] >= sizeof buf[i] || memchr(f[2 + i], 0, fl[2 + i]) != NULL ||
           (memcpy(buf[i], f[2 + i], fl[2 + i]), buf[i][fl[2 + i]] = 0,
            inet_pton(family, buf[i], a[i]) != 1) ||
           !v1_port(f[4 + i], fl[4 + i], &port[i])) {
