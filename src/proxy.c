@@ -204,6 +204,16 @@ static int parse_v1(const char *p, size_t len, multiloop_proxy_info_t **out, siz
   }
   if (end == p || end[-1] != '\r') return fail(err, errlen, "v1 header does not end in CRLF");
   line_end = end - 1;
+  /* UNKNOWN: "the receiver must ignore anything presented before the CRLF". */
+  if (line_end - p >= 13 && memcmp(p, "PROXY UNKNOWN", 13) == 0 &&
+      (line_end - p == 13 || p[13] == ' ')) {
+    if ((info = calloc(1, sizeof *info)) == NULL) return fail(err, errlen, "out of memory");
+    info->version = 1;
+    info->local = 1;
+    *out = info;
+    *hlen = (size_t)(end - p) + 1;
+    return 1;
+  }
   for (q = p; q < line_end && nf < 6;) {      /* fields separated by single spaces */
     const char *sp = memchr(q, ' ', (size_t)(line_end - q));
     const char *fe = sp ? sp : line_end;
@@ -216,9 +226,7 @@ static int parse_v1(const char *p, size_t len, multiloop_proxy_info_t **out, siz
   if (q < line_end) return fail(err, errlen, "v1 header has too many fields");
   if ((info = calloc(1, sizeof *info)) == NULL) return fail(err, errlen, "out of memory");
   info->version = 1;
-  if (nf >= 2 && fl[1] == 7 && memcmp(f[1], "UNKNOWN", 7) == 0) {
-    info->local = 1;                     /* the rest of the line is ignored */
-  } else {
+  {
     char buf[2][INET6_ADDRSTRLEN + 1];
     int i;
     if (nf != 6) {
