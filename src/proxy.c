@@ -270,22 +270,39 @@ static int parse_v2(const unsigned char *p, size_t len, multiloop_proxy_info_t *
   body = ((size_t)p[14] << 8) | p[15];
   if (body > V2_MAX_BODY) return fail(err, errlen, "v2 header longer than 4096 bytes");
   if (len < 16 + body) return 0;
-  if (fam > 3 || proto > 2) return fail(err, errlen, "v2 header's family or protocol is unknown");
-  if (cmd == 1 && fam != 0) {
-    if (proto == 2) return fail(err, errlen, "v2 header is for a datagram connection");
-    alen = fam == 1 ? 12 : fam == 2 ? 36 : 216;
+  if (cmd == 1) {
+    /* The combinations the specification defines: any other "must be
+     * rejected as invalid by receivers". */
+    switch (p[13]) {
+    case 0x00: break;                    /* UNSPEC: the real addresses */
+    case 0x11: case 0x21: case 0x31: alen = fam == 1 ? 12 : fam == 2 ? 36 : 216; break;
+    case 0x12: case 0x22: case 0x32: return fail(err, errlen, "v2 header is for a datagram connection");
+    default: return fail(err, errlen, "v2 header's family or protocol is unknown");
+    }
     if (body < alen) return fail(err, errlen, "v2 header's addresses are cut short");
-  } else if (fam == 1 || fam == 2 || fam == 3) {
-    alen = fam == 1 ? 12 : fam == 2 ? 36 : 216;   /* LOCAL: skipped if there */
-    if (body < alen) alen = 0;
-  }
-  /* The TLVs must tile the rest exactly. */
-  for (tlv = 16 + alen; tlv < 16 + body;) {
-    size_t l;
-    if (16 + body - tlv < 3) return fail(err, errlen, "v2 header has a cut TLV");
-    l = ((size_t)p[tlv + 1] << 8) | p[tlv + 2];
-    if (16 + body - tlv - 3 < l) return fail(err, errlen, "v2 header has a TLV longer than the header");
-    tlv += 3 + l;
+    /* The TLVs must tile the rest exactly. */
+    for (tlv = 16 + alen; tlv < 16 + body;) {
+      size_t l;
+      if (16 + body - tlv < 3) return fail(err, errlen, "v2 header has a cut TLV");
+      l = ((size_t)p[tlv + 1] << 8) | p[tlv + 2];
+      if (16 + body - tlv - 3 < l) return fail(err, errlen, "v2 header has a TLV longer than the header");
+      tlv += 3 + l;
+    }
+  } else {
+    /* LOCAL: "the receiver must accept this connection as valid and must
+     * use the real connection endpoints and discard the protocol block
+     * including the family": its TLVs are kept only if the block is the
+     * family's addresses and whole TLVs, and nothing in it refuses it. */
+    alen = fam == 1 ? 12 : fam == 2 ? 36 : fam == 3 ? 216 : 0;
+    if (proto > 2 || body < alen) alen = 0;
+    for (tlv = 16 + alen; tlv < 16 + body;) {
+      size_t l;
+      if (16 + body - tlv < 3) break;
+      l = ((size_t)p[tlv + 1] << 8) | p[tlv + 2];
+      if (16 + body - tlv - 3 < l) break;
+      tlv += 3 + l;
+    }
+    if (tlv != 16 + body) alen = body;   /* not TLVs: none */
   }
   if ((info = calloc(1, sizeof *info + (body - alen))) == NULL)
     return fail(err, errlen, "out of memory");
