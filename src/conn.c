@@ -316,7 +316,10 @@ static int proxy_trusted(multiloop_conn_t *c) {
   int len = sizeof ss;
   if (multiloop_stream_is_unix(&c->s)) {
     ss.ss_family = AF_UNIX;
-    return multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss);
+    if (multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss)) return 1;
+    multiloop_log(WORKER(c), MULTILOOP_LOG_WARN, 0, "PROXY protocol: refused a connection on "
+                  "a Unix socket, which proxy_protocol.from does not trust (add \"unix\")");
+    return 0;
   }
   if (uv_tcp_getpeername(&c->s.h.tcp, (struct sockaddr *)&ss, &len) != 0) return 0;
   if (multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss)) return 1;
