@@ -134,3 +134,23 @@ describe("PROXY protocol, hostile", function()
   end)
 end)
 
+describe("logs, hostile", function()
+  it("writes a message's control bytes as \\xHH: a NUL (a line's end for journald) or a CR forges nothing", function()
+    local log = os.tmpname()
+    helper.defer(function() os.remove(log) end)
+    local s = multiloop.server{ port = 0, workers = 1, handler = "spec.fixtures.proxy_info", log = log }
+    local forged = "2026-01-01T00:00:00.000Z error main: forged"
+    s:log("info", "a\0" .. forged)
+    s:log("info", "b\r" .. forged)
+    s:log("info", "c\27[2K\127\t" .. ("\0"):rep(5000) .. "end")   -- past the stack buffer
+    local text = assert(io.open(log)):read("a")
+    assert.is_nil(text:find("[%z\1-\8\11-\31\127]"), "a control byte in the log")
+    local lines = {}
+    for l in text:gmatch("[^\n]*") do if l ~= "" then lines[#lines + 1] = l end end
+    assert.are.equal(3, #lines)
+    assert.matches(" info main: a\\x00" .. forged:gsub("%p", "%%%0") .. "$", lines[1])
+    assert.matches(" info main: b\\x0d" .. forged:gsub("%p", "%%%0") .. "$", lines[2])
+    assert.matches(" info main: c\\x1b%[2K\\x7f\t" .. ("\\x00"):rep(5000) .. "end$", lines[3])
+  end)
+end)
+
