@@ -154,3 +154,128 @@ describe("logs, hostile", function()
   end)
 end)
 
+-- A TLS client (luasec) whose bytes this process carries to the server
+-- itself, so that the test chooses how they are cut: the PROXY header and
+-- the ClientHello in one write, or the header's end and the ClientHello in
+-- one. Every socket is non-blocking; bounded by 5 s.
+local function tls_dir()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -m 700 " .. dir))
+  helper.defer(function() os.execute("rm -rf " .. dir) end)
+  assert(os.execute(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+    .. "-days 1 -subj /CN=localhost -keyout %s/key.pem -out %s/cert.pem 2>/dev/null"):format(dir, dir)))
+  return dir
+end
+
+local function drain(from)
+  local parts = {}
+  repeat
+    local d, err, partial = from:receive(65536)
+    d = d or partial
+    if d and #d > 0 then parts[#parts + 1] = d end
+  until not d or #d == 0 or err
+  return table.concat(parts), select(2, from:receive(0))
+end
+
+local function tls_via(port, head, split_at, tail)
+  local ssl = require("ssl")
+  local l = assert(socket.bind("127.0.0.1", 0))
+  local _, lport = l:getsockname()
+  local t = helper.connect(lport)
+  local a = assert(l:accept())
+  l:close()
+  local c = assert(ssl.wrap(t, { mode = "client", protocol = "any", verify = "none" }))
+  local u = helper.connect(port)
+  u:setoption("tcp-nodelay", true)
+  helper.defer(function() c:close(); a:close(); u:close() end)
+  c:settimeout(0)
+  a:settimeout(0)
+  local hello = ""
+  local deadline = socket.gettime() + 5
+  while #hello == 0 and socket.gettime() < deadline do    -- the ClientHello
+    assert(not c:dohandshake())
+    socket.select({ a }, nil, 0.01)
+    hello = hello .. drain(a)
+  end
+  if split_at then
+    assert(u:send(head:sub(1, split_at)))
+    socket.sleep(0.01)
+    assert(u:send(head:sub(split_at + 1) .. (tail or hello)))
+  else
+    assert(u:send(head .. (tail or hello)))
+  end
+  u:settimeout(0)
+  local ended = false                   -- the server closed: what it sent is on its way to c
+  local function pump()
+    local up = drain(a)
+    if #up > 0 and not ended then u:send(up) end
+    if ended then return end
+    local down, err = drain(u)
+    if #down > 0 then assert(a:send(down)) end
+    if err == "closed" then
+      ended = true
+      a:shutdown("send")
+    end
+  end
+  local done, acc = false, ""
+  while socket.gettime() < deadline do
+    pump()
+    if not done then
+      local err
+      done, err = c:dohandshake()
+      if done then assert(c:send("hello\n"))
+      elseif err ~= "wantread" and err ~= "wantwrite" then return nil, "closed" end
+    else
+      local line, err, partial = c:receive("*l")
+      if line then return acc .. line end
+      acc = acc .. (partial or "")
+      if err == "closed" then return nil, "closed" end
+    end
+    socket.select({ a, u, t }, nil, 0.01)
+  end
+  return nil, "timeout"
+end
+
+describe("PROXY protocol before TLS, hostile", function()
+  local function skip()
+    if not helper.installed("openssl") then
+      pending("openssl is not installed")
+      return true
+    end
+  end
+
+  for _, handler in ipairs { "spec.fixtures.proxy_info", "spec.fixtures.proxy_info_cb" } do
+    it("takes the header and the ClientHello in one read, or the header's end with it (" .. handler .. ")", function()
+      if skip() then return end
+      local dir = tls_dir()
+      local s, port = server{ handler = handler, proxy_protocol = { from = { "127.0.0.1" } },
+                              tls = { cert = dir .. "/cert.pem", key = dir .. "/key.pem" } }
+      for _, h in ipairs { V1, V2 } do
+        for _, at in ipairs { false, 1, 12, #h - 1 } do
+          assert.matches("^%S+ %d+ v%d PROXY .* tls=TLSv1%.%d line=hello$", tls_via(port, h, at),
+            "split at " .. tostring(at))
+        end
+      end
+      local st = s:stats()
+      assert.are.equal(0, st.proxy_errors)
+      assert.are.equal(0, st.tls_errors)
+      assert.are.equal(8, st.tls_handshakes)
+    end)
+  end
+
+  it("closes on garbage after the header instead of a ClientHello, counted as a TLS error", function()
+    if skip() then return end
+    local dir = tls_dir()
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" } },
+                            tls = { cert = dir .. "/cert.pem", key = dir .. "/key.pem" } }
+    for _, at in ipairs { false, 5 } do
+      assert.are.same({ nil, "closed" }, { tls_via(port, V1, at, "GET / HTTP/1.0\r\n\r\n") })
+    end
+    helper.eventually(function() return s:stats().tls_errors == 2 end, 2000)
+    assert.are.equal(2, s:stats().tls_errors)
+    assert.are.equal(0, s:stats().proxy_errors)
+    assert.are.equal(0, s:stats().active)
+  end)
+end)
+

@@ -364,15 +364,17 @@ static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len) {
   multiloop_deadline_remove(&c->idle);
   if (c->serve) multiloop_serve_init(c);   /* its read timeout's entry again */
   kept = multiloop_stream_kept(s, &klen) == data;
-  if (kept) multiloop_stream_consume(s, hlen);
   if (w->cfg->tls) {                       /* the rest is the ClientHello */
     int rc = multiloop_tls_accept(s, data + hlen, len - hlen);   /* copies what it keeps */
     if (rc != 0) multiloop_stream_close(s, rc);
-    len = kept ? len - hlen : len;         /* nothing stays in the plain input */
+    /* Ciphertext: none of it stays in the plain input, where a serve
+     * handler's first receive would take it for the client's data. */
+    if (kept) multiloop_stream_consume(s, len);
     if (!s->closing && multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK)
       multiloop_stream_close(s, REASON_ERROR);
-    return len;
+    return kept ? 0 : len;
   }
+  if (kept) multiloop_stream_consume(s, hlen);
   if (multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK) {
     multiloop_stream_close(s, REASON_ERROR);
     return len;
