@@ -279,3 +279,42 @@ describe("PROXY protocol before TLS, hostile", function()
   end)
 end)
 
+describe("logs while the file is rotated, hostile", function()
+  it("loses and splits no record while 4 workers log and the file is moved and reopened 30 times", function()
+    local dict = "spec.hostile17." .. helper.pid()
+    local path = os.tmpname()
+    local files = { path }
+    helper.defer(function() for _, f in ipairs(files) do os.remove(f) end end)
+    local s = helper.server({ workers = 4, handler = "spec.fixtures.logger", log = path,
+                              config = { dict = dict } })
+    helper.defer(function() s:stop() end)
+    local N, SIZE = 3000, 6000
+    assert.are.equal(4, s:broadcast({ n = N, size = SIZE }))
+    local d = multiloop.shared(dict)
+    local deadline = socket.gettime() + 60
+    for k = 1, 30 do                       -- logrotate's move, then SIGUSR1's reopen
+      local moved = ("%s.%d"):format(path, k)
+      table.insert(files, #files, moved)   -- the moved ones in order, then the live one
+      assert(os.rename(path, moved))
+      assert(s:reopen_log())
+      socket.sleep(0.002)
+    end
+    while (d:get("done") or 0) < 4 and socket.gettime() < deadline do socket.sleep(0.01) end
+    assert.are.equal(4, d:get("done"))
+    s:stop()
+    local next_i, count = { 0, 0, 0, 0 }, 0
+    for _, f in ipairs(files) do
+      for line in io.lines(f) do
+        local who, id, i, bytes = line:match("^%S+Z info (worker %d): burst (%d) (%d+) (%u+)$")
+        assert(who, "not a whole record: " .. line:sub(1, 120))
+        id, i = tonumber(id), tonumber(i)
+        assert.are.equal("worker " .. id, who)
+        assert.are.equal(next_i[id] + 1, i)              -- in order, across the files
+        assert.are.equal(i % 10 == 0 and SIZE or 40, #bytes)
+        next_i[id], count = i, count + 1
+      end
+    end
+    assert.are.equal(4 * N, count)
+  end)
+end)
+
