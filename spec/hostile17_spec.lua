@@ -318,3 +318,36 @@ describe("logs while the file is rotated, hostile", function()
   end)
 end)
 
+describe("PROXY protocol and max_connections, hostile", function()
+  it("gives the slot of every refused connection back: untrusted, malformed, late, cut", function()
+    local s1, p1 = server{ max_connections = 1, proxy_protocol = { from = { "10.0.0.0/8" } } }
+    for _ = 1, 5 do assert.are.equal("closed", ask(p1, { "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhi\n" })) end
+    assert(helper.eventually(function() return s1:stats().proxy_errors == 5 end, 2000))
+    local s, port = server{ max_connections = 1, proxy_protocol = { from = { "127.0.0.1" }, timeout = 100 } }
+    for _ = 1, 5 do assert.are.equal("closed", ask(port, { "GET / HTTP/1.0\r\n\r\n" })) end
+    assert.are.equal("closed", ask(port, { "PROXY TCP4 1.2.3.4" }))           -- late
+    local c = helper.connect(port)                                           -- cut
+    assert(c:send("PROXY TCP4"))
+    c:shutdown("send")
+    assert.are.equal("closed", select(2, c:receive("*l")))
+    c:close()
+    assert.matches("^1%.2%.3%.4 1 v1 PROXY ", ask(port, { "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhi\n" }))
+    assert(helper.eventually(function() return s:stats().active == 0 end, 2000))
+    assert.are.equal(7, s:stats().proxy_errors)
+    assert.are.equal(0, s1:stats().active)
+  end)
+
+  it("a graceful stop ends a connection still inside its header within the grace period", function()
+    local s, port = server{ proxy_protocol = { from = { "127.0.0.1" }, timeout = 60000 } }
+    local c = helper.connect(port)
+    assert(c:send("PROXY TCP4 1.2.3.4"))
+    assert(helper.eventually(function() return s:stats().active == 1 end, 2000))
+    local t0 = socket.gettime()
+    assert(s:stop({ timeout = 300 }))
+    local took = socket.gettime() - t0
+    assert.is_true(took >= 0.25 and took < 2, "stopped after " .. took .. " s")
+    assert.are.equal("closed", select(2, c:receive("*l")))
+    c:close()
+  end)
+end)
+
