@@ -228,6 +228,11 @@ void multiloop_conn_close_all(multiloop_worker_t *w) {
   while (w->conns) multiloop_stream_close(&w->conns->s, REASON_STOPPED);
 }
 
+/* The connection's PROXY header, if it had one. */
+static multiloop_proxy_info_t *proxy_info(multiloop_conn_t *c) {
+  return c->s.ext ? c->s.ext->proxy : NULL;
+}
+
 /* The idle deadline expired, `ms` after the last read or write: on_timeout
  * if set (the timeout starts again: it fires once per idle period),
  * otherwise close with reason "timeout". */
@@ -237,6 +242,20 @@ static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
   if (c->proxying) {                        /* no whole PROXY header in time */
     proxy_refused(c, "no whole header within proxy_protocol.timeout");
     multiloop_stream_close(&c->s, REASON_TIMEOUT);
+    return;
+  }
+  if (proxy_info(c) && proxy_info(c)->replay == 2) {   /* resumed: the bytes after the header */
+    multiloop_proxy_info_t *info = proxy_info(c);
+    const char *p;
+    size_t n;
+    if (multiloop_deadline_set(WORKER(c), &c->idle, info->idle_ms) != 0) {
+      multiloop_stream_close(&c->s, UV_ENOMEM);
+      return;
+    }
+    info->replay = 1;
+    if (c->s.paused) return;               /* paused again: at the next resume */
+    info->replay = 0;
+    if ((p = multiloop_stream_kept(&c->s, &n)) != NULL) multiloop_stream_consume(&c->s, ev_read(&c->s, p, n));
     return;
   }
   if (!HAS(c, ON_TIMEOUT)) {
@@ -380,10 +399,20 @@ static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len) {
     return len;
   }
   if (s->closing) return len;
-  if (!kept) return len == hlen ? len : hlen + ev_read(s, data + hlen, len - hlen);
-  p = multiloop_stream_kept(s, &n);        /* what the handler left of the rest */
+  if (kept) {
+    p = multiloop_stream_kept(s, &n);      /* what the handler left of the rest */
+  } else {
+    p = data + hlen;
+    n = len - hlen;
+  }
+  if (n > 0 && !c->serve && !DIVERTED(c) && s->paused) {
+    info->replay = 1;                      /* kept until conn:resume() (conn_resume) */
+    return kept ? 0 : hlen;
+  }
+  if (!kept) return n == 0 ? len : hlen + ev_read(s, p, n);
   return n > 0 ? ev_read(s, p, n) : 0;
 }
+
 
 /* Protected: makes the object, takes the connection's fd into it (from the
  * hand-off pipe, or an fd the inbox or our own listener gave us), calls
@@ -544,8 +573,16 @@ static int conn_pause(lua_State *L) {
 
 static int conn_resume(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
+  multiloop_proxy_info_t *info = proxy_info(c);
   not_on_serve(L, c, "resume");
   multiloop_stream_resume(&c->s);
+  if (info && info->replay == 1 && !c->s.closing) {
+    /* Not from here: this may be a light thread, and on_data runs from the
+     * loop. The idle deadline, 1 ms from now, hands the bytes over. */
+    info->idle_ms = multiloop_deadline_ms(&c->idle);
+    if (multiloop_deadline_set(WORKER(c), &c->idle, 1) != 0) return luaL_error(L, "not enough memory");
+    info->replay = 2;
+  }
   return 0;
 }
 
@@ -565,8 +602,13 @@ static lua_Integer check_ms(lua_State *L, int arg) {
 static int conn_set_timeout(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   lua_Integer ms = check_ms(L, 2);
+  multiloop_proxy_info_t *info = proxy_info(c);
   not_on_serve(L, c, "set_timeout");
   if (c->s.closing) return 0;
+  if (info && info->replay == 2) {          /* after the bytes the header left (conn_resume) */
+    info->idle_ms = (uint64_t)ms;
+    return 0;
+  }
   if (multiloop_deadline_set(WORKER(c), &c->idle, (uint64_t)ms) != 0)
     return luaL_error(L, "not enough memory");
   return 0;
