@@ -374,3 +374,46 @@ describe("PROXY protocol and a paused callback connection, hostile", function()
   end)
 end)
 
+describe("the multiloop command, hostile", function()
+  local function run(args)
+    local errfile = os.tmpname()
+    helper.defer(function() os.remove(errfile) end)
+    local p = assert(io.popen(("timeout 20 %s bin/multiloop %s 2>%s"):format(
+      os.getenv("CHILD_LUA") or "lua5.4", args, errfile)))
+    local out = p:read("a")
+    local _, _, code = p:close()
+    local f = assert(io.open(errfile))
+    local err = f:read("a")
+    f:close()
+    return out, err, code
+  end
+  local function conf(body)
+    local path = os.tmpname() .. ".lua"
+    helper.defer(function() os.remove(path) end)
+    local f = assert(io.open(path, "w"))
+    f:write(body)
+    f:close()
+    return path
+  end
+
+  for _, case in ipairs {
+    { 'return { "examples/echo_handler.lua", port = 0 }', "a number key: 1" },
+    { 'return { [true] = 1, port = 0 }', "a boolean key: true" },
+    { 'return setmetatable({ port = 0 }, { __pairs = function() error("boom") end })', nil },
+  } do
+    it("names the config file for a table it cannot take as options: " .. case[1], function()
+      local path = conf(case[1])
+      local out, err, code = run("--check examples/echo_handler.lua --config " .. path)
+      if case[2] then
+        assert.are.equal(("multiloop: --config: %s must return a table of server options by name "
+          .. "(got %s)\n"):format(path, case[2]), err)
+        assert.are.equal(2, code)
+        assert.are.equal("", out)
+      else                                   -- its __pairs is not run: the options are good
+        assert.are.equal("", err)
+        assert.are.equal(0, code)
+      end
+    end)
+  end
+end)
+
