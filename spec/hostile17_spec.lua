@@ -370,6 +370,13 @@ describe("PROXY protocol and a paused callback connection, hostile", function()
         c:close()
         assert.are.equal("hello", line, ("proxy %s, split %s: %s"):format(pp, split, tostring(err)))
       end
+      -- the client's end right behind its data: on_data first, then the end
+      local c = helper.connect(port)
+      assert(c:send((pp and V1 or "") .. "hello\n"))
+      c:shutdown("send")
+      local all = helper.all(c)
+      c:close()
+      assert.are.equal("hello\n", all, ("proxy %s, then the end"):format(pp))
     end
   end)
 end)

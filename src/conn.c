@@ -130,6 +130,8 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 #define DIVERTED(c) ((c)->pooled | (c)->piped)
 
 static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len);
+static multiloop_proxy_info_t *proxy_info(multiloop_conn_t *c);
+static void replay(multiloop_conn_t *c);
 
 /* A connection refused in the PROXY phase: counted and logged. */
 static void proxy_refused(multiloop_conn_t *c, const char *why) {
@@ -159,6 +161,10 @@ static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
 /* Without on_end, shut down: the stream closes once our writes flush. */
 static void ev_eof(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
+  if (!c->proxying && proxy_info(c) && proxy_info(c)->replay == 2) {
+    replay(c);                              /* the data the PROXY header's read brought, first */
+    if (s->closing) return;
+  }
   if (c->proxying) {                        /* half a header; none at all: a health check */
     size_t n;
     int some = multiloop_stream_kept(s, &n) != NULL;
@@ -233,6 +239,20 @@ static multiloop_proxy_info_t *proxy_info(multiloop_conn_t *c) {
   return c->s.ext ? c->s.ext->proxy : NULL;
 }
 
+/* The bytes a paused handler left after the PROXY header (proxy_read), to
+ * on_data now that it reads again. */
+static void replay(multiloop_conn_t *c) {
+  multiloop_proxy_info_t *info = proxy_info(c);
+  const char *p;
+  size_t n;
+  info->replay = 0;
+  if (multiloop_deadline_set(WORKER(c), &c->idle, info->idle_ms) != 0) {   /* as it was */
+    multiloop_stream_close(&c->s, UV_ENOMEM);
+    return;
+  }
+  if ((p = multiloop_stream_kept(&c->s, &n)) != NULL) multiloop_stream_consume(&c->s, ev_read(&c->s, p, n));
+}
+
 /* The idle deadline expired, `ms` after the last read or write: on_timeout
  * if set (the timeout starts again: it fires once per idle period),
  * otherwise close with reason "timeout". */
@@ -246,16 +266,13 @@ static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
   }
   if (proxy_info(c) && proxy_info(c)->replay == 2) {   /* resumed: the bytes after the header */
     multiloop_proxy_info_t *info = proxy_info(c);
-    const char *p;
-    size_t n;
-    if (multiloop_deadline_set(WORKER(c), &c->idle, info->idle_ms) != 0) {
+    if (!c->s.paused) {
+      replay(c);
+    } else if (multiloop_deadline_set(WORKER(c), &c->idle, info->idle_ms) != 0) {
       multiloop_stream_close(&c->s, UV_ENOMEM);
-      return;
+    } else {
+      info->replay = 1;                    /* paused again: at the next resume */
     }
-    info->replay = 1;
-    if (c->s.paused) return;               /* paused again: at the next resume */
-    info->replay = 0;
-    if ((p = multiloop_stream_kept(&c->s, &n)) != NULL) multiloop_stream_consume(&c->s, ev_read(&c->s, p, n));
     return;
   }
   if (!HAS(c, ON_TIMEOUT)) {
