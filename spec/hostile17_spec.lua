@@ -264,6 +264,19 @@ describe("PROXY protocol before TLS, hostile", function()
     end)
   end
 
+  it("gives the bytes after the header to the handler in plain text with tls.starttls", function()
+    if skip() then return end
+    local dir = tls_dir()
+    for _, handler in ipairs { "spec.fixtures.proxy_info", "spec.fixtures.proxy_info_cb" } do
+      local _, port = server{ handler = handler, proxy_protocol = { from = { "127.0.0.1" } },
+                              tls = { cert = dir .. "/cert.pem", key = dir .. "/key.pem", starttls = true } }
+      assert.matches("^192%.168%.0%.1 56324 v1 PROXY .* tls=%- line=hello$", ask(port, { V1 .. "hello\n" }),
+        handler)
+      assert.matches("^192%.168%.0%.1 56324 v1 PROXY .* tls=%- line=hello$",
+        ask(port, { V1:sub(1, 9), V1:sub(10) .. "hello\n" }), handler .. ", split")
+    end
+  end)
+
   it("closes on garbage after the header instead of a ClientHello, counted as a TLS error", function()
     if skip() then return end
     local dir = tls_dir()

@@ -400,7 +400,7 @@ static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len) {
   multiloop_deadline_remove(&c->idle);
   if (c->serve) multiloop_serve_init(c);   /* its read timeout's entry again */
   kept = multiloop_stream_kept(s, &klen) == data;
-  if (w->cfg->tls) {                       /* the rest is the ClientHello */
+  if (multiloop_tls_at_accept(w->cfg)) {   /* the rest is the ClientHello (starttls: plain text) */
     int rc = multiloop_tls_accept(s, data + hlen, len - hlen);   /* copies what it keeps */
     if (rc != 0) multiloop_stream_close(s, rc);
     /* Ciphertext: none of it stays in the plain input, where a serve
