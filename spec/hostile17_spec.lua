@@ -134,6 +134,36 @@ describe("PROXY protocol, hostile", function()
   end)
 end)
 
+describe("PROXY protocol from, hostile", function()
+  it("matches CIDR blocks at odd prefix lengths, v4, v6 and v4-mapped", function()
+    local hdr = { "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhi\n" }
+    for _, case in ipairs {
+      { "127.0.0.0/1", true }, { "128.0.0.0/1", false }, { "126.0.0.0/7", true },
+      { "124.0.0.0/7", false }, { "127.0.0.0/9", true }, { "127.128.0.0/9", false },
+      { "127.0.0.1/32", true }, { "127.0.0.0/32", false }, { "0.0.0.0/0", true },
+      { "::ffff:127.0.0.1", false },           -- a v4 socket's peer is no v6 address
+    } do
+      local _, port = server{ proxy_protocol = { from = { case[1] } } }
+      local r = ask(port, hdr)
+      if case[2] then assert.matches("^1%.2%.3%.4 ", r, case[1]) else assert.are.equal("closed", r, case[1]) end
+    end
+    for _, case in ipairs {
+      { "::1/127", "::1", true }, { "::2/127", "::1", false }, { "::/0", "::1", true },
+      { "::ffff:127.0.0.0/104", "127.0.0.1", true }, { "127.0.0.0/8", "127.0.0.1", true },
+      { "::ffff:127.128.0.0/105", "127.0.0.1", false }, { "::ffff:127.0.0.0/105", "127.0.0.1", true }, { "::1/128", "127.0.0.1", false },
+    } do
+      local s = server{ host = "::", proxy_protocol = { from = { case[1] } } }
+      local _, p6 = s:address()
+      local c = helper.connect(p6, case[2])
+      assert(c:send(hdr[1]))
+      local line, err = c:receive("*l")
+      c:close()
+      if case[3] then assert.matches("^1%.2%.3%.4 ", line or err, case[1])
+      else assert.are.equal("closed", err, case[1]) end
+    end
+  end)
+end)
+
 describe("logs, hostile", function()
   it("writes a message's control bytes as \\xHH: a NUL (a line's end for journald) or a CR forges nothing", function()
     local log = os.tmpname()
