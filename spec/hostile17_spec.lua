@@ -422,6 +422,21 @@ describe("PROXY protocol and a paused callback connection, hostile", function()
       assert.are.equal("hello\n", all, ("proxy %s, then the end"):format(pp))
     end
   end)
+
+  it("keeps the idle timeout it had once the kept bytes are handed over", function()
+    local _, port = server{ handler = "spec.fixtures.hostile17_paused", idle_timeout = 300,
+                            proxy_protocol = { from = { "127.0.0.1" } } }
+    local c = helper.connect(port)
+    assert(c:send(V1 .. "hello\n"))
+    assert.are.equal("hello", helper.line(c))
+    local t0 = socket.gettime()
+    local line, err = c:receive("*l")
+    local took = socket.gettime() - t0
+    assert.is_nil(line)
+    assert.are.equal("closed", err)
+    c:close()
+    assert.is_true(took > 0.15 and took < 2, "closed after " .. took .. " s")
+  end)
 end)
 
 describe("the multiloop command, hostile", function()
