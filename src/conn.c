@@ -131,7 +131,7 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 
 static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len);
 static multiloop_proxy_info_t *proxy_info(multiloop_conn_t *c);
-static void replay(multiloop_conn_t *c);
+static void replay(multiloop_conn_t *c, multiloop_proxy_info_t *info);
 
 /* A connection refused in the PROXY phase: counted and logged. */
 static void proxy_refused(multiloop_conn_t *c, const char *why) {
@@ -161,8 +161,9 @@ static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
 /* Without on_end, shut down: the stream closes once our writes flush. */
 static void ev_eof(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
-  if (!c->proxying && proxy_info(c) && proxy_info(c)->replay == 2) {
-    replay(c);                              /* the data the PROXY header's read brought, first */
+  multiloop_proxy_info_t *info = proxy_info(c);
+  if (!c->proxying && info && info->replay == 2) {
+    replay(c, info);                        /* the data the PROXY header's read brought, first */
     if (s->closing) return;
   }
   if (c->proxying) {                        /* half a header; none at all: a health check */
@@ -241,8 +242,7 @@ static multiloop_proxy_info_t *proxy_info(multiloop_conn_t *c) {
 
 /* The bytes a paused handler left after the PROXY header (proxy_read), to
  * on_data now that it reads again. */
-static void replay(multiloop_conn_t *c) {
-  multiloop_proxy_info_t *info = proxy_info(c);
+static void replay(multiloop_conn_t *c, multiloop_proxy_info_t *info) {
   const char *p;
   size_t n;
   info->replay = 0;
@@ -267,7 +267,7 @@ static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
   if (proxy_info(c) && proxy_info(c)->replay == 2) {   /* resumed: the bytes after the header */
     multiloop_proxy_info_t *info = proxy_info(c);
     if (!c->s.paused) {
-      replay(c);
+      replay(c, info);
     } else if (multiloop_deadline_set(WORKER(c), &c->idle, info->idle_ms) != 0) {
       multiloop_stream_close(&c->s, UV_ENOMEM);
     } else {
