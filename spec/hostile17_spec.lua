@@ -465,6 +465,18 @@ describe("the multiloop command, hostile", function()
     return path
   end
 
+  it("says a flag's value is missing when the next argument is another option", function()
+    for _, case in ipairs { { "--port --workers 2", "--port", "--workers" },
+                            { "--port 0 --host --check", "--host", "--check" },
+                            { "--port 0 --log --log-level=debug", "--log", "--log-level=debug" } } do
+      local out, err, code = run("examples/echo_handler.lua " .. case[1])
+      assert.are.equal(("multiloop: %s: expected a value, got the option %s (multiloop --help lists "
+        .. "the options)\n"):format(case[2], case[3]), err)
+      assert.are.equal(2, code)
+      assert.are.equal("", out)
+    end
+  end)
+
   for _, case in ipairs {
     { 'return { "examples/echo_handler.lua", port = 0 }', "a number key: 1" },
     { 'return { [true] = 1, port = 0 }', "a boolean key: true" },
