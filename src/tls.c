@@ -1147,6 +1147,10 @@ static int attach(multiloop_stream_t *s, SSL_CTX *ctx, int client, uint64_t time
   return 0;
 }
 
+int multiloop_tls_at_accept(const multiloop_config_t *cfg) {
+  return cfg->tls != NULL && !cfg->tls->starttls;
+}
+
 int multiloop_tls_accept(multiloop_stream_t *s, const char *data, size_t len) {
   const multiloop_tls_t *t = multiloop_stream_worker(s)->cfg->tls;
   tls_conn_t *tc;
