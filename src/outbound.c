@@ -984,6 +984,11 @@ static int core_connect(lua_State *L) {
     timeout = int_opt(L, tg.opts, "worker.connect", "timeout", 0, MAX_TIMEOUT, DEFAULT_TIMEOUT);
   }
   if (w->closing) return luaL_error(L, "worker.connect: the worker is closing");
+  /* A generation past its drain_timeout (or dropped) closes what it has and
+   * must not open more: a connection made now would hold its state, and the
+   * next reload's PREPARE that waits for the slot, open for ever. */
+  if (multiloop_threads_closing(L))
+    return luaL_error(L, "worker.connect: the old code is closing (reload)");
   lua_pushvalue(L, fn);
   cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   c = multiloop_conn_new(L, w, tg.is_unix, 0, 1);   /* (a raise here would keep cb_ref) */
