@@ -65,4 +65,22 @@ describe("server:reload, hostile", function()
     assert.is_true(s:reload{ config = { version = "C", dict = dict } })
     assert.are.equal("C y", say(client(port), "y"))
   end)
+
+  it("a timer asked for as the old state closes (a __gc at lua_close) is refused, not left on the loop", function()
+    local dict = dict_name()
+    local d = multiloop.shared(dict)
+    local s, port = server{ handler = CONNECT, drain_timeout = 100,
+                            config = { version = "A", dict = dict, ghost = true } }
+    assert.are.equal("A x", say(client(port), "x"))
+    assert.is_true(s:reload{ config = { version = "B", dict = dict } })
+    -- The old state closes once its connection has (it is closed by now or at drain_timeout).
+    assert.is_true(helper.eventually(function()
+      return d:get("gc A nil stopped") or d:get("gc A userdata nil")
+    end, 3000))
+    -- With the bug the timer lived in the freed state's memory and fired from there.
+    assert.are.same({ true, nil }, { d:get("gc A nil stopped"), d:get("gc A userdata nil") })
+    helper.sleep(100)
+    assert.are.equal(nil, d:get("ghost fired"))
+    assert.are.equal("B y", say(client(port), "y"))
+  end)
 end)

@@ -146,7 +146,10 @@ static int start_timer(lua_State *L, int repeat) {
                       repeat ? "positive" : "non-negative", shown(L, 1));
   if (!lua_isfunction(L, 2))
     return luaL_error(L, "%s: fn must be a function (got %s)", who, luaL_typename(L, 2));
-  if (w->closing) {
+  /* g->closed: its timers are closed and lua_close comes next (a __gc or a
+   * to-be-closed variable runs there): a timer made now would outlive the
+   * state its userdata lives in. */
+  if (w->closing || g->closed) {
     lua_pushnil(L);
     lua_pushliteral(L, "stopped");
     return 2;
