@@ -83,4 +83,49 @@ describe("server:reload, hostile", function()
     assert.are.equal(nil, d:get("ghost fired"))
     assert.are.equal("B y", say(client(port), "y"))
   end)
+
+  it("gives back fds, threads and pooled connections over many reloads with TLS connections and pools open", function()
+    local certs = helper.make_certs()
+    helper.defer(certs.remove)
+    local l = assert(socket.bind("127.0.0.1", 0))
+    helper.defer(function() l:close() end)
+    l:settimeout(0)
+    local _, up = l:getsockname()
+    up = tonumber(up)
+    local function accept_all()
+      while true do
+        local c = l:accept()
+        if not c then return end
+        c:close()
+      end
+    end
+    local s, port = server{ handler = "spec/fixtures/reload_hostile_pool.lua", drain_timeout = 50,
+                            tls = { cert = certs.cert, key = certs.key },
+                            config = { version = "A", upstream = up } }
+    local function tls_say(c, data)
+      assert(c:send(data))
+      local got, err = c:receive(data == "pool" and #"A pooled" or #data + 2)
+      assert(got, err)
+      return got
+    end
+    local base_fds
+    for i = 1, 20 do
+      local v = i % 2 == 1 and "A" or "B"
+      local c = assert(helper.tls_connect(port))
+      assert.are.equal(v .. " pooled", tls_say(c, "pool"))
+      assert.is_true(s:reload{ config = { version = i % 2 == 1 and "B" or "A", upstream = up } })
+      assert.are.equal(v .. " x", tls_say(c, "x"))          -- the old code, over TLS
+      if i == 2 then
+        assert.is_true(helper.eventually(function() return s:stats().old_connections == 1 end, 2000))
+        base_fds = helper.fd_count()
+      end
+      if i > 2 then c:close() end                           -- (the spec's own fd)
+      accept_all()
+    end
+    -- Old generations close at drain_timeout (the TLS ones too); their pools went at the switch.
+    assert.is_true(helper.eventually(function() accept_all(); return s:stats().old_connections == 0 end, 3000))
+    assert.is_true(helper.eventually(function() return s:stats().threads == 0 end, 2000))
+    assert.are.equal(0, s:stats().pooled or 0)
+    assert.is_true(helper.eventually(function() accept_all(); return helper.fd_count() <= base_fds end, 3000))
+  end)
 end)
