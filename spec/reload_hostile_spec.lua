@@ -128,4 +128,23 @@ describe("server:reload, hostile", function()
     assert.are.equal(0, s:stats().pooled or 0)
     assert.is_true(helper.eventually(function() accept_all(); return helper.fd_count() <= base_fds end, 3000))
   end)
+
+  it("a to-be-closed variable run as the old state closes its threads can neither connect nor start a timer", function()
+    local dict = dict_name()
+    local d = multiloop.shared(dict)
+    local up = upstream()
+    local s, port = server{ handler = CONNECT, drain_timeout = 100,
+                            config = { version = "A", dict = dict, upstream = up } }
+    local old = client(port)
+    assert.are.equal("A knot", say(old, "knot"))
+    helper.sleep(30)                                         -- a waits for b, b for a
+    assert.are.equal(2, s:stats().threads)
+    assert.is_true(s:reload{ config = { version = "B", dict = dict } })
+    assert.is_true(helper.eventually(function() return s:stats().threads == 0 end, 3000))
+    assert.is_true(helper.eventually(function() return d:get("tbc A timer: nil stopped") end, 2000))
+    assert.is_true(d:get("tbc A connect: worker.connect: the old code is closing (reload)"))
+    helper.sleep(100)
+    assert.are.same({ nil, nil }, { d:get("tbc connected"), d:get("tbc timer fired") })
+    assert.are.equal("B y", say(client(port), "y"))
+  end)
 end)
