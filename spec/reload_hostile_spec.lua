@@ -147,4 +147,21 @@ describe("server:reload, hostile", function()
     assert.are.same({ nil, nil }, { d:get("tbc connected"), d:get("tbc timer fired") })
     assert.are.equal("B y", say(client(port), "y"))
   end)
+
+  it("worker.exiting() is true in the old code once a reload has switched away from it", function()
+    local dict = dict_name()
+    local d = multiloop.shared(dict)
+    -- The default drain_timeout (30 s): the old state should not need it.
+    local s, port = server{ handler = CONNECT, config = { version = "A", dict = dict, background = true } }
+    assert.is_true(helper.eventually(function() return s:stats().threads == 1 end, 2000))
+    assert.is_true(s:reload{ config = { version = "B", dict = dict, background = true } })
+    -- The old loop ends (with the bug it went on until drain_timeout, and
+    -- then spun: worker.sleep answers "stopped" at once, exiting() stayed false).
+    assert.is_true(helper.eventually(function() return d:get("background A done") == 1 end, 2000))
+    assert.are.equal(nil, d:get("background B done"))
+    assert.is_true(helper.eventually(function() return s:stats().threads == 1 end, 2000))
+    assert.are.equal("B y", say(client(port), "y"))
+    s:stop()
+    assert.are.equal(1, d:get("background B done"))
+  end)
 end)

@@ -120,10 +120,13 @@ static void load_front(lua_State *L) {
 
 /* core.exiting(): true from the moment the worker starts to stop (a
  * graceful stop's grace period included), as OpenResty's
- * ngx.worker.exiting(). */
+ * ngx.worker.exiting(); and in an old generation once a reload has
+ * switched away from it (as in nginx's old workers after a HUP), so that a
+ * background loop `while not worker.exiting()` ends and lets it close
+ * (otherwise it ran to drain_timeout, then spun: sleep answers at once). */
 static int core_exiting(lua_State *L) {
   multiloop_worker_t *w = lua_touserdata(L, lua_upvalueindex(1));
-  lua_pushboolean(L, w->stopping || w->closing);
+  lua_pushboolean(L, w->stopping || w->closing || multiloop_gen_of(L)->retired);
   return 1;
 }
 
