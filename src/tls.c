@@ -1223,7 +1223,13 @@ int multiloop_tls_sslhandshake(lua_State *L) {
     lua_pushliteral(L, "socket busy: a handshake is running");
     return 2;
   }
-  if (multiloop_stream_kept(s, &kept) != NULL)
+  /* Bytes behind the command that asked for TLS came in the clear: a reader
+   * would take them for the first plaintext (STARTTLS command injection).
+   * They are the stream's kept bytes, or those of the read event the
+   * caller runs in (serve.c's view, kept only once the event ends). */
+  if (w->view.conn == c) kept = w->view.len - w->view.used;
+  else (void)multiloop_stream_kept(s, &kept);
+  if (kept > 0)
     return luaL_error(L, "conn:sslhandshake: %d bytes were received and not read before it",
                       (int)kept);
   if (c->outbound) {
