@@ -122,6 +122,38 @@ describe("tls (hostile)", function()
       local port = start("echo", { tls = tls_opts() })
       assert.are.equal("ping", py(port, "split_hello"))
     end)
+    it("#child #stress a KeyUpdate storm from a client that never reads queues a bounded answer", function()
+      local port = start("watch_queue", { handler = "spec.fixtures.tls_hostile_cb", tls = tls_opts() })
+      local done = os.tmpname()
+      os.remove(done)
+      helper.defer(function() os.remove(done) end)
+      -- 20,000 requests (540 KB) ask for as many answers (440 KB), all
+      -- queued: the handler's 8 MiB have filled the kernel's buffers.
+      local p = assert(io.popen(("env -u LD_PRELOAD python3 spec/fixtures/tls_client.py %d keyupdate "
+        .. "20000 %s 2>&1"):format(port, done)))
+      helper.defer(function()
+        io.open(done, "w"):close()
+        p:close()
+      end)
+      -- Until the server has read it all, or stopped reading (bytes_in
+      -- holds still for 2 s: OpenSSL takes some 30 us a KeyUpdate), or its
+      -- queue has grown past the bound.
+      local last, still = -1, socket.gettime()
+      local deadline = socket.gettime() + 60
+      while socket.gettime() < deadline and (d:get("growth") or 0) <= 256 * 1024 do
+        local now = server:stats().bytes_in
+        if now >= 20000 * 27 then break end
+        if now ~= last then last, still = now, socket.gettime() end
+        if socket.gettime() - still > 2 then break end
+        socket.sleep(0.05)
+      end
+      assert.are.equal(1, server:stats().active)   -- a slow client, not an error: its idle timeout ends it
+      io.open(done, "w"):close()
+      local out = p:read("*a")
+      assert.is_truthy(out:match("^sent %d+"), out)
+      local growth = d:get("growth") or 0
+      assert.is_true(growth <= 256 * 1024, ("the queue grew by %d bytes"):format(growth))
+    end)
     it("#child 1-byte records, TLS 1.3 and 1.2", function()
       local port = start("echo", { handler = "spec.fixtures.tls_hostile_cb", tls = tls_opts() })
       assert.are.equal("TLSv1.3 20000 True", py(port, "tiny", 20000))
@@ -175,6 +207,40 @@ describe("tls (hostile)", function()
     end)
     it("a plain receive waiting when the handshake starts gets the first line over TLS", function()
       assert.are.equal("recv true x", ask("recv_concurrent"))
+    end)
+  end)
+  describe("pipes between TLS and plain connections", function()
+    local upstream
+    after_each(function()
+      helper.stop_checked(upstream)
+      upstream = nil
+    end)
+
+    it("plain client -> TLS upstream: 1 MiB each way, and the half-close both ways", function()
+      local up_port
+      upstream, up_port = helper.server({ workers = 1, handler = "spec.fixtures.tls_hostile_cb",
+                                         config = { case = "echo" }, tls = tls_opts() })
+      local port = start("pipe_to", { config = { up = up_port, up_tls = true } })
+      local c = helper.connect(port)
+      helper.defer(function() c:close() end)
+      local payload = string.rep("0123456789abcdef", 65536)
+      local got = helper.echo_big(c, payload, 20)
+      assert.are.equal(#payload, #got)
+      assert.is_true(got == payload)
+      c:shutdown("send")
+      assert.are.equal("", helper.all(c))
+      assert.are.equal(("%d %d"):format(#payload, #payload),
+                       helper.eventually(function() return d:get("pipe_to") end))
+    end)
+
+    it("#child TLS client -> plain upstream: 1 MiB each way, close_notify passes as the half-close", function()
+      local up_port
+      upstream, up_port = helper.server({ workers = 1, handler = "spec.fixtures.tls_hostile_cb",
+                                         config = { case = "echo" } })
+      local port = start("pipe_to", { config = { up = up_port }, tls = tls_opts() })
+      assert.are.equal("1048576 True", py(port, "halfclose", 1048576))
+      assert.are.equal("1048576 1048576",
+                       helper.eventually(function() return d:get("pipe_to") end))
     end)
   end)
 end)

@@ -49,6 +49,11 @@
 #define TLS_WRITE_CHUNK (64 * 1024)
 /* The output buffer kept between uses, at most. */
 #define TLS_OUT_KEEP (160 * 1024)
+/* What the transport's reading made (handshake flights, alerts, KeyUpdate
+ * answers) queued for a peer that does not read, at most: then the socket
+ * is not read until it drains. Without it a KeyUpdate storm from a client
+ * that never reads grows the queue as fast as the client sends. */
+#define TLS_OWN_MAX (64 * 1024)
 #define SESSION_MT "multiloop.ssl_session"
 
 /* --- contexts (main thread) ------------------------------------------------ */
@@ -428,6 +433,7 @@ typedef struct {
 typedef struct {
   uv_write_t req;
   multiloop_stream_write_t *owner;
+  size_t own;                          /* bytes counted in the connection's own_queued */
   char data[];
 } tls_wreq_t;
 
@@ -446,6 +452,7 @@ struct tls_conn_s {
   size_t in_len;
   char *stash;                         /* ciphertext read while the owner did not read */
   size_t stash_len, stash_cap;
+  size_t own_queued;                   /* queued bytes its reading made (TLS_OWN_MAX) */
   held_t *held, *held_tail;
   multiloop_deadline_t hs_dl;          /* handshake_timeout */
   hs_wait_t *wait;
@@ -468,8 +475,11 @@ static uv_once_t bio_once = UV_ONCE_INIT;
 static tls_conn_t *TC(const multiloop_stream_t *s) { return (tls_conn_t *)s->ext->tp_state; }
 
 static multiloop_tls_worker_t *tls_worker(multiloop_worker_t *w);
-static int flush(tls_conn_t *tc, int try_first);
+/* flush's flags: try the socket first; the bytes are the reading's own. */
+enum { FLUSH_TRY = 1, FLUSH_OWN = 2 };
+static int flush(tls_conn_t *tc, int flags);
 static void idle_cb(uv_idle_t *h);
+static void sync_reading(tls_conn_t *tc);
 
 static int bio_write(BIO *b, const char *data, int len) {
   tls_conn_t *tc = BIO_get_data(b);
@@ -571,27 +581,34 @@ static void wreq_cb(uv_write_t *req, int status) {
   tls_wreq_t *r = (tls_wreq_t *)req;
   multiloop_stream_t *s = (multiloop_stream_t *)req->handle;
   multiloop_stream_write_t *owner = r->owner;
+  size_t own = r->own;
   free(r);
+  if (own > 0) TC(s)->own_queued -= own;   /* the state lives until the close callback */
   multiloop_stream_write_done(s, owner, status);
+  if (own > 0 && !s->closing) sync_reading(TC(s));   /* under TLS_OWN_MAX again? */
 }
 
-/* Queues `len` bytes of ciphertext, a copy, done with `owner`. */
-static int queue_bytes(tls_conn_t *tc, const char *p, size_t len, multiloop_stream_write_t *owner) {
+/* Queues `len` bytes of ciphertext, a copy, done with `owner`; `own`:
+ * counted in own_queued. */
+static int queue_bytes(tls_conn_t *tc, const char *p, size_t len, multiloop_stream_write_t *owner,
+                       int own) {
   tls_wreq_t *r = malloc(sizeof *r + len);
   uv_buf_t b;
   int rc;
   if (r == NULL) return UV_ENOMEM;
   r->owner = owner;
+  r->own = own ? len : 0;
   memcpy(r->data, p, len);
   b = uv_buf_init(r->data, (unsigned)len);
   if ((rc = uv_write(&r->req, &tc->s->h.stream, &b, 1, wreq_cb)) != 0) free(r);
+  else tc->own_queued += r->own;
   return rc;
 }
 
 /* Sends tc's ciphertext in the output buffer: what the socket takes now
- * (with `try_first` and nothing queued before it), the rest queued. 0 or a
- * libuv error (the caller closes). */
-static int flush(tls_conn_t *tc, int try_first) {
+ * (with FLUSH_TRY and nothing queued before it), the rest queued (counted
+ * in own_queued with FLUSH_OWN). 0 or a libuv error (the caller closes). */
+static int flush(tls_conn_t *tc, int flags) {
   multiloop_tls_worker_t *tw = multiloop_stream_worker(tc->s)->tls;
   size_t off = 0, len;
   int rc = 0;
@@ -599,13 +616,13 @@ static int flush(tls_conn_t *tc, int try_first) {
   len = tw->out_len;
   tw->out_len = 0;
   if (tc->s->closing) return 0;
-  if (try_first && tc->s->h.stream.write_queue_size == 0) {
+  if ((flags & FLUSH_TRY) && tc->s->h.stream.write_queue_size == 0) {
     uv_buf_t b = uv_buf_init(tw->out, (unsigned)len);
     int n = uv_try_write(&tc->s->h.stream, &b, 1);
     if (n < 0 && n != UV_EAGAIN) rc = n;
     else if (n > 0) off = (size_t)n;
   }
-  if (rc == 0 && off < len) rc = queue_bytes(tc, tw->out + off, len - off, NULL);
+  if (rc == 0 && off < len) rc = queue_bytes(tc, tw->out + off, len - off, NULL, flags & FLUSH_OWN);
   if (tw->out_cap > TLS_OUT_KEEP) {
     free(tw->out);
     tw->out = NULL;
@@ -632,12 +649,12 @@ static int encrypt(tls_conn_t *tc, const char *buf, size_t len, multiloop_stream
       if (tw->out_owner == tc && tw->out_len > 0) {
         size_t l = tw->out_len;
         tw->out_len = 0;
-        rc = queue_bytes(tc, tw->out, l, owner);
+        rc = queue_bytes(tc, tw->out, l, owner, 0);
       } else {                            /* nothing to send (0 bytes): done now */
-        rc = queue_bytes(tc, "", 0, owner);
+        rc = queue_bytes(tc, "", 0, owner, 0);
       }
     } else {
-      rc = flush(tc, owner == NULL);
+      rc = flush(tc, owner == NULL ? FLUSH_TRY : 0);
     }
     if (rc != 0) return rc;
   } while (off < len);
@@ -675,10 +692,12 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf);
 
 /* The socket is read while the handshake runs, then while the owner reads
- * and nothing is stashed. */
+ * and nothing is stashed; either way not while what reading made waits
+ * for a peer that does not read (TLS_OWN_MAX). */
 static void sync_reading(tls_conn_t *tc) {
   multiloop_stream_t *s = tc->s;
-  int want = !s->closing && !tc->eof && (!tc->handshaken || (tc->want_read && tc->stash_len == 0));
+  int want = !s->closing && !tc->eof && tc->own_queued <= TLS_OWN_MAX &&
+             (!tc->handshaken || (tc->want_read && tc->stash_len == 0));
   if (want && !tc->uv_reading) {
     int rc = uv_read_start(&s->h.stream, alloc_cb, read_cb);
     if (rc != 0) {
@@ -696,7 +715,7 @@ static void fail(tls_conn_t *tc, int reason) {
   if (tc->err[0] == 0) ssl_reason(tc->err, sizeof tc->err);
   if (!tc->failed) count_error(tc);
   tc->failed = 1;
-  (void)flush(tc, 1);                    /* the alert, if OpenSSL made one */
+  (void)flush(tc, FLUSH_TRY);            /* the alert, if OpenSSL made one */
   multiloop_stream_close(tc->s, reason);
 }
 
@@ -724,7 +743,7 @@ static void handshake_done(tls_conn_t *tc) {
   tc->handshaken = 1;
   multiloop_deadline_remove(&tc->hs_dl);
   atomic_fetch_add_explicit(&multiloop_stream_worker(s)->tls_handshakes, 1, memory_order_relaxed);
-  if (flush(tc, 1) != 0) {
+  if (flush(tc, FLUSH_TRY | FLUSH_OWN) != 0) {
     multiloop_stream_close(s, UV_EPIPE);
     return;
   }
@@ -758,7 +777,7 @@ static void pump(tls_conn_t *tc) {
     if (r != 1) {
       int e = SSL_get_error(tc->ssl, r);
       if (e == SSL_ERROR_WANT_READ && !tc->eof) {
-        if (flush(tc, 1) != 0) multiloop_stream_close(s, UV_EPIPE);
+        if (flush(tc, FLUSH_TRY | FLUSH_OWN) != 0) multiloop_stream_close(s, UV_EPIPE);
         return;
       }
       if (tc->eof && e != SSL_ERROR_SSL) {
@@ -789,7 +808,7 @@ static void pump(tls_conn_t *tc) {
       }
       got += (size_t)r;
     }
-    if (flush(tc, 1) != 0) {             /* what a read may make (a KeyUpdate's answer) */
+    if (flush(tc, FLUSH_TRY | FLUSH_OWN) != 0) {   /* what a read may make (a KeyUpdate's answer) */
       multiloop_stream_close(s, UV_EPIPE);
       return;
     }
@@ -982,7 +1001,7 @@ static void shutdown_now(tls_conn_t *tc) {
   int rc;
   ERR_clear_error();
   (void)SSL_shutdown(tc->ssl);           /* our close_notify, behind the queued writes */
-  if ((rc = flush(tc, 1)) == 0) rc = multiloop_transport_plain.shutdown(tc->s);
+  if ((rc = flush(tc, FLUSH_TRY)) == 0) rc = multiloop_transport_plain.shutdown(tc->s);
   if (rc != 0) multiloop_stream_close(tc->s, rc);
 }
 
