@@ -110,6 +110,17 @@ describe("tls (hostile)", function()
     end)
   end)
 
+  describe("large sends", function()
+    it("#child a 32 MiB send is encrypted as the socket takes it, not copied whole as ciphertext", function()
+      local size = 32 * 1024 * 1024
+      local port = start("big_send", { config = { size = size }, tls = tls_opts() })
+      assert.are.equal(size .. " True", py(port, "read", size))
+      assert.are.equal(tostring(size), helper.eventually(function() return d:get("big_send") end))
+      local kb = d:get("send_growth")
+      assert.is_true(kb < 8 * 1024, ("the process grew by %d KiB during the send"):format(kb))
+    end)
+  end)
+
   describe("pause and resume", function()
     it("#child data, close_notify and FIN at once reach a paused owner in order, then its end", function()
       local port = start("echo_pause", { handler = "spec.fixtures.tls_hostile_cb", tls = tls_opts() })

@@ -9,9 +9,11 @@
  *   - the transport: one SSL per connection over a BIO of ours that reads
  *     the ciphertext straight from the worker's read buffer and writes into
  *     one per-worker output buffer, which goes to the socket at once
- *     (uv_try_write) and only the rest is copied into a queued write. Above
- *     it the stream sees plaintext: both handler styles, pipes and pools
- *     work unchanged;
+ *     (uv_try_write) and only the rest is copied into a queued write. What
+ *     the socket does not take stays plaintext, the owner's, and is
+ *     encrypted as the queue drains (TLS_QUEUE_AHEAD), so a big send is
+ *     never copied whole. Above it the stream sees plaintext: both handler
+ *     styles, pipes and pools work unchanged;
  *   - the Lua side: conn:tls() and conn:sslhandshake() (outbound, and
  *     STARTTLS on an accepted connection of a server with tls.starttls).
  *
@@ -45,8 +47,12 @@
 /* Plaintext handed to the owner at once, at most (several records). */
 #define TLS_PLAIN_SIZE (64 * 1024)
 /* Plaintext encrypted in one go by a write: a queued write's ciphertext
- * then stays near this size, and a 16 MiB send is not copied whole. */
+ * then stays near this size. */
 #define TLS_WRITE_CHUNK (64 * 1024)
+/* The owner's writes are encrypted as the socket takes them: more only
+ * while less than this is queued, so a 64 MiB send is not copied whole as
+ * ciphertext (its plaintext is the owner's until `written`). */
+#define TLS_QUEUE_AHEAD (2 * TLS_WRITE_CHUNK)
 /* The output buffer kept between uses, at most. */
 #define TLS_OUT_KEEP (160 * 1024)
 /* What the transport's reading made (handshake flights, alerts, KeyUpdate
@@ -437,7 +443,8 @@ typedef struct {
   char data[];
 } tls_wreq_t;
 
-/* An owner's write held until the handshake ends. */
+/* An owner's write not yet encrypted whole (the handshake runs, or the
+ * queue is over TLS_QUEUE_AHEAD): buf/len is what is left of it. */
 typedef struct held_s {
   struct held_s *next;
   multiloop_stream_write_t *wr;
@@ -480,6 +487,7 @@ enum { FLUSH_TRY = 1, FLUSH_OWN = 2 };
 static int flush(tls_conn_t *tc, int flags);
 static void idle_cb(uv_idle_t *h);
 static void sync_reading(tls_conn_t *tc);
+static int drain_held(tls_conn_t *tc);
 
 static int bio_write(BIO *b, const char *data, int len) {
   tls_conn_t *tc = BIO_get_data(b);
@@ -582,10 +590,13 @@ static void wreq_cb(uv_write_t *req, int status) {
   multiloop_stream_t *s = (multiloop_stream_t *)req->handle;
   multiloop_stream_write_t *owner = r->owner;
   size_t own = r->own;
+  int rc;
   free(r);
   if (own > 0) TC(s)->own_queued -= own;   /* the state lives until the close callback */
   multiloop_stream_write_done(s, owner, status);
-  if (own > 0 && !s->closing) sync_reading(TC(s));   /* under TLS_OWN_MAX again? */
+  if (s->closing) return;
+  if (own > 0) sync_reading(TC(s));        /* under TLS_OWN_MAX again? */
+  if (TC(s)->held && (rc = drain_held(TC(s))) != 0) multiloop_stream_close(s, rc);
 }
 
 /* Queues `len` bytes of ciphertext, a copy, done with `owner`; `own`:
@@ -631,33 +642,56 @@ static int flush(tls_conn_t *tc, int flags) {
   return rc;
 }
 
-/* Encrypts `len` bytes in chunks; each chunk's ciphertext is sent (tried
- * first when `owner` is NULL) or queued, the last with `owner`. */
-static int encrypt(tls_conn_t *tc, const char *buf, size_t len, multiloop_stream_write_t *owner) {
+/* The ciphertext of wr's last chunk: what the socket takes now (nothing
+ * queued before it), the rest (maybe none) queued with wr, so that wr is
+ * done (`written`, from a callback: never from inside the owner's call)
+ * once its last byte is out. */
+static int flush_write(tls_conn_t *tc, multiloop_stream_write_t *wr) {
   multiloop_tls_worker_t *tw = multiloop_stream_worker(tc->s)->tls;
-  size_t off = 0;
-  do {
-    size_t n = len - off < TLS_WRITE_CHUNK ? len - off : TLS_WRITE_CHUNK;
-    int rc, last = off + n == len;
+  size_t len = tw->out_owner == tc ? tw->out_len : 0, off = 0;
+  if (len > 0) tw->out_len = 0;
+  if (len > 0 && tc->s->h.stream.write_queue_size == 0) {
+    uv_buf_t b = uv_buf_init(tw->out, (unsigned)len);
+    int n = uv_try_write(&tc->s->h.stream, &b, 1);
+    if (n < 0 && n != UV_EAGAIN) return n;
+    if (n > 0) off = (size_t)n;
+  }
+  return queue_bytes(tc, len > off ? tw->out + off : "", len - off, wr, 0);
+}
+
+static void shutdown_now(tls_conn_t *tc);
+
+/* Encrypts the held writes, a chunk at a time, while the handshake is
+ * done and less than TLS_QUEUE_AHEAD is queued; then a shutdown asked
+ * meanwhile. Called again as queued writes finish. 0 or an error (the
+ * caller closes; a write not queued yet stays held, for release). */
+static int drain_held(tls_conn_t *tc) {
+  multiloop_stream_t *s = tc->s;
+  held_t *h;
+  while ((h = tc->held) != NULL && tc->handshaken && !s->closing &&
+         s->h.stream.write_queue_size < TLS_QUEUE_AHEAD) {
+    size_t n = h->len < TLS_WRITE_CHUNK ? h->len : TLS_WRITE_CHUNK;
+    int rc;
     ERR_clear_error();
-    if (n > 0 && SSL_write(tc->ssl, buf + off, (int)n) <= 0) {
+    if (n > 0 && SSL_write(tc->ssl, h->buf, (int)n) <= 0) {
       ssl_reason(tc->err, sizeof tc->err);
       return MULTILOOP_REASON_TLS;
     }
-    off += n;
-    if (last && owner) {
-      if (tw->out_owner == tc && tw->out_len > 0) {
-        size_t l = tw->out_len;
-        tw->out_len = 0;
-        rc = queue_bytes(tc, tw->out, l, owner, 0);
-      } else {                            /* nothing to send (0 bytes): done now */
-        rc = queue_bytes(tc, "", 0, owner, 0);
-      }
-    } else {
-      rc = flush(tc, owner == NULL ? FLUSH_TRY : 0);
+    h->buf += n;
+    h->len -= n;
+    s->ext->held -= n;
+    if (h->len > 0) {
+      if ((rc = flush(tc, FLUSH_TRY)) != 0) return rc;
+      continue;
     }
-    if (rc != 0) return rc;
-  } while (off < len);
+    if ((rc = flush_write(tc, h->wr)) != 0) return rc;
+    if ((tc->held = h->next) == NULL) tc->held_tail = NULL;
+    free(h);
+  }
+  if (tc->held == NULL && tc->want_shutdown && tc->handshaken && !s->closing) {
+    tc->want_shutdown = 0;
+    shutdown_now(tc);
+  }
   return 0;
 }
 
@@ -732,14 +766,12 @@ static void handshake_failed(tls_conn_t *tc) {
   fail(tc, MULTILOOP_REASON_TLS);
 }
 
-static void shutdown_now(tls_conn_t *tc);
-
 /* The handshake is done: the owner's held writes go out, a shutdown asked
  * meanwhile follows, a waiting sslhandshake is woken (from the idle
  * callback: not from inside this read). */
 static void handshake_done(tls_conn_t *tc) {
   multiloop_stream_t *s = tc->s;
-  held_t *h;
+  int rc;
   tc->handshaken = 1;
   multiloop_deadline_remove(&tc->hs_dl);
   atomic_fetch_add_explicit(&multiloop_stream_worker(s)->tls_handshakes, 1, memory_order_relaxed);
@@ -747,22 +779,10 @@ static void handshake_done(tls_conn_t *tc) {
     multiloop_stream_close(s, UV_EPIPE);
     return;
   }
-  while ((h = tc->held) != NULL && !s->closing) {
-    int rc;
-    tc->held = h->next;
-    s->ext->held -= h->len;
-    rc = encrypt(tc, h->buf, h->len, h->wr);
-    if (rc != 0) {
-      /* wr is the owner's again: done with the error, the rest in release */
-      multiloop_stream_write_done(s, h->wr, rc == MULTILOOP_REASON_TLS ? UV_EPROTO : rc);
-      free(h);
-      multiloop_stream_close(s, rc);
-      return;
-    }
-    free(h);
+  if ((rc = drain_held(tc)) != 0) {       /* and the shutdown asked meanwhile */
+    multiloop_stream_close(s, rc);
+    return;
   }
-  if (tc->held == NULL) tc->held_tail = NULL;
-  if (tc->want_shutdown && !s->closing) shutdown_now(tc);
   if (tc->wait && !s->closing) defer(tc);
 }
 
@@ -904,9 +924,15 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
 }
 
 /* The owner reads again: what is stashed, decrypted in OpenSSL, or the EOF
- * not yet told, goes to it from here. Also wakes a waiting sslhandshake. */
+ * not yet told, goes to it from here. Also wakes a waiting sslhandshake,
+ * and encrypts writes made since the last turn (tls_write). */
 static void run_deferred(tls_conn_t *tc) {
   multiloop_stream_t *s = tc->s;
+  int rc;
+  if (tc->held && (rc = drain_held(tc)) != 0) {
+    multiloop_stream_close(s, rc);
+    return;
+  }
   if (tc->wait && tc->handshaken) {
     hs_wait_t *wt = tc->wait;
     tc->wait = NULL;
@@ -922,7 +948,9 @@ static void run_deferred(tls_conn_t *tc) {
     multiloop_thread_wake(wt->t, 0, NULL, NULL);   /* k makes the results */
     if (s->closing) return;
   }
-  if (!tc->want_read) return;
+  if (!tc->want_read || !tc->handshaken ||
+      !(tc->stash_len > 0 || SSL_pending(tc->ssl) > 0 || tc->eof))
+    return;                              /* (deferred for a write only) */
   if (tc->stash_len > 0) {
     size_t n = tc->stash_len;
     tc->stash_len = 0;
@@ -965,6 +993,9 @@ static void tls_read_stop(multiloop_stream_t *s) {
   sync_reading(tc);
 }
 
+/* Encrypts while the socket takes all of it: the plaintext bytes taken
+ * (their ciphertext is out, the last chunk's maybe partly queued), so the
+ * rest comes to tls_write and is encrypted as the socket drains. */
 static int tls_try_write(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n) {
   tls_conn_t *tc = TC(s);
   size_t total = 0;
@@ -972,29 +1003,42 @@ static int tls_try_write(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n
   int rc;
   if (!tc->handshaken || tc->held || (SSL_get_shutdown(tc->ssl) & SSL_SENT_SHUTDOWN)) return 0;
   for (i = 0; i < n; i++) {
-    if ((rc = encrypt(tc, bufs[i].base, bufs[i].len, NULL)) != 0) return rc;
-    total += bufs[i].len;
+    size_t off = 0;
+    while (off < bufs[i].len) {
+      size_t c = bufs[i].len - off < TLS_WRITE_CHUNK ? bufs[i].len - off : TLS_WRITE_CHUNK;
+      if (total > (size_t)INT_MAX - c) return (int)total;   /* what the int return can say */
+      ERR_clear_error();
+      if (SSL_write(tc->ssl, bufs[i].base + off, (int)c) <= 0) {
+        ssl_reason(tc->err, sizeof tc->err);
+        return MULTILOOP_REASON_TLS;
+      }
+      off += c;
+      total += c;
+      if ((rc = flush(tc, FLUSH_TRY)) != 0) return rc;
+      if (s->h.stream.write_queue_size > 0) return (int)total;   /* the socket is full */
+    }
   }
-  return total > INT_MAX ? INT_MAX : (int)total;
+  return (int)total;
 }
 
+/* Held, and encrypted from the idle callback once the handshake is done
+ * (never here: a failure then would close the stream inside the owner's
+ * call, with wr queued), then as the queue drains. */
 static int tls_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
                      size_t len) {
   tls_conn_t *tc = TC(s);
-  if (!tc->handshaken || tc->held) {
-    held_t *h = malloc(sizeof *h);
-    if (h == NULL) return UV_ENOMEM;
-    h->next = NULL;
-    h->wr = wr;
-    h->buf = buf;
-    h->len = len;
-    if (tc->held_tail) tc->held_tail->next = h;
-    else tc->held = h;
-    tc->held_tail = h;
-    s->ext->held += len;
-    return 0;
-  }
-  return encrypt(tc, buf, len, wr);
+  held_t *h = malloc(sizeof *h);
+  if (h == NULL) return UV_ENOMEM;
+  h->next = NULL;
+  h->wr = wr;
+  h->buf = buf;
+  h->len = len;
+  if (tc->held_tail) tc->held_tail->next = h;
+  else tc->held = h;
+  tc->held_tail = h;
+  s->ext->held += len;
+  if (tc->handshaken) defer(tc);
+  return 0;
 }
 
 static void shutdown_now(tls_conn_t *tc) {
@@ -1007,8 +1051,8 @@ static void shutdown_now(tls_conn_t *tc) {
 
 static int tls_shutdown(multiloop_stream_t *s) {
   tls_conn_t *tc = TC(s);
-  if (!tc->handshaken) {
-    tc->want_shutdown = 1;               /* once it ends, after the held writes */
+  if (!tc->handshaken || tc->held) {
+    tc->want_shutdown = 1;               /* after the held writes (drain_held) */
     return 0;
   }
   shutdown_now(tc);
