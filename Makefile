@@ -1,10 +1,12 @@
 # multiloop: build, run, test, install.
 #   make          build build/multiloop/core.so
-#   make run      build and start examples/echo.lua on 127.0.0.1:7000
+#   make run      build and serve examples/echo_handler.lua on 127.0.0.1:7000
+#                 with the multiloop command (bin/multiloop)
 #   make test     run the specs (prints "N passed, N failed" last)
 #   make lint     luacheck, cppcheck and gcc -fanalyzer, all clean
 #   make deps     install the Debian packages the project needs that are missing
-#   make install  copy the module and the Lua files to LIBDIR and LUADIR
+#   make install  copy the module and the Lua files to LIBDIR and LUADIR, and
+#                 the multiloop command to BINDIR (none when BINDIR is empty)
 # Only `deps`, `run` and `test` install packages, and `run` and `test` only
 # the ones that are missing. Every other goal (the build, `lint`, `asan`,
 # `tsan`, `valgrind`, `bench`) stops at once, naming what is missing.
@@ -15,12 +17,15 @@ LUA      ?= lua5.4
 # runs and `make lint` need on top (the examples' specs drive them with
 # redis-cli and redis-benchmark from redis-tools, ab from apache2-utils, and
 # curl; packaging_spec runs `luarocks make` and `luarocks test`, offline in
-# a network namespace made with iproute2). LINT_PACKAGES is the part of
-# TEST_PACKAGES that `make lint` uses.
+# a network namespace made with iproute2; activation_spec starts a server
+# under systemd-socket-activate, from systemd; metrics_spec reads
+# server:metrics() with the Prometheus client's own parser,
+# python3-prometheus-client; the TLS and PROXY specs use lua-sec, openssl and
+# haproxy). LINT_PACKAGES is the part of TEST_PACKAGES that `make lint` uses.
 BUILD_PACKAGES ?= gcc libc6-dev lua5.4 liblua5.4-dev libuv1-dev libssl-dev pkg-config
 LINT_PACKAGES  ?= lua-check cppcheck
-TEST_PACKAGES  ?= lua-busted lua-socket redis-tools redis-server lua-nginx-redis apache2-utils curl \
-                  valgrind luarocks iproute2 $(LINT_PACKAGES)
+TEST_PACKAGES  ?= lua-busted lua-socket lua-sec openssl haproxy redis-tools redis-server lua-nginx-redis apache2-utils curl \
+                  valgrind luarocks iproute2 systemd python3-prometheus-client $(LINT_PACKAGES)
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 CHECK_DEPS ?= yes
 
@@ -66,6 +71,10 @@ OPENSSL_LIBS   ?= $(if $(OPENSSL_LIBDIR),-L$(OPENSSL_LIBDIR)) -lssl -lcrypto
 # Where `make install` puts the module (luarocks passes its tree's).
 LIBDIR       ?= /usr/local/lib/lua/5.4
 LUADIR       ?= /usr/local/share/lua/5.4
+# Where it puts the command; luarocks passes it empty and installs the
+# command itself (the rockspec's build.install.bin), with a wrapper that
+# sets its tree's paths.
+BINDIR       ?= /usr/local/bin
 
 OPTFLAGS ?= -O2 -g
 WERROR   ?= -Werror
@@ -103,7 +112,7 @@ deps:
 
 run: check-deps
 	@$(MAKE) --no-print-directory build
-	$(LUA) examples/echo.lua
+	$(LUA) bin/multiloop examples/echo_handler.lua --port 7000
 
 # SPECS picks spec files: make test SPECS=spec/stop_spec.lua (also asan, valgrind).
 # Each file's stderr (tracebacks the specs provoke, sanitizer reports) goes
@@ -127,7 +136,7 @@ CPPCHECK = cppcheck -q --std=c11 --enable=warning,performance,portability \
 ANALYZER_CC ?= gcc
 
 lint: check-lint-deps
-	luacheck -q --no-color lua spec examples bench
+	luacheck -q --no-color lua spec examples bench bin/multiloop
 	$(CPPCHECK) $(SRC)
 	@for f in $(SRC); do \
 	  echo "$(ANALYZER_CC) -fanalyzer $$f"; \
@@ -138,6 +147,8 @@ install: build
 	install -d $(DESTDIR)$(LIBDIR)/multiloop $(DESTDIR)$(LUADIR)/multiloop
 	install -m 755 $(MODULE) $(DESTDIR)$(LIBDIR)/multiloop/core.so
 	install -m 644 lua/multiloop/*.lua $(DESTDIR)$(LUADIR)/multiloop/
+	$(if $(BINDIR),install -d $(DESTDIR)$(BINDIR))
+	$(if $(BINDIR),install -m 755 bin/multiloop $(DESTDIR)$(BINDIR)/multiloop)
 
 clean:
 	rm -rf $(BUILD)
@@ -170,7 +181,10 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/message_spec.lua spec/timer_spec.lua spec/examples_spec.lua \
               spec/kv_spec.lua spec/unix_spec.lua spec/thread_spec.lua spec/serve_spec.lua \
               spec/serve_hostile_spec.lua spec/outbound_spec.lua spec/outbound_hostile_spec.lua \
-              spec/redis_spec.lua spec/proxy_spec.lua
+              spec/redis_spec.lua spec/proxy_spec.lua spec/proxy_protocol_spec.lua spec/activation_spec.lua \
+              spec/metrics_spec.lua
+# Logs: workers writing records at once, under the log's lock.
+TSAN_SPECS += spec/log_spec.lua
 
 .PHONY: tsan
 tsan: check-test-deps

@@ -63,7 +63,14 @@ build = {
    install_variables = {
       LIBDIR = "$(LIBDIR)",
       LUADIR = "$(LUADIR)",
+      BINDIR = "",
       CHECK_DEPS = "no",
+   },
+   -- The command: luarocks copies it and puts a wrapper in its tree's bin/
+   -- that sets the tree's package paths (so BINDIR above is empty: make
+   -- install leaves the command to luarocks).
+   install = {
+      bin = { multiloop = "bin/multiloop" },
    },
 }
 

@@ -252,7 +252,7 @@ describe("a Lua error in a callback", function()
     assert.are.equal("last reason error", helper.line(even))
   end)
 
-  it("is reported on stderr with the worker, the connection and a traceback #child", function()
+  it("is logged on stderr with the worker, the connection and a traceback #child", function()
     local child = helper.spawn("spec.fixtures.faulty 1")
     helper.defer(child.kill)
     local c = helper.connect(child.port)
@@ -263,8 +263,8 @@ describe("a Lua error in a callback", function()
       local s = child.stderr()
       return s:find("stack traceback", 1, true) and s
     end)
-    assert.matches("multiloop: worker 1: connection 1: on_data: [^\n]*faulty%.lua:%d+: boom from the handler", log)
-    assert.matches("stack traceback:", log)
+    assert.matches("\n?[%d%-]+T%d%d:%d%d:%d%d%.%d%d%dZ error worker 1 conn 1: on_data: [^\n]*faulty%.lua:%d+: boom from the handler\n", log)
+    assert.matches("\n\tstack traceback:\n", log)
     local out, code = child.stop()
     assert.are.equal("stopped on SIGTERM\n", out)
     assert.are.equal(0, code)
@@ -280,7 +280,7 @@ describe("the worker object", function()
     server, port = helper.server{ workers = 1, config = {}, handler = "spec.fixtures.worker_object" }
     local c = helper.connect(port)
     helper.defer(function() c:close() end)
-    assert.are.equal("broadcast config connect count every exiting id kill now resolve send sleep spawn tcp time timer wait",
+    assert.are.equal("broadcast config connect count every exiting id kill log now resolve send sleep spawn tcp time timer wait",
                      helper.line(c))
     assert.are.equal("now=C send=C broadcast=C timer=C every=C spawn=C wait=C sleep=C kill=C",
                      helper.line(c))

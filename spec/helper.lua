@@ -349,4 +349,58 @@ function M.full_listener()
   return tonumber(lport)
 end
 
+-- Starts the shell command line `cmd` (no single quotes in it) as a child
+-- process under `timeout -s KILL` (`seconds`, default 60: a child that never
+-- ends cannot hang the run): stdout is read here (line() reads the next
+-- line, nil at the end), stderr goes to a file (stderr()). pid is the
+-- command's own (timeout's child, from /proc), so signal(sig) reaches it
+-- directly (INT and TERM once it catches them: see spawn). wait() returns
+-- the rest of stdout, how it ended ("exit" or "signal") and the code.
+-- Killed when the test ends unless waited.
+function M.spawn_command(cmd, seconds)
+  local errfile = os.tmpname()
+  local p = assert(io.popen(("sh -c 'echo $$; exec timeout -s KILL %d %s 2>%s'"):format(
+    seconds or 60, cmd, errfile), "r"))
+  local child = { pipe = p, errfile = errfile }
+  child.timeout_pid = tonumber(p:read("*l"))
+  child.pid = M.eventually(function()
+    local f = io.open(("/proc/%d/task/%d/children"):format(child.timeout_pid, child.timeout_pid))
+    local pid = f and tonumber(f:read("*a"):match("%d+"))
+    if f then f:close() end
+    return pid
+  end, 5000)
+  function child.line() return p:read("*l") end
+  function child.caught_term()
+    return M.eventually(function() return procsig.caught(child.pid, "TERM") end, 10000)
+  end
+  function child.signal(sig)
+    if sig == "TERM" or sig == "INT" then
+      assert(child.caught_term(), "the child never caught SIGTERM: " .. child.stderr())
+    end
+    os.execute(("kill -%s %d"):format(sig, child.pid))
+  end
+  function child.wait()
+    local rest = p:read("*a")
+    local _, how, code = p:close()
+    child.waited = true
+    return rest, how, code
+  end
+  function child.stderr()
+    local f = io.open(errfile)
+    local s = f and f:read("*a") or ""
+    if f then f:close() end
+    return s
+  end
+  M.defer(function()
+    if not child.waited then
+      os.execute(("kill -KILL %d 2>/dev/null"):format(child.timeout_pid))
+      if child.pid then os.execute(("kill -KILL %d 2>/dev/null"):format(child.pid)) end
+      pcall(p.close, p)
+    end
+    os.remove(errfile)
+  end)
+  assert(child.pid, "the child did not start: " .. child.stderr())
+  return child
+end
+
 return M

@@ -63,15 +63,35 @@ describe("installing", function()
   before_each(function() tmp = mktemp() end)
   after_each(function() os.execute("rm -rf " .. tmp) end)
 
-  it("make install puts a module that loads and serves from its tree alone", function()
-    local ok, out = sh(("make -s install CHECK_DEPS=no LIBDIR=%s/lib LUADIR=%s/share"):format(tmp, tmp))
+  -- The installed command checks a handler file: the module, the Lua files
+  -- and a worker's state all come from the tree (env: what sets the paths).
+  local function command_checks(command, env)
+    write(tmp .. "/handler.lua", "return function(conn) conn:close() end\n")
+    return sh(("cd %s && %s %s handler.lua --check"):format(tmp, env, command))
+  end
+
+  it("make install puts a module that loads and serves from its tree alone, and the command", function()
+    local ok, out = sh(("make -s install CHECK_DEPS=no LIBDIR=%s/lib LUADIR=%s/share BINDIR=%s/bin")
+      :format(tmp, tmp, tmp))
     assert(ok, out)
-    for _, f in ipairs { "init", "shared", "worker", "ngx" } do      -- every Lua file
+    for _, f in ipairs { "init", "shared", "worker", "ngx", "check" } do      -- every Lua file
       assert.are.equal(read("lua/multiloop/" .. f .. ".lua"), read(tmp .. "/share/multiloop/" .. f .. ".lua"))
     end
     local served, said = serve_from(tmp .. "/share", tmp .. "/lib")
     assert(served, said)
     assert.are.equal("installed\n", said)
+    assert.are.equal(read("bin/multiloop"), read(tmp .. "/bin/multiloop"))
+    ok, out = command_checks(tmp .. "/bin/multiloop", ("LUA_PATH=\"%s/share/?.lua;%s/share/?/init.lua;;\" "
+      .. "LUA_CPATH=\"%s/lib/?.so;;\""):format(tmp, tmp, tmp))
+    assert(ok, out)
+    assert.are.equal("multiloop: --check: handler.lua loads and the options are good\n", out)
+  end)
+
+  it("make install with BINDIR empty installs no command", function()
+    local ok, out = sh(("make -s install CHECK_DEPS=no LIBDIR=%s/lib LUADIR=%s/share BINDIR= && ls %s")
+      :format(tmp, tmp, tmp))
+    assert(ok, out)
+    assert.are.equal("lib\nshare\n", out)
   end)
 
   it("luarocks make builds and installs from the rockspec", function()
@@ -85,13 +105,17 @@ describe("installing", function()
     end
     -- A copy of the checkout, so that the build leaves ours alone.
     local src = tmp .. "/src"
-    local ok, out = sh(("mkdir %s && cp -r Makefile multiloop-scm-1.rockspec src lua %s/ && "
+    local ok, out = sh(("mkdir %s && cp -r Makefile multiloop-scm-1.rockspec src lua bin %s/ && "
       .. "cd %s && luarocks --lua-version=5.4 make --tree %s/tree"):format(src, src, src, tmp))
     assert(ok, out)
     assert.is_truthy(out:find("multiloop scm%-1 is now installed"), out)
     local served, said = serve_from(tmp .. "/tree/share/lua/5.4", tmp .. "/tree/lib/lua/5.4")
     assert(served, said)
     assert.are.equal("installed\n", said)
+    -- The command, through luarocks' wrapper, which sets the tree's paths.
+    ok, out = command_checks(tmp .. "/tree/bin/multiloop", "env -u LUA_PATH -u LUA_CPATH")
+    assert(ok, out)
+    assert.are.equal("multiloop: --check: handler.lua loads and the options are good\n", out)
   end)
 
   it("luarocks test builds and runs the specs as make test does, with no network", function()

@@ -299,8 +299,8 @@ describe("serve", function()
     local _, code = child.stop()
     assert.are.equal(0, code)
     local stderr = child.stderr()
-    assert.matches("multiloop: worker 1: connection 1: serve: [^\n]*sequential.lua:%d+: "
-                   .. "serve failed on purpose\nstack traceback:", stderr)
+    assert.matches("%d%d:%d%d:%d%d%.%d%d%dZ error worker 1 conn 1: serve: [^\n]*sequential.lua:%d+: "
+                   .. "serve failed on purpose\n\tstack traceback:", stderr)
   end)
 
   it("stop wakes a serve thread waiting in receive with nil, 'stopped'", function()

@@ -299,7 +299,7 @@ describe("light threads", function()
       local s = child.stderr()
       return s:find("stack traceback", 1, true) and s
     end)
-    assert.matches("multiloop: worker 1: thread: [^\n]*threads%.lua:%d+: thread failure\nstack traceback:\n", log)
+    assert.matches("%d%d:%d%d:%d%d%.%d%d%dZ error worker 1: thread: [^\n]*threads%.lua:%d+: thread failure\n\tstack traceback:\n", log)
     assert.matches("threads%.lua:%d+: in function <[^\n]*threads%.lua:%d+>", log)
     c:close()
     local out, code = child.stop()

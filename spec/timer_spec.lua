@@ -211,7 +211,7 @@ describe("worker timers", function()
       local s = child.stderr()
       return s:find("stack traceback", 1, true) and s
     end)
-    assert.matches("multiloop: worker 1: timer: [^\n]*timers%.lua:%d+: timer failure 3", log)
+    assert.matches("%d%d:%d%d:%d%d%.%d%d%dZ error worker 1: timer: [^\n]*timers%.lua:%d+: timer failure 3", log)
     c:close()
     local out, code = child.stop()
     assert.are.equal("stopped on SIGTERM\n", out)

@@ -92,7 +92,7 @@ static void hand_off_ipc(multiloop_runtime_t *rt, uv_os_sock_t fd, int worker) {
   ho->byte = 'c';
   ho->req.data = ho;
   ho->client.handle.data = ho;
-  if (rt->cfg->path) {
+  if (multiloop_conn_is_unix(rt, NULL, fd)) {
     uv_pipe_init(&a->loop, &ho->client.pipe, 0);
     rc = uv_pipe_open(&ho->client.pipe, fd);
   } else {
@@ -162,6 +162,7 @@ static void close_all(multiloop_runtime_t *rt) {
   int i;
   multiloop_slots_bell(rt, NULL);          /* no give rings a closing handle */
   multiloop_listener_close(&a->listener);
+  for (i = 0; i < a->nmore; i++) multiloop_listener_close(&a->more[i]);
   if (rt->cfg->dispatch == MULTILOOP_DISPATCH_IPC)
     for (i = 0; i < rt->cfg->nworkers; i++) close_if_open((uv_handle_t *)&a->pipes[i]);
   close_if_open((uv_handle_t *)&a->stop_async);
@@ -191,6 +192,19 @@ static int setup(multiloop_runtime_t *rt) {
     snprintf(msg, sizeof msg, "acceptor: %s", uv_strerror(rc));
     a->error = strdup(msg);
     return rc;
+  }
+  /* Several inherited sockets: a listener each, on this loop. Only the
+   * first is rung when a slot frees (the flag it raises is one for the
+   * process); the others look again on a short timer, as reuseport's do. */
+  for (i = 0; i < a->nmore; i++) {
+    fd = a->more_fds[i];
+    a->more_fds[i] = -1;
+    if ((rc = multiloop_listener_start(&a->more[i], &a->loop, rt, fd, 0, "acceptor", on_fd,
+                                       NULL)) != 0) {
+      snprintf(msg, sizeof msg, "acceptor: %s", uv_strerror(rc));
+      a->error = strdup(msg);
+      return rc;
+    }
   }
   return 0;
 }
@@ -232,8 +246,8 @@ static void acceptor_main(void *arg) {
   uv_run(&a->loop, UV_RUN_DEFAULT);
   rc = uv_loop_close(&a->loop);
   if (rc != 0)
-    fprintf(stderr, "multiloop: acceptor: loop closed with handles open: %s\n",
-            uv_err_name(rc));
+    multiloop_log_as(rt->cfg->logger, MULTILOOP_LOG_ERROR, "acceptor", 0,
+                     "loop closed with handles open: %s", uv_err_name(rc));
 }
 
 /* Main thread. Starts the acceptor on rt->acceptor.listen_fd and waits until

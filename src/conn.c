@@ -31,6 +31,7 @@
  * "timeout"), or when the worker stops (reason "stopped").
  */
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
@@ -40,6 +41,7 @@
 #include <sys/un.h>
 
 #include "conn.h"
+#include "proxy.h"
 #include "tls.h"
 
 /* An idle connection is the userdata (Lua's header and 5 user values, 120 B)
@@ -65,6 +67,7 @@ static const char *reason_name(int reason) {
   case REASON_ERROR: return "error";
   case REASON_TIMEOUT: return "timeout";
   case REASON_STOPPED: return "stopped";
+  case REASON_PROXY: return "proxy";
   case MULTILOOP_REASON_TLS: return "tls";
   case MULTILOOP_REASON_TLS_TIMEOUT: return "timeout";
   default: return uv_err_name(reason);
@@ -126,8 +129,18 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
  * not the Lua code's. */
 #define DIVERTED(c) ((c)->pooled | (c)->piped)
 
+static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len);
+
+/* A connection refused in the PROXY phase: counted and logged. */
+static void proxy_refused(multiloop_conn_t *c, const char *why) {
+  multiloop_worker_t *w = WORKER(c);
+  atomic_fetch_add_explicit(&w->proxy_errors, 1, memory_order_relaxed);
+  multiloop_log(w, MULTILOOP_LOG_WARN, c->id, "PROXY protocol: refused: %s", why);
+}
+
 static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
   multiloop_conn_t *c = CONN(s);
+  if (c->proxying) return proxy_read(c, data, len);
   if (DIVERTED(c)) {
     if (c->pooled) multiloop_out_drop(c);  /* an idle pooled conn must stay silent */
     else {
@@ -146,7 +159,12 @@ static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
 /* Without on_end, shut down: the stream closes once our writes flush. */
 static void ev_eof(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
-  if (c->pooled) multiloop_out_drop(c);
+  if (c->proxying) {                        /* half a header; none at all: a health check */
+    size_t n;
+    int some = multiloop_stream_kept(s, &n) != NULL;
+    if (some) proxy_refused(c, "the peer closed the connection inside its header");
+    multiloop_stream_close(s, some ? REASON_PROXY : 0);
+  } else if (c->pooled) multiloop_out_drop(c);
   else if (c->piped) multiloop_pipe_eof(c);
   else if (c->serve) multiloop_serve_eof(c);      /* the serve code decides */
   else if (!HAS(c, ON_END)) multiloop_stream_shutdown(s);
@@ -216,6 +234,11 @@ void multiloop_conn_close_all(multiloop_worker_t *w) {
 static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
   multiloop_conn_t *c = (multiloop_conn_t *)((char *)d - offsetof(multiloop_conn_t, idle));
   if (c->s.closing) return;
+  if (c->proxying) {                        /* no whole PROXY header in time */
+    proxy_refused(c, "no whole header within proxy_protocol.timeout");
+    multiloop_stream_close(&c->s, REASON_TIMEOUT);
+    return;
+  }
   if (!HAS(c, ON_TIMEOUT)) {
     multiloop_stream_close(&c->s, REASON_TIMEOUT);
     return;
@@ -267,18 +290,113 @@ void multiloop_conn_opened(multiloop_conn_t *c) {
   }
 }
 
+/* The handler takes the connection: serve(conn) in its own light thread,
+ * or connect(conn). In a protected call (L: the worker's state). */
+static void start_handler(lua_State *L, multiloop_conn_t *c) {
+  multiloop_worker_t *w = WORKER(c);
+  if (!c->serve && multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
+    luaL_error(L, "not enough memory");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
+  if (c->serve) {
+    multiloop_serve_start(L, c);
+    lua_pop(L, 1);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
+  lua_getfield(L, -1, "connect");
+  lua_pushvalue(L, -3);
+  lua_call(L, 1, 0);
+  lua_pop(L, 2);
+}
+
+/* --- the PROXY protocol phase (proxy.c parses) ----------------------------- */
+
+static int proxy_trusted(multiloop_conn_t *c) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  if (multiloop_stream_is_unix(&c->s)) {
+    ss.ss_family = AF_UNIX;
+    return multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss);
+  }
+  if (uv_tcp_getpeername(&c->s.h.tcp, (struct sockaddr *)&ss, &len) != 0) return 0;
+  if (multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss)) return 1;
+  {
+    char ip[INET6_ADDRSTRLEN];
+    uv_ip_name((struct sockaddr *)&ss, ip, sizeof ip);
+    multiloop_log(WORKER(c), MULTILOOP_LOG_WARN, 0, "PROXY protocol: refused a connection from "
+                  "%s, which is not in proxy_protocol.from", ip);
+  }
+  return 0;
+}
+
+static int handler_body(lua_State *L) {
+  start_handler(L, lua_touserdata(L, 1));
+  return 0;
+}
+
+/* The header's bytes (kept by the stream until it is whole). Once it is:
+ * TLS starts with the bytes after it, or the handler gets them as its
+ * first read. `data` is either the read's own buffer or (a header split
+ * across reads) the stream's kept bytes: then the header is consumed from
+ * them before the handler runs, so that a serve handler's first receive,
+ * which reads what is kept, starts after it. */
+static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len) {
+  multiloop_worker_t *w = WORKER(c);
+  multiloop_stream_t *s = &c->s;
+  multiloop_proxy_info_t *info = NULL;
+  multiloop_stream_ext_t *x;
+  char err[96];
+  size_t hlen = 0, klen, n;
+  const char *p;
+  int r = multiloop_proxy_parse(data, len, &info, &hlen, err, sizeof err), kept;
+  if (r == 0) return 0;                    /* not whole yet */
+  if (r < 0 || (x = multiloop_stream_ext(s)) == NULL) {
+    free(info);
+    proxy_refused(c, r < 0 ? err : "out of memory");
+    multiloop_stream_close(s, REASON_PROXY);
+    return len;
+  }
+  x->proxy = info;
+  c->proxying = 0;
+  multiloop_deadline_remove(&c->idle);
+  if (c->serve) multiloop_serve_init(c);   /* its read timeout's entry again */
+  kept = multiloop_stream_kept(s, &klen) == data;
+  if (kept) multiloop_stream_consume(s, hlen);
+  if (w->cfg->tls) {                       /* the rest is the ClientHello */
+    int rc = multiloop_tls_accept(s, data + hlen, len - hlen);   /* copies what it keeps */
+    if (rc != 0) multiloop_stream_close(s, rc);
+    len = kept ? len - hlen : len;         /* nothing stays in the plain input */
+    if (!s->closing && multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK)
+      multiloop_stream_close(s, REASON_ERROR);
+    return len;
+  }
+  if (multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK) {
+    multiloop_stream_close(s, REASON_ERROR);
+    return len;
+  }
+  if (s->closing) return len;
+  if (!kept) return len == hlen ? len : hlen + ev_read(s, data + hlen, len - hlen);
+  p = multiloop_stream_kept(s, &n);        /* what the handler left of the rest */
+  return n > 0 ? ev_read(s, p, n) : 0;
+}
+
 /* Protected: makes the object, takes the connection's fd into it (from the
  * hand-off pipe, or an fd the inbox or our own listener gave us), calls
  * connect. The object is pinned before libuv sees its handle. */
 static int accept_body(lua_State *L) {
   accept_ev *ev = lua_touserdata(L, 1);
   multiloop_worker_t *w = ev->w;
-  multiloop_conn_t *c = multiloop_conn_new(L, w, w->cfg->path != NULL, w->serve, 0);
+  multiloop_conn_t *c = multiloop_conn_new(L, w, multiloop_conn_is_unix(w->rt, &w->pipe, ev->fd),
+                                            w->serve, 0);
   int rc;
   c->counted = 1;                          /* the fd holds a slot (slots.c) */
   ev->taken = 1;
   rc = multiloop_stream_open(&c->s, ev->fd, (uv_stream_t *)&w->pipe);
-  if (rc == 0 && w->cfg->tls) rc = multiloop_tls_accept(&c->s);
+  if (rc == 0 && w->cfg->proxy && !proxy_trusted(c)) {
+    atomic_fetch_add_explicit(&w->proxy_errors, 1, memory_order_relaxed);
+    rc = REASON_PROXY;                     /* not from a trusted proxy: never read */
+  }
+  if (rc == 0 && w->cfg->tls && !w->cfg->proxy) rc = multiloop_tls_accept(&c->s, NULL, 0);
   if (rc != 0) {
     multiloop_stream_close(&c->s, rc);
     return 0;
@@ -287,17 +405,14 @@ static int accept_body(lua_State *L) {
   multiloop_conn_opened(c);
   ev->id = c->id;
   ev->c = c;
-  if (!c->serve && multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
-    return luaL_error(L, "not enough memory");
-
-  if (c->serve) {                          /* serve(conn), in its own light thread */
-    multiloop_serve_start(L, c);
+  if (w->cfg->proxy) {                     /* the header first (proxy_read), then the handler */
+    c->proxying = 1;
+    multiloop_deadline_init(&c->idle, conn_idle);   /* a serve conn's is its read timeout's */
+    if (multiloop_deadline_set(w, &c->idle, multiloop_proxy_timeout(w->cfg)) != 0)
+      return luaL_error(L, "not enough memory");
     return 0;
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
-  lua_getfield(L, -1, "connect");
-  lua_pushvalue(L, -3);
-  lua_call(L, 1, 0);
+  start_handler(L, c);
   return 0;
 }
 
@@ -506,6 +621,8 @@ static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
   int len = sizeof ss, rc;
   char ip[INET6_ADDRSTRLEN];
   if (c->s.closing) return closed(L);
+  if (peer && c->s.ext && c->s.ext->proxy && !((multiloop_proxy_info_t *)c->s.ext->proxy)->local)
+    return multiloop_proxy_push_peer(L, c->s.ext->proxy);   /* as the proxy reported it */
   if (multiloop_stream_is_unix(&c->s)) {
     /* Asked of the kernel directly: libuv 1.44's uv_pipe_getpeername reads
      * past what getpeername filled in for an unnamed peer (valgrind). */
@@ -532,6 +649,35 @@ static int push_address(lua_State *L, multiloop_conn_t *c, int peer) {
 }
 
 static int conn_peer(lua_State *L) { return push_address(L, check_conn(L), 1); }
+
+/* conn:proxy(): what the PROXY header said (nil without one); `via` is the
+ * proxy itself (the socket's peer). */
+static int conn_proxy(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  multiloop_proxy_info_t *info = c->s.ext ? c->s.ext->proxy : NULL;
+  struct sockaddr_storage ss;
+  int len = sizeof ss, via;
+  if (c->s.closing || info == NULL) {
+    lua_pushnil(L);
+    return 1;
+  }
+  if (multiloop_stream_is_unix(&c->s) ||
+      uv_tcp_getpeername(&c->s.h.tcp, (struct sockaddr *)&ss, &len) != 0) {
+    lua_pushnil(L);                         /* a Unix socket's proxy has no address */
+  } else {
+    char ip[INET6_ADDRSTRLEN];
+    uv_ip_name((struct sockaddr *)&ss, ip, sizeof ip);
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, ip);
+    lua_setfield(L, -2, "ip");
+    lua_pushinteger(L, ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                                                : ntohs(((struct sockaddr_in *)&ss)->sin_port));
+    lua_setfield(L, -2, "port");
+  }
+  via = lua_gettop(L);
+  multiloop_proxy_push_info(L, info, via);
+  return 1;
+}
 static int conn_address(lua_State *L) { return push_address(L, check_conn(L), 0); }
 
 /* The fields, marked in the methods table by their number. */
@@ -561,7 +707,17 @@ static int conn_tostring(lua_State *L) {
   return 1;
 }
 
+/* conn:log(level, ...): worker.log with the connection's id (log.c); a
+ * closed connection keeps its id. */
+static int conn_log(lua_State *L) {
+  multiloop_conn_t *c = check_conn(L);
+  char who[32];
+  snprintf(who, sizeof who, "worker %d", WORKER(c)->id);
+  return multiloop_log_lua(L, WORKER(c)->cfg->logger, 2, who, c->id, "conn:log");
+}
+
 static const luaL_Reg conn_methods[] = {
+  { "log", conn_log },
   { "on_data", conn_on_data },
   { "on_end", conn_on_end },
   { "on_close", conn_on_close },
@@ -580,6 +736,7 @@ static const luaL_Reg conn_methods[] = {
   { "address", conn_address },
   { "pipe", multiloop_conn_pipe },
   { "tls", multiloop_tls_info },
+  { "proxy", conn_proxy },
   { "sslhandshake", multiloop_tls_sslhandshake },
   { NULL, NULL }
 };

@@ -19,7 +19,7 @@
 enum { ON_CLOSE = 1, ON_DATA, ON_END, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
 
 /* Our own close reasons, beside the stream's libuv errors (stream.h). */
-enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED };
+enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED, REASON_PROXY };
 
 struct multiloop_conn_s {
   multiloop_stream_t s;                /* first: the stream's events get &c->s */
@@ -30,6 +30,7 @@ struct multiloop_conn_s {
   unsigned outbound : 1;               /* made by connect: the out block follows (outbound.c) */
   unsigned pooled : 1;                 /* idle in its pool: any byte or EOF drops it */
   unsigned piped : 1;                  /* in a pipe (pipe.c): the stream's ext->tap is it */
+  unsigned proxying : 1;               /* reading its PROXY header: the handler has not run */
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
   multiloop_deadline_t idle;           /* the idle timeout (conn_idle); serve: the read timeout */
   lua_Integer id;

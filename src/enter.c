@@ -4,8 +4,8 @@
  * Called only on a worker thread, from that worker's loop callbacks. Every push
  * and call happens inside `body`, which runs under lua_pcall with a traceback
  * handler, so no Lua error (memory errors included) can longjmp through libuv.
- * A failure is reported on stderr, naming the worker and the connection; the
- * caller decides what to close. Nothing here allocates outside Lua.
+ * A failure is logged (log.c) at level error, naming the worker and the
+ * connection; the caller decides what to close. Nothing here allocates outside Lua.
  *
  * multiloop_resume is the same door for a light thread (thread.c): what it
  * pushes is pushed protected on the resuming state, lua_resume itself never
@@ -13,7 +13,6 @@
  * traceback (luaL_traceback over the coroutine, taken before thread.c closes
  * it), protected in turn.
  */
-#include <stdio.h>
 #include <string.h>
 
 #include "multiloop.h"
@@ -46,14 +45,8 @@ int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
   rc = lua_pcall(L, 1, 0, base + 1);
   if (rc != LUA_OK) {
     const char *msg = lua_tostring(L, -1);
-    /* One fprintf per report, so reports from two workers do not interleave. */
-    if (conn_id != NULL && *conn_id > 0)
-      fprintf(stderr, "multiloop: worker %d: connection %lld: %s: %s\n", w->id,
-              (long long)*conn_id, what, msg ? msg : "(no message)");
-    else
-      fprintf(stderr, "multiloop: worker %d: %s: %s\n", w->id, what,
-              msg ? msg : "(no message)");
-    fflush(stderr);
+    multiloop_log(w, MULTILOOP_LOG_ERROR, conn_id ? *conn_id : 0, "%s: %s", what,
+                  msg ? msg : "(no message)");
   }
   lua_settop(L, base);
   return rc;
@@ -127,13 +120,7 @@ int multiloop_resume(multiloop_worker_t *w, lua_State *from, lua_State *co, int 
     msg = lua_gettop(co) > 0 && lua_pcall(from, 1, 1, 0) == LUA_OK ? r.text : NULL;
     if (msg == NULL) msg = lua_gettop(co) > 0 && lua_type(co, -1) == LUA_TSTRING
                                ? lua_tostring(co, -1) : "(no message)";
-    /* One fprintf per report, so reports from two workers do not interleave. */
-    if (conn_id != NULL && *conn_id > 0)
-      fprintf(stderr, "multiloop: worker %d: connection %lld: %s: %s\n", w->id,
-              (long long)*conn_id, what, msg);
-    else
-      fprintf(stderr, "multiloop: worker %d: %s: %s\n", w->id, what, msg);
-    fflush(stderr);
+    multiloop_log(w, MULTILOOP_LOG_ERROR, conn_id ? *conn_id : 0, "%s: %s", what, msg);
     lua_settop(from, base);
   }
   return rc;

@@ -285,9 +285,8 @@ static void update_polling(multiloop_listener_t *l) {
 
 static void quiet_cb(uv_timer_t *t) {
   multiloop_listener_t *l = t->data;
-  fprintf(stderr, "multiloop: %s: accepting again after %lu failed attempts\n", l->who,
-          l->fd_failures);
-  fflush(stderr);
+  multiloop_log_as(l->rt->cfg->logger, MULTILOOP_LOG_INFO, l->who, 0,
+                   "accepting again after %lu failed attempts", l->fd_failures);
   l->fd_failures = 0;
 }
 
@@ -302,10 +301,9 @@ static void retry_cb(uv_timer_t *t) {
  * connection) and retry on a timer. One log line per episode. */
 static void pause_for_fds(multiloop_listener_t *l, int err) {
   if (l->fd_failures++ == 0) {
-    fprintf(stderr, "multiloop: %s: accept failed: %s (%s); accepting paused, "
-                    "retrying every %d ms\n", l->who, uv_strerror(err), uv_err_name(err),
-            FD_RETRY_MS);
-    fflush(stderr);
+    multiloop_log_as(l->rt->cfg->logger, MULTILOOP_LOG_WARN, l->who, 0,
+                     "accept failed: %s (%s); accepting paused, retrying every %d ms",
+                     uv_strerror(err), uv_err_name(err), FD_RETRY_MS);
   }
   l->paused_for_fds = 1;
   uv_timer_stop(&l->quiet_timer);

@@ -1,7 +1,7 @@
 /*
  * module.c: luaopen_multiloop_core, the module's one exported symbol, and the
  * module-level functions of `multiloop.core`: new and wait_signal
- * (server.c), shared (shared.c), parallelism (here). Loaded into the main
+ * (server.c), shared (shared.c), log (log.c), parallelism (here). Loaded into the main
  * state only; worker states get their own functions from worker.c.
  *
  * Threads: the thread of the state that requires the module.
@@ -47,7 +47,9 @@ static const luaL_Reg module_funcs[] = {
   { "new", multiloop_server_new },
   { "wait_signal", multiloop_wait_signal },
   { "parallelism", core_parallelism },
+  { "listen_fds", multiloop_listen_fds },
   { "shared", multiloop_shared_open },
+  { "log", multiloop_log_main },           /* multiloop.log (log.c) */
   { NULL, NULL }
 };
 

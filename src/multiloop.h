@@ -92,10 +92,20 @@ typedef struct {
    * sslhandshake (made on first use; tls_ca's path). */
   struct multiloop_tls_s *tls;
   struct multiloop_tls_client_s *tls_client;
+  /* PROXY protocol (proxy.c): the trusted sources and timeout, or NULL. */
+  struct multiloop_proxy_cfg_s *proxy;
+  /* Socket activation and inherited sockets (activation.c) */
+  int ninherit;               /* inherited sockets to listen on (dups of them); 0: none */
+  int *inherit_fds;           /* malloc'd: their fds, ninherit of them */
+  char *inherit_listen;       /* the `listen` option that named them ("systemd:web"), or NULL */
+  /* Logs (log.c): made by core.new from log and log_level, freed with the
+   * config; the pointer never changes, what it points to locks itself. */
+  struct multiloop_logger_s *logger;
 } multiloop_config_t;
 typedef struct multiloop_tls_s multiloop_tls_t;
 typedef struct multiloop_tls_client_s multiloop_tls_client_t;
 typedef struct multiloop_tls_worker_s multiloop_tls_worker_t;
+typedef struct multiloop_proxy_cfg_s multiloop_proxy_cfg_t;
 
 /* inbox_limit: the default, and the bound server.c checks (as init.lua does). */
 #define MULTILOOP_INBOX_LIMIT_DEFAULT (64 * 1024 * 1024)
@@ -108,6 +118,9 @@ typedef struct multiloop_tls_worker_s multiloop_tls_worker_t;
 #define MULTILOOP_DNS_CACHE_TTL_DEFAULT 30000
 #define MULTILOOP_DNS_MAX_LOOKUPS_DEFAULT 4
 #define MULTILOOP_DNS_MAX_LOOKUPS_MAX 64
+
+/* log: the longest path (PATH_MAX less its NUL), as init.lua checks it. */
+#define MULTILOOP_LOG_MAX_PATH 4095
 
 /* Bounds that protect memory, checked by core.new (server.c) as well as by
  * lua/multiloop/init.lua. */
@@ -291,6 +304,8 @@ struct multiloop_worker_s {
   multiloop_tls_worker_t *tls;
   atomic_uint_fast64_t tls_handshakes;
   atomic_uint_fast64_t tls_errors;     /* failed handshakes, bad records, alerts */
+  /* PROXY protocol (proxy.c, conn.c): connections refused before the handler. */
+  atomic_uint_fast64_t proxy_errors;
 
   /* Timers and messages (timer.c, message.c). `timers` is the worker
    * thread's alone; msg_ready is set once by the worker (its inbox is up)
@@ -332,6 +347,13 @@ typedef struct {
   uv_file *pipe_fds;
   int next;                            /* round-robin cursor */
   atomic_uint_fast64_t handed_off;
+  /* Several inherited sockets (activation.c): the second and later ones,
+   * made by the main thread (multiloop_inherited_open) and freed by it
+   * after the join (multiloop_inherited_free); the fds are the main
+   * thread's until setup() gives each to its listener (then -1). */
+  int nmore;
+  multiloop_listener_t *more;
+  uv_os_sock_t *more_fds;
 
   /* Start handshake: written by the acceptor before it posts rt->ready. */
   int failed;
@@ -369,6 +391,12 @@ struct multiloop_runtime_s {
   char bound_host[64];                 /* what address() reports */
   int bound_port;
   multiloop_listen_addr_t listen_addr; /* what open_sockets resolved and made */
+  /* What the connections are (a path, or an inherited socket's family) and,
+   * for an inherited Unix socket, its path for address() (activation.c). */
+  int listen_unix;                     /* every listening socket is a Unix one */
+  int listen_mixed;                    /* some are, some are not: ask each fd */
+  int bound_unix;                      /* address() reports bound_path */
+  char bound_path[112];                /* sun_path, "@name" when abstract */
 };
 
 /* uv_loop_init, without the fd it leaks on failure: before libuv 1.51
@@ -388,6 +416,36 @@ static inline int multiloop_loop_init(uv_loop_t *loop) {
   return rc;
 }
 
+/* log.c: the log (see its header for the line format). Any thread. Every
+ * message of the process goes through multiloop_log (a worker's, who is
+ * "worker N") or multiloop_log_as (anyone else: "main", "acceptor"); a
+ * record above the logger's level is dropped before it is formatted.
+ * conn_id 0: no connection. lg NULL: the current logger (multiloop.log's). */
+typedef struct multiloop_logger_s multiloop_logger_t;
+enum { MULTILOOP_LOG_ERROR = 1, MULTILOOP_LOG_WARN, MULTILOOP_LOG_INFO, MULTILOOP_LOG_DEBUG };
+extern const char *const multiloop_log_levels[];      /* "error" .. "debug", NULL */
+int multiloop_log_level(const char *name);             /* MULTILOOP_LOG_*, or 0 */
+/* path NULL: stderr. NULL with a message in err ("<path>: <why> (<NAME>)"). */
+multiloop_logger_t *multiloop_logger_open(const char *path, int level, char *err,
+                                          size_t errlen);
+void multiloop_logger_make_current(multiloop_logger_t *lg);
+void multiloop_logger_free(multiloop_logger_t *lg);   /* once nothing writes through it */
+int multiloop_logger_reopen(multiloop_logger_t *lg, char *err, size_t errlen);  /* 0 or -1 */
+const char *multiloop_logger_path(const multiloop_logger_t *lg);   /* NULL: stderr */
+int multiloop_log_enabled(const multiloop_logger_t *lg, int level);
+void multiloop_log(multiloop_worker_t *w, int level, lua_Integer conn_id, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void multiloop_log_as(multiloop_logger_t *lg, int level, const char *who, lua_Integer conn_id,
+                      const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+void multiloop_log_text(multiloop_logger_t *lg, int level, const char *who, lua_Integer conn_id,
+                        const char *msg, size_t len);
+/* From Lua: the level at `first` (raises naming fname when it is not one),
+ * the rest joined as print joins them, by spaces. Returns 0 (no results). */
+int multiloop_log_lua(lua_State *L, multiloop_logger_t *lg, int first, const char *who,
+                      lua_Integer conn_id, const char *fname);
+extern const luaL_Reg multiloop_log_funcs[];           /* the core table's log */
+int multiloop_log_main(lua_State *L);                  /* core.log: multiloop.log */
+
 /* enter.c: the one door from a libuv callback into Lua. */
 int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
                     const lua_Integer *conn_id, const char *what);
@@ -399,8 +457,9 @@ int multiloop_traceback(lua_State *L);
  * pushed without allocating; `push` (may be NULL) pushes more on `from`,
  * protected, and they are moved onto co. Returns lua_resume's status, with
  * *nres as lua_resume sets it. On an error in the thread, or in push (co then
- * stays suspended, not resumed), reports "multiloop: worker N: <what>: <msg>"
- * and co's traceback on stderr, and leaves the error object on top of co. */
+ * stays suspended, not resumed), logs "<what>: <msg>" and co's traceback
+ * (level error, worker N, the connection), and leaves the error object on
+ * top of co. */
 typedef int (*multiloop_push_fn)(lua_State *L, void *ev);   /* returns how many */
 int multiloop_resume(multiloop_worker_t *w, lua_State *from, lua_State *co, int nargs,
                      multiloop_push_fn push, void *ev, int *nres, const lua_Integer *conn_id,
@@ -434,6 +493,14 @@ int multiloop_listen_probe(const multiloop_config_t *cfg, multiloop_listen_addr_
                            int port, int *bound_port, char *err, size_t errlen);
 void multiloop_listener_resume(multiloop_listener_t *l);
 void multiloop_listener_close(multiloop_listener_t *l);
+
+/* activation.c: inherited listening sockets (socket activation, fd = n). */
+int multiloop_listen_fds(lua_State *L);                            /* core.listen_fds */
+void multiloop_inherited_config(lua_State *L, multiloop_config_t *cfg);   /* core.new */
+int multiloop_inherited_open(multiloop_runtime_t *rt, char *err, size_t errlen);   /* start */
+void multiloop_inherited_free(multiloop_runtime_t *rt);             /* runtime_free */
+/* Whether the connection fd (fd < 0: the one pending on `pipe`) is a Unix one. */
+int multiloop_conn_is_unix(const multiloop_runtime_t *rt, uv_pipe_t *pipe, uv_os_sock_t fd);
 
 /* acceptor.c */
 int multiloop_acceptor_start(multiloop_runtime_t *rt);

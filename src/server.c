@@ -18,7 +18,8 @@
  * The main thread's blocking waits are here too: server:wait_stopped and
  * core.wait_signal on a loop of their own made and closed by each call, and
  * the signal watcher (server:signals) that run() keeps open from start to
- * end, on a loop that lives as long as the watcher.
+ * end, on a loop that lives as long as the watcher (it also reopens the log
+ * file on SIGUSR1: log.c).
  */
 #include <errno.h>
 #include <limits.h>
@@ -31,6 +32,7 @@
 #include <unistd.h>
 
 #include "multiloop.h"
+#include "proxy.h"
 #include "tls.h"
 
 #define SERVER_MT "multiloop.core.server"
@@ -41,6 +43,7 @@ typedef struct {
   uint64_t threads;                    /* live light threads (thread.c) */
   uint64_t connects, connect_errors, reused, pooled;   /* outbound (outbound.c) */
   uint64_t tls_handshakes, tls_errors;                 /* tls.c */
+  uint64_t proxy_errors;                               /* proxy.c */
 } counts_t;
 
 typedef struct {
@@ -93,6 +96,8 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
     c->tls_errors = LOAD(w->tls_errors);
     total->tls_handshakes += c->tls_handshakes;
     total->tls_errors += c->tls_errors;
+    c->proxy_errors = LOAD(w->proxy_errors);
+    total->proxy_errors += c->proxy_errors;
     total->accepted += c->accepted;
     total->active += c->active;
     total->bytes_in += c->bytes_in;
@@ -105,6 +110,8 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
   if (!reuseport) {
     total->handed_off = LOAD(rt->acceptor.handed_off);
     total->accept_errors = LOAD(rt->acceptor.listener.accept_errors);
+    for (i = 0; i < rt->acceptor.nmore; i++)       /* several inherited sockets */
+      total->accept_errors += LOAD(rt->acceptor.more[i].accept_errors);
   }
 }
 
@@ -127,6 +134,7 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
     free(w->error);
   }
   close_fd(&rt->acceptor.listen_fd);
+  multiloop_inherited_free(rt);            /* several inherited sockets: the others */
   multiloop_listen_unlink(rt->cfg, &rt->listen_addr);   /* only the file we made */
   free(rt->acceptor.error);
   free(rt->acceptor.pipes);
@@ -149,6 +157,8 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   socklen_t len = sizeof ss;
   uv_os_sock_t first;
   multiloop_listen_addr_t *la = &rt->listen_addr;
+  if (cfg->ninherit > 0) return multiloop_inherited_open(rt, err, errlen);   /* listen, fd */
+  rt->listen_unix = cfg->path != NULL;
   if ((rc = multiloop_listen_resolve(cfg, la, err, errlen)) != 0) return rc;
   if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT) {
     if ((rc = multiloop_listen_probe(cfg, la, port, &port, err, errlen)) != 0) return rc;
@@ -170,7 +180,7 @@ static int open_sockets(multiloop_runtime_t *rt, char *err, size_t errlen) {
   return 0;
 }
 
-/* SIGINT and SIGTERM are the main thread's: the threads made between
+/* SIGINT, SIGTERM (and SIGUSR1) are the main thread's: the threads made between
  * block_signals and restore_signals inherit a mask that blocks them (a new
  * thread starts with its creator's mask), so the kernel always delivers
  * them to the thread that waits for them (run()'s watcher), and a worker's
@@ -180,6 +190,7 @@ static void block_signals(sigset_t *old) {
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR1);                /* logs: run() reopens the log file on it */
   pthread_sigmask(SIG_BLOCK, &set, old);
 }
 
@@ -345,6 +356,10 @@ static void config_free(multiloop_config_t *cfg) {
   free(cfg->package_path);
   free(cfg->package_cpath);
   multiloop_tls_free(cfg);
+  multiloop_proxy_free(cfg);
+  free(cfg->inherit_listen);
+  free(cfg->inherit_fds);
+  multiloop_logger_free(cfg->logger);      /* every thread that wrote through it is joined */
   memset(cfg, 0, sizeof *cfg);
 }
 
@@ -426,6 +441,12 @@ static int choice_field(lua_State *L, const char *key, const char *const names[]
         return i;
       }
   return bad_option(L, key, "is not one of the choices");
+}
+
+static int has_field(lua_State *L, const char *key) {
+  int has = lua_getfield(L, 1, key) != LUA_TNIL;
+  lua_pop(L, 1);
+  return has;
 }
 
 static int bool_field(lua_State *L, const char *key) {
@@ -517,6 +538,9 @@ int multiloop_server_new(lua_State *L) {
     if (cfg->dispatch == MULTILOOP_DISPATCH_REUSEPORT)
       return luaL_error(L, "option 'dispatch' 'reuseport' cannot listen on a Unix socket (path)");
     cfg->host = str_field(L, "host", 0, MULTILOOP_MAX_HOST, 0, NULL);   /* unused */
+  } else if (has_field(L, "listen") || has_field(L, "fd")) {
+    lua_pop(L, 1);                         /* an inherited socket: multiloop_inherited_config */
+    cfg->host = str_field(L, "host", 0, MULTILOOP_MAX_HOST, 0, NULL);   /* unused */
   } else {
     lua_pop(L, 1);
     cfg->host = str_field(L, "host", 1, MULTILOOP_MAX_HOST, 0, NULL);
@@ -528,6 +552,7 @@ int multiloop_server_new(lua_State *L) {
   } else {
     lua_pop(L, 1);
   }
+  multiloop_inherited_config(L, cfg);      /* listen, fd: socket activation (activation.c) */
   cfg->handler_kind = (multiloop_handler_kind)choice_field(L, "handler_kind", kinds, -1);
   if ((int)cfg->handler_kind < 0) return luaL_error(L, "option 'handler_kind' is required");
   cfg->handler = str_field(L, "handler", 1, MAX_BYTES, cfg->handler_kind ==
@@ -541,6 +566,25 @@ int multiloop_server_new(lua_State *L) {
   }
   lua_pop(L, 1);
   multiloop_tls_configure(L, 1, cfg);      /* tls, tls_ca: OpenSSL loads the files now */
+  multiloop_proxy_configure(L, 1, cfg);
+  /* Logs (log.c): log_level (nil: info) and log, a file opened here, so
+   * that a path that cannot be opened fails the server's creation. */
+  {
+    int level = choice_field(L, "log_level", multiloop_log_levels, MULTILOOP_LOG_INFO - 1) + 1;
+    char *path = NULL, why[512];
+    if (lua_getfield(L, 1, "log") != LUA_TNIL) {
+      lua_pop(L, 1);
+      path = str_field(L, "log", 1, MULTILOOP_LOG_MAX_PATH, 0, NULL);   /* nothing raises */
+    } else {                                                            /* until it is freed */
+      lua_pop(L, 1);
+    }
+    cfg->logger = multiloop_logger_open(path, level, why, sizeof why);
+    free(path);
+    if (cfg->logger == NULL)
+      return luaL_error(L, "option 'log' must be a file that can be opened for appending: %s",
+                        why);
+  }
+  multiloop_logger_make_current(cfg->logger);   /* multiloop.log's, from now on */
   lua_settop(L, 2);                        /* opts, the server */
   return 1;
 }
@@ -587,6 +631,10 @@ static int server_address(lua_State *L) {
   }
   if (s->cfg.path) {                       /* a Unix socket: just its path */
     lua_pushstring(L, s->cfg.path);
+    return 1;
+  }
+  if (s->rt->bound_unix) {                 /* an inherited one: the path it is bound to */
+    lua_pushstring(L, s->rt->bound_path);
     return 1;
   }
   lua_pushstring(L, s->rt->bound_host);
@@ -641,7 +689,11 @@ static int block_until_finished(multiloop_runtime_t *rt) {
 typedef struct {
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;
+  uv_signal_t sigusr1;                 /* logs: reopens `logger`'s file; not counted */
+  multiloop_logger_t *logger;          /* the server's (its user value keeps it) */
   uv_timer_t poll;                     /* while waiting for a stop: the workers */
+  uv_timer_t tick;                     /* wait(_, ms): run()'s `every` */
+  int ticked;                          /* the tick timer fired during this wait */
   int open;
   unsigned count;                      /* signals seen since open */
   unsigned head, tail;                 /* queue[head..tail): not yet waited for */
@@ -657,6 +709,28 @@ static void watch_signal_cb(uv_signal_t *h, int signum) {
 
 static void watch_poll_cb(uv_timer_t *t) { uv_stop(t->loop); }
 
+static void watch_tick_cb(uv_timer_t *t) {
+  signals_t *w = t->data;
+  w->ticked = 1;
+  uv_stop(t->loop);
+}
+
+/* Logs: SIGUSR1 (logrotate's postrotate) reopens the log file; the wait goes
+ * on. A failure is logged to the file still open. */
+static void watch_usr1_cb(uv_signal_t *h, int signum) {
+  signals_t *w = h->data;
+  char why[512];
+  (void)signum;
+  if (multiloop_logger_path(w->logger) == NULL)
+    multiloop_log_as(w->logger, MULTILOOP_LOG_INFO, "main", 0,
+                     "SIGUSR1: nothing to reopen (the log is stderr)");
+  else if (multiloop_logger_reopen(w->logger, why, sizeof why) != 0)
+    multiloop_log_as(w->logger, MULTILOOP_LOG_ERROR, "main", 0,
+                     "SIGUSR1: cannot reopen the log: %s", why);
+  else
+    multiloop_log_as(w->logger, MULTILOOP_LOG_INFO, "main", 0, "SIGUSR1: log reopened");
+}
+
 /* Runs the loop without blocking: delivers the signals already written to
  * its pipe. */
 static void signals_collect(signals_t *w) {
@@ -669,7 +743,9 @@ static void signals_close(signals_t *w) {
   w->open = 0;
   uv_close((uv_handle_t *)&w->sigint, NULL);
   uv_close((uv_handle_t *)&w->sigterm, NULL);
+  uv_close((uv_handle_t *)&w->sigusr1, NULL);
   uv_close((uv_handle_t *)&w->poll, NULL);
+  uv_close((uv_handle_t *)&w->tick, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
 }
@@ -685,7 +761,7 @@ static signals_t *check_signals(lua_State *L) {
 static int server_signals(lua_State *L) {
   signals_t *w;
   int rc;
-  luaL_checkudata(L, 1, SERVER_MT);
+  server_t *s = luaL_checkudata(L, 1, SERVER_MT);
   w = lua_newuserdatauv(L, sizeof *w, 1);
   memset(w, 0, sizeof *w);                 /* closed first */
   luaL_setmetatable(L, SIGNALS_MT);
@@ -695,15 +771,21 @@ static int server_signals(lua_State *L) {
     return luaL_error(L, "signals: cannot make a loop: %s", uv_strerror(rc));
   uv_signal_init(&w->loop, &w->sigint);
   uv_signal_init(&w->loop, &w->sigterm);
+  uv_signal_init(&w->loop, &w->sigusr1);
   uv_timer_init(&w->loop, &w->poll);
-  w->sigint.data = w->sigterm.data = w->poll.data = w;
+  uv_timer_init(&w->loop, &w->tick);
+  w->sigint.data = w->sigterm.data = w->sigusr1.data = w->poll.data = w->tick.data = w;
+  w->logger = s->cfg.logger;
   w->open = 1;
-  /* SIGINT first: the specs take a caught SIGTERM (/proc SigCgt) to mean
-   * both are, since lua.c catches SIGINT anyway while a script runs. */
+  /* SIGINT first, SIGTERM last: the specs take a caught SIGTERM (/proc
+   * SigCgt) to mean all three are, since lua.c catches SIGINT anyway while
+   * a script runs. */
   if ((rc = uv_signal_start(&w->sigint, watch_signal_cb, SIGINT)) != 0 ||
+      (rc = uv_signal_start(&w->sigusr1, watch_usr1_cb, SIGUSR1)) != 0 ||
       (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0) {
     signals_close(w);
-    return luaL_error(L, "signals: cannot catch SIGINT and SIGTERM: %s", uv_strerror(rc));
+    return luaL_error(L, "signals: cannot catch SIGINT, SIGTERM and SIGUSR1: %s",
+                      uv_strerror(rc));
   }
   return 1;
 }
@@ -712,16 +794,22 @@ static void push_signal_name(lua_State *L, int signum) {
   lua_pushstring(L, signum == SIGINT ? "SIGINT" : "SIGTERM");
 }
 
-/* watcher:wait([until_stopped]): the name of the next signal not yet waited
- * for, blocking until one comes; with until_stopped, nil as soon as the
- * server's workers have all finished a graceful stop (or it is not running). */
+/* watcher:wait([until_stopped [, ms]]): the name of the next signal not yet
+ * waited for, blocking until one comes; with until_stopped, nil as soon as
+ * the server's workers have all finished a graceful stop (or it is not
+ * running); with ms (0 to 2^31-1), nil, "timeout" once ms pass without a
+ * signal (run()'s `every`). */
 static int signals_wait(lua_State *L) {
   signals_t *w = check_signals(L);
   int until_stopped = lua_toboolean(L, 2);
+  lua_Integer ms = luaL_optinteger(L, 3, -1);
   server_t *s;
+  luaL_argcheck(L, ms >= -1 && ms <= INT_MAX, 3, "must be from 0 to 2147483647 ms");
   lua_getiuservalue(L, 1, 1);
   s = luaL_checkudata(L, -1, SERVER_MT);
   signals_collect(w);
+  w->ticked = 0;
+  if (ms >= 0) uv_timer_start(&w->tick, watch_tick_cb, (uint64_t)ms, 0);
   for (;;) {
     if (w->head != w->tail) {
       push_signal_name(L, w->queue[w->head++ % SIGNALS_QUEUE]);
@@ -731,11 +819,18 @@ static int signals_wait(lua_State *L) {
       lua_pushnil(L);
       break;
     }
+    if (w->ticked) {
+      lua_pushnil(L);
+      lua_pushliteral(L, "timeout");
+      uv_timer_stop(&w->poll);
+      return 2;
+    }
     if (until_stopped && !uv_is_active((uv_handle_t *)&w->poll))
       uv_timer_start(&w->poll, watch_poll_cb, 20, 20);   /* once per stop */
-    uv_run(&w->loop, UV_RUN_DEFAULT);      /* until a signal or a poll */
+    uv_run(&w->loop, UV_RUN_DEFAULT);      /* until a signal, a poll or a tick */
   }
   uv_timer_stop(&w->poll);
+  uv_timer_stop(&w->tick);
   return 1;
 }
 
@@ -817,6 +912,7 @@ static int server_stats(lua_State *L) {
     set_counter(L, "pooled", s->counts[i].pooled);
     set_counter(L, "tls_handshakes", s->counts[i].tls_handshakes);
     set_counter(L, "tls_errors", s->counts[i].tls_errors);
+    set_counter(L, "proxy_errors", s->counts[i].proxy_errors);
     lua_rawseti(L, -2, i);
   }
   lua_setfield(L, -2, "workers");
@@ -833,6 +929,7 @@ static int server_stats(lua_State *L) {
   set_counter(L, "pooled", s->counts[0].pooled);
   set_counter(L, "tls_handshakes", s->counts[0].tls_handshakes);
   set_counter(L, "tls_errors", s->counts[0].tls_errors);
+  set_counter(L, "proxy_errors", s->counts[0].proxy_errors);
   return 1;
 }
 
@@ -849,7 +946,35 @@ static int server_broadcast(lua_State *L) {
   return multiloop_server_broadcast(L, check_server(L)->rt);
 }
 
+/* Logs (log.c). server:log(level, ...): through this server's log, as
+ * "main". server:reopen_log(): true, or nil, "reopen_log: <path>: <why>",
+ * "<NAME>" (the old file stays open). */
+static int server_log(lua_State *L) {
+  server_t *s = check_server(L);
+  if (s->cfg.logger == NULL) return luaL_error(L, "the server is not configured");
+  return multiloop_log_lua(L, s->cfg.logger, 2, "main", 0, "server:log");
+}
+
+static int server_reopen_log(lua_State *L) {
+  server_t *s = check_server(L);
+  char why[512];
+  const char *name;
+  if (s->cfg.logger == NULL) return luaL_error(L, "the server is not configured");
+  if (multiloop_logger_reopen(s->cfg.logger, why, sizeof why) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushfstring(L, "reopen_log: %s", why);
+  /* why ends with "(NAME)": the name alone as the third value */
+  name = strrchr(why, '(');
+  lua_pushlstring(L, name ? name + 1 : "EIO", name ? strlen(name + 1) - 1 : 3);
+  return 3;
+}
+
 static const luaL_Reg server_methods[] = {
+  { "log", server_log },
+  { "reopen_log", server_reopen_log },
   { "start", server_start },
   { "stop", server_stop },
   { "address", server_address },

@@ -104,9 +104,8 @@ int multiloop_slots_audit(multiloop_runtime_t *rt) {
   int i, left = atomic_load(&rt->active), held = 0;
   for (i = 0; i < rt->cfg->nworkers; i++) held += multiloop_slots_held(&rt->workers[i]);
   if (left != 0 || held != 0) {
-    fprintf(stderr, "multiloop: stop: %d connection slots not given back (%d held by workers)\n",
-            left, held);
-    fflush(stderr);
+    multiloop_log_as(rt->cfg->logger, MULTILOOP_LOG_ERROR, "main", 0,
+                     "stop: %d connection slots not given back (%d held by workers)", left, held);
   }
   return left != 0 || held != 0;
 }

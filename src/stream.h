@@ -102,6 +102,7 @@ struct multiloop_stream_ext_s {
   void *tap;                           /* the owner's: the pipe it is in (pipe.c), or NULL */
   size_t held;                         /* bytes the transport holds outside the handle's
                                           queue (TLS: writes before the handshake ends) */
+  void *proxy;                         /* the owner's PROXY header (proxy.h), freed with ext */
   multiloop_stream_input_t in;
 };
 

@@ -221,9 +221,8 @@ static void close_co(multiloop_thread_t *t, lua_State *from) {
   /* A coroutine that failed gives its (reported) error back: not news. */
   if (multiloop_closethread(t->co, from) != LUA_OK && !failed) {
     const char *msg = lua_type(t->co, -1) == LUA_TSTRING ? lua_tostring(t->co, -1) : NULL;
-    fprintf(stderr, "multiloop: worker %d: %s: closing: %s\n", t->w->id, t->what,
-            msg ? msg : "(error object is not a string)");
-    fflush(stderr);
+    multiloop_log(t->w, MULTILOOP_LOG_ERROR, t->conn_id ? *t->conn_id : 0, "%s: closing: %s",
+                  t->what, msg ? msg : "(error object is not a string)");
   }
   lua_settop(t->co, 0);
 }

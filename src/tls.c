@@ -44,6 +44,15 @@
 #include "conn.h"
 #include "tls.h"
 
+/* gcc 12's -fanalyzer loses memory stored through a pointer it reached by a
+ * cast (the worker from loop->data, the state from the stream's ext block,
+ * a write request handed to uv_write) and reports it leaked, as in stream.c
+ * and serve.c; here every allocation takes that path. ASan's and valgrind's
+ * leak checks run the TLS specs instead. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#pragma GCC diagnostic ignored "-Wanalyzer-malloc-leak"
+#endif
+
 /* Plaintext handed to the owner at once, at most (several records). */
 #define TLS_PLAIN_SIZE (64 * 1024)
 /* Plaintext encrypted in one go by a write: a queued write's ciphertext
@@ -474,6 +483,7 @@ struct tls_conn_s {
   unsigned eof : 1;                    /* the socket ended: the BIO says so */
   unsigned client : 1;
   unsigned failed : 1;
+  unsigned seen : 1;                   /* a byte came: a close before one is no TLS error */
 };
 
 static BIO_METHOD *bio_method;
@@ -579,8 +589,13 @@ void multiloop_tls_worker_free(multiloop_worker_t *w) {
   OPENSSL_thread_stop();                 /* this thread's error queue */
 }
 
+/* Counted and logged (info, as nginx logs failed handshakes): every
+ * stream is a connection's (conn.c), which has the id. */
 static void count_error(tls_conn_t *tc) {
-  atomic_fetch_add_explicit(&multiloop_stream_worker(tc->s)->tls_errors, 1, memory_order_relaxed);
+  multiloop_worker_t *w = multiloop_stream_worker(tc->s);
+  atomic_fetch_add_explicit(&w->tls_errors, 1, memory_order_relaxed);
+  multiloop_log(w, MULTILOOP_LOG_INFO, ((multiloop_conn_t *)tc->s)->id, "TLS: %s",
+                tc->err[0] ? tc->err : "error");
 }
 
 /* --- writing ciphertext ---------------------------------------------------- */
@@ -892,6 +907,7 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   if (nread > 0) {
     atomic_fetch_add_explicit(&multiloop_stream_worker(s)->bytes_in, (uint64_t)nread,
                               memory_order_relaxed);
+    tc->seen = 1;
     if (tc->stash_len > 0) {             /* behind what is kept: keep it too */
       tc->in = buf->base;
       tc->in_len = (size_t)nread;
@@ -902,6 +918,10 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
     feed(tc, buf->base, (size_t)nread);
   } else if (nread == UV_EOF) {
     tc->eof = 1;
+    if (!tc->handshaken && !tc->seen && !tc->client) {
+      multiloop_stream_close(s, 0);      /* connected and left (a health check) */
+      return;
+    }
     if (tc->handshaken && SSL_has_pending(tc->ssl) && SSL_pending(tc->ssl) == 0) {
       snprintf(tc->err, sizeof tc->err, "the peer closed the connection inside a record");
       fail(tc, MULTILOOP_REASON_TLS);    /* a truncated record, not a clean end */
@@ -1163,11 +1183,17 @@ static int attach(multiloop_stream_t *s, SSL_CTX *ctx, int client, uint64_t time
   return 0;
 }
 
-int multiloop_tls_accept(multiloop_stream_t *s) {
+int multiloop_tls_accept(multiloop_stream_t *s, const char *data, size_t len) {
   const multiloop_tls_t *t = multiloop_stream_worker(s)->cfg->tls;
   tls_conn_t *tc;
+  int rc;
   if (t == NULL || t->starttls) return 0;
-  return attach(s, t->ctx, 0, t->handshake_timeout, &tc);
+  if (data == NULL) return attach(s, t->ctx, 0, t->handshake_timeout, &tc);
+  uv_read_stop(&s->h.stream);            /* the plain reads that brought the PROXY header */
+  if ((rc = attach(s, t->ctx, 0, t->handshake_timeout, &tc)) != 0) return rc;
+  tc->want_read = !s->paused && !s->read_ended && !s->close_when_flushed;
+  feed(tc, data, len);                   /* the ClientHello, or its start */
+  return 0;
 }
 
 /* --- session objects (client) ----------------------------------------------- */

@@ -14,8 +14,9 @@ void multiloop_tls_configure(lua_State *L, int opts, multiloop_config_t *cfg);
 void multiloop_tls_free(multiloop_config_t *cfg);
 
 /* A worker: an accepted stream of a tls server gets the TLS transport (none
- * with tls.starttls: conn:sslhandshake() does it). 0 or UV_ENOMEM. */
-int multiloop_tls_accept(multiloop_stream_t *s);
+ * with tls.starttls: conn:sslhandshake() does it). `data`: ciphertext that
+ * already came (after a PROXY header), NULL for none. 0 or UV_ENOMEM. */
+int multiloop_tls_accept(multiloop_stream_t *s, const char *data, size_t len);
 /* conn:tls() and conn:sslhandshake(...). */
 int multiloop_tls_info(lua_State *L);
 int multiloop_tls_sslhandshake(lua_State *L);

@@ -152,6 +152,8 @@ static void push_core(lua_State *L, multiloop_worker_t *w) {
   luaL_setfuncs(L, multiloop_resolve_funcs, 1);    /* resolve */
   lua_pushlightuserdata(L, w);
   luaL_setfuncs(L, worker_funcs, 1);               /* exiting, time */
+  lua_pushlightuserdata(L, w);
+  luaL_setfuncs(L, multiloop_log_funcs, 1);        /* log (log.c) */
 }
 
 /* Protected (run by lua_pcall): prepares the state, builds the `worker`
@@ -277,7 +279,7 @@ static int refuse_pending(multiloop_worker_t *w) {
     w->spare_busy = 1;
     h = &w->spare.handle;
   }
-  if (w->cfg->path) uv_pipe_init(&w->loop, (uv_pipe_t *)h, 0);
+  if (multiloop_conn_is_unix(w->rt, &w->pipe, -1)) uv_pipe_init(&w->loop, (uv_pipe_t *)h, 0);
   else uv_tcp_init(&w->loop, (uv_tcp_t *)h);
   h->data = w;
   (void)uv_accept((uv_stream_t *)&w->pipe, (uv_stream_t *)h);
@@ -578,8 +580,8 @@ static void worker_main(void *arg) {
   multiloop_threads_close(w);                      /* what is still suspended */
   uv_run(&w->loop, UV_RUN_DEFAULT);                /* their close callbacks */
   if ((rc = uv_loop_close(&w->loop)) != 0)
-    fprintf(stderr, "multiloop: worker %d: loop closed with handles open: %s\n",
-            w->id, uv_err_name(rc));
+    multiloop_log(w, MULTILOOP_LOG_ERROR, 0, "loop closed with handles open: %s",
+                  uv_err_name(rc));
   if (w->L) lua_close(w->L);
   w->L = NULL;
   multiloop_resolver_free(w);

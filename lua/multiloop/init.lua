@@ -20,11 +20,17 @@ local M = {
 -- the main state and every worker (lua/multiloop/shared.lua).
 M.shared = require("multiloop.shared")
 
+--- multiloop.log(level, ...): one line in the log of the most recently made
+-- server (its level, its file), or on stderr at level info when there is
+-- none; "main" in the line's worker place (src/log.c).
+M.log = core.log
+
 local MAX_WORKERS = 1024
 local MAX_MS = 0x7fffffff                  -- about 24.8 days
 local MAX_BYTES = 0x7fffffff
 local MAX_PATH = 107                       -- sun_path holds 108 bytes with the NUL (Linux)
 local MAX_HOST = 253                       -- the longest DNS name
+local MAX_LOG_PATH = 4095                  -- src/multiloop.h: MULTILOOP_LOG_MAX_PATH
 
 -- Option checkers: each returns the value to use, or raises with a message
 -- that names the option. Ordered: required, important, alphabetical.
@@ -169,10 +175,50 @@ local checks = {
     end
     return v
   end,
+  -- PROXY protocol (src/proxy.c): the addresses are parsed by the core.
+  proxy_protocol = function(v)
+    if type(v) ~= "table" then
+      fail("proxy_protocol", "must be a table { from = { trusted addresses }, timeout = ms }", v)
+    end
+    for k in pairs(v) do
+      if k ~= "from" and k ~= "timeout" then
+        fail("proxy_protocol", "has an unknown field '" .. tostring(k) .. "'", v)
+      end
+    end
+    if type(v.from) ~= "table" or #v.from == 0 then
+      fail("proxy_protocol.from", "is required: a list of trusted addresses or CIDR blocks "
+        .. "(a receiver must never guess whether a header is there)", v.from)
+    end
+    for i, a in ipairs(v.from) do
+      if type(a) ~= "string" then fail(("proxy_protocol.from[%d]"):format(i), "must be a string", a) end
+    end
+    if v.timeout ~= nil then integer_in("proxy_protocol.timeout", v.timeout, 1, MAX_MS) end
+    return v
+  end,
   tls_ca = function(v)
     if type(v) ~= "string" then fail("tls_ca", "must be a path to a PEM file of CA certificates", v) end
     return v
   end,
+  -- Socket activation and inherited sockets (src/activation.c): which socket
+  -- and whether it is one we can serve are checked by the core.
+  listen = function(v)
+    if type(v) ~= "string" or not (v == "systemd" or v:match("^systemd:[^%z]+$")) or #v > 263 then
+      fail("listen", "must be 'systemd' or 'systemd:NAME' (NAME: one of LISTEN_FDNAMES, "
+        .. "1 to 255 bytes)", v)
+    end
+    return v
+  end,
+  fd = function(v) return integer_in("fd", v, 0, 0x7fffffff) end,
+  -- Logs (src/log.c): the file is opened by core.new, which names the option
+  -- when it cannot be.
+  log = function(v)
+    if type(v) ~= "string" or v == "" or #v > MAX_LOG_PATH then
+      fail("log", ("must be a file path of 1 to %d bytes"):format(MAX_LOG_PATH), v)
+    end
+    if v:find("\0", 1, true) then fail("log", "must not contain a zero byte", v) end
+    return v
+  end,
+  log_level = function(v) return one_of("log_level", v, { "error", "warn", "info", "debug" }) end,
 }
 
 -- dispatch: the fastest mode on connection rate, measured with `make bench`
@@ -191,6 +237,7 @@ local defaults = {
   receive_limit = 1024 * 1024,             -- src/multiloop.h says the same
   dns_cache_ttl = 30000,                   -- so does it for these two
   dns_max_lookups = 4,
+  log_level = "info",                      -- so does src/log.c
 }
 
 local Server = {}
@@ -202,6 +249,15 @@ local function check_server(self, method)
     error(("multiloop.server: %s must be called as server:%s()"):format(method, method), 3)
   end
   return self
+end
+
+--- The sockets socket activation passed to this process: { { fd = 3, name =
+-- "web" }, ... } (a socket without a name in LISTEN_FDNAMES is "unknown"),
+-- or nil, why. Read from LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES on the
+-- first call (or the first server with `listen`), which then removes them
+-- and marks the sockets close-on-exec (src/activation.c).
+function M.listen_fds()
+  return core.listen_fds()
 end
 
 --- Creates a server; nothing runs until start() or run().
@@ -219,7 +275,19 @@ function M.server(opts)
       error("multiloop.server: option 'handler' is required "
         .. "(a module name, a path to a .lua file, or a function)", 0)
     end
-    if opts.path ~= nil then
+    local inherited = opts.listen ~= nil and "listen" or opts.fd ~= nil and "fd" or nil
+    if inherited then
+      -- The socket exists already: where it listens, and how, are its owner's.
+      if opts.listen ~= nil and opts.fd ~= nil then
+        error("multiloop.server: option 'listen' cannot be combined with 'fd'", 0)
+      end
+      for _, k in ipairs { "host", "port", "path", "backlog", "mode", "unlink" } do
+        if opts[k] ~= nil then
+          error(("multiloop.server: option '%s' (an inherited socket) cannot be combined with "
+            .. "'%s'"):format(inherited, k), 0)
+        end
+      end
+    elseif opts.path ~= nil then
       if opts.port ~= nil or opts.host ~= nil then
         error("multiloop.server: option 'path' (a Unix socket) cannot be combined with "
           .. "'host' or 'port'", 0)
@@ -245,11 +313,15 @@ function M.server(opts)
   ok, err = pcall(function()
     for k, check in pairs(checks) do
       local v = opts[k]
-      if v == nil and not (opts.path and (k == "host" or k == "port")) then v = defaults[k] end
+      local elsewhere = opts.path or opts.listen or opts.fd      -- no host, no port
+      if v == nil and not (elsewhere and (k == "host" or k == "port")) then v = defaults[k] end
       if v ~= nil then o[k] = check(v) end
     end
     o.workers = o.workers or core.parallelism()
-    o.dispatch = o.dispatch or ((o.path or o.balance) and "queue" or "reuseport")
+    -- An inherited socket has one accept queue whatever the dispatch, so
+    -- reuseport has nothing to spread: queue (README, "Inherited sockets").
+    o.dispatch = o.dispatch or ((o.path or o.balance or o.listen or o.fd) and "queue"
+      or "reuseport")
     if o.dispatch ~= "reuseport" then o.balance = o.balance or "round_robin" end
     o.write_low_water = o.write_low_water or o.write_high_water // 4
     if o.write_low_water >= o.write_high_water then
@@ -275,6 +347,8 @@ function M.server(opts)
     host = o.host,
     port = o.port,
     path = o.path,
+    listen = o.listen,
+    fd = o.fd,
     dispatch = o.dispatch,
     workers = o.workers,
     handler = type(opts.handler) == "string" and opts.handler or "function",
@@ -335,21 +409,149 @@ function Server:stats()
   return self._core:stats()
 end
 
+-- server:metrics(): each stats() field, in this order, as a Prometheus
+-- metric multiloop_<field> (counters end in _total). A numeric field not
+-- listed here (added to stats() later) comes out as a counter, after these,
+-- by name: every field is a count since start unless it is listed as a
+-- gauge, so a new gauge needs its line here and a new counter only its help.
+local METRICS = {
+  { "accepted", "counter", "Connections accepted." },
+  { "active", "gauge", "Connections open now." },
+  { "handed_off", "counter", "Connections the acceptor handed to a worker (dispatch ipc and queue)." },
+  { "accept_errors", "counter", "Accepts that failed." },
+  { "bytes_in", "counter", "Bytes read, inbound and outbound connections." },
+  { "bytes_out", "counter", "Bytes written, inbound and outbound connections." },
+  { "threads", "gauge", "Light threads alive now." },
+  { "connects", "counter", "Outbound connections made." },
+  { "connect_errors", "counter", "Outbound connections that failed." },
+  { "reused", "counter", "Outbound connects served from a keepalive pool." },
+  { "pooled", "gauge", "Idle outbound connections in the keepalive pools now." },
+  { "tls_handshakes", "counter", "TLS handshakes completed, server and client side." },
+  { "tls_errors", "counter", "TLS handshakes that failed or timed out, bad records, fatal alerts." },
+  { "proxy_errors", "counter", "Connections refused in the PROXY protocol phase." },
+}
+local METRIC = {}
+for _, m in ipairs(METRICS) do METRIC[m[1]] = m end
+
+-- A sample's value: integers exactly, floats round-trip, and the format's
+-- words for the infinities and NaN.
+local function sample_value(v)
+  if math.type(v) == "integer" then return ("%d"):format(v) end
+  if v ~= v then return "NaN" end
+  if v == math.huge then return "+Inf" end
+  if v == -math.huge then return "-Inf" end
+  return ("%.17g"):format(v)
+end
+
+--- multiloop.metrics_text(stats): a table shaped as stats() returns (its
+-- numeric fields, and workers[i]'s) in the Prometheus text exposition format
+-- (version 0.0.4): per metric a # HELP and a # TYPE line, the total without
+-- labels, then each worker's figure labelled worker="N" where stats() has
+-- one per worker. server:metrics() is this over server:stats().
+function M.metrics_text(stats)
+  if type(stats) ~= "table" then
+    error("multiloop.metrics_text: expected a table shaped as server:stats() returns (got "
+      .. type(stats) .. ")", 2)
+  end
+  local workers = type(stats.workers) == "table" and stats.workers or {}
+  local names, seen = {}, {}
+  for _, m in ipairs(METRICS) do
+    names[#names + 1], seen[m[1]] = m[1], true
+  end
+  local extra = {}
+  for _, t in ipairs { stats, type(workers[1]) == "table" and workers[1] or {} } do
+    for k, v in pairs(t) do
+      if type(k) == "string" and type(v) == "number" and not seen[k] and k:match("^[%a_][%w_]*$") then
+        extra[#extra + 1], seen[k] = k, true
+      end
+    end
+  end
+  table.sort(extra)
+  table.move(extra, 1, #extra, #names + 1, names)
+  local out = {}
+  for _, name in ipairs(names) do
+    local m = METRIC[name] or { name, "counter", ("server:stats() field %s."):format(name) }
+    local metric = "multiloop_" .. name .. (m[2] == "counter" and "_total" or "")
+    local lines = {}
+    if type(stats[name]) == "number" then
+      lines[#lines + 1] = metric .. " " .. sample_value(stats[name])
+    end
+    for i, w in ipairs(workers) do
+      if type(w) == "table" and type(w[name]) == "number" then
+        lines[#lines + 1] = ('%s{worker="%d"} %s'):format(metric, i, sample_value(w[name]))
+      end
+    end
+    if #lines > 0 then
+      out[#out + 1] = ("# HELP %s %s"):format(metric, m[3])
+      out[#out + 1] = ("# TYPE %s %s"):format(metric, m[2])
+      table.move(lines, 1, #lines, #out + 1, out)
+    end
+  end
+  return table.concat(out, "\n") .. "\n"
+end
+
+--- stats() in the Prometheus text exposition format (multiloop.metrics_text).
+function Server:metrics()
+  check_server(self, "metrics")
+  return M.metrics_text(self._core:stats())
+end
+
 --- Starts (unless running) and serves until SIGINT or SIGTERM. The first
 -- signal stops gracefully, giving connections opts.timeout ms (default
--- 5000) to finish; a second one stops at once. Returns the first signal's
--- name and how many signals arrived during run().
+-- 5000) to finish; a second one stops at once. opts.ready(server) runs once
+-- it serves, with the signals already caught (where to say that it
+-- listens); with opts.tick (a function) and opts.every (ms), tick(server)
+-- runs in this state every `every` ms while it serves. An error in either
+-- stops the server at once and is raised. Returns the first signal's name
+-- and how many signals arrived during run(). SIGUSR1 reopens the log file
+-- (option log) and is not counted.
+local run_options = { timeout = true, every = true, tick = true, ready = true }
 function Server:run(opts)
   check_server(self, "run")
-  local timeout = opts and opts.timeout or 5000
-  local ok, err = pcall(integer_in, "timeout", timeout, 0, MAX_MS)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("multiloop.server: run: expected nil or a table { timeout = ms, every = ms, "
+      .. "tick = fn, ready = fn } (got " .. type(opts) .. ")", 2)
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if not run_options[k] then
+      error(("multiloop.server: run: unknown option '%s'"):format(tostring(k)), 2)
+    end
+  end
+  local timeout, every, tick = opts.timeout or 5000, opts.every, opts.tick
+  local ok, err = pcall(function()
+    integer_in("timeout", timeout, 0, MAX_MS)
+    if every ~= nil then integer_in("every", every, 1, MAX_MS) end
+    if tick ~= nil and type(tick) ~= "function" then fail("tick", "must be a function", tick) end
+    if opts.ready ~= nil and type(opts.ready) ~= "function" then
+      fail("ready", "must be a function", opts.ready)
+    end
+    if (every == nil) ~= (tick == nil) then
+      error("multiloop.server: option 'every' and option 'tick' go together", 0)
+    end
+  end)
   if not ok then error(err:gsub("multiloop.server: option", "multiloop.server: run: option"), 2) end
   -- One watcher from here to the end: SIGINT and SIGTERM stay caught for the
   -- whole of run(), and one that arrives while nothing waits (during start,
   -- between the two waits, during the final stop) is kept, not lost.
   local signals <close> = self._core:signals()
-  if not self._core:running() then self:start() end
-  local sig = signals:wait(false)
+  if not self._core:running() then
+    local started, why = self._core:start()  -- raised from here, as start() does
+    if not started then error("multiloop.server: start: " .. why, 2) end
+  end
+  local function call(name, fn)
+    local done, why = pcall(fn, self)
+    if not done then
+      self._core:stop()
+      error(("multiloop.server: run: %s: %s"):format(name, tostring(why)), 3)
+    end
+  end
+  if opts.ready then call("ready", opts.ready) end
+  local sig
+  repeat
+    sig = signals:wait(false, every)         -- nil, "timeout" once `every` ms pass
+    if sig == nil then call("tick", tick) end
+  until sig
   if timeout > 0 then
     self._core:stop_begin(timeout)
     signals:wait(true)                         -- a second signal ends the wait
@@ -380,6 +582,22 @@ function Server:broadcast(value)
   return n
 end
 
+--- server:log(level, ...): one line in this server's log, as "main"
+-- (multiloop.log writes to the most recently made server's).
+function Server:log(level, ...)
+  check_server(self, "log")
+  local ok, err = pcall(self._core.log, self._core, level, ...)
+  if not ok then error(err, 2) end
+end
+
+--- Reopens the log file (option log) at its path, as SIGUSR1 does during
+-- run(): true, or nil, message, error name (the old file stays in use).
+-- True at once when the log is stderr.
+function Server:reopen_log()
+  check_server(self, "reopen_log")
+  return self._core:reopen_log()
+end
+
 function Server:__close()
   self:stop()
 end
@@ -388,6 +606,11 @@ function Server:__tostring()
   local where
   if self.path then
     where = "path=" .. self.path
+  elseif self.listen or self.fd then
+    where = self.listen and ("listen=" .. self.listen) or ("fd=" .. self.fd)
+    local a, port = self._core:address()
+    if port then where = where .. (", host=%s, port=%d"):format(a, port)
+    elseif a then where = where .. ", path=" .. a end
   else
     local host, port = self._core:address()
     if not host then host, port = self.host, self.port end

@@ -34,7 +34,7 @@ if worker == nil then
 end
 
 local floor, tointeger, type, select = math.floor, math.tointeger, type, select
-local tostring, concat, stderr = tostring, table.concat, io.stderr
+local tostring, concat = tostring, table.concat
 
 local ngx = {}
 
@@ -134,7 +134,12 @@ ngx.ERR, ngx.WARN, ngx.NOTICE, ngx.INFO, ngx.DEBUG = 4, 5, 6, 7, 8
 -- Messages above this level are dropped. nginx's error_log defaults to
 -- "error"; a test or a development run wants more: set_log_level(ngx.DEBUG).
 local log_level = ngx.ERR
-local prefix = ("multiloop: worker %d: "):format(worker.id)
+-- nginx's levels as the worker log's (src/log.c): stderr to crit are errors,
+-- notice is info. The nginx name stays in the message: "[crit] ...".
+local ours = {
+  [0] = "error", "error", "error", "error", "error", "warn", "info", "info", "debug",
+}
+local log = worker.log
 
 local function check_level(level, what)
   if type(level) ~= "number" or tointeger(level) == nil or level < 0 or level > 8 then
@@ -144,20 +149,17 @@ local function check_level(level, what)
   return tointeger(level)
 end
 
--- ngx.log(level, ...): one line on stderr, "multiloop: worker 2: [error]
--- a message", the arguments joined as OpenResty joins them (tostring of
--- each: nil, booleans, numbers, strings, tables with __tostring). Written
--- with one write, so lines from different workers do not interleave within
--- a line (each is shorter than a pipe's atomic PIPE_BUF, 4 KiB, unless the
--- message is longer).
+-- ngx.log(level, ...): one line in the worker's log (worker.log, so the
+-- server's log and log_level apply too), "[error] a message", the
+-- arguments joined as OpenResty joins them (tostring of each, no separator:
+-- nil, booleans, numbers, strings, tables with __tostring).
 function ngx.log(level, ...)
   level = check_level(level, "ngx.log")
   if level > log_level then return end
   local n = select("#", ...)
-  local parts = { prefix, "[", levels[level], "] " }
-  for i = 1, n do parts[i + 4] = tostring((select(i, ...))) end
-  parts[n + 5] = "\n"
-  stderr:write(concat(parts))
+  local parts = { "[", levels[level], "] " }
+  for i = 1, n do parts[i + 3] = tostring((select(i, ...))) end
+  log(ours[level], concat(parts))
 end
 
 -- A multiloop extension (OpenResty sets this in nginx.conf's error_log):

@@ -5,7 +5,7 @@
 -- from the state that made the server), loads it before the handler and calls
 -- what it returns with the worker's core table: its `id`, `count` and copied
 -- `config`, and the C primitives of src/timer.c (`timer`, `every`, `now`) and
--- src/message.c (`send`, `broadcast`), src/thread.c (`spawn`, `wait`,
+-- src/message.c (`send`, `broadcast`), src/log.c (`log`), src/thread.c (`spawn`, `wait`,
 -- `sleep`, `kill`), src/outbound.c (`tcp`, `connect`) and src/resolve.c
 -- (`resolve`), each closing over its worker. The table
 -- returned here is the `worker` object itself (documented in the README, "The
@@ -38,5 +38,6 @@ return function(core)
     resolve = core.resolve,
     exiting = core.exiting,   -- true once the worker has begun to stop
     time = core.time,         -- the wall clock, seconds (float)
+    log = core.log,           -- log(level, ...): src/log.c
   }
 end
