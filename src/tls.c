@@ -1084,7 +1084,8 @@ static void tls_close(multiloop_stream_t *s) {
   multiloop_tls_worker_t *tw = multiloop_stream_worker(s)->tls;
   multiloop_deadline_remove(&tc->hs_dl);
   undefer(tc);
-  if (tc->handshaken && s->reason >= 0 && s->h.stream.write_queue_size == 0 &&
+  /* close_notify, but not over writes dropped unsent */
+  if (tc->handshaken && s->reason >= 0 && s->h.stream.write_queue_size == 0 && tc->held == NULL &&
       !(SSL_get_shutdown(tc->ssl) & SSL_SENT_SHUTDOWN)) {
     ERR_clear_error();
     (void)SSL_shutdown(tc->ssl);         /* close_notify, if the socket takes it now */
