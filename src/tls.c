@@ -1337,6 +1337,14 @@ int multiloop_tls_sslhandshake(lua_State *L) {
     ctx = tt->ctx;
     timeout = tt->handshake_timeout;
   }
+  /* Sends of this read event held back (serve's cork) are plaintext that
+   * goes before the handshake (a STARTTLS reply), not through it. */
+  if (c->serve) multiloop_serve_uncork(c);
+  if (s->closing) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+  }
   if ((wt = calloc(1, sizeof *wt)) == NULL) return luaL_error(L, "not enough memory");
   if (s->ext == NULL || s->ext->tp == NULL) uv_read_stop(&s->h.stream);   /* the plain reads */
   if ((rc = attach(s, ctx, c->outbound, timeout, &tc)) != 0) {
