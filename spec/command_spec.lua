@@ -154,6 +154,47 @@ describe("the multiloop command #child", function()
     end)
   end)
 
+  describe("under a supervisor", function()
+    it("serves the socket socket activation passed (--listen systemd), logs to --log, "
+      .. "reopens it on SIGUSR1", function()
+      if not helper.installed("systemd-socket-activate") then
+        pending("systemd-socket-activate is not installed (Debian: systemd)")
+        return
+      end
+      local port = helper.free_port()
+      local log = os.tmpname()
+      helper.defer(function() os.remove(log) os.remove(log .. ".1") end)
+      -- It passes on only the environment -E names (the module's paths; under
+      -- `make asan` the sanitizer's runtime and options).
+      local env = ""
+      for _, v in ipairs { "LUA_PATH", "LUA_CPATH", "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do
+        if os.getenv(v) then env = env .. " -E " .. v end
+      end
+      local child = helper.spawn_command(("systemd-socket-activate%s -l 127.0.0.1:%d %s "
+        .. "examples/echo_handler.lua --listen systemd --workers 1 --log %s"):format(env, port,
+        COMMAND, log))
+      assert(helper.eventually(function() return child.stderr():find("Listening on") end, 5000),
+        child.stderr())
+      local c = helper.connect(port)       -- the first connection starts the command
+      helper.defer(function() c:close() end)
+      assert.are.equal("ping\n", helper.echo(c, "ping\n"))
+      assert.matches("^multiloop: listening on 127%.0%.0%.1:" .. port .. " %(1 worker, dispatch queue",
+        child.line())
+      assert(os.rename(log, log .. ".1"))  -- logrotate's move, then its postrotate signal
+      child.signal("USR1")
+      assert(helper.eventually(function()
+        local f = io.open(log)
+        local text = f and f:read("a")
+        if f then f:close() end
+        return text and text:find(" info main: SIGUSR1: log reopened\n", 1, true)
+      end, 5000), "no record in the reopened log")
+      c:close()
+      child.signal("TERM")
+      local rest, how, code = child.wait()
+      assert.are.same({ "multiloop: stopped on SIGTERM\n", "exit", 0 }, { rest, how, code })
+    end)
+  end)
+
   describe("a config file", function()
     it("sets any server option, handler and worker.config included", function()
       local conf = tmpfile([[
@@ -339,7 +380,13 @@ return {
       { "examples/echo_handler.lua --port 0 --check=yes", "--check: takes no value" .. HELP },
       { "a.lua b.lua --port 0", "expected one HANDLER, got 2 arguments: 'a.lua' 'b.lua'" .. HELP },
       { "--port 0", "expected a HANDLER (a Lua file or a module name)" .. HELP },
-      { "examples/echo_handler.lua", "expected --port (0 picks a free port) or --path" .. HELP },
+      { "examples/echo_handler.lua", "expected --port (0 picks a free port), --path, --listen or --fd" .. HELP },
+      { "examples/echo_handler.lua --listen systemd --port 0",
+        "--listen (inherited sockets) cannot be combined with --host, --port or --path" .. HELP },
+      { "examples/echo_handler.lua --fd 3 --path /tmp/x.sock",
+        "--fd (inherited sockets) cannot be combined with --host, --port or --path" .. HELP },
+      { "examples/echo_handler.lua --port 0 --log-level loud",
+        "--log-level: option 'log_level' must be one of 'error', 'warn', 'info', 'debug' (got 'loud')" },
       { "examples/echo_handler.lua --path /tmp/x.sock --port 0",
         "--path (a Unix socket) cannot be combined with --host or --port" .. HELP },
       { "examples/echo_handler.lua --port 0 --tls-cert c.pem",
