@@ -155,6 +155,13 @@ describe("tls (hostile) #child", function()
     end)
   end)
 
+  describe("connections sharing a worker's output buffer", function()
+    it("#stress 20 clients echo 2 MiB each at once through one worker, each getting its own bytes", function()
+      local port = start("echo", { handler = "spec.fixtures.tls_hostile_cb", tls = tls_opts() })
+      assert.are.equal("20 of 20", py(port, "many", 20))
+    end)
+  end)
+
   describe("pause and resume", function()
     it("data, close_notify and FIN at once reach a paused owner in order, then its end", function()
       local port = start("echo_pause", { handler = "spec.fixtures.tls_hostile_cb", tls = tls_opts() })
