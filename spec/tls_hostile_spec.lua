@@ -169,6 +169,13 @@ describe("tls (hostile) #child", function()
     end)
   end)
 
+  describe("a slow serve reader", function()
+    it("gets every byte sent before close_notify and FIN, then the end", function()
+      local port = start("slow_count", { tls = tls_opts() })
+      assert.are.equal("got 1000000 closed", py(port, "count", 1000000))
+    end)
+  end)
+
   describe("hostile clients", function()
     it("a ClientHello in 1-byte segments", function()
       local port = start("echo", { tls = tls_opts() })
