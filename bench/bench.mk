@@ -1,16 +1,18 @@
 # bench/bench.mk: `make bench`, included by the last line of the Makefile.
 #   make bench          build, name the peers that are missing, measure
 #                       (bench/run.sh), write bench/results/ and BENCHMARKS.md
-#   make bench-build    build/bench/loadgen and build/bench/ref_server only
+#   make bench-build    build/bench/loadgen, tls_loadgen, ref_server, lua_host only
 #   make bench-report   BENCHMARKS.md again from bench/results/raw.tsv
 # Never part of `make test`. Settings: BENCH_SECONDS, BENCH_REPEATS,
 # BENCH_QUICK=1, BENCH_WORKERS, BENCH_DISPATCH, BENCH_IDLE_CONNS, BENCH_ONLY,
 # BENCH_IR_SECONDS, BENCH_IR_HANDLERS, BENCH_KV_HANDLER, BENCH_KV_N16,
-# BENCH_KV_N1, BENCH_PROXY_HANDLER (bench/run.sh).
+# BENCH_KV_N1, BENCH_PROXY_HANDLER, BENCH_TLS_KEY, BENCH_TLS_IDLE_CONNS,
+# BENCH_TLS_BULK_BYTES, BENCH_TLS_TICKETS (bench/run.sh).
 
 BENCH_BUILD    ?= build/bench
 # The peers and tools, all optional: `make deps BENCH=yes` installs them.
-BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua libnginx-mod-stream haproxy gnuplot-nox curl
+# openssl (the command): the TLS scenarios' throwaway certificate.
+BENCH_PACKAGES := lua-luv wrk nginx libnginx-mod-http-lua libnginx-mod-stream haproxy gnuplot-nox curl openssl
 # Used by the echo-ir and proxy-ir (callgrind), kv (redis-server) and
 # redis-pool (redis-server, lua-resty-redis) scenarios; already among the
 # Makefile's TEST_PACKAGES, so plain `make deps` installs them.
@@ -22,11 +24,16 @@ BENCH_CFLAGS   := -std=gnu11 -O2 -g -Wall -Wextra -Werror -pthread
 bench: bench-deps build bench-build
 	bash bench/run.sh
 
-bench-build: $(BENCH_BUILD)/loadgen $(BENCH_BUILD)/ref_server $(BENCH_BUILD)/lua_host
+bench-build: $(BENCH_BUILD)/loadgen $(BENCH_BUILD)/tls_loadgen $(BENCH_BUILD)/ref_server $(BENCH_BUILD)/lua_host
 
 $(BENCH_BUILD)/loadgen: bench/loadgen.c bench/bench.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(BENCH_CFLAGS) -o $@ $< -pthread
+
+# The TLS scenarios' client (OpenSSL's libssl-dev, which multiloop builds on).
+$(BENCH_BUILD)/tls_loadgen: bench/tls_loadgen.c bench/bench.mk
+	@mkdir -p $(dir $@)
+	$(CC) $(BENCH_CFLAGS) -o $@ $< -lssl -lcrypto
 
 # lua5.4 with the VM's symbols, for profiles (bench/lua_host.c).
 $(BENCH_BUILD)/lua_host: bench/lua_host.c bench/bench.mk | check-deps

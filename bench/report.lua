@@ -12,6 +12,7 @@ local SERVER_TITLE = {
   multiloop = "multiloop", ["ml-serve"] = "multiloop serve-style", ["ref-c"] = "raw C (ref_server)",
   luv = "luv (1 loop)", node = "Node.js cluster", ["nginx-lua"] = "nginx + Lua",
   redis = "redis-server", haproxy = "HAProxy (nbthread 1)", ["nginx-stream"] = "nginx stream (1 worker)",
+  ["ml-proxy"] = "multiloop's proxy",
 }
 -- Reported in sections of their own (not in SCENARIOS): callgrind's
 -- instructions per echoed message, and examples/kv.lua against redis-server.
@@ -379,6 +380,66 @@ do
     add(("%-26s %-26s %s"):format(pool_line.pool, pool_line.connect, ratio_text(pool_line.ratio)))
   end
 end
+
+-- TLS (issue 16): multiloop against nginx with `listen ssl`, per server
+-- CPU-second (idle: bytes per connection; tls-ir: Ir per operation). Each
+-- line: scenario, workers, multiloop's figure, the peer's, and
+-- multiloop / peer per repeat.
+local TLS_SCENARIOS = {
+  { id = "tls-hello", title = "HTTP hello over TLS, wrk 64 conns keep-alive", unit = "req",
+    field = "ops_per_cpu", peer = "nginx-lua", goal = 1.0, better = "higher" },
+  { id = "tls-handshake", title = "full handshake + 1 GET + close, 32 loops", unit = "handshake",
+    field = "ops_per_cpu", peer = "nginx-lua", goal = 1.0, better = "higher" },
+  { id = "tls-idle", title = "memory per idle TLS connection", unit = "bytes",
+    field = "bytes_per_conn", peer = "nginx-lua", better = "lower" },
+  { id = "tls-bulk", title = "64 MiB echoes through TLS, 1 conn", unit = "MiB",
+    field = "ops_per_cpu", peer = "nginx-stream", goal = 0.9, better = "higher",
+    servers = { "multiloop", "ml-proxy" } },
+  { id = "tls-ir-hello", title = "callgrind Ir per keep-alive TLS request", unit = "Ir",
+    field = "ir_per_op", peer = "nginx-lua", better = "lower" },
+  { id = "tls-ir-handshake", title = "callgrind Ir per full handshake (+ 1 GET)", unit = "Ir",
+    field = "ir_per_op", peer = "nginx-lua", better = "lower" },
+}
+local tls_lines = {}
+for _, w in ipairs(workers_list) do
+  for _, sc in ipairs(TLS_SCENARIOS) do
+    local by_server = g[w][sc.id]
+    if by_server then
+      local fmt = sc.field == "ir_per_op" and int or si
+      for _, server in ipairs(sc.servers or { "multiloop" }) do
+        if by_server[server] or by_server[sc.peer] then
+          local errs = 0
+          for _, name in ipairs({ server, sc.peer }) do
+            for _, e in ipairs(column(by_server[name], "errors")) do errs = errs + e end
+          end
+          tls_lines[#tls_lines + 1] = {
+            sc = sc, w = w, server = server,
+            ml = spread_text(column(by_server[server], sc.field), fmt),
+            peer = spread_text(column(by_server[sc.peer], sc.field), fmt),
+            ratio = ratios(by_server[server], by_server[sc.peer], sc.field),
+            ml_rate = si(median(column(by_server[server], "ops_per_s"))),
+            peer_rate = si(median(column(by_server[sc.peer], "ops_per_s"))),
+            errors = errs,
+          }
+        end
+      end
+    end
+  end
+end
+if #tls_lines > 0 then
+  add("")
+  add(("tls: OpenSSL %s, TLS 1.3 %s, %s, %s certificate, %s, no resumption on")
+    :format(meta.openssl or "?", meta.tls_suite or "?", meta.tls_group or "?", meta.tls_key or "?",
+      meta.tls_tickets == "1" and "2 session tickets per connection" or "no session tickets"))
+  add("either side; per server CPU-second (tls-idle: bytes per connection; tls-ir: Ir per op),")
+  add("median (min-max); multiloop / peer per repeat")
+  add(("%-17s %2s %-10s %-24s %-14s %-24s %s"):format("scenario", "w", "server", "multiloop", "peer",
+    "peer's", "multiloop / peer"))
+  for _, l in ipairs(tls_lines) do
+    add(("%-17s %2d %-10s %-24s %-14s %-24s %s"):format(l.sc.id, l.w, l.server, l.ml, l.sc.peer, l.peer,
+      ratio_text(l.ratio)))
+  end
+end
 add("")
 local txt = table.concat(lines, "\n") .. "\n"
 local f = assert(io.open(dir .. "/latest.txt", "w"))
@@ -494,6 +555,20 @@ do                                         -- issue 14, with 1 worker only
       l.ratio, l.sc.goal, "higher")
   end
 end
+for _, l in ipairs(tls_lines) do                -- issue 16
+  local sc = l.sc
+  if sc.goal then
+    target(("%s %s vs %s, >= %.1fx (issue 16)"):format(sc.id, SERVER_TITLE[l.server] or l.server,
+      SERVER_TITLE[sc.peer], sc.goal), l.w, l.ratio, sc.goal, "higher")
+  elseif sc.id == "tls-idle" and l.server == "multiloop" then
+    local mem = column(g[l.w]["tls-idle"].multiloop, "bytes_per_conn")
+    if #mem > 0 then
+      target_lines[#target_lines + 1] =
+        ("| tls-idle bytes per idle TLS connection, <= 20 KiB (issue 16) | %d | %s B | %s |")
+          :format(l.w, spread_text(mem, int), median(mem) <= 20480 and "met" or "**missed**")
+    end
+  end
+end
 
 -- The plot: ops per CPU-second, one cluster per scenario x workers.
 local plot_ok = false
@@ -572,6 +647,18 @@ w_(("- %s CPUs: %s; kernel %s"):format(meta.nproc or "?", meta.cpu or "?", meta.
 w_(("- libuv %s, Lua %s; peers: lua-luv %s, Node.js %s, nginx %s with lua-nginx-module %s, wrk %s")
   :format(meta.libuv or "?", meta.lua or "?", meta.luv or "?", meta.node or "?", meta.nginx or "?",
     meta.nginx_lua or "?", meta.wrk or "?"))
+if #tls_lines > 0 then
+  w_(("- TLS: OpenSSL %s (the `openssl` CLI; Debian's libssl3 %s, which multiloop links as %s;")
+    :format(meta.openssl or "?", meta.libssl or "?", meta.libssl_ml ~= "" and meta.libssl_ml or "?"))
+  w_(("  nginx: built with %s), TLS 1.3 only, cipher suite %s,"):format(meta.openssl_nginx or "?",
+    meta.tls_suite or "?"))
+  w_(("  key exchange %s, a throwaway %s certificate for localhost; negotiated, as the client saw it:")
+    :format(meta.tls_group or "?", meta.tls_key or "?"))
+  for _, s in ipairs({ "multiloop", "ml-proxy", "nginx-lua", "nginx-stream" }) do
+    local seen = meta["tls_seen_" .. s:gsub("-", "_")]
+    if seen then w_(("  %s: %s;"):format(SERVER_TITLE[s] or s, seen)) end
+  end
+end
 if #proxy_lines > 0 or #proxy_ir_lines > 0 then
   w_(("- proxy peers: HAProxy %s, nginx stream (libnginx-mod-stream) %s"):format(meta.haproxy or "?",
     meta.nginx_stream or "?"))
@@ -672,6 +759,34 @@ if #proxy_lines > 0 or #proxy_ir_lines > 0 then
   w_("  - `proxy-ir` (1 worker only): each of those proxies under `valgrind --tool=callgrind`")
   w_("    (nginx with `master_process off`) in front of the same upstream, counted as `echo-ir`:")
   w_("    Ir per proxied echo, 16 connections x 64 B at 1 and 16 in flight;")
+end
+if #tls_lines > 0 then
+  w_("  - the TLS scenarios (issue 16; settings under \"The machine\" and \"TLS\"): multiloop with")
+  w_("    the server option `tls = { cert, key, min_version = \"TLSv1.3\", ciphersuites, session_tickets")
+  w_("    = false }` (`bench/ml_server.lua ... tls.cert=PATH ...`), nginx with `listen ssl`")
+  w_("    (`TLS_CERT=... TLS_KEY=... sh bench/peers/nginx_lua.sh` or `nginx_stream.sh`, the TLS")
+  w_("    settings in `bench/peers/nginx_tls.sh`):")
+  w_("    `tls-hello`: `wrk -t1 -c64 https://...` keep-alive against `examples/http_hello.lua` and")
+  w_("    nginx + Lua, each first passing a checked exchange (`tls_loadgen --mode http`);")
+  w_("    `tls-handshake`: `build/bench/tls_loadgen --mode handshake --conns 32` (connect, full")
+  w_("    handshake, one GET with `Connection: close`, the answer checked, close_notify, close)")
+  w_("    against the same two servers, on `BENCH_DISPATCH` for multiloop;")
+  w_(("    `tls-idle`: %s TLS connections, one GET answered on each, then held; RSS growth")
+    :format(meta.tls_idle_conns or "?"))
+  w_("    over the connections, on a fresh server, as `idle-mem`;")
+  w_(("    `tls-bulk` (1 worker on CPU 0): `tls_loadgen --mode bulk --conns 1 --bytes %s`, one")
+    :format(meta.tls_bulk_bytes or "?"))
+  w_("    connection after another, each echoing that many bytes (written in 16 KiB records, at")
+  w_("    most 256 KiB ahead of the echo, every byte checked), through multiloop's TLS echo")
+  w_("    (`examples/echo_handler.lua`), multiloop's proxy terminating TLS in front of the raw-C")
+  w_("    echo (`ml-proxy`) and nginx stream `listen ssl` + `proxy_pass` in front of the same")
+  w_("    (the raw-C echo on CPU 1 with the client); MiB echoed per server CPU-second.")
+  w_("    nginx has no stream echo, so the like-for-like pair is `ml-proxy` against nginx")
+  w_("    stream (both decrypt, forward over plain TCP, read back, encrypt); the TLS echo does")
+  w_("    less (no upstream socket), so its ratio flatters multiloop;")
+  w_("    `tls-ir` (1 worker): each server under callgrind (nginx `master_process off`), Ir per")
+  w_(("    keep-alive request (16 connections) and per handshake loop (8), %s s each, as `echo-ir`;")
+    :format(meta.ir_seconds or "?"))
 end
 w_("- **Commands** (PORT: the server's; S: `BENCH_SECONDS`):")
 w_("  `build/bench/loadgen --port PORT --duration S --mode echo --conns 64 --size 64 --depth 1` (or `--depth 16`),")
@@ -787,6 +902,37 @@ if pool_line then
     pool_line.pool_rate, pool_line.connect_rate))
   w_("")
 end
+if #tls_lines > 0 then
+  w_("## TLS")
+  w_("")
+  w_(("TLS 1.3 with %s and %s on both sides, the same %s certificate,")
+    :format(meta.tls_suite or "?", meta.tls_group or "?", meta.tls_key or "?"))
+  if meta.tls_tickets == "1" then
+    w_("two stateless session tickets sent per connection and never used (`BENCH_TLS_TICKETS=1`:")
+    w_("multiloop `session_tickets = true`; nginx `ssl_session_tickets on`, `ssl_session_cache off`),")
+  else
+    w_("no session tickets and no session cache (multiloop `session_tickets = false`; nginx")
+    w_("`ssl_session_tickets off`, `ssl_session_cache off`, `ssl_conf_command NumTickets 0`),")
+  end
+  w_("and a client that never offers a session (`bench/tls_loadgen.c`; wrk for `tls-hello`), so")
+  w_("every handshake is a full one; the tickets each server sent are under \"The machine\".")
+  w_("Per second of server CPU, median (min-max) over the repeats, and multiloop's")
+  w_("figure over the peer's in the same repeat (for `tls-idle` and `tls-ir`: bytes per")
+  w_("connection and instructions per operation, where lower is better).")
+  w_("")
+  w_("| scenario | workers | multiloop | figure | peer | peer's figure | multiloop / peer"
+    .. " | ops/s (wall: multiloop, peer) | errors |")
+  w_("|---|---|---|---|---|---|---|---|---|")
+  for _, l in ipairs(tls_lines) do
+    local unit = l.sc.field == "ir_per_op" and " Ir/" .. (l.sc.id == "tls-ir-hello" and "req" or "handshake")
+      or l.sc.id == "tls-idle" and " B/conn" or (" %s/CPU-s"):format(l.sc.unit)
+    local rates = l.sc.id == "tls-idle" and "-" or (l.ml_rate .. ", " .. l.peer_rate)
+    w_(("| %s | %d | %s | %s%s | %s | %s%s | %s | %s | %d |"):format(l.sc.id, l.w,
+      SERVER_TITLE[l.server] or l.server, l.ml, unit, SERVER_TITLE[l.sc.peer] or l.sc.peer, l.peer, unit,
+      ratio_text(l.ratio), rates, l.errors))
+  end
+  w_("")
+end
 if #dispatch_lines > 0 then
   w_("## Dispatch modes")
   w_("")
@@ -845,18 +991,19 @@ end
 w_("## Re-running")
 w_("")
 w_("```")
-w_("make bench                       # the full run: 3 repeats of 5 s, about 18 minutes")
+w_("make bench                       # the full run: 3 repeats of 5 s, about 24 minutes")
 w_("BENCH_QUICK=1 make bench         # 1 repeat of 2 s, 2,000 idle connections: a smoke run")
 w_("BENCH_SECONDS=10 BENCH_REPEATS=5 BENCH_WORKERS=2 make bench")
 w_("BENCH_DISPATCH=ipc make bench    # multiloop and the reference both on ipc")
 w_("BENCH_ONLY='echo-ir kv' make bench  # groups: echo http dispatch echo-ir kv proxy proxy-ir redis-pool")
+w_("BENCH_ONLY='tls-hello tls-handshake tls-idle tls-bulk tls-ir' make bench  # the TLS scenarios")
 w_("BENCH_IR_HANDLERS='multiloop=examples.echo_handler mine=bench.my_echo' BENCH_ONLY=echo-ir make bench")
 w_("make bench-report                # BENCHMARKS.md again from bench/results/raw.tsv")
 w_("```")
 w_("")
 w_("`make bench` names the peers that are missing and skips them; `make deps BENCH=yes`")
 w_("installs them (lua-luv, wrk, nginx, libnginx-mod-http-lua, libnginx-mod-stream, haproxy,")
-w_("gnuplot-nox; valgrind,")
+w_("gnuplot-nox, openssl; valgrind,")
 w_("redis-server, redis-tools and lua-nginx-redis come with `make deps`). `make test` never runs any of it.")
 f = assert(io.open("BENCHMARKS.md", "w"))
 f:write(table.concat(md, "\n"), "\n")

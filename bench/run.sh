@@ -40,6 +40,29 @@
 #   proxy-ir    callgrind Ir per proxied echo (16 connections x 64 B, 1 and 16
 #               in flight, as echo-ir) of multiloop's proxy, and of HAProxy
 #               and nginx stream (master_process off) beside it (needs valgrind)
+# and the TLS scenarios (issue 16), against nginx with `listen ssl` (the same
+# throwaway certificate, made with the openssl CLI in the temp dir; TLS 1.3
+# only, TLS_AES_128_GCM_SHA256, X25519, no session tickets or cache on either
+# side; the client, build/bench/tls_loadgen, never offers a session):
+#   tls-hello      HTTP hello over TLS, wrk keep-alive (64 connections):
+#                  examples/http_hello.lua with the tls option against nginx +
+#                  Lua (bench/peers/nginx_lua.sh with TLS_CERT/TLS_KEY); 1 and
+#                  2 workers
+#   tls-handshake  32 loops of connect, full handshake, one GET with
+#                  "Connection: close", close (tls_loadgen --mode handshake);
+#                  the same two servers, 1 and 2 workers (BENCH_DISPATCH)
+#   tls-idle       RSS growth per idle TLS connection (BENCH_TLS_IDLE_CONNS,
+#                  2000), one GET answered on each, the same two servers
+#   tls-bulk       64 MiB echoes (BENCH_TLS_BULK_BYTES) through TLS, 1 worker
+#                  on CPU 0, the client on CPU 1: multiloop's TLS echo
+#                  (examples/echo_handler.lua), multiloop's proxy terminating
+#                  TLS in front of the raw-C echo (server "ml-proxy",
+#                  BENCH_PROXY_HANDLER) and nginx stream with `listen ssl` in
+#                  front of the same (bench/peers/nginx_stream.sh; the raw-C
+#                  echo on CPU 1); MiB echoed per server CPU-second
+#   tls-ir         callgrind Ir per keep-alive TLS request (16 connections)
+#                  and per full handshake (8 loops), multiloop against nginx +
+#                  Lua (master_process off), 1 worker (needs valgrind)
 # A serve-style echo (bench/serve_echo_handler.lua), when that file exists,
 # runs as the server "ml-serve" in the echo scenarios and in echo-ir.
 #
@@ -47,13 +70,17 @@
 # BENCH_IDLE_CONNS (10000), BENCH_WORKERS ("1 2"), BENCH_DISPATCH (reuseport,
 # multiloop's default), BENCH_QUICK=1 (1 repeat of 2 s, 2,000 idle
 # connections: a smoke run), BENCH_ONLY (the groups to run, of "echo http
-# dispatch echo-ir kv proxy proxy-ir redis-pool"; all by default), BENCH_IR_SECONDS (5: the load under
+# dispatch echo-ir kv proxy proxy-ir redis-pool tls-hello tls-handshake tls-idle tls-bulk tls-ir"; all by default), BENCH_IR_SECONDS (5: the load under
 # callgrind, quick or not), BENCH_IR_HANDLERS (NAME=MODULE words, default
 # "multiloop=examples.echo_handler ml-serve=bench.serve_echo_handler"),
 # BENCH_KV_HANDLER (examples.kv), BENCH_KV_N16 / BENCH_KV_N1 (requests per
 # redis-benchmark run at -P 16 / -P 1: 300,000 / 60,000 per BENCH_SECONDS),
 # BENCH_PROXY_HANDLER (multiloop's proxy, examples.proxy; given
-# config.upstreams = { "127.0.0.1:PORT" }).
+# config.upstreams = { "127.0.0.1:PORT" }), BENCH_TLS_KEY (the certificate's
+# key: ec, a P-256 ECDSA key, the default, or rsa, RSA 2048),
+# BENCH_TLS_IDLE_CONNS (2000), BENCH_TLS_BULK_BYTES (67108864: one echo),
+# BENCH_TLS_TICKETS (0; 1: both sides send TLS 1.3's two stateless session
+# tickets per connection, which the client counts and never uses).
 # Peers that are not installed are skipped with a note. Results:
 # bench/results/raw.tsv (every measurement), then bench/report.lua writes
 # bench/results/latest.txt, the plot and BENCHMARKS.md.
@@ -72,7 +99,7 @@ else
   SECS=${BENCH_SECONDS:-5}; REPEATS=${BENCH_REPEATS:-3}; IDLE=${BENCH_IDLE_CONNS:-10000}
 fi
 WORKERS_LIST=${BENCH_WORKERS:-"1 2"}
-ALL_GROUPS="echo http dispatch echo-ir kv proxy proxy-ir redis-pool"
+ALL_GROUPS="echo http dispatch echo-ir kv proxy proxy-ir redis-pool tls-hello tls-handshake tls-idle tls-bulk tls-ir"
 ONLY=${BENCH_ONLY:-$ALL_GROUPS}
 for g in $ONLY; do
   case " $ALL_GROUPS " in *" $g "*) ;;
@@ -84,6 +111,11 @@ IR_HANDLERS=${BENCH_IR_HANDLERS:-"multiloop=examples.echo_handler ml-serve=bench
 KV_HANDLER=${BENCH_KV_HANDLER:-examples.kv}
 PROXY_HANDLER=${BENCH_PROXY_HANDLER:-examples.proxy}
 DISPATCH=${BENCH_DISPATCH:-reuseport}
+TLS_KEYTYPE=${BENCH_TLS_KEY:-ec}
+TLS_IDLE=${BENCH_TLS_IDLE_CONNS:-2000}
+TLS_BULK=${BENCH_TLS_BULK_BYTES:-67108864}
+TLS_SUITE=TLS_AES_128_GCM_SHA256          # the one TLS 1.3 suite both sides allow
+TLS_TICKETS=${BENCH_TLS_TICKETS:-0}
 LIFE=600                                  # no server instance outlives this (s)
 HZ=$(getconf CLK_TCK)
 export LUA_PATH="./lua/?.lua;./lua/?/init.lua;./?.lua;./?/init.lua;;"
@@ -93,6 +125,9 @@ case "$SECS" in ''|*[!0-9]*) echo "bench: BENCH_SECONDS must be a whole number" 
 case "$IR_SECS" in ''|*[!0-9]*) echo "bench: BENCH_IR_SECONDS must be a whole number" >&2; exit 2;; esac
 KV_N16=${BENCH_KV_N16:-$((300000 * SECS))}
 KV_N1=${BENCH_KV_N1:-$((60000 * SECS))}
+case "$TLS_IDLE$TLS_BULK" in ''|*[!0-9]*) echo "bench: BENCH_TLS_IDLE_CONNS and BENCH_TLS_BULK_BYTES must be whole numbers" >&2; exit 2;; esac
+case "$TLS_TICKETS" in 0|1) ;; *) echo "bench: BENCH_TLS_TICKETS must be 0 or 1" >&2; exit 2;; esac
+case "$TLS_KEYTYPE" in ec|rsa) ;; *) echo "bench: BENCH_TLS_KEY must be ec or rsa" >&2; exit 2;; esac
 case "$KV_N16$KV_N1" in *[!0-9]*) echo "bench: BENCH_KV_N16 and BENCH_KV_N1 must be whole numbers" >&2; exit 2;; esac
 [ -x $B/loadgen ] && [ -x $B/ref_server ] || { echo "bench: run 'make bench-build' first" >&2; exit 2; }
 
@@ -230,15 +265,19 @@ launch_nginx() {
   return 1
 }
 
+# With TLS_CERT and TLS_KEY set, nginx listens with TLS (the TLS scenarios)
+# and is checked over https; NGINX_SINGLE=single and PEER_WRAP are passed on
+# (callgrind), LAUNCH_TRIES (100) bounds the wait.
 try_launch_nginx() {
-  local i
+  local i scheme=http
+  [ -n "${TLS_CERT:-}" ] && scheme=https
   PORT=$(free_port)
   rm -rf "$TMP/nginx"
-  $SERVER_PIN timeout -k 5 "$LIFE" sh bench/peers/nginx_lua.sh "$TMP/nginx" "$PORT" "$1" \
+  $SERVER_PIN timeout -k 5 "$LIFE" sh bench/peers/nginx_lua.sh "$TMP/nginx" "$PORT" "$1" "${NGINX_SINGLE:-}" \
     > "$TMP/server.out" 2> "$TMP/server.err" &
   SPID=$!
-  for i in $(seq 100); do
-    curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$PORT/" && { sleep 0.2; return 0; }
+  for i in $(seq "${LAUNCH_TRIES:-100}"); do
+    curl -sk -o /dev/null --max-time 1 "$scheme://127.0.0.1:$PORT/" && { sleep 0.2; return 0; }
     kill -0 "$SPID" 2>/dev/null || break
     sleep 0.05
   done
@@ -311,25 +350,26 @@ loadgen_run() {
 # wrk's latency ("812.00us", "1.20ms", "2.00s") in microseconds.
 to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print "-" }'; }
 
-# wrk_run REPEAT WORKERS SERVER
+# wrk_run REPEAT WORKERS SERVER [SCENARIO [SCHEME]]: SCENARIO http, SCHEME
+# http unless given (tls-hello: https).
 wrk_run() {
-  local r=$1 w=$2 server=$3 c0 c1 cpu reqs errs
+  local r=$1 w=$2 server=$3 scen=${4:-http} scheme=${5:-http} c0 c1 cpu reqs errs
   c0=$(cpu_ticks "$SPID")
-  $CLIENT_PIN wrk -t1 -c64 -d"${SECS}s" --latency "http://127.0.0.1:$PORT/" > "$TMP/wrk.out" 2>&1
+  $CLIENT_PIN wrk -t1 -c64 -d"${SECS}s" --latency "$scheme://127.0.0.1:$PORT/" > "$TMP/wrk.out" 2>&1
   c1=$(cpu_ticks "$SPID")
   reqs=$(awk '/requests in/ { print $1 }' "$TMP/wrk.out")
   if [ -z "$reqs" ]; then
-    echo "bench: http/$server: wrk failed: $(cat "$TMP/wrk.out")" >&2
+    echo "bench: $scen/$server: wrk failed: $(cat "$TMP/wrk.out")" >&2
     return
   fi
   errs=$(awk '/Socket errors/ { gsub(",", ""); print $4 + $6 + $8 + $10 } /Non-2xx/ { print $NF }' \
     "$TMP/wrk.out" | awk '{ s += $1 } END { print s + 0 }')
   cpu=$(awk -v t=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }')
-  row "$r" "$w" http "$server" "$reqs" "$(awk '/Requests\/sec/ { print $2 }' "$TMP/wrk.out")" \
+  row "$r" "$w" "$scen" "$server" "$reqs" "$(awk '/Requests\/sec/ { print $2 }' "$TMP/wrk.out")" \
     "$cpu" "$(awk -v o="$reqs" -v c="$cpu" 'BEGIN { printf "%.0f", (c > 0 ? o / c : 0) }')" \
     "$(to_us "$(awk '$1 == "50%" { print $2 }' "$TMP/wrk.out")")" \
     "$(to_us "$(awk '$1 == "99%" { print $2 }' "$TMP/wrk.out")")" "-" "$errs" "-"
-  printf '  %-10s %-8s w=%s %10s req/s  %5s cpu-s  %9s req/cpu-s  errors %s\n' http "$server" "$w" \
+  printf '  %-10s %-8s w=%s %10s req/s  %5s cpu-s  %9s req/cpu-s  errors %s\n' "$scen" "$server" "$w" \
     "$(awk '/Requests\/sec/ { print $2 }' "$TMP/wrk.out")" "$cpu" "$(tail -1 "$RAW" | cut -f8)" "$errs"
 }
 
@@ -500,6 +540,175 @@ proxy_check() {
   fi
 }
 
+# --- TLS ---------------------------------------------------------------------
+
+# tls_note SERVER FILE: once per server, what its handshakes negotiated (from
+# tls_loadgen's RESULT) into meta.txt, and a warning if a session was
+# resumed or a ticket sent: every handshake compared must be a full one.
+tls_seen=""
+tls_note() {
+  local server=$1 out=$2 hs tk rs
+  hs=$(field handshakes "$out"); tk=$(field tickets "$out"); rs=$(field resumed "$out")
+  if [ "${rs:-0}" != 0 ] || { [ "$TLS_TICKETS" = 0 ] && [ "${tk:-0}" != 0 ]; } ||
+     { [ "$TLS_TICKETS" = 1 ] && [ "${tk:-0}" != $((2 * ${hs:-0})) ]; }; then
+    echo "bench: note: $server: $rs of $hs handshakes resumed, $tk session tickets sent" \
+      "(expected none resumed and $([ "$TLS_TICKETS" = 1 ] && echo 2 per handshake || echo no tickets))" >&2
+  fi
+  case " $tls_seen " in *" $server "*) return;; esac
+  [ "$(field proto "$out")" = - ] && return
+  tls_seen="$tls_seen $server"
+  echo "tls_seen_${server//-/_}=$(field proto "$out") $(field cipher "$out") $(field group "$out"), tickets $tk in $hs handshakes, resumed $rs" \
+    >> "$RES/meta.txt"
+}
+
+# tls_run REPEAT WORKERS SCENARIO SERVER TLS_LOADGEN-ARGS...: as loadgen_run,
+# with build/bench/tls_loadgen; for --mode bulk the row's ops are MiB echoed.
+tls_run() {
+  local r=$1 w=$2 scen=$3 server=$4 c0 c1 cpu ops; shift 4
+  c0=$(cpu_ticks "$SPID")
+  $CLIENT_PIN $B/tls_loadgen --port "$PORT" --duration "$SECS" --ciphersuites "$TLS_SUITE" "$@" \
+    > "$TMP/lg.out" 2> "$TMP/lg.err"
+  c1=$(cpu_ticks "$SPID")
+  ops=$(field ops "$TMP/lg.out")
+  if [ -z "$ops" ]; then
+    echo "bench: $scen/$server: tls_loadgen failed: $(cat "$TMP/lg.err")" >&2
+    return
+  fi
+  tls_note "$server" "$TMP/lg.out"
+  local rate elapsed
+  rate=$(field ops_per_s "$TMP/lg.out")
+  if [ "$(field mode "$TMP/lg.out")" = bulk ]; then
+    ops=$(field mib "$TMP/lg.out"); elapsed=$(field duration "$TMP/lg.out")
+    rate=$(awk -v o="$ops" -v e="$elapsed" 'BEGIN { printf "%.1f", (e > 0 ? o / e : 0) }')
+  fi
+  cpu=$(awk -v t=$((c1 - c0)) -v hz="$HZ" 'BEGIN { printf "%.2f", t / hz }')
+  row "$r" "$w" "$scen" "$server" "$ops" "$rate" "$cpu" \
+    "$(awk -v o="$ops" -v c="$cpu" 'BEGIN { printf "%.0f", (c > 0 ? o / c : 0) }')" \
+    "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" \
+    "$(field p999_us "$TMP/lg.out")" "$(field errors "$TMP/lg.out")" "-"
+  printf '  %-13s %-12s w=%s %10s ops/s  %5s cpu-s  %9s ops/cpu-s  errors %s\n' "$scen" "$server" \
+    "$w" "$rate" "$cpu" "$(tail -1 "$RAW" | cut -f8)" "$(field errors "$TMP/lg.out")"
+  [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
+}
+
+# tls_idle_run REPEAT WORKERS SERVER PROTO: RSS growth per idle TLS
+# connection, TLS_IDLE of them, each with one round trip (PROTO http: a GET;
+# echo: one byte).
+tls_idle_run() {
+  local r=$1 w=$2 server=$3 proto=$4 rss0 rss1 ready
+  rss0=$(rss_kb "$SPID")
+  $CLIENT_PIN $B/tls_loadgen --port "$PORT" --mode idle --idle-proto "$proto" --conns "$TLS_IDLE" \
+    --ciphersuites "$TLS_SUITE" --duration 120 > "$TMP/idle.out" 2> "$TMP/idle.err" &
+  LGPID=$!
+  ready=$(wait_for READY "$TMP/idle.out" "$LGPID" 1200)
+  sleep 0.5                               # let the server finish with the last ones
+  rss1=$(rss_kb "$SPID")
+  stop_pid "$LGPID"; LGPID=""
+  if [ -z "$ready" ] || [ "$ready" -lt 1 ]; then
+    echo "bench: tls-idle/$server: no connections were served: $(cat "$TMP/idle.err")" >&2
+    return
+  fi
+  tls_note "$server" "$TMP/idle.out"
+  row "$r" "$w" tls-idle "$server" "$ready" - - - - - - "$((TLS_IDLE - ready))" \
+    "$(( (rss1 - rss0) * 1024 / ready ))"
+  printf '  %-13s %-12s w=%s %6s connections  RSS +%s kB  %s bytes/connection\n' tls-idle "$server" \
+    "$w" "$ready" "$((rss1 - rss0))" "$(( (rss1 - rss0) * 1024 / ready ))"
+  sleep 0.5
+}
+
+# tls_check SCENARIO SERVER ARGS...: a short checked run (1 s) of tls_loadgen
+# with ARGS; fails, naming what it saw, unless something completed and
+# nothing went wrong.
+tls_check() {
+  local scen=$1 server=$2 ops errs; shift 2
+  $CLIENT_PIN $B/tls_loadgen --port "$PORT" --duration 1 --ciphersuites "$TLS_SUITE" "$@" \
+    > "$TMP/check.out" 2> "$TMP/check.err"
+  ops=$(field ops "$TMP/check.out"); errs=$(field errors "$TMP/check.out")
+  if [ -z "$ops" ] || [ "$ops" -lt 1 ] || [ "${errs:-1}" != 0 ]; then
+    echo "bench: $scen/$server: no clean TLS exchange with it (ops '${ops}', errors '${errs}'): skipped" >&2
+    cat "$TMP/check.err" "$TMP/server.err" 2>/dev/null | tail -5 | sed 's/^/  /' >&2
+    return 1
+  fi
+}
+
+# start_tls SERVER WORKERS KIND: KIND hello (multiloop's examples/http_hello.lua
+# or nginx + Lua) or echo (multiloop's examples/echo_handler.lua, multiloop's
+# proxy "ml-proxy" or nginx stream, both in front of UPORT), with TLS; sets
+# SPID and PORT.
+start_tls() {
+  local ml_tls=("tls.cert=$TLS_CERT_FILE" "tls.key=$TLS_KEY_FILE" "tls.min_version=TLSv1.3"
+    "tls.ciphersuites=$TLS_SUITE" "tls.session_tickets=$([ "$TLS_TICKETS" = 1 ] && echo true || echo false)")
+  case $1/$3 in
+    multiloop/hello) launch multiloop ${PEER_WRAP:-} lua5.4 bench/ml_server.lua examples.http_hello "$2" \
+                       "$DISPATCH" "${ml_tls[@]}" ;;
+    nginx-lua/hello) TLS_CERT=$TLS_CERT_FILE TLS_KEY=$TLS_KEY_FILE TLS_CIPHERSUITES=$TLS_SUITE TLS_TICKETS=$NGINX_TICKETS \
+                       launch_nginx "$2" ;;
+    multiloop/echo) launch multiloop lua5.4 bench/ml_server.lua examples.echo_handler "$2" "$DISPATCH" \
+                      "${ml_tls[@]}" ;;
+    ml-proxy/echo) launch ml-proxy lua5.4 bench/ml_server.lua "$PROXY_HANDLER" "$2" "$DISPATCH" \
+                     "upstreams[]=127.0.0.1:$UPORT" "${ml_tls[@]}" ;;
+    nginx-stream/echo) TLS_CERT=$TLS_CERT_FILE TLS_KEY=$TLS_KEY_FILE TLS_CIPHERSUITES=$TLS_SUITE TLS_TICKETS=$NGINX_TICKETS \
+                         launch_peer nginx-stream bench/peers/nginx_stream.sh "$UPORT" ;;
+  esac
+}
+
+# tls_ir_count REPEAT SERVER: SPID runs the server under callgrind (as
+# ir_count); counts Ir per keep-alive request (tls-ir-hello, 16 connections,
+# their handshakes and first requests done before the counters are zeroed:
+# tls_loadgen --wait-go) and per full handshake with its one request
+# (tls-ir-handshake, 8 loops).
+tls_ir_count() {
+  local r=$1 server=$2 out=$TMP/callgrind.out vpid part=0 ir ops i scen args
+  vpid=$(ps -o pid= --ppid "$SPID" | awk 'NR == 1 { print $1 }')
+  if [ -z "$vpid" ]; then echo "bench: tls-ir/$server: no valgrind process under $SPID" >&2; stop_server; return; fi
+  for scen in tls-ir-hello tls-ir-handshake; do
+    case $scen in
+      tls-ir-hello) args="--mode http --conns 16 --wait-go" ;;
+      *) args="--mode handshake --conns 8" ;;
+    esac
+    if [ "$scen" = tls-ir-hello ]; then
+      taskset -c 1 $B/tls_loadgen --port "$PORT" --duration "$IR_SECS" --ciphersuites "$TLS_SUITE" $args \
+        > "$TMP/lg.out" 2> "$TMP/lg.err" &
+      LGPID=$!
+      if [ -z "$(wait_for READY "$TMP/lg.out" "$LGPID" 1200)" ]; then
+        echo "bench: $scen/$server: the connections did not get ready: $(cat "$TMP/lg.err")" >&2
+        stop_pid "$LGPID"; LGPID=""; continue
+      fi
+      callgrind_control -z "$vpid" > "$TMP/cgc.out" 2>&1 ||
+        { echo "bench: $scen/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; stop_pid "$LGPID"; LGPID=""; break; }
+      kill -USR1 "$LGPID"
+      wait "$LGPID"; LGPID=""
+    else
+      callgrind_control -z "$vpid" > "$TMP/cgc.out" 2>&1 ||
+        { echo "bench: $scen/$server: callgrind_control -z failed: $(cat "$TMP/cgc.out")" >&2; break; }
+      taskset -c 1 $B/tls_loadgen --port "$PORT" --duration "$IR_SECS" --ciphersuites "$TLS_SUITE" $args \
+        > "$TMP/lg.out" 2> "$TMP/lg.err"
+    fi
+    callgrind_control -d "$vpid" > "$TMP/cgc.out" 2>&1 ||
+      { echo "bench: $scen/$server: callgrind_control -d failed: $(cat "$TMP/cgc.out")" >&2; break; }
+    part=$((part + 1))
+    ir=""
+    for i in $(seq 100); do
+      ir=$(awk '$1 == "summary:" { print $2 }' "$out.$part" 2>/dev/null)
+      [ -n "$ir" ] && break
+      sleep 0.1
+    done
+    ops=$(field ops "$TMP/lg.out")
+    if [ -z "$ops" ] || [ -z "$ir" ] || [ "$ops" -lt 1 ]; then
+      echo "bench: $scen/$server: no count (ops '${ops}', Ir '${ir}'): $(cat "$TMP/lg.err")" >&2
+      continue
+    fi
+    tls_note "$server" "$TMP/lg.out"
+    row "$r" 1 "$scen" "$server" "$ops" "$(field ops_per_s "$TMP/lg.out")" - - \
+      "$(field p50_us "$TMP/lg.out")" "$(field p99_us "$TMP/lg.out")" "$(field p999_us "$TMP/lg.out")" \
+      "$(field errors "$TMP/lg.out")" - "$(awk -v i="$ir" -v o="$ops" 'BEGIN { printf "%.0f", i / o }')"
+    printf '  %-16s %-12s w=1 %10s ops (under callgrind)  %12s Ir  %8s Ir/op  errors %s\n' "$scen" \
+      "$server" "$ops" "$ir" "$(tail -1 "$RAW" | cut -f14)" "$(field errors "$TMP/lg.out")"
+    [ -s "$TMP/lg.err" ] && sed 's/^/    /' "$TMP/lg.err"
+  done
+  stop_server
+}
+
 # --- servers -----------------------------------------------------------------
 
 have_luv=1; have_node=1; have_nginx=1; have_wrk=1
@@ -513,12 +722,12 @@ if [ ! -f bench/serve_echo_handler.lua ]; then
   have_serve=0
   want echo && echo "bench: note: bench/serve_echo_handler.lua is missing: the serve-style echo (ml-serve) is skipped"
 fi
-if want echo-ir || want proxy-ir; then
+if want echo-ir || want proxy-ir || want tls-ir; then
   { command -v valgrind > /dev/null && command -v callgrind_control > /dev/null; } ||
-    { have_valgrind=0; echo "bench: note: valgrind is missing: echo-ir and proxy-ir (callgrind Ir per op) are skipped"; }
+    { have_valgrind=0; echo "bench: note: valgrind is missing: echo-ir, proxy-ir and tls-ir (callgrind Ir per op) are skipped"; }
 fi
 have_haproxy=1; have_nginx_stream=1; have_proxy_handler=1
-if want proxy || want proxy-ir; then
+if want proxy || want proxy-ir || want tls-bulk; then
   command -v haproxy > /dev/null ||
     { have_haproxy=0; echo "bench: note: haproxy is missing: the HAProxy proxy peer is skipped"; }
   { command -v nginx > /dev/null && [ -f /usr/lib/nginx/modules/ngx_stream_module.so ]; } ||
@@ -540,6 +749,31 @@ if want kv; then
   { command -v redis-server > /dev/null && command -v redis-benchmark > /dev/null && command -v redis-cli > /dev/null; } ||
     { have_redis=0; echo "bench: note: redis-server, redis-benchmark or redis-cli is missing: the kv scenario is skipped"; }
 fi
+
+# The TLS scenarios' throwaway certificate (BENCH_TLS_KEY: P-256 ECDSA or
+# RSA 2048), made here with the openssl CLI, for localhost and 127.0.0.1.
+have_tls=0
+if want tls-hello || want tls-handshake || want tls-idle || want tls-bulk || want tls-ir; then
+  have_tls=1
+  mkdir -p "$TMP/tls"
+  TLS_CERT_FILE=$TMP/tls/cert.pem; TLS_KEY_FILE=$TMP/tls/key.pem
+  case $TLS_KEYTYPE in
+    ec) newkey="-newkey ec -pkeyopt ec_paramgen_curve:P-256" ;;
+    rsa) newkey="-newkey rsa:2048" ;;
+  esac
+  if [ ! -x $B/tls_loadgen ]; then
+    have_tls=0; echo "bench: note: $B/tls_loadgen is missing ('make bench-build'): the TLS scenarios are skipped"
+  elif ! command -v openssl > /dev/null; then
+    have_tls=0; echo "bench: note: the openssl command is missing: the TLS scenarios are skipped"
+  elif ! openssl req -x509 $newkey -nodes -subj /CN=localhost \
+         -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -days 2 \
+         -keyout "$TLS_KEY_FILE" -out "$TLS_CERT_FILE" > "$TMP/tls/req.err" 2>&1; then
+    have_tls=0; echo "bench: note: openssl req failed: the TLS scenarios are skipped: $(tail -2 "$TMP/tls/req.err")"
+  fi
+fi
+NGINX_TICKETS=off; [ "$TLS_TICKETS" = 1 ] && NGINX_TICKETS=on
+tls_servers() { local s="multiloop"; [ $have_nginx = 1 ] && s="$s nginx-lua"; echo "$s"; }
+tls_bulk_servers() { local s="multiloop"; [ $have_proxy_handler = 1 ] && s="$s ml-proxy"; [ $have_nginx_stream = 1 ] && s="$s nginx-stream"; echo "$s"; }
 
 # start_echo SERVER WORKERS [DISPATCH]
 start_echo() {
@@ -603,6 +837,18 @@ http_servers() { local s="multiloop ref-c"; [ $have_nginx = 1 ] && s="$s nginx-l
   echo "haproxy=$([ $have_haproxy = 1 ] && { want proxy || want proxy-ir; } && haproxy -v | awk 'NR == 1 { print $3 }' || echo missing)"
   echo "nginx_stream=$([ $have_nginx_stream = 1 ] && { want proxy || want proxy-ir; } && dpkg-query -W -f='${Version}' libnginx-mod-stream 2>/dev/null || echo missing)"
   echo "only=$ONLY"
+  if [ $have_tls = 1 ]; then
+    echo "openssl=$(openssl version | awk '{ print $2 }')"
+    echo "libssl=$(dpkg-query -W -f='${Version}' libssl3 2>/dev/null || echo '?')"
+    echo "libssl_ml=$(ldd build/multiloop/core.so 2>/dev/null | awk '/libssl/ { print $1; exit }')"
+    echo "openssl_nginx=$(nginx -V 2>&1 | sed -n 's/^built with //p' | head -1)"
+    echo "tls_suite=$TLS_SUITE"
+    echo "tls_group=X25519"
+    echo "tls_key=$([ "$TLS_KEYTYPE" = ec ] && echo 'ECDSA P-256' || echo 'RSA 2048')"
+    echo "tls_idle_conns=$TLS_IDLE"
+    echo "tls_bulk_bytes=$TLS_BULK"
+    echo "tls_tickets=$TLS_TICKETS"
+  fi
   echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$RES/meta.txt"
 
@@ -639,6 +885,17 @@ for r in $(seq "$REPEATS"); do
              fi ;;
         esac
         wrk_run "$r" "$w" "$s"
+        stop_server
+      done
+    fi
+    if [ $have_tls = 1 ] && { want tls-hello || want tls-handshake || want tls-idle; }; then
+      for s in $(rotate "$r" $(tls_servers)); do
+        start_tls "$s" "$w" hello || continue
+        want tls-idle && tls_idle_run "$r" "$w" "$s" http
+        if tls_check tls-hello "$s" --mode http --conns 2; then
+          want tls-hello && [ $have_wrk = 1 ] && wrk_run "$r" "$w" "$s" tls-hello https
+          want tls-handshake && tls_run "$r" "$w" tls-handshake "$s" --mode handshake --conns 32
+        fi
         stop_server
       done
     fi
@@ -719,6 +976,26 @@ for r in $(seq "$REPEATS"); do
       done
       stop_upstream
     fi
+  fi
+  if want tls-bulk && [ $have_tls = 1 ]; then
+    if start_upstream; then
+      for s in $(rotate "$r" $(tls_bulk_servers)); do
+        start_tls "$s" 1 echo || continue
+        if tls_check tls-bulk "$s" --mode bulk --conns 1 --bytes 1048576; then
+          tls_run "$r" 1 tls-bulk "$s" --mode bulk --conns 1 --bytes "$TLS_BULK"
+        fi
+        stop_server
+      done
+      stop_upstream
+    fi
+  fi
+  if want tls-ir && [ $have_tls = 1 ] && [ $have_valgrind = 1 ]; then
+    for s in $(rotate "$r" $(tls_servers)); do
+      rm -f "$TMP/callgrind.out" "$TMP/callgrind.out".*
+      PEER_WRAP="valgrind --tool=callgrind --callgrind-out-file=$TMP/callgrind.out" \
+        NGINX_SINGLE=single LAUNCH_TRIES=1200 start_tls "$s" 1 hello || continue
+      if tls_check tls-ir "$s" --mode http --conns 2; then tls_ir_count "$r" "$s"; else stop_server; fi
+    done
   fi
 done
 echo "bench: measured in $(( $(date +%s) - start_time )) s"

@@ -95,6 +95,14 @@ struct multiloop_tls_client_s {
   char error[200];                     /* why ctx could not be made */
 };
 
+/* Empties the thread's error queue before an SSL call, so SSL_get_error
+ * sees only that call's: only when it holds something, as OpenSSL 3.0's
+ * ERR_clear_error clears all 16 slots every time (840 Ir, twice a request:
+ * 4.8% of a keep-alive TLS request, bench/notes.md). */
+static inline void clear_errors(void) {
+  if (ERR_peek_error() != 0) ERR_clear_error();
+}
+
 /* OpenSSL's reason for the first error queued (the cause; later ones say
  * where it surfaced: "PEM lib"), with the queue emptied. */
 static const char *ssl_reason(char *buf, size_t len) {
@@ -164,7 +172,7 @@ static void load_pair(lua_State *L, int idx, const char *pre, SSL_CTX **ctxp) {
   if ((key = opt_string(L, idx, "key", opt)) == NULL)
     luaL_error(L, "option '%s' is required (a PEM private key file)", opt);
   readable(L, opt, key);
-  ERR_clear_error();
+  clear_errors();
   if ((ctx = *ctxp = SSL_CTX_new(TLS_server_method())) == NULL)
     luaL_error(L, "option '%s': %s", pre, ssl_reason(reason, sizeof reason));
   if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
@@ -193,8 +201,12 @@ static void configure(lua_State *L, int idx, multiloop_tls_t *t, SSL_CTX *ctx, i
                                SSL_OP_NO_COMPRESSION | SSL_OP_IGNORE_UNEXPECTED_EOF |
                                (tickets ? 0 : SSL_OP_NO_TICKET));
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  /* Without tickets, TLS 1.3 would still send two stateful ones and keep
+   * every session in the cache the workers share, under its lock (150k Ir a
+   * handshake, 1 KiB a connection: bench/notes.md): none at all. */
+  if (!tickets) SSL_CTX_set_num_tickets(ctx, 0);
   SSL_CTX_set_session_id_context(ctx, (const unsigned char *)"multiloop", 9);
-  ERR_clear_error();
+  clear_errors();
   if ((v = opt_string(L, idx, "ciphers", "tls.ciphers")) && SSL_CTX_set_cipher_list(ctx, v) != 1)
     luaL_error(L, "option 'tls.ciphers': '%s': %s", v, ssl_reason(reason, sizeof reason));
   if ((v = opt_string(L, idx, "ciphersuites", "tls.ciphersuites")) &&
@@ -388,7 +400,7 @@ static SSL_CTX *client_ctx(multiloop_tls_client_t *cl, char *err, size_t errlen)
   uv_mutex_lock(&cl->lock);
   if ((ctx = cl->ctx) == NULL && cl->error[0] == 0) {
     char reason[160];
-    ERR_clear_error();
+    clear_errors();
     ctx = SSL_CTX_new(TLS_client_method());
     if (ctx == NULL ||
         (cl->ca ? SSL_CTX_load_verify_locations(ctx, cl->ca, NULL) : SSL_CTX_set_default_verify_paths(ctx)) != 1) {
@@ -687,7 +699,7 @@ static int drain_held(tls_conn_t *tc) {
          s->h.stream.write_queue_size < TLS_QUEUE_AHEAD) {
     size_t n = h->len < TLS_WRITE_CHUNK ? h->len : TLS_WRITE_CHUNK;
     int rc;
-    ERR_clear_error();
+    clear_errors();
     if (n > 0 && SSL_write(tc->ssl, h->buf, (int)n) <= 0) {
       ssl_reason(tc->err, sizeof tc->err);
       return MULTILOOP_REASON_TLS;
@@ -773,7 +785,7 @@ static void handshake_failed(tls_conn_t *tc) {
   if (v != X509_V_OK) {
     snprintf(tc->err, sizeof tc->err, "certificate verify failed: %s",
              X509_verify_cert_error_string(v));
-    ERR_clear_error();
+    clear_errors();
   } else {
     char reason[160];
     snprintf(tc->err, sizeof tc->err, "handshake failed: %s", ssl_reason(reason, sizeof reason));
@@ -807,7 +819,7 @@ static void pump(tls_conn_t *tc) {
   multiloop_tls_worker_t *tw = multiloop_stream_worker(s)->tls;
   if (!tc->handshaken) {
     int r;
-    ERR_clear_error();
+    clear_errors();
     r = SSL_do_handshake(tc->ssl);
     if (r != 1) {
       int e = SSL_get_error(tc->ssl, r);
@@ -834,7 +846,7 @@ static void pump(tls_conn_t *tc) {
       multiloop_stream_close(s, UV_ENOMEM);
       return;
     }
-    ERR_clear_error();
+    clear_errors();
     while (got < room.len) {
       r = SSL_read(tc->ssl, room.base + got, (int)(room.len - got));
       if (r <= 0) {
@@ -1027,7 +1039,7 @@ static int tls_try_write(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n
     while (off < bufs[i].len) {
       size_t c = bufs[i].len - off < TLS_WRITE_CHUNK ? bufs[i].len - off : TLS_WRITE_CHUNK;
       if (total > (size_t)INT_MAX - c) return (int)total;   /* what the int return can say */
-      ERR_clear_error();
+      clear_errors();
       if (SSL_write(tc->ssl, bufs[i].base + off, (int)c) <= 0) {
         ssl_reason(tc->err, sizeof tc->err);
         return MULTILOOP_REASON_TLS;
@@ -1063,7 +1075,7 @@ static int tls_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const 
 
 static void shutdown_now(tls_conn_t *tc) {
   int rc;
-  ERR_clear_error();
+  clear_errors();
   (void)SSL_shutdown(tc->ssl);           /* our close_notify, behind the queued writes */
   if ((rc = flush(tc, FLUSH_TRY)) == 0) rc = multiloop_transport_plain.shutdown(tc->s);
   if (rc != 0) multiloop_stream_close(tc->s, rc);
@@ -1087,7 +1099,7 @@ static void tls_close(multiloop_stream_t *s) {
   /* close_notify, but not over writes dropped unsent */
   if (tc->handshaken && s->reason >= 0 && s->h.stream.write_queue_size == 0 && tc->held == NULL &&
       !(SSL_get_shutdown(tc->ssl) & SSL_SENT_SHUTDOWN)) {
-    ERR_clear_error();
+    clear_errors();
     (void)SSL_shutdown(tc->ssl);         /* close_notify, if the socket takes it now */
   }
   if (tw->out_owner == tc && tw->out_len > 0) {
@@ -1166,7 +1178,7 @@ static int attach(multiloop_stream_t *s, SSL_CTX *ctx, int client, uint64_t time
   if ((tc->ssl = SSL_new(ctx)) == NULL || (bio = BIO_new(bio_method)) == NULL) {
     SSL_free(tc->ssl);
     free(tc);
-    ERR_clear_error();
+    clear_errors();
     return UV_ENOMEM;
   }
   BIO_set_data(bio, tc);

@@ -7,11 +7,14 @@
 # (Debian's libnginx-mod-stream, loaded with load_module). With "single",
 # master_process off: one process doing the work, for the bench's callgrind
 # count; PEER_WRAP, when set, is put before the command. Everything nginx
-# writes (pid, logs) stays in DIR. SIGTERM to the PID stops it.
+# writes (pid, logs) stays in DIR. SIGTERM to the PID stops it. With TLS_CERT
+# and TLS_KEY set (PEM files), `listen ... ssl` (TLS terminated, plaintext to
+# the upstream) with the TLS scenarios' settings (bench/peers/nginx_tls.sh).
 set -eu
 dir=$1 port=$2 upstream=$3 master=on
 [ "${4:-}" = single ] && master=off
 mkdir -p "$dir/logs"
+. "$(dirname "$0")/nginx_tls.sh"
 cat > "$dir/nginx.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off;
@@ -30,7 +33,8 @@ stream {
     server 127.0.0.1:$upstream;
   }
   server {
-    listen 127.0.0.1:$port;
+    $listen
+    $tls
     proxy_pass echo;
   }
 }
