@@ -231,6 +231,7 @@ describe("tls (hostile) #child", function()
       start(nil, { handler = "spec.fixtures.tls_hostile_out",
                    config = { up = up_port, silent = tonumber(sport) } })
       c = helper.connect(select(2, server:address()))
+      c:settimeout(60)                       -- a command may make 3 handshakes (3 s each under valgrind)
     end)
     after_each(function()
       c:close()
