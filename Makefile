@@ -174,7 +174,9 @@ asan: check-test-deps
 # it, so tests that start a child server through a shell, tagged #child, are
 # left to the other runs), and those tagged #notsan, where gcc 12's TSan
 # runtime itself crashes (each says why). Suppressions (spec/tsan.supp) name
-# only uninstrumented system code, each with the reason.
+# only uninstrumented system code, each with the reason. The TLS specs'
+# certificates are made here (spec/fixtures/make_certs.sh), as the specs
+# cannot run openssl themselves under TSan, and named in SPEC_CERTS.
 TSAN_RT     = $(shell $(CC) -print-file-name=libtsan.so)
 TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua \
               spec/stop_spec.lua spec/limits_spec.lua spec/shared_spec.lua \
@@ -182,7 +184,7 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/kv_spec.lua spec/unix_spec.lua spec/thread_spec.lua spec/serve_spec.lua \
               spec/serve_hostile_spec.lua spec/outbound_spec.lua spec/outbound_hostile_spec.lua \
               spec/redis_spec.lua spec/proxy_spec.lua spec/proxy_protocol_spec.lua spec/activation_spec.lua \
-              spec/metrics_spec.lua
+              spec/metrics_spec.lua spec/tls_spec.lua
 # Logs: workers writing records at once, under the log's lock.
 TSAN_SPECS += spec/log_spec.lua
 
@@ -190,7 +192,8 @@ TSAN_SPECS += spec/log_spec.lua
 tsan: check-test-deps
 	$(MAKE) --no-print-directory BUILD=build-tsan \
 	  OPTFLAGS="-O1 -g -fno-omit-frame-pointer -fsanitize=thread" LIBS="-fsanitize=thread" build
-	@LUA_CPATH="./build-tsan/?.so;;" SPEC_CPATH="./build-tsan/?.so" BUSTED_ARGS="--exclude-tags=child,notsan" SANITIZER=tsan \
+	@rm -rf build-tsan/certs && mkdir -m 700 build-tsan/certs && sh spec/fixtures/make_certs.sh build-tsan/certs
+	@SPEC_CERTS="$(CURDIR)/build-tsan/certs" LUA_CPATH="./build-tsan/?.so;;" SPEC_CPATH="./build-tsan/?.so" BUSTED_ARGS="--exclude-tags=child,notsan" SANITIZER=tsan \
 	  SPEC_LOGS=build-tsan/spec-logs TSAN_OPTIONS="halt_on_error=1:exitcode=66:io_sync=2:suppressions=$(CURDIR)/spec/tsan.supp" \
 	  LUA="env LD_PRELOAD=$(TSAN_RT) $(LUA)" sh spec/run.sh $(TSAN_SPECS)
 

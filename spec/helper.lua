@@ -19,11 +19,57 @@ require("busted").subscribe({ "test", "end" }, function()
   return nil, true
 end)
 
+-- SPEC_TLS=1 (a probe, not part of any run): every helper.server gets a
+-- `tls` option with throwaway certificates and every helper.connect and
+-- connect_unix client is a LuaSec client of it, so a spec written for
+-- plain TCP runs over TLS. The client object forwards LuaSocket's methods:
+-- the TLS ones to LuaSec, the socket ones (shutdown, setoption, names) to
+-- the socket under it.
+local TLS_MODE = os.getenv("SPEC_TLS") == "1"
+local tls_certs
+local tls_client_mt = {}
+tls_client_mt.__index = tls_client_mt
+local function raw_call(self, name, ...)
+  if self.closed then return nil, "closed" end
+  self.raw:setfd(self.s:getfd())
+  local r = table.pack(self.raw[name](self.raw, ...))
+  self.raw:setfd(socket._SOCKETINVALID)
+  return table.unpack(r, 1, r.n)
+end
+for _, name in ipairs({ "settimeout", "dirty", "getfd", "getstats" }) do
+  tls_client_mt[name] = function(self, ...) return self.s[name](self.s, ...) end
+end
+-- LuaSec says "wantread" or "wantwrite" where LuaSocket says "timeout".
+for _, name in ipairs({ "send", "receive" }) do
+  tls_client_mt[name] = function(self, ...)
+    local a, err, c = self.s[name](self.s, ...)
+    if err == "wantread" or err == "wantwrite" then err = "timeout" end
+    return a, err, c
+  end
+end
+for _, name in ipairs({ "shutdown", "setoption", "getoption", "getsockname", "getpeername" }) do
+  tls_client_mt[name] = function(self, ...) return raw_call(self, name, ...) end
+end
+function tls_client_mt.close(self)
+  self.closed = true
+  return self.s:close()
+end
+local function tls_wrap(c)
+  local ssl = require("ssl")
+  local s = assert(ssl.wrap(c, { mode = "client", protocol = "any", verify = "none",
+                                 options = "all" }))
+  s:settimeout(M.TIMEOUT)
+  s:sni("localhost")
+  assert(s:dohandshake())
+  return setmetatable({ s = s, raw = c }, tls_client_mt)
+end
+
 function M.connect(port, host)
   local c = assert(socket.tcp())
   if host and host:find(":", 1, true) then c = assert(socket.tcp6()) end
   c:settimeout(M.TIMEOUT)
   assert(c:connect(host or "127.0.0.1", port))
+  if TLS_MODE then return tls_wrap(c) end
   return c
 end
 
@@ -50,9 +96,13 @@ function M.echo(c, msg)
   return got
 end
 
+-- What a non-blocking call answers when it would block: LuaSocket says
+-- "timeout", a LuaSec connection "wantread" or "wantwrite".
+local WOULD_BLOCK = { timeout = true, wantread = true, wantwrite = true }
+
 -- Sends `payload` and reads the echo at the same time, as a real client
 -- would (so neither side's socket buffers fill and stall the other); returns
--- what came back. Bounded by `seconds`.
+-- what came back. Bounded by `seconds`. `c` is a LuaSocket or LuaSec client.
 function M.echo_big(c, payload, seconds)
   c:settimeout(0)
   local sent, got, parts = 0, 0, {}
@@ -62,16 +112,94 @@ function M.echo_big(c, payload, seconds)
     if sent < #payload then
       local n, err, partial = c:send(payload, sent + 1, math.min(sent + 65536, #payload))
       sent = n or (partial > 0 and partial or sent)
-      assert(n or err == "timeout", err)
+      assert(n or WOULD_BLOCK[err], err)
     end
     local data, err, partial = c:receive(65536)
     data = data or partial
     if #data > 0 then parts[#parts + 1] = data; got = got + #data end
-    assert(data ~= "" or err == "timeout", err)
+    assert(data ~= "" or WOULD_BLOCK[err], err)
     if data == "" and sent >= #payload then socket.select({ c }, nil, 0.1) end
   end
   c:settimeout(M.TIMEOUT)
   return table.concat(parts)
+end
+
+-- Throwaway certificates for the TLS specs, made by the openssl CLI
+-- (spec/fixtures/make_certs.sh: EC P-256, a fraction of a second) in `dir`,
+-- or in a new private temporary directory when dir is nil. Returns the
+-- paths (see the script for what each certificate is) and remove(), which
+-- deletes the directory if this call made it. Under `make tsan`, where no
+-- shell can run, the Makefile makes them first and names the directory in
+-- SPEC_CERTS, which is then used as it is (and never removed here).
+function M.make_certs(dir)
+  local given = os.getenv("SPEC_CERTS")
+  local made = false
+  if given and given ~= "" then
+    dir = given
+  else
+    if not dir then
+      dir = os.tmpname()               -- a fresh name; the file it made goes
+      os.remove(dir)
+      made = true
+    end
+    assert(os.execute(("mkdir -p -m 700 '%s'"):format(dir)))
+    local ok = os.execute(("env -u LD_PRELOAD sh spec/fixtures/make_certs.sh '%s'"):format(dir))
+    if not ok then
+      if made then os.execute(("rm -rf '%s'"):format(dir)) end
+      error("spec/fixtures/make_certs.sh " .. dir .. " failed (is openssl installed?)")
+    end
+  end
+  local function f(name) return dir .. "/" .. name end
+  return {
+    dir = dir,
+    ca = f("ca.pem"), ca_key = f("ca.key"),
+    cert = f("server.pem"), key = f("server.key"),
+    sni_cert = f("sni.pem"), sni_key = f("sni.key"),
+    client_cert = f("client.pem"), client_key = f("client.key"),
+    self_cert = f("self.pem"), self_key = f("self.key"),
+    other_key = f("other.key"),
+    garbage = f("garbage.pem"),
+    missing = f("missing.pem"),        -- never made
+    remove = function()
+      if made then os.execute(("rm -rf '%s'"):format(dir)) end
+    end,
+  }
+end
+
+-- A LuaSec (lua-sec) TLS client of port, handshaken, with helper's timeout
+-- on every call, closed when the test ends: the LuaSec connection and the
+-- LuaSocket object it wraps (whose fd LuaSec took: -1 now; a spec that
+-- needs the raw bytes can setfd it back). params: cafile (verify the server
+-- against it), sni (the name sent), alpn (a string or a list), protocol
+-- (LuaSec's: "any" by default, "tlsv1_2" for at most TLS 1.2), certificate
+-- and key (a client certificate). A failed handshake: nil, LuaSec's error.
+function M.tls_connect(port, params)
+  local ssl = require("ssl")
+  params = params or {}
+  local c = M.connect(port)
+  local s, err = ssl.wrap(c, {
+    mode = "client",
+    protocol = params.protocol or "any",
+    verify = params.cafile and "peer" or "none",
+    cafile = params.cafile,
+    certificate = params.certificate,
+    key = params.key,
+    alpn = params.alpn,
+    options = "all",
+  })
+  if not s then
+    c:close()
+    return nil, err
+  end
+  M.defer(function() s:close() end)
+  s:settimeout(M.TIMEOUT)
+  if params.sni then s:sni(params.sni) end
+  local ok, herr = s:dohandshake()
+  if not ok then
+    s:close()
+    return nil, herr
+  end
+  return s, c
 end
 
 -- A server for the specs: loopback, port 0, started. Specs that count on
@@ -83,6 +211,10 @@ function M.server(opts)
   opts.host = opts.host or (opts.path == nil and "127.0.0.1" or nil)
   opts.port = opts.port or (opts.path == nil and 0 or nil)
   if opts.dispatch == nil and opts.balance == nil then opts.dispatch = "queue" end
+  if TLS_MODE and opts.tls == nil then
+    tls_certs = tls_certs or M.make_certs()
+    opts.tls = { cert = tls_certs.cert, key = tls_certs.key }
+  end
   local s = multiloop.server(opts)
   s:start()
   local _, port = s:address()
@@ -104,6 +236,7 @@ function M.connect_unix(path)
   local c = assert(require("socket.unix").stream())
   c:settimeout(M.TIMEOUT)
   assert(c:connect(path))
+  if TLS_MODE then return tls_wrap(c) end
   return c
 end
 

@@ -130,6 +130,8 @@ static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *
 #define DIVERTED(c) ((c)->pooled | (c)->piped)
 
 static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len);
+static multiloop_proxy_info_t *proxy_info(multiloop_conn_t *c);
+static void replay(multiloop_conn_t *c, multiloop_proxy_info_t *info);
 
 /* A connection refused in the PROXY phase: counted and logged. */
 static void proxy_refused(multiloop_conn_t *c, const char *why) {
@@ -159,6 +161,11 @@ static size_t ev_read(multiloop_stream_t *s, const char *data, size_t len) {
 /* Without on_end, shut down: the stream closes once our writes flush. */
 static void ev_eof(multiloop_stream_t *s) {
   multiloop_conn_t *c = CONN(s);
+  multiloop_proxy_info_t *info = proxy_info(c);
+  if (!c->proxying && info && info->replay == 2) {
+    replay(c, info);                        /* the data the PROXY header's read brought, first */
+    if (s->closing) return;
+  }
   if (c->proxying) {                        /* half a header; none at all: a health check */
     size_t n;
     int some = multiloop_stream_kept(s, &n) != NULL;
@@ -228,6 +235,24 @@ void multiloop_conn_close_all(multiloop_worker_t *w) {
   while (w->conns) multiloop_stream_close(&w->conns->s, REASON_STOPPED);
 }
 
+/* The connection's PROXY header, if it had one. */
+static multiloop_proxy_info_t *proxy_info(multiloop_conn_t *c) {
+  return c->s.ext ? c->s.ext->proxy : NULL;
+}
+
+/* The bytes a paused handler left after the PROXY header (proxy_read), to
+ * on_data now that it reads again. */
+static void replay(multiloop_conn_t *c, multiloop_proxy_info_t *info) {
+  const char *p;
+  size_t n;
+  info->replay = 0;
+  if (multiloop_deadline_set(WORKER(c), &c->idle, info->idle_ms) != 0) {   /* as it was */
+    multiloop_stream_close(&c->s, UV_ENOMEM);
+    return;
+  }
+  if ((p = multiloop_stream_kept(&c->s, &n)) != NULL) multiloop_stream_consume(&c->s, ev_read(&c->s, p, n));
+}
+
 /* The idle deadline expired, `ms` after the last read or write: on_timeout
  * if set (the timeout starts again: it fires once per idle period),
  * otherwise close with reason "timeout". */
@@ -237,6 +262,17 @@ static void conn_idle(multiloop_deadline_t *d, uint64_t ms) {
   if (c->proxying) {                        /* no whole PROXY header in time */
     proxy_refused(c, "no whole header within proxy_protocol.timeout");
     multiloop_stream_close(&c->s, REASON_TIMEOUT);
+    return;
+  }
+  if (proxy_info(c) && proxy_info(c)->replay == 2) {   /* resumed: the bytes after the header */
+    multiloop_proxy_info_t *info = proxy_info(c);
+    if (!c->s.paused) {
+      replay(c, info);
+    } else if (multiloop_deadline_set(WORKER(c), &c->idle, info->idle_ms) != 0) {
+      multiloop_stream_close(&c->s, UV_ENOMEM);
+    } else {
+      info->replay = 1;                    /* paused again: at the next resume */
+    }
     return;
   }
   if (!HAS(c, ON_TIMEOUT)) {
@@ -316,7 +352,10 @@ static int proxy_trusted(multiloop_conn_t *c) {
   int len = sizeof ss;
   if (multiloop_stream_is_unix(&c->s)) {
     ss.ss_family = AF_UNIX;
-    return multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss);
+    if (multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss)) return 1;
+    multiloop_log(WORKER(c), MULTILOOP_LOG_WARN, 0, "PROXY protocol: refused a connection on "
+                  "a Unix socket, which proxy_protocol.from does not trust (add \"unix\")");
+    return 0;
   }
   if (uv_tcp_getpeername(&c->s.h.tcp, (struct sockaddr *)&ss, &len) != 0) return 0;
   if (multiloop_proxy_trusted(WORKER(c)->cfg, (struct sockaddr *)&ss)) return 1;
@@ -361,24 +400,36 @@ static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len) {
   multiloop_deadline_remove(&c->idle);
   if (c->serve) multiloop_serve_init(c);   /* its read timeout's entry again */
   kept = multiloop_stream_kept(s, &klen) == data;
-  if (kept) multiloop_stream_consume(s, hlen);
-  if (w->cfg->tls) {                       /* the rest is the ClientHello */
+  if (multiloop_tls_at_accept(w->cfg)) {   /* the rest is the ClientHello (starttls: plain text) */
     int rc = multiloop_tls_accept(s, data + hlen, len - hlen);   /* copies what it keeps */
     if (rc != 0) multiloop_stream_close(s, rc);
-    len = kept ? len - hlen : len;         /* nothing stays in the plain input */
+    /* Ciphertext: none of it stays in the plain input, where a serve
+     * handler's first receive would take it for the client's data. */
+    if (kept) multiloop_stream_consume(s, len);
     if (!s->closing && multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK)
       multiloop_stream_close(s, REASON_ERROR);
-    return len;
+    return kept ? 0 : len;
   }
+  if (kept) multiloop_stream_consume(s, hlen);
   if (multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK) {
     multiloop_stream_close(s, REASON_ERROR);
     return len;
   }
   if (s->closing) return len;
-  if (!kept) return len == hlen ? len : hlen + ev_read(s, data + hlen, len - hlen);
-  p = multiloop_stream_kept(s, &n);        /* what the handler left of the rest */
+  if (kept) {
+    p = multiloop_stream_kept(s, &n);      /* what the handler left of the rest */
+  } else {
+    p = data + hlen;
+    n = len - hlen;
+  }
+  if (n > 0 && !c->serve && !DIVERTED(c) && s->paused) {
+    info->replay = 1;                      /* kept until conn:resume() (conn_resume) */
+    return kept ? 0 : hlen;
+  }
+  if (!kept) return n == 0 ? len : hlen + ev_read(s, p, n);
   return n > 0 ? ev_read(s, p, n) : 0;
 }
+
 
 /* Protected: makes the object, takes the connection's fd into it (from the
  * hand-off pipe, or an fd the inbox or our own listener gave us), calls
@@ -539,8 +590,16 @@ static int conn_pause(lua_State *L) {
 
 static int conn_resume(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
+  multiloop_proxy_info_t *info = proxy_info(c);
   not_on_serve(L, c, "resume");
   multiloop_stream_resume(&c->s);
+  if (info && info->replay == 1 && !c->s.closing) {
+    /* Not from here: this may be a light thread, and on_data runs from the
+     * loop. The idle deadline, 1 ms from now, hands the bytes over. */
+    info->idle_ms = multiloop_deadline_ms(&c->idle);
+    if (multiloop_deadline_set(WORKER(c), &c->idle, 1) != 0) return luaL_error(L, "not enough memory");
+    info->replay = 2;
+  }
   return 0;
 }
 
@@ -560,8 +619,13 @@ static lua_Integer check_ms(lua_State *L, int arg) {
 static int conn_set_timeout(lua_State *L) {
   multiloop_conn_t *c = check_conn(L);
   lua_Integer ms = check_ms(L, 2);
+  multiloop_proxy_info_t *info = proxy_info(c);
   not_on_serve(L, c, "set_timeout");
   if (c->s.closing) return 0;
+  if (info && info->replay == 2) {          /* after the bytes the header left (conn_resume) */
+    info->idle_ms = (uint64_t)ms;
+    return 0;
+  }
   if (multiloop_deadline_set(WORKER(c), &c->idle, (uint64_t)ms) != 0)
     return luaL_error(L, "not enough memory");
   return 0;

@@ -93,6 +93,9 @@ int multiloop_deadline_set(multiloop_worker_t *w, multiloop_deadline_t *d, uint6
   return 0;
 }
 
+/* The duration a deadline runs with, 0 when it is not running. */
+uint64_t multiloop_deadline_ms(const multiloop_deadline_t *d) { return d->list ? d->list->ms : 0; }
+
 /* Pushes a running deadline back to its full duration from now: the entry
  * goes to the tail of its list. The timer is not touched: when it fires for
  * the old time it finds a later head and is armed again for that. */

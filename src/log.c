@@ -16,7 +16,9 @@
  * threads never interleave, not even on a pipe past PIPE_BUF or after a short
  * write. A newline inside a message (a traceback) is followed by a tab, so a
  * line that does not start with a tab always starts a record: a message
- * cannot forge one.
+ * cannot forge one. Its other control bytes (but tab) are written as \xHH:
+ * journald also ends a line at a NUL, a terminal rewrites one after a CR,
+ * and grep calls a file with a NUL in it binary.
  *
  * Reopening (SIGUSR1 in server:run(), server:reopen_log()) opens the path
  * again and dup3()s the new file onto the logger's fd number, under the lock:
@@ -169,6 +171,8 @@ static void write_all(int fd, const char *p, size_t n) {
 }
 
 #define LINE_STACK 4096
+/* A byte a record shows as \xHH: the C0 controls but tab and newline, and DEL. */
+#define IS_CONTROL(ch) (((unsigned char)(ch) < 0x20 && (ch) != '\t') || (ch) == 0x7f)
 #define TRUNCATED " [truncated: not enough memory]"
 
 /* The prefix of a record into buf (at least 128 bytes); returns its length. */
@@ -194,13 +198,16 @@ void multiloop_log_text(multiloop_logger_t *lg, int level, const char *who, lua_
                         const char *msg, size_t len) {
   char stack[LINE_STACK], *big = NULL, *buf = stack;
   size_t cap = sizeof stack, n, i, lines = 0, room;
-  const char *nl;
   if (level < MULTILOOP_LOG_ERROR || level > MULTILOOP_LOG_DEBUG) return;
   if (who == NULL || strlen(who) > 64) who = "?";
-  for (nl = msg; (nl = memchr(nl, '\n', len - (size_t)(nl - msg))) != NULL; nl++) lines++;
-  /* The prefix (< 160 bytes), the message with a tab after each newline,
-   * room for the truncation mark, the final newline: a message that does
-   * not fit on the stack gets a buffer of its size, or is cut short. */
+  for (i = 0; i < len; i++) {
+    if (msg[i] == '\n') lines++;
+    else if (IS_CONTROL(msg[i])) lines += 3;      /* "\xHH" */
+  }
+  /* The prefix (< 160 bytes), the message with a tab after each newline
+   * and its other control bytes escaped, room for the truncation mark, the
+   * final newline: a message that does not fit on the stack gets a buffer
+   * of its size, or is cut short. */
   if (len + lines <= SIZE_MAX - 256 && len + lines + 256 > cap &&
       (big = malloc(len + lines + 256)) != NULL) {
     buf = big;
@@ -212,13 +219,19 @@ void multiloop_log_text(multiloop_logger_t *lg, int level, const char *who, lua_
   n = prefix(buf, cap, level, who, conn_id);
   room = cap - n - 1 - sizeof TRUNCATED;
   for (i = 0; i < len; i++) {
-    if (msg[i] != '\n') {
-      if (n + 1 > room) break;
-      buf[n++] = msg[i];
-    } else {                           /* never a newline without its tab */
+    if (msg[i] == '\n') {              /* never a newline without its tab */
       if (n + 2 > room) break;
       buf[n++] = '\n';
       buf[n++] = '\t';
+    } else if (IS_CONTROL(msg[i])) {    /* a NUL ends a line for journald, a CR on a terminal */
+      if (n + 4 > room) break;
+      buf[n++] = '\\';
+      buf[n++] = 'x';
+      buf[n++] = "0123456789abcdef"[(unsigned char)msg[i] >> 4];
+      buf[n++] = "0123456789abcdef"[(unsigned char)msg[i] & 15];
+    } else {
+      if (n + 1 > room) break;
+      buf[n++] = msg[i];
     }
   }
   if (i < len) {

@@ -543,6 +543,7 @@ void multiloop_deadlines_close(multiloop_worker_t *w);   /* after every entry is
 void multiloop_deadline_init(multiloop_deadline_t *d, multiloop_deadline_cb expire);
 int multiloop_deadline_set(multiloop_worker_t *w, multiloop_deadline_t *d, uint64_t ms);
 void multiloop_deadline_touch(multiloop_worker_t *w, multiloop_deadline_t *d);
+uint64_t multiloop_deadline_ms(const multiloop_deadline_t *d);   /* 0: not running */
 int multiloop_deadline_restart(multiloop_worker_t *w, multiloop_deadline_t *d, uint64_t ms);
 void multiloop_deadline_remove(multiloop_deadline_t *d);
 

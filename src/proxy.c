@@ -204,6 +204,16 @@ static int parse_v1(const char *p, size_t len, multiloop_proxy_info_t **out, siz
   }
   if (end == p || end[-1] != '\r') return fail(err, errlen, "v1 header does not end in CRLF");
   line_end = end - 1;
+  /* UNKNOWN: "the receiver must ignore anything presented before the CRLF". */
+  if (line_end - p >= 13 && memcmp(p, "PROXY UNKNOWN", 13) == 0 &&
+      (line_end - p == 13 || p[13] == ' ')) {
+    if ((info = calloc(1, sizeof *info)) == NULL) return fail(err, errlen, "out of memory");
+    info->version = 1;
+    info->local = 1;
+    *out = info;
+    *hlen = (size_t)(end - p) + 1;
+    return 1;
+  }
   for (q = p; q < line_end && nf < 6;) {      /* fields separated by single spaces */
     const char *sp = memchr(q, ' ', (size_t)(line_end - q));
     const char *fe = sp ? sp : line_end;
@@ -216,9 +226,7 @@ static int parse_v1(const char *p, size_t len, multiloop_proxy_info_t **out, siz
   if (q < line_end) return fail(err, errlen, "v1 header has too many fields");
   if ((info = calloc(1, sizeof *info)) == NULL) return fail(err, errlen, "out of memory");
   info->version = 1;
-  if (nf >= 2 && fl[1] == 7 && memcmp(f[1], "UNKNOWN", 7) == 0) {
-    info->local = 1;                     /* the rest of the line is ignored */
-  } else {
+  {
     char buf[2][INET6_ADDRSTRLEN + 1];
     int i;
     if (nf != 6) {
@@ -231,8 +239,8 @@ static int parse_v1(const char *p, size_t len, multiloop_proxy_info_t **out, siz
       free(info);
       return fail(err, errlen, "v1 header's protocol is not TCP4, TCP6 or UNKNOWN");
     }
-    for (i = 0; i < 2; i++) {
-      if (fl[2 + i] >= sizeof buf[i] ||
+    for (i = 0; i < 2; i++) {           /* a NUL would end inet_pton's string early */
+      if (fl[2 + i] >= sizeof buf[i] || memchr(f[2 + i], 0, fl[2 + i]) != NULL ||
           (memcpy(buf[i], f[2 + i], fl[2 + i]), buf[i][fl[2 + i]] = 0,
            inet_pton(family, buf[i], a[i]) != 1) ||
           !v1_port(f[4 + i], fl[4 + i], &port[i])) {
@@ -262,22 +270,39 @@ static int parse_v2(const unsigned char *p, size_t len, multiloop_proxy_info_t *
   body = ((size_t)p[14] << 8) | p[15];
   if (body > V2_MAX_BODY) return fail(err, errlen, "v2 header longer than 4096 bytes");
   if (len < 16 + body) return 0;
-  if (fam > 3 || proto > 2) return fail(err, errlen, "v2 header's family or protocol is unknown");
-  if (cmd == 1 && fam != 0) {
-    if (proto == 2) return fail(err, errlen, "v2 header is for a datagram connection");
-    alen = fam == 1 ? 12 : fam == 2 ? 36 : 216;
+  if (cmd == 1) {
+    /* The combinations the specification defines: any other "must be
+     * rejected as invalid by receivers". */
+    switch (p[13]) {
+    case 0x00: break;                    /* UNSPEC: the real addresses */
+    case 0x11: case 0x21: case 0x31: alen = fam == 1 ? 12 : fam == 2 ? 36 : 216; break;
+    case 0x12: case 0x22: case 0x32: return fail(err, errlen, "v2 header is for a datagram connection");
+    default: return fail(err, errlen, "v2 header's family or protocol is unknown");
+    }
     if (body < alen) return fail(err, errlen, "v2 header's addresses are cut short");
-  } else if (fam == 1 || fam == 2 || fam == 3) {
-    alen = fam == 1 ? 12 : fam == 2 ? 36 : 216;   /* LOCAL: skipped if there */
-    if (body < alen) alen = 0;
-  }
-  /* The TLVs must tile the rest exactly. */
-  for (tlv = 16 + alen; tlv < 16 + body;) {
-    size_t l;
-    if (16 + body - tlv < 3) return fail(err, errlen, "v2 header has a cut TLV");
-    l = ((size_t)p[tlv + 1] << 8) | p[tlv + 2];
-    if (16 + body - tlv - 3 < l) return fail(err, errlen, "v2 header has a TLV longer than the header");
-    tlv += 3 + l;
+    /* The TLVs must tile the rest exactly. */
+    for (tlv = 16 + alen; tlv < 16 + body;) {
+      size_t l;
+      if (16 + body - tlv < 3) return fail(err, errlen, "v2 header has a cut TLV");
+      l = ((size_t)p[tlv + 1] << 8) | p[tlv + 2];
+      if (16 + body - tlv - 3 < l) return fail(err, errlen, "v2 header has a TLV longer than the header");
+      tlv += 3 + l;
+    }
+  } else {
+    /* LOCAL: "the receiver must accept this connection as valid and must
+     * use the real connection endpoints and discard the protocol block
+     * including the family": its TLVs are kept only if the block is the
+     * family's addresses and whole TLVs, and nothing in it refuses it. */
+    alen = fam == 1 ? 12 : fam == 2 ? 36 : fam == 3 ? 216 : 0;
+    if (proto > 2 || body < alen) alen = 0;
+    for (tlv = 16 + alen; tlv < 16 + body;) {
+      size_t l;
+      if (16 + body - tlv < 3) break;
+      l = ((size_t)p[tlv + 1] << 8) | p[tlv + 2];
+      if (16 + body - tlv - 3 < l) break;
+      tlv += 3 + l;
+    }
+    if (tlv != 16 + body) alen = body;   /* not TLVs: none */
   }
   if ((info = calloc(1, sizeof *info + (body - alen))) == NULL)
     return fail(err, errlen, "out of memory");

@@ -14,6 +14,12 @@ typedef struct multiloop_proxy_info_s {
   int local;
   int command_local;                   /* v2's LOCAL command (a health check) */
   struct sockaddr_storage src, dst;    /* unless local */
+  /* conn.c: a callback handler paused the connection in connect, and the
+   * bytes after the header wait in the stream's input until it resumes
+   * (then its idle deadline, set to 1 ms, hands them over, and is set back
+   * to idle_ms). */
+  int replay;
+  uint64_t idle_ms;
   size_t tlv_len;                      /* v2: the TLVs, as sent */
   unsigned char tlvs[];
 } multiloop_proxy_info_t;

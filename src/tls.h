@@ -17,6 +17,9 @@ void multiloop_tls_free(multiloop_config_t *cfg);
  * with tls.starttls: conn:sslhandshake() does it). `data`: ciphertext that
  * already came (after a PROXY header), NULL for none. 0 or UV_ENOMEM. */
 int multiloop_tls_accept(multiloop_stream_t *s, const char *data, size_t len);
+/* Whether an accepted connection's bytes are TLS from the start: tls,
+ * without starttls. */
+int multiloop_tls_at_accept(const multiloop_config_t *cfg);
 /* conn:tls() and conn:sslhandshake(...). */
 int multiloop_tls_info(lua_State *L);
 int multiloop_tls_sslhandshake(lua_State *L);
