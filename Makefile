@@ -187,6 +187,8 @@ TSAN_SPECS ?= spec/lifecycle_spec.lua spec/echo_spec.lua spec/dispatch_spec.lua 
               spec/metrics_spec.lua spec/tls_spec.lua
 # Logs: workers writing records at once, under the log's lock.
 TSAN_SPECS += spec/log_spec.lua
+# Reload: the main thread's handshake with every worker's new Lua state.
+TSAN_SPECS += spec/reload_spec.lua
 
 .PHONY: tsan
 tsan: check-test-deps

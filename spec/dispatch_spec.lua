@@ -96,7 +96,8 @@ describe("stats", function()
     assert.are.equal(0, s.threads)
     local zero = { accepted = 0, active = 0, bytes_in = 0, bytes_out = 0, threads = 0,
                    connects = 0, connect_errors = 0, reused = 0, pooled = 0,
-                   tls_handshakes = 0, tls_errors = 0, proxy_errors = 0 }
+                   tls_handshakes = 0, tls_errors = 0, proxy_errors = 0,
+                   generation = 0, old_connections = 0 }
     assert.are.same({ zero, zero }, s.workers)
     assert.are.same({ 0, 0, 0, 0 }, { s.connects, s.connect_errors, s.reused, s.pooled })
   end)

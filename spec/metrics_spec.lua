@@ -76,7 +76,8 @@ local function expected_from(stats)
     want[name] = want[name] or {}
     want[name][key] = v
   end
-  local gauges = { active = true, threads = true, pooled = true }
+  local gauges = { active = true, threads = true, pooled = true, generation = true,
+                   old_connections = true }
   for k, v in pairs(stats) do add(k, "", v, gauges) end
   for i, w in ipairs(stats.workers) do
     for k, v in pairs(w) do add(k, tostring(i), v, gauges) end
@@ -144,7 +145,8 @@ describe("server:metrics()", function()
       "multiloop_accept_errors_total", "multiloop_bytes_in_total", "multiloop_bytes_out_total",
       "multiloop_threads", "multiloop_connects_total", "multiloop_connect_errors_total",
       "multiloop_reused_total", "multiloop_pooled", "multiloop_tls_handshakes_total",
-      "multiloop_tls_errors_total", "multiloop_proxy_errors_total" }
+      "multiloop_tls_errors_total", "multiloop_proxy_errors_total", "multiloop_generation",
+      "multiloop_old_connections", "multiloop_reloads_total" }
     assert.are.same(known, { table.unpack(order, 1, #known) })
     -- Fields stats() gains later follow, by name.
     local rest = { table.unpack(order, #known + 1) }

@@ -68,6 +68,7 @@ static const char *reason_name(int reason) {
   case REASON_TIMEOUT: return "timeout";
   case REASON_STOPPED: return "stopped";
   case REASON_PROXY: return "proxy";
+  case REASON_RELOAD: return "reload";
   case MULTILOOP_REASON_TLS: return "tls";
   case MULTILOOP_REASON_TLS_TIMEOUT: return "timeout";
   default: return uv_err_name(reason);
@@ -113,14 +114,14 @@ static const char *const slot_names[] = { "write callback", "on_close", "on_data
 /* Calls the callback in `slot` with `data`, or with no argument (data NULL). */
 static int call(multiloop_conn_t *c, int slot, const char *data, size_t len) {
   call_ev ev = { c, slot, LUA_NOREF, data, len, 0 };
-  return multiloop_enter(WORKER(c), call_body, &ev, &c->id, slot_names[slot]);
+  return multiloop_enter(CONN_GEN(c), call_body, &ev, &c->id, slot_names[slot]);
 }
 
 /* Calls the callback in `slot`, or the registry `ref` when slot is 0, with
  * `reason` or nil. */
 static int call_with_reason(multiloop_conn_t *c, int slot, int ref, const char *reason) {
   call_ev ev = { c, slot, ref, reason, reason ? strlen(reason) : 0, reason == NULL };
-  return multiloop_enter(WORKER(c), call_body, &ev, &c->id, slot_names[slot]);
+  return multiloop_enter(CONN_GEN(c), call_body, &ev, &c->id, slot_names[slot]);
 }
 
 /* --- the stream's events --------------------------------------------------- */
@@ -181,7 +182,7 @@ static void ev_eof(multiloop_stream_t *s) {
 static int ev_written(multiloop_stream_t *s, multiloop_stream_write_t *w, int status) {
   multiloop_conn_t *c = CONN(s);
   write_req *wr = (write_req *)w;
-  lua_State *L = WORKER(c)->L;
+  lua_State *L = CONN_GEN(c)->L;
   int cb_ref = wr->cb_ref, rc = LUA_OK;
   if (status == 0) TOUCH(WORKER(c), c);
   luaL_unref(L, LUA_REGISTRYINDEX, wr->ref);
@@ -224,7 +225,17 @@ static void ev_closed(multiloop_stream_t *s, int reason, void *tap) {
   if (c->counted) multiloop_slot_give(w->rt, w);
   if (c->piped) multiloop_pipe_closed(c, tap);   /* the last end's close ends the pipe */
   if (HAS(c, ON_CLOSE)) call_with_reason(c, ON_CLOSE, LUA_NOREF, reason_name(reason));
-  luaL_unref(w->L, LUA_REGISTRYINDEX, c->ref);  /* may free c: touch nothing after */
+  multiloop_conn_unpin(CONN_GEN(c), c->ref);    /* may free c: touch nothing after */
+}
+
+/* Drops a connection object's pin (its ref in g's registry); g counts the
+ * objects it pins, and a retired generation closes once none is left. */
+void multiloop_conn_unpin(multiloop_gen_t *g, int ref) {
+  luaL_unref(g->L, LUA_REGISTRYINDEX, ref);
+  g->nconns--;
+  if (g != &g->w->gen[g->w->cur])
+    atomic_store_explicit(&g->w->old_conns, g->nconns, memory_order_relaxed);
+  multiloop_gen_check(g);
 }
 
 const multiloop_stream_events_t multiloop_conn_events = {
@@ -233,6 +244,21 @@ const multiloop_stream_events_t multiloop_conn_events = {
 
 void multiloop_conn_close_all(multiloop_worker_t *w) {
   while (w->conns) multiloop_stream_close(&w->conns->s, REASON_STOPPED);
+}
+
+/* Reload: g drained past drain_timeout (or was dropped): its connections
+ * close, reason "reload". Each close takes it out of the list at once (and
+ * may take another: a pipe's other end; the walk then starts again). */
+void multiloop_conn_close_gen(multiloop_gen_t *g) {
+  multiloop_worker_t *w = g->w;
+  unsigned idx = (unsigned)(g - w->gen);
+  multiloop_conn_t *c = w->conns, *next;
+  for (; c; c = next) {
+    next = c->next;
+    if (c->gen != idx || c->s.closing) continue;
+    multiloop_stream_close(&c->s, REASON_RELOAD);
+    if (next && next->prev == NULL && w->conns != next) next = w->conns;   /* next left too */
+  }
 }
 
 /* The connection's PROXY header, if it had one. */
@@ -309,6 +335,11 @@ multiloop_conn_t *multiloop_conn_new(lua_State *L, multiloop_worker_t *w, int is
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
   c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  {
+    multiloop_gen_t *g = multiloop_gen_of(L);       /* it pins in g's registry */
+    c->gen = (unsigned)(g - w->gen) & 1u;
+    g->nconns++;
+  }
   /* An outbound one's handle is made by each connect attempt (outbound.c). */
   if (!outbound) multiloop_stream_init(&c->s, w, is_unix, &multiloop_conn_events);
   return c;
@@ -327,7 +358,7 @@ void multiloop_conn_opened(multiloop_conn_t *c) {
 }
 
 /* The handler takes the connection: serve(conn) in its own light thread,
- * or connect(conn). In a protected call (L: the worker's state). */
+ * or connect(conn). In a protected call (L: the state of the connection's generation). */
 static void start_handler(lua_State *L, multiloop_conn_t *c) {
   multiloop_worker_t *w = WORKER(c);
   if (!c->serve && multiloop_deadline_set(w, &c->idle, w->cfg->idle_timeout) != 0)
@@ -338,7 +369,7 @@ static void start_handler(lua_State *L, multiloop_conn_t *c) {
     lua_pop(L, 1);
     return;
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, CONN_GEN(c)->handler_ref);
   lua_getfield(L, -1, "connect");
   lua_pushvalue(L, -3);
   lua_call(L, 1, 0);
@@ -406,12 +437,12 @@ static size_t proxy_read(multiloop_conn_t *c, const char *data, size_t len) {
     /* Ciphertext: none of it stays in the plain input, where a serve
      * handler's first receive would take it for the client's data. */
     if (kept) multiloop_stream_consume(s, len);
-    if (!s->closing && multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK)
+    if (!s->closing && multiloop_enter(CONN_GEN(c), handler_body, c, &c->id, "connect") != LUA_OK)
       multiloop_stream_close(s, REASON_ERROR);
     return kept ? 0 : len;
   }
   if (kept) multiloop_stream_consume(s, hlen);
-  if (multiloop_enter(w, handler_body, c, &c->id, "connect") != LUA_OK) {
+  if (multiloop_enter(CONN_GEN(c), handler_body, c, &c->id, "connect") != LUA_OK) {
     multiloop_stream_close(s, REASON_ERROR);
     return len;
   }
@@ -438,7 +469,7 @@ static int accept_body(lua_State *L) {
   accept_ev *ev = lua_touserdata(L, 1);
   multiloop_worker_t *w = ev->w;
   multiloop_conn_t *c = multiloop_conn_new(L, w, multiloop_conn_is_unix(w->rt, &w->pipe, ev->fd),
-                                            w->serve, 0);
+                                            w->gen[w->cur].serve, 0);
   int rc;
   c->counted = 1;                          /* the fd holds a slot (slots.c) */
   ev->taken = 1;
@@ -472,7 +503,7 @@ static int accept_body(lua_State *L) {
  * of memory): the fd is still the caller's then. */
 int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd) {
   accept_ev ev = { w, fd, NULL, 0, 0 };
-  int rc = multiloop_enter(w, accept_body, &ev, &ev.id, "connect");
+  int rc = multiloop_enter(&w->gen[w->cur], accept_body, &ev, &ev.id, "connect");
   multiloop_conn_t *c = ev.c;
   if (c == NULL) return ev.taken;
   if (rc != LUA_OK) multiloop_stream_close(&c->s, REASON_ERROR);
@@ -758,7 +789,7 @@ static int conn_index(lua_State *L) {
   case LUA_TFUNCTION: return 1;             /* a method */
   case LUA_TNUMBER:                         /* a field: FIELD_* */
     if (lua_tointeger(L, -1) == FIELD_ID) lua_pushinteger(L, check_conn(L)->id);
-    else lua_rawgeti(L, LUA_REGISTRYINDEX, WORKER(check_conn(L))->worker_ref);
+    else lua_rawgeti(L, LUA_REGISTRYINDEX, multiloop_gen_of(L)->worker_ref);
     return 1;
   default: return 1;                        /* nil */
   }

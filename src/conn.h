@@ -19,7 +19,7 @@
 enum { ON_CLOSE = 1, ON_DATA, ON_END, ON_DRAIN, ON_TIMEOUT, N_USER_VALUES = ON_TIMEOUT };
 
 /* Our own close reasons, beside the stream's libuv errors (stream.h). */
-enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED, REASON_PROXY };
+enum { REASON_ERROR = 1, REASON_TIMEOUT, REASON_STOPPED, REASON_PROXY, REASON_RELOAD };
 
 struct multiloop_conn_s {
   multiloop_stream_t s;                /* first: the stream's events get &c->s */
@@ -31,6 +31,7 @@ struct multiloop_conn_s {
   unsigned pooled : 1;                 /* idle in its pool: any byte or EOF drops it */
   unsigned piped : 1;                  /* in a pipe (pipe.c): the stream's ext->tap is it */
   unsigned proxying : 1;               /* reading its PROXY header: the handler has not run */
+  unsigned gen : 1;                    /* its state's generation: worker->gen[gen] (worker.c) */
   multiloop_conn_t *prev, *next;       /* the worker's list of open connections */
   multiloop_deadline_t idle;           /* the idle timeout (conn_idle); serve: the read timeout */
   lua_Integer id;
@@ -76,6 +77,7 @@ typedef struct {
 #define CONN_OF_OUT(o, serve) \
   ((multiloop_conn_t *)(void *)((char *)(o) - CONN_SIZE - ((serve) ? SERVE_SIZE : 0)))
 #define CONN_WORKER(c) multiloop_stream_worker(&(c)->s)
+#define CONN_GEN(c) (&CONN_WORKER(c)->gen[(c)->gen])
 
 /* One queued write: the stream hands `w` back in `written`. */
 typedef struct {
@@ -113,6 +115,9 @@ multiloop_conn_t *multiloop_conn_new(lua_State *L, multiloop_worker_t *w, int is
 /* The stream is open: the connection gets its id and joins the worker's
  * list (stop closes it), with the server's nodelay and keepalive. */
 void multiloop_conn_opened(multiloop_conn_t *c);
+/* Drops a connection object's ref (made by multiloop_conn_new) in g's
+ * registry, counted in g->nconns. */
+void multiloop_conn_unpin(multiloop_gen_t *g, int ref);
 
 /* outbound.c, called by conn.c's events for an outbound connection. */
 void multiloop_out_closing(multiloop_conn_t *c);

@@ -1,7 +1,8 @@
 /*
  * enter.c: the one door from a libuv callback into a worker's Lua state.
  *
- * Called only on a worker thread, from that worker's loop callbacks. Every push
+ * Called only on a worker thread, from that worker's loop callbacks, with the
+ * generation (worker.c) whose state the event belongs to. Every push
  * and call happens inside `body`, which runs under lua_pcall with a traceback
  * handler, so no Lua error (memory errors included) can longjmp through libuv.
  * A failure is logged (log.c) at level error, naming the worker and the
@@ -34,9 +35,10 @@ int multiloop_traceback(lua_State *L) {
  * userdata). Returns the lua_pcall status; the stack is left as it was.
  * `conn_id` (may be NULL) is read only when reporting, so a body that creates
  * the connection can fill it in. */
-int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
+int multiloop_enter(multiloop_gen_t *g, lua_CFunction body, void *ev,
                     const lua_Integer *conn_id, const char *what) {
-  lua_State *L = w->L;
+  multiloop_worker_t *w = g->w;
+  lua_State *L = g->L;
   int base = lua_gettop(L);
   int rc;
   lua_pushcfunction(L, multiloop_traceback);

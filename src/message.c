@@ -153,7 +153,8 @@ typedef struct {
  * is dropped (not even decoded). */
 static int deliver_body(lua_State *L) {
   deliver_ev *ev = lua_touserdata(L, 1);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ev->w->handler_ref);
+  multiloop_gen_t *g = multiloop_gen_of(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, g->handler_ref);
   switch (lua_getfield(L, -1, "message")) {
     case LUA_TFUNCTION: break;
     case LUA_TNIL: return 0;
@@ -161,7 +162,7 @@ static int deliver_body(lua_State *L) {
       return luaL_error(L, "the handler's message must be a function (got %s)",
                         luaL_typename(L, -1));
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ev->w->worker_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, g->worker_ref);
   multiloop_copy_decode(L, ev->msg->data, ev->msg->len);
   lua_pushinteger(L, ev->msg->from);
   lua_call(L, 3, 0);
@@ -175,7 +176,7 @@ void multiloop_message_deliver(multiloop_worker_t *w, multiloop_msg_t *msg) {
   /* Behind a stop in the same batch: the worker has closed, and what was
    * still queued at stop is dropped. */
   if (w->closing) return;
-  multiloop_enter(w, deliver_body, &ev, NULL, "message");
+  multiloop_enter(&w->gen[w->cur], deliver_body, &ev, NULL, "message");   /* the current state */
 }
 
 /* --- in the main state ------------------------------------------------------ */

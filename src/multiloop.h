@@ -101,7 +101,19 @@ typedef struct {
   /* Logs (log.c): made by core.new from log and log_level, freed with the
    * config; the pointer never changes, what it points to locks itself. */
   struct multiloop_logger_s *logger;
+  /* Reload (worker.c): ms an old generation may drain before its
+   * connections close with reason "reload". */
+  uint64_t drain_timeout;
 } multiloop_config_t;
+/* What a worker loads (worker.c): the handler and the encoded config, from
+ * the config at start, or server:reload's (server.c) at a reload. */
+typedef struct multiloop_reload_s {
+  multiloop_handler_kind kind;
+  const char *handler;
+  size_t handler_len;
+  const char *config;
+  size_t config_len;
+} multiloop_reload_t;
 typedef struct multiloop_tls_s multiloop_tls_t;
 typedef struct multiloop_tls_client_s multiloop_tls_client_t;
 typedef struct multiloop_tls_worker_s multiloop_tls_worker_t;
@@ -167,7 +179,8 @@ typedef struct {                       /* a worker's light threads */
 typedef enum {
   MULTILOOP_MSG_FD,                    /* a connection to serve (queue dispatch) */
   MULTILOOP_MSG_VALUE,                 /* a copied Lua value (copy.c) for message() */
-  MULTILOOP_MSG_STOP                   /* graceful stop: `timeout` ms */
+  MULTILOOP_MSG_STOP,                  /* graceful stop: `timeout` ms */
+  MULTILOOP_MSG_RELOAD                 /* reload step `timeout` (MULTILOOP_RELOAD_*) */
 } multiloop_msg_kind;
 
 typedef struct multiloop_msg_s {
@@ -234,6 +247,43 @@ struct multiloop_listener_s {
   atomic_uint_fast64_t accept_errors;
 };
 
+/* Reload (worker.c): a generation of a worker's handler code, its own Lua
+ * state and everything that lives in it. A worker has one current
+ * generation (new connections, timers and messages go to it) and, while a
+ * reload drains, one old one, which keeps serving the connections and light
+ * threads it has until they end or drain_timeout, and is then closed on the
+ * worker's thread. Every object made in a state (a connection: its 1-bit
+ * `gen`; a light thread, a timer, a pool, a connect: a pointer) calls back
+ * into that state alone. The state's allocator userdata is its generation
+ * (lua_setallocf over luaL_newstate's own allocator, which ignores it), so
+ * a C function finds the generation of the state that calls it with
+ * multiloop_gen_of(L). Worker thread only, but the counters it publishes. */
+typedef struct multiloop_gen_s {
+  multiloop_worker_t *w;
+  lua_State *L;                        /* NULL: this slot is free */
+  int handler_ref;                     /* registry: the handler table */
+  int worker_ref;                      /* registry: the `worker` table */
+  int serve;                           /* the handler has serve (sequential), not connect */
+  int cork_ref;                        /* serve.c: the cork table (0: not made yet) */
+  multiloop_threads_t th;              /* light threads (thread.c) */
+  multiloop_timer_t *timers;           /* open timers (timer.c) */
+  multiloop_pool_t *pools;             /* keepalive pools, by key (outbound.c) */
+  int nconns;                          /* connection objects pinned (conn.c, outbound.c) */
+  int nconnects;                       /* connects in flight (outbound.c) */
+  int pending;                         /* closes in flight whose callbacks use L */
+  uint64_t number;                     /* 1 at start, one more at each reload */
+  uint64_t drain_due;                  /* retired: loop time its drain_timeout ends */
+  unsigned retired : 1;                /* an old one: closes once nothing is left in it */
+  unsigned forced : 1;                 /* drain_timeout passed: its threads are closed too */
+  unsigned closed : 1;                 /* its timers and threads are closing: lua_close next */
+} multiloop_gen_t;
+
+static inline multiloop_gen_t *multiloop_gen_of(lua_State *L) {
+  void *ud;
+  (void)lua_getallocf(L, &ud);
+  return ud;
+}
+
 struct multiloop_worker_s {
   int id;                              /* 1..nworkers */
   const multiloop_config_t *cfg;
@@ -244,7 +294,11 @@ struct multiloop_worker_s {
 
   /* Only the worker thread touches these. */
   uv_loop_t loop;
-  lua_State *L;
+  /* Reload: the generations (above); gen[cur] is the current one. */
+  multiloop_gen_t gen[2];
+  int cur;
+  uv_timer_t drain_timer;              /* the old generation's drain_timeout */
+  int reload_deferred;                 /* a PREPARE waits for the old generation to close */
   uv_pipe_t pipe;
   union {                              /* ipc: refuses a pending connection when */
     uv_handle_t handle;                /* malloc fails (worker.c); busy from */
@@ -266,8 +320,6 @@ struct multiloop_worker_s {
   uv_timer_t deadline_timer;           /* one timer for every deadline (deadline.c) */
   uint64_t deadline_due;               /* when it fires, while it is active */
   multiloop_deadline_list_t *deadline_lists;
-  int handler_ref;                     /* registry: the handler table */
-  int serve;                           /* the handler has serve (sequential), not connect */
   /* serve.c: the bytes a read event hands a serve connection, while it is
    * handing them (the reader it wakes consumes from here), and what that
    * reader's pattern found in them. One per worker: events do not nest. */
@@ -278,20 +330,17 @@ struct multiloop_worker_s {
     int found;                         /* the scan's result for the waiting reader */
     size_t ret, consume;
     /* Sends on that connection during the event, held back to go out in
-     * one write as it ends: a registry table of the strings (made once),
-     * how many, their bytes, and whose they are. */
-    int cork_ref;                      /* 0: not made yet */
+     * one write as it ends: a registry table of the strings (made once per
+     * generation: gen->cork_ref), how many, their bytes, and whose they are. */
     int sends;                         /* sends during the event: the first goes at once */
     int cork_n;
     size_t cork_bytes;
     multiloop_conn_t *cork_conn;
   } view;
-  int worker_ref;                      /* registry: the `worker` table */
   int stopping;
 
   /* Outbound connections (outbound.c, resolve.c): the worker thread's
    * alone, but the counters, which it publishes (relaxed) for stats. */
-  multiloop_pool_t *pools;             /* keepalive pools, by key */
   multiloop_connect_t *connects;       /* connects in flight (stop ends them) */
   multiloop_resolver_t *resolver;      /* the DNS cache and lookup queue, made on first use */
   atomic_uint_fast64_t connects_ok;    /* connects that succeeded (not reuses) */
@@ -307,16 +356,22 @@ struct multiloop_worker_s {
   /* PROXY protocol (proxy.c, conn.c): connections refused before the handler. */
   atomic_uint_fast64_t proxy_errors;
 
-  /* Timers and messages (timer.c, message.c). `timers` is the worker
-   * thread's alone; msg_ready is set once by the worker (its inbox is up)
-   * and read by any sender before it posts. */
-  multiloop_timer_t *timers;           /* open timers, closed when the worker closes */
+  /* Messages (message.c): msg_ready is set once by the worker (its inbox
+   * is up) and read by any sender before it posts. */
   atomic_int msg_ready;                /* the inbox takes messages */
 
-  /* Light threads (thread.c): the worker thread's alone, but `nthreads`,
-   * which it publishes (relaxed) for stats. */
-  multiloop_threads_t th;
-  atomic_int nthreads;                 /* th.count, for server:stats() */
+  /* Light threads (thread.c): `nthreads`, published (relaxed) for stats. */
+  atomic_int nthreads;                 /* both generations' th.count, for server:stats() */
+  /* Reload: published (relaxed) for stats. */
+  atomic_uint_fast64_t generation;     /* gen[cur].number */
+  atomic_int old_conns;                /* connections still on the old generation */
+
+  /* Reload handshake (worker.c, server.c): under rt->start_lock. */
+  int reload_answered;                 /* the worker did the step the main thread posted */
+  int reload_failed;
+  char *reload_error;                  /* malloc'd message when it failed */
+  lua_State *reload_L;                 /* the state a PREPARE is loading: start_timeout's hook */
+  int reload_interrupted;              /* the main thread gave up waiting for the load */
 
   /* Start handshake: written by the worker before it reports ready
    * (multiloop_worker_ready: rt->start_lock). */
@@ -379,6 +434,10 @@ struct multiloop_runtime_s {
   uv_mutex_t start_lock;
   uv_cond_t start_cond;                /* signalled as each worker gets to DONE */
   int nready;                          /* workers at MULTILOOP_START_DONE */
+  int nreload;                         /* reload: workers that answered the step (under it) */
+  /* Reload: what a PREPARE loads, set by the main thread before it posts
+   * the step and kept until every worker has answered. */
+  const struct multiloop_reload_s *reload;
   atomic_uint_fast64_t next_conn_id;
   /* Connection slots: slots.c's alone (the lock is made and destroyed here). */
   atomic_int active;                   /* slots taken: accepted and not yet closed */
@@ -447,12 +506,12 @@ extern const luaL_Reg multiloop_log_funcs[];           /* the core table's log *
 int multiloop_log_main(lua_State *L);                  /* core.log: multiloop.log */
 
 /* enter.c: the one door from a libuv callback into Lua. */
-int multiloop_enter(multiloop_worker_t *w, lua_CFunction body, void *ev,
+int multiloop_enter(multiloop_gen_t *g, lua_CFunction body, void *ev,
                     const lua_Integer *conn_id, const char *what);
 int multiloop_traceback(lua_State *L);
 
 /* enter.c: the same door for a light thread. Never raises. Resumes `co` (a
- * light thread's coroutine) from a loop callback (from = w->L) or from
+ * light thread's coroutine) from a loop callback (from = its generation's g->L) or from
  * worker.spawn (from = its caller's state). `nargs` values are on co already,
  * pushed without allocating; `push` (may be NULL) pushes more on `from`,
  * protected, and they are moved onto co. Returns lua_resume's status, with
@@ -526,6 +585,12 @@ void multiloop_worker_interrupt(multiloop_worker_t *w);  /* main, holding rt->st
 int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout);  /* main */
 void multiloop_worker_join(multiloop_worker_t *w);
 void multiloop_worker_drained(multiloop_worker_t *w);  /* the last conn closed at stop */
+/* Reload: something of g's ended (a connection's object, a connect, a
+ * thread, a close in flight): a retired generation with nothing left closes. */
+void multiloop_gen_check(multiloop_gen_t *g);
+int multiloop_worker_request_reload(multiloop_worker_t *w, int step);   /* main */
+void multiloop_worker_reload_interrupt(multiloop_worker_t *w);  /* main, holding rt->start_lock */
+enum { MULTILOOP_RELOAD_PREPARE = 1, MULTILOOP_RELOAD_COMMIT, MULTILOOP_RELOAD_ABORT };
 
 /* inbox.c */
 int multiloop_inbox_init(multiloop_inbox_t *box, uv_loop_t *loop,
@@ -551,6 +616,7 @@ void multiloop_deadline_remove(multiloop_deadline_t *d);
 void multiloop_conn_register(lua_State *L);
 int multiloop_conn_open(multiloop_worker_t *w, uv_os_sock_t fd);
 void multiloop_conn_close_all(multiloop_worker_t *w);   /* reason "stopped" */
+void multiloop_conn_close_gen(multiloop_gen_t *g);      /* g's, reason "reload" */
 
 /* server.c: the main state's server object. core.new(opts); the metatable. */
 int multiloop_server_new(lua_State *L);
@@ -634,7 +700,8 @@ int multiloop_shared_open(lua_State *L);
  * (each closes over the worker); worker thread only. */
 extern const luaL_Reg multiloop_timer_funcs[];
 void multiloop_timer_register(lua_State *L);
-void multiloop_timers_close(multiloop_worker_t *w);
+void multiloop_timers_close(multiloop_gen_t *g);
+void multiloop_timers_stop_every(multiloop_gen_t *g);   /* reload: the old state's `every`s */
 
 /* thread.c: light threads; worker thread only.
  *
@@ -687,21 +754,21 @@ void multiloop_thread_start(lua_State *L, multiloop_worker_t *w, const char *wha
                             const lua_Integer *conn_id, multiloop_thread_end_fn on_end,
                             void *data);
 lua_State *multiloop_thread_co(multiloop_thread_t *t);
-int multiloop_threads_closing(multiloop_worker_t *w);
+int multiloop_threads_closing(lua_State *L);   /* L's generation's */
 /* The core table's spawn, wait, sleep and kill (each closes over the worker). */
 extern const luaL_Reg multiloop_thread_funcs[];
 void multiloop_thread_register(lua_State *L);       /* the metatable; protected */
-void multiloop_threads_init(multiloop_worker_t *w);   /* after the loop, before Lua */
-void multiloop_threads_stop(multiloop_worker_t *w);   /* closing: sleepers get "stopped" */
-void multiloop_threads_close(multiloop_worker_t *w);  /* the loop ran dry: close the rest */
+void multiloop_threads_init(multiloop_gen_t *g);   /* after the loop, before Lua */
+void multiloop_threads_stop(multiloop_gen_t *g);   /* closing: sleepers get "stopped" */
+void multiloop_threads_close(multiloop_gen_t *g);  /* the loop ran dry: close the rest */
 /* Timer callbacks (timer.c): the spare thread's coroutine, empty, to push the
  * function and its arguments on without allocating (NULL: none could be
  * made, reported); then run them as a light thread. `failed(data)` runs if
  * the callback raises (even after yielding); `pin_ref` (a registry ref, or
  * LUA_NOREF) is held by the thread while it is suspended, so that `data`
  * stays valid. */
-lua_State *multiloop_thread_spare(multiloop_worker_t *w);
-void multiloop_thread_run(multiloop_worker_t *w, int nargs, const char *what,
+lua_State *multiloop_thread_spare(multiloop_gen_t *g);
+void multiloop_thread_run(multiloop_gen_t *g, int nargs, const char *what,
                           multiloop_thread_end_fn on_end, void *data, int pin_ref);
 
 /* resolve.c: names to addresses off the loop (libuv's thread pool), cached
@@ -727,8 +794,9 @@ extern const luaL_Reg multiloop_resolve_funcs[];         /* resolve */
  * object, keepalive pools; worker thread only. */
 extern const luaL_Reg multiloop_outbound_funcs[];        /* tcp, connect */
 void multiloop_outbound_register(lua_State *L);          /* the socket metatable */
-void multiloop_pools_close(multiloop_worker_t *w);       /* stopping: idle conns close */
-void multiloop_outbound_stop(multiloop_worker_t *w);     /* closing: connects end "stopped" */
+void multiloop_pools_close(multiloop_gen_t *g);          /* stopping: idle conns close */
+/* closing: connects end "stopped" (g's alone, or every one when g is NULL) */
+void multiloop_outbound_stop(multiloop_worker_t *w, multiloop_gen_t *g);
 
 /* message.c: the core table's send/broadcast (each closes over the worker)
  * and the message hook (worker thread); server:send/broadcast (main state,

@@ -55,6 +55,7 @@
 typedef struct sock_s sock_t;
 
 struct multiloop_pool_s {
+  multiloop_gen_t *g;                  /* its idle connections are objects of g's state */
   multiloop_pool_t *next;              /* the worker's pools */
   int size;                            /* idle connections kept; with a backlog, active too */
   int backlog;                         /* connects that may wait, or -1: no limit on active */
@@ -81,6 +82,7 @@ struct multiloop_connect_s {
   multiloop_connect_t *prev, *next;    /* w->connects */
   multiloop_connect_t *wprev, *wnext;  /* its pool's backlog queue */
   multiloop_worker_t *w;
+  multiloop_gen_t *g;                  /* the state it calls back (counted in g->nconnects) */
   sock_t *k;                           /* the socket style: its socket, or NULL */
   multiloop_thread_t *t;               /* ... and its waiting thread */
   int cb_ref;                          /* the callback style: fn(conn, err) */
@@ -103,25 +105,27 @@ struct multiloop_connect_s {
 
 /* --- pools ---------------------------------------------------------------------- */
 
-static multiloop_pool_t *pool_get(multiloop_worker_t *w, const char *key, size_t keylen, int size,
+static multiloop_pool_t *pool_get(multiloop_gen_t *g, const char *key, size_t keylen, int size,
                                   int backlog) {
   multiloop_pool_t *p;
-  for (p = w->pools; p; p = p->next)
+  for (p = g->pools; p; p = p->next)
     if (p->keylen == keylen && memcmp(p->key, key, keylen) == 0) return p;
   if ((p = calloc(1, sizeof *p + keylen + 1)) == NULL) return NULL;
   p->size = size > 0 ? size : POOL_SIZE_DEFAULT;
   p->backlog = backlog;
   p->keylen = keylen;
   memcpy(p->key, key, keylen);
-  p->next = w->pools;
-  w->pools = p;
+  p->g = g;
+  p->next = g->pools;
+  g->pools = p;
   return p;
 }
 
 static void pool_maybe_free(multiloop_worker_t *w, multiloop_pool_t *p) {
   multiloop_pool_t **pp;
+  (void)w;
   if (p->active > 0 || p->nidle > 0 || p->nwait > 0) return;
-  for (pp = &w->pools; *pp && *pp != p; pp = &(*pp)->next) {}
+  for (pp = &p->g->pools; *pp && *pp != p; pp = &(*pp)->next) {}
   if (*pp) *pp = p->next;
   free(p);
 }
@@ -221,10 +225,10 @@ static void keepalive_expired(multiloop_deadline_t *d, uint64_t ms) {
 }
 
 /* Each close may free its pool: look again from the start each time. */
-void multiloop_pools_close(multiloop_worker_t *w) {
+void multiloop_pools_close(multiloop_gen_t *g) {
   for (;;) {
     multiloop_pool_t *p;
-    for (p = w->pools; p && p->idle == NULL; p = p->next) {}
+    for (p = g->pools; p && p->idle == NULL; p = p->next) {}
     if (p == NULL) return;
     multiloop_stream_close(&p->idle->s, REASON_STOPPED);
   }
@@ -344,11 +348,13 @@ static void check_target(lua_State *L, int arg, const char *who, target_t *tg) {
   tg->opts = arg + 2;
 }
 
-static multiloop_connect_t *op_new(multiloop_worker_t *w, const target_t *tg) {
+static multiloop_connect_t *op_new(lua_State *L, multiloop_worker_t *w, const target_t *tg) {
   size_t len = strlen(tg->name);
   multiloop_connect_t *op = calloc(1, sizeof *op + len + 1);
   if (op == NULL) return NULL;
   op->w = w;
+  op->g = multiloop_gen_of(L);
+  op->g->nconnects++;
   op->cb_ref = LUA_NOREF;
   op->is_unix = tg->is_unix;
   op->port = tg->port;
@@ -377,9 +383,14 @@ static void op_release(multiloop_connect_t *op) {
   if (op->prev) op->prev->next = op->next;
   else if (w->connects == op) w->connects = op->next;
   if (op->next) op->next->prev = op->prev;
-  if (op->c) luaL_unref(w->L, LUA_REGISTRYINDEX, op->c->ref);   /* never opened */
-  if (op->cb_ref != LUA_NOREF) luaL_unref(w->L, LUA_REGISTRYINDEX, op->cb_ref);
-  free(op);
+  if (op->c) multiloop_conn_unpin(op->g, op->c->ref);    /* never opened */
+  if (op->cb_ref != LUA_NOREF) luaL_unref(op->g->L, LUA_REGISTRYINDEX, op->cb_ref);
+  {
+    multiloop_gen_t *g = op->g;
+    free(op);
+    g->nconnects--;
+    multiloop_gen_check(g);
+  }
 }
 
 /* An attempt's handle points at its connect (not at conn.c's events: the
@@ -465,7 +476,7 @@ static void op_fail(multiloop_connect_t *op, int err, const char *msg, int quiet
     multiloop_thread_wake(t, 0, push_op_error, op);
   } else if (op->cb_ref != LUA_NOREF) {
     callback_ev ev = { op, NULL, op->msg };
-    multiloop_enter(w, callback_body, &ev, NULL, "connect callback");
+    multiloop_enter(op->g, callback_body, &ev, NULL, "connect callback");
   }
   op_release(op);
 }
@@ -499,7 +510,7 @@ static void op_succeed(multiloop_connect_t *op) {
     multiloop_thread_wake(t, 1, NULL, NULL);
   } else {
     callback_ev ev = { op, c, NULL };
-    if (multiloop_enter(w, callback_body, &ev, &c->id, "connect callback") != LUA_OK)
+    if (multiloop_enter(op->g, callback_body, &ev, &c->id, "connect callback") != LUA_OK)
       multiloop_stream_close(&c->s, REASON_ERROR);
     else multiloop_stream_start(&c->s);
   }
@@ -628,14 +639,14 @@ static void cancel_connect(multiloop_thread_t *t, void *data) {
  * a backlog go first: ending one frees no slot. Then the rest: with no
  * waiter left, a freed slot starts nobody, so ending one frees only itself
  * (a waiter started there could fail at once and free the next one). */
-void multiloop_outbound_stop(multiloop_worker_t *w) {
+void multiloop_outbound_stop(multiloop_worker_t *w, multiloop_gen_t *g) {
   int pass;
   for (pass = 0; pass < 2; pass++) {
     multiloop_connect_t *op, *next;
     for (op = w->connects; op; op = next) {
       multiloop_thread_t *t = op->t;
       next = op->next;                           /* op may be freed below */
-      if (op->done || (pass == 0 && !op->queued)) continue;
+      if (op->done || (pass == 0 && !op->queued) || (g != NULL && op->g != g)) continue;
       op->t = NULL;
       op_fail(op, UV_ECANCELED, "stopped", 1);
       if (t) multiloop_thread_ready(t, NULL, NULL);   /* closing: nil, "stopped" */
@@ -699,8 +710,8 @@ static int sock_connect(lua_State *L) {
   }
   /* A graceful stop's grace period still connects (the requests it lets
    * finish may need their upstreams); only the closing worker refuses. */
-  if (multiloop_threads_closing(w) || w->closing) return nil_err(L, "stopped");
-  if ((p = pool_get(w, key, keylen, size, backlog)) == NULL) return luaL_error(L, "not enough memory");
+  if (multiloop_threads_closing(L) || w->closing) return nil_err(L, "stopped");
+  if ((p = pool_get(multiloop_gen_of(L), key, keylen, size, backlog)) == NULL) return luaL_error(L, "not enough memory");
   if (p->idle) {                                 /* reuse, at once */
     c = p->idle;
     unpool(c);
@@ -719,12 +730,12 @@ static int sock_connect(lua_State *L) {
    * may run finalizers: a dropped socket's __gc closes its connection, which
    * may free p (its last one): so p is looked up again after it. */
   c = multiloop_conn_new(L, w, tg.is_unix, 1, 1);
-  if ((p = pool_get(w, key, keylen, size, backlog)) == NULL) {
-    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+  if ((p = pool_get(multiloop_gen_of(L), key, keylen, size, backlog)) == NULL) {
+    multiloop_conn_unpin(multiloop_gen_of(L), c->ref);
     return luaL_error(L, "not enough memory");
   }
-  if ((op = op_new(w, &tg)) == NULL) {
-    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+  if ((op = op_new(L, w, &tg)) == NULL) {
+    multiloop_conn_unpin(multiloop_gen_of(L), c->ref);
     pool_maybe_free(w, p);
     return luaL_error(L, "not enough memory");
   }
@@ -798,7 +809,7 @@ static int sock_setkeepalive(lua_State *L) {
     multiloop_stream_close(&c->s, 0);
     return nil_err(L, "connection in dubious state");
   }
-  if (w->stopping || multiloop_threads_closing(w)) {
+  if (w->stopping || multiloop_threads_closing(L) || multiloop_gen_of(L)->retired) {
     multiloop_stream_close(&c->s, 0);
     lua_pushinteger(L, 1);
     return 1;
@@ -976,8 +987,8 @@ static int core_connect(lua_State *L) {
   lua_pushvalue(L, fn);
   cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   c = multiloop_conn_new(L, w, tg.is_unix, 0, 1);   /* (a raise here would keep cb_ref) */
-  if ((op = op_new(w, &tg)) == NULL) {
-    luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+  if ((op = op_new(L, w, &tg)) == NULL) {
+    multiloop_conn_unpin(multiloop_gen_of(L), c->ref);
     luaL_unref(L, LUA_REGISTRYINDEX, cb_ref);
     return luaL_error(L, "not enough memory");
   }

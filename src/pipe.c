@@ -36,6 +36,7 @@ typedef struct {
   int nclosed;                         /* ends whose `closed` came */
   int nclosing;                        /* ends whose `closing` came */
   multiloop_worker_t *w;
+  multiloop_gen_t *g;                  /* the state both ends (and cb_ref) belong to */
   multiloop_deadline_t idle;           /* { timeout = ms }: no byte either way for that long */
 } pipe_t;
 
@@ -179,9 +180,9 @@ void multiloop_pipe_closed(multiloop_conn_t *c, void *pipe) {
     p->t = NULL;
     multiloop_thread_wake(t, 0, push_result, p);
   } else if (p->cb_ref != LUA_NOREF) {
-    multiloop_enter(p->w, callback_body, p, NULL, "pipe callback");
+    multiloop_enter(p->g, callback_body, p, NULL, "pipe callback");
   }
-  if (p->cb_ref != LUA_NOREF) luaL_unref(p->w->L, LUA_REGISTRYINDEX, p->cb_ref);
+  if (p->cb_ref != LUA_NOREF) luaL_unref(p->g->L, LUA_REGISTRYINDEX, p->cb_ref);
   free(p);
 }
 
@@ -270,6 +271,7 @@ int multiloop_conn_pipe(lua_State *L) {
   p->end[0] = c;
   p->end[1] = o;
   p->w = w;
+  p->g = multiloop_gen_of(L);                     /* both ends are objects of its state */
   p->cb_ref = cb_ref;
   multiloop_deadline_init(&p->idle, pipe_idle);
   /* The last step that can fail: nothing is armed for a pipe that never starts. */

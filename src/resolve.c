@@ -354,7 +354,7 @@ static int core_resolve(lua_State *L) {
   if (multiloop_numeric_addr(name, 0, &addrs[0])) return multiloop_push_addrs(L, addrs, 1);
   if ((n = multiloop_resolve_cached(w, name, addrs)) > 0) return multiloop_push_addrs(L, addrs, n);
   t = multiloop_thread_self(L, "worker.resolve");
-  if (multiloop_threads_closing(w)) {
+  if (multiloop_threads_closing(L)) {
     lua_pushnil(L);
     lua_pushliteral(L, "stopped");
     return 2;

@@ -388,7 +388,8 @@ static void send_expired(multiloop_deadline_t *d, uint64_t ms) {
  * not take now is copied after the request of one queued write. */
 void multiloop_serve_uncork(multiloop_conn_t *c) {
   multiloop_worker_t *w = CONN_WORKER(c);
-  lua_State *L = w->L;
+  multiloop_gen_t *g = CONN_GEN(c);
+  lua_State *L = g->L;
   uv_buf_t bufs[CORK_MAX_N];
   size_t total = 0, done, at;
   int i, n = w->view.cork_n;
@@ -400,7 +401,7 @@ void multiloop_serve_uncork(multiloop_conn_t *c) {
     multiloop_stream_close(&c->s, UV_ENOMEM);
     return;
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->view.cork_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, g->cork_ref);
   for (i = 0; i < n; i++) {
     size_t len;
     lua_rawgeti(L, -1, i + 1);
@@ -451,11 +452,12 @@ static int cork(lua_State *L, multiloop_conn_t *c, int idx, size_t len) {
     multiloop_serve_uncork(c);                       /* full: these go, this one waits */
     if (c->s.closing || len > CORK_MAX_BYTES) return 0;  /* too big to hold: it goes now */
   }
-  if (w->view.cork_ref == 0) {
+  multiloop_gen_t *g = CONN_GEN(c);
+  if (g->cork_ref == 0) {
     lua_createtable(L, CORK_MAX_N, 0);
-    w->view.cork_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    g->cork_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->view.cork_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, g->cork_ref);
   lua_pushvalue(L, idx);
   lua_rawseti(L, -2, w->view.cork_n + 1);            /* preallocated: no growth */
   lua_pop(L, 1);
@@ -562,7 +564,7 @@ static void serve_ended(void *data, int ok) {
 
 void multiloop_serve_start(lua_State *L, multiloop_conn_t *c) {
   multiloop_worker_t *w = CONN_WORKER(c);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);   /* conn handler */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, CONN_GEN(c)->handler_ref);   /* conn handler */
   lua_getfield(L, -1, "serve");                        /* conn handler serve */
   lua_pushvalue(L, -3);                                /* conn handler serve conn */
   multiloop_thread_start(L, w, "serve", &c->id, serve_ended, c);

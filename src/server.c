@@ -44,11 +44,13 @@ typedef struct {
   uint64_t connects, connect_errors, reused, pooled;   /* outbound (outbound.c) */
   uint64_t tls_handshakes, tls_errors;                 /* tls.c */
   uint64_t proxy_errors;                               /* proxy.c */
+  uint64_t generation, old_connections;                /* reload (worker.c) */
 } counts_t;
 
 typedef struct {
   multiloop_config_t cfg;
   multiloop_runtime_t *rt;             /* NULL while stopped */
+  uint64_t reloads;                    /* reloads that switched, since the last start */
   counts_t counts[];                   /* nworkers + 1 rows: the last run's
                                           figures once stopped, scratch while
                                           running */
@@ -98,6 +100,12 @@ static void runtime_counts(multiloop_runtime_t *rt, counts_t *counts) {
     total->tls_errors += c->tls_errors;
     c->proxy_errors = LOAD(w->proxy_errors);
     total->proxy_errors += c->proxy_errors;
+    {
+      int old = LOAD(w->old_conns);
+      c->generation = LOAD(w->generation);
+      c->old_connections = old > 0 ? (uint64_t)old : 0;
+      total->old_connections += c->old_connections;
+    }
     total->accepted += c->accepted;
     total->active += c->active;
     total->bytes_in += c->bytes_in;
@@ -132,6 +140,7 @@ static void runtime_free(multiloop_runtime_t *rt, counts_t *final) {
     multiloop_inbox_destroy(&w->inbox);
     free(w->stop_msg);
     free(w->error);
+    free(w->reload_error);
   }
   close_fd(&rt->acceptor.listen_fd);
   multiloop_inherited_free(rt);            /* several inherited sockets: the others */
@@ -191,6 +200,7 @@ static void block_signals(sigset_t *old) {
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGUSR1);                /* logs: run() reopens the log file on it */
+  sigaddset(&set, SIGHUP);                 /* reload: run() reloads on it */
   pthread_sigmask(SIG_BLOCK, &set, old);
 }
 
@@ -340,6 +350,65 @@ static int runtime_finished(multiloop_runtime_t *rt) {
   for (i = 0; i < rt->cfg->nworkers; i++)
     if (rt->workers[i].thread_started && !atomic_load(&rt->workers[i].finished)) return 0;
   return 1;
+}
+
+/* --- reload ---------------------------------------------------------------- */
+
+/* Posts reload `step` to every worker and waits for each one that took it
+ * to answer (worker.c); a PREPARE for up to start_timeout ms, then the
+ * workers still loading are interrupted, as at start, and waited for.
+ * A worker that could not take the step is marked failed ("stopped"). */
+static void reload_all(multiloop_runtime_t *rt, int step) {
+  int i, n = rt->cfg->nworkers, posted = 0;
+  uint64_t now = uv_hrtime(), deadline = now + rt->cfg->start_timeout * UINT64_C(1000000);
+  uv_mutex_lock(&rt->start_lock);
+  rt->nreload = 0;
+  for (i = 0; i < n; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    w->reload_answered = w->reload_failed = w->reload_interrupted = 0;
+  }
+  uv_mutex_unlock(&rt->start_lock);
+  for (i = 0; i < n; i++) {
+    multiloop_worker_t *w = &rt->workers[i];
+    if (multiloop_worker_request_reload(w, step) == 0) {
+      posted++;
+      continue;
+    }
+    uv_mutex_lock(&rt->start_lock);
+    w->reload_answered = w->reload_failed = 1;     /* reload_error NULL: "stopped" */
+    free(w->reload_error);
+    w->reload_error = NULL;
+    uv_mutex_unlock(&rt->start_lock);
+  }
+  uv_mutex_lock(&rt->start_lock);
+  while (rt->nreload < posted && step == MULTILOOP_RELOAD_PREPARE &&
+         (now = uv_hrtime()) < deadline)
+    (void)uv_cond_timedwait(&rt->start_cond, &rt->start_lock, deadline - now);
+  if (rt->nreload < posted && step == MULTILOOP_RELOAD_PREPARE)
+    for (i = 0; i < n; i++) multiloop_worker_reload_interrupt(&rt->workers[i]);
+  while (rt->nreload < posted) uv_cond_wait(&rt->start_cond, &rt->start_lock);
+  uv_mutex_unlock(&rt->start_lock);
+}
+
+/* Every worker loads `src` into a new state; if one fails, every new
+ * state is dropped and err names the first worker that failed; otherwise
+ * they all switch to it. Returns 0 or -1. */
+static int runtime_reload(multiloop_runtime_t *rt, const multiloop_reload_t *src, char *err,
+                          size_t errlen) {
+  int i, n = rt->cfg->nworkers, bad = -1;
+  rt->reload = src;
+  reload_all(rt, MULTILOOP_RELOAD_PREPARE);
+  rt->reload = NULL;                       /* every worker has answered: none reads it */
+  for (i = 0; i < n && bad < 0; i++)
+    if (rt->workers[i].reload_failed) bad = i;
+  if (bad >= 0) {
+    const char *why = rt->workers[bad].reload_error;
+    snprintf(err, errlen, "worker %d: %s", bad + 1, why ? why : "stopped");
+    reload_all(rt, MULTILOOP_RELOAD_ABORT);
+    return -1;
+  }
+  reload_all(rt, MULTILOOP_RELOAD_COMMIT);
+  return 0;
 }
 
 /* --- the Lua object -------------------------------------------------------- */
@@ -493,6 +562,13 @@ int multiloop_server_new(lua_State *L) {
   cfg->write_low_water = (size_t)int_field(L, "write_low_water", 0, MAX_BYTES);
   cfg->keepalive = (unsigned)int_field(L, "keepalive_seconds", 0, MAX_MS / 1000 + 1);
   cfg->nodelay = bool_field(L, "nodelay");
+  /* Reload: drain_timeout, ms an old generation drains; nil: the default. */
+  if (lua_getfield(L, 1, "drain_timeout") == LUA_TNIL) {
+    cfg->drain_timeout = 30000;
+  } else {
+    cfg->drain_timeout = (uint64_t)int_field(L, "drain_timeout", 0, INT_MAX);
+  }
+  lua_pop(L, 1);
   /* start_timeout: ms a worker may take to load the handler and run init; nil: the default. */
   if (lua_getfield(L, 1, "start_timeout") == LUA_TNIL) {
     cfg->start_timeout = 30000;
@@ -600,6 +676,7 @@ static int server_start(lua_State *L) {
     lua_pushstring(L, err);
     return 2;
   }
+  s->reloads = 0;                          /* a restart counts from zero */
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -690,6 +767,8 @@ typedef struct {
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;
   uv_signal_t sigusr1;                 /* logs: reopens `logger`'s file; not counted */
+  uv_signal_t sighup;                  /* reload: wait(false) returns "SIGHUP"; not counted */
+  unsigned hups;                       /* SIGHUPs not yet waited for (coalesced into one) */
   multiloop_logger_t *logger;          /* the server's (its user value keeps it) */
   uv_timer_t poll;                     /* while waiting for a stop: the workers */
   uv_timer_t tick;                     /* wait(_, ms): run()'s `every` */
@@ -731,6 +810,15 @@ static void watch_usr1_cb(uv_signal_t *h, int signum) {
     multiloop_log_as(w->logger, MULTILOOP_LOG_INFO, "main", 0, "SIGUSR1: log reopened");
 }
 
+/* Reload: SIGHUP ends a wait(false) with "SIGHUP" (run() reloads); one
+ * that comes during wait(true), a graceful stop, waits for nothing. */
+static void watch_hup_cb(uv_signal_t *h, int signum) {
+  signals_t *w = h->data;
+  (void)signum;
+  w->hups++;
+  uv_stop(&w->loop);
+}
+
 /* Runs the loop without blocking: delivers the signals already written to
  * its pipe. */
 static void signals_collect(signals_t *w) {
@@ -744,6 +832,7 @@ static void signals_close(signals_t *w) {
   uv_close((uv_handle_t *)&w->sigint, NULL);
   uv_close((uv_handle_t *)&w->sigterm, NULL);
   uv_close((uv_handle_t *)&w->sigusr1, NULL);
+  uv_close((uv_handle_t *)&w->sighup, NULL);
   uv_close((uv_handle_t *)&w->poll, NULL);
   uv_close((uv_handle_t *)&w->tick, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
@@ -772,9 +861,11 @@ static int server_signals(lua_State *L) {
   uv_signal_init(&w->loop, &w->sigint);
   uv_signal_init(&w->loop, &w->sigterm);
   uv_signal_init(&w->loop, &w->sigusr1);
+  uv_signal_init(&w->loop, &w->sighup);
   uv_timer_init(&w->loop, &w->poll);
   uv_timer_init(&w->loop, &w->tick);
   w->sigint.data = w->sigterm.data = w->sigusr1.data = w->poll.data = w->tick.data = w;
+  w->sighup.data = w;
   w->logger = s->cfg.logger;
   w->open = 1;
   /* SIGINT first, SIGTERM last: the specs take a caught SIGTERM (/proc
@@ -782,9 +873,10 @@ static int server_signals(lua_State *L) {
    * a script runs. */
   if ((rc = uv_signal_start(&w->sigint, watch_signal_cb, SIGINT)) != 0 ||
       (rc = uv_signal_start(&w->sigusr1, watch_usr1_cb, SIGUSR1)) != 0 ||
+      (rc = uv_signal_start(&w->sighup, watch_hup_cb, SIGHUP)) != 0 ||
       (rc = uv_signal_start(&w->sigterm, watch_signal_cb, SIGTERM)) != 0) {
     signals_close(w);
-    return luaL_error(L, "signals: cannot catch SIGINT, SIGTERM and SIGUSR1: %s",
+    return luaL_error(L, "signals: cannot catch SIGINT, SIGTERM, SIGUSR1 and SIGHUP: %s",
                       uv_strerror(rc));
   }
   return 1;
@@ -813,6 +905,11 @@ static int signals_wait(lua_State *L) {
   for (;;) {
     if (w->head != w->tail) {
       push_signal_name(L, w->queue[w->head++ % SIGNALS_QUEUE]);
+      break;
+    }
+    if (!until_stopped && w->hups > 0) {
+      w->hups = 0;                         /* several in a row: one reload */
+      lua_pushliteral(L, "SIGHUP");
       break;
     }
     if (until_stopped && (s->rt == NULL || runtime_finished(s->rt))) {
@@ -913,6 +1010,8 @@ static int server_stats(lua_State *L) {
     set_counter(L, "tls_handshakes", s->counts[i].tls_handshakes);
     set_counter(L, "tls_errors", s->counts[i].tls_errors);
     set_counter(L, "proxy_errors", s->counts[i].proxy_errors);
+    set_counter(L, "generation", s->counts[i].generation);
+    set_counter(L, "old_connections", s->counts[i].old_connections);
     lua_rawseti(L, -2, i);
   }
   lua_setfield(L, -2, "workers");
@@ -930,7 +1029,83 @@ static int server_stats(lua_State *L) {
   set_counter(L, "tls_handshakes", s->counts[0].tls_handshakes);
   set_counter(L, "tls_errors", s->counts[0].tls_errors);
   set_counter(L, "proxy_errors", s->counts[0].proxy_errors);
+  set_counter(L, "old_connections", s->counts[0].old_connections);
+  set_counter(L, "reloads", s->reloads);
   return 1;
+}
+
+/* A malloc'd copy of the string at idx (NUL-terminated, *len its length). */
+static char *copy_string(lua_State *L, int idx, size_t *len) {
+  const char *p = lua_tolstring(L, idx, len);
+  char *q = p ? malloc(*len + 1) : NULL;
+  if (q) memcpy(q, p, *len + 1);
+  return q;
+}
+
+/* core:reload(kind, handler, has_config, config [, why]): init.lua checked
+ * the handler (kind nil: the one the server has, loaded again); `config`
+ * is encoded here. true, or nil, "worker N: <error>". With `why` ("SIGHUP"),
+ * the outcome is logged as "main". After a reload the server keeps the new
+ * handler and config: a restart and the next reload use them. */
+static int server_reload(lua_State *L) {
+  static const char *const kinds[] = { "module", "path", "bytecode", NULL };
+  server_t *s = check_server(L);
+  multiloop_config_t *cfg = &s->cfg;
+  const char *why = luaL_optstring(L, 6, NULL);
+  multiloop_reload_t src = { cfg->handler_kind, cfg->handler, cfg->handler_len, cfg->config,
+                             cfg->config_len };
+  char *handler = NULL, *config = NULL, err[1024];
+  size_t hlen = 0, clen = 0;
+  int kind = -1;
+  if (s->rt == NULL) {
+    snprintf(err, sizeof err, "not running");
+    goto failed;
+  }
+  if (!lua_isnoneornil(L, 2)) {
+    kind = luaL_checkoption(L, 2, NULL, kinds);
+    luaL_checktype(L, 3, LUA_TSTRING);
+    if ((handler = copy_string(L, 3, &hlen)) == NULL) return luaL_error(L, "not enough memory");
+    src.kind = (multiloop_handler_kind)kind;
+    src.handler = handler;
+    src.handler_len = hlen;
+  }
+  if (lua_toboolean(L, 4)) {
+    if (!multiloop_copy_encode(L, 5, "config", &config, &clen)) {
+      free(handler);
+      snprintf(err, sizeof err, "option 'config': %s", lua_tostring(L, -1));
+      goto failed;
+    }
+    src.config = config;
+    src.config_len = clen;
+  }
+  if (runtime_reload(s->rt, &src, err, sizeof err) != 0) {
+    free(handler);
+    free(config);
+    goto failed;
+  }
+  if (handler) {
+    free(cfg->handler);
+    cfg->handler = handler;
+    cfg->handler_len = hlen;
+    cfg->handler_kind = (multiloop_handler_kind)kind;
+  }
+  if (config) {
+    free(cfg->config);
+    cfg->config = config;
+    cfg->config_len = clen;
+  }
+  s->reloads++;
+  if (why)
+    multiloop_log_as(cfg->logger, MULTILOOP_LOG_INFO, "main", 0, "%s: reloaded (generation %llu)",
+                     why, (unsigned long long)atomic_load(&s->rt->workers[0].generation));
+  lua_pushboolean(L, 1);
+  return 1;
+failed:
+  if (why) multiloop_log_as(cfg->logger, MULTILOOP_LOG_ERROR, "main", 0,
+                            "%s: reload failed, the old code keeps serving: %s", why, err);
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  return 2;
 }
 
 static int server_running(lua_State *L) {
@@ -983,6 +1158,7 @@ static const luaL_Reg server_methods[] = {
   { "signals", server_signals },
   { "stats", server_stats },
   { "running", server_running },
+  { "reload", server_reload },
   { "send", server_send },
   { "broadcast", server_broadcast },
   { NULL, NULL }

@@ -14,7 +14,7 @@
  * is live, so a primitive finds its thread in O(1); the worker's main thread
  * and coroutines made by coroutine.create hold NULL there. While live, a
  * registry ref pins the userdata, and the thread sits in its worker's list
- * (w->th.live), counted in w->th.count (published as w->nthreads for stats).
+ * (g->th.live), counted in g->th.count (its generation's) (published as w->nthreads for stats).
  *
  * A thread is resumed only from a loop callback (its sleep timer, the ready
  * queue's uv_idle_t, later a read) or, once, by worker.spawn itself, always
@@ -49,21 +49,22 @@
 struct multiloop_thread_s {
   uv_timer_t *timer;                   /* worker.sleep's, malloc'd by the first sleep */
   multiloop_worker_t *w;
+  multiloop_gen_t *g;                  /* the generation whose state it is a coroutine of */
   lua_State *co;
   int ref;                             /* pins the userdata while live (and its timer open) */
-  multiloop_thread_t *prev, *next;     /* w->th.live */
-  multiloop_thread_t *qprev, *qnext;   /* on `queue`: a target's waiters, or w->th.ready */
+  multiloop_thread_t *prev, *next;     /* g->th.live */
+  multiloop_thread_t *qprev, *qnext;   /* on `queue`: a target's waiters, or g->th.ready */
   multiloop_tqueue_t *queue;
   multiloop_tqueue_t waiters;          /* threads in worker.wait for this one */
   multiloop_thread_t *target;          /* worker.wait: the thread waited for */
   multiloop_await_cancel cancel;       /* set while awaiting something */
-  multiloop_push_fn ready_push;        /* on w->th.ready: what it is resumed with */
+  multiloop_push_fn ready_push;        /* on g->th.ready: what it is resumed with */
   void *await_data;                    /* cancel's data while awaiting; ready_push's ev when ready */
   const char *what;                    /* "thread", "timer", "serve": names it in reports */
   const lua_Integer *conn_id;          /* names a serve thread's connection in reports, or NULL */
   multiloop_thread_end_fn on_end;      /* a timer's or a connection's: runs as it ends */
   void *on_end_data;
-  unsigned live : 1;                   /* in w->th.live, counted */
+  unsigned live : 1;                   /* in g->th.live, counted */
   unsigned running : 1;                /* resumed (running, or resuming another) */
   unsigned ended : 1;
   unsigned ok : 1;                     /* ended by returning: co holds its results */
@@ -100,7 +101,8 @@ static multiloop_thread_t **self_slot(lua_State *co) {
 }
 
 static void publish(multiloop_worker_t *w) {
-  atomic_store_explicit(&w->nthreads, w->th.count, memory_order_relaxed);
+  atomic_store_explicit(&w->nthreads, w->gen[0].th.count + w->gen[1].th.count,
+                        memory_order_relaxed);
 }
 
 /* --- making and ending ---------------------------------------------------------- */
@@ -112,6 +114,7 @@ static multiloop_thread_t *new_thread(lua_State *L, multiloop_worker_t *w, const
   memset(t, 0, sizeof *t);
   t->ref = LUA_NOREF;
   t->w = w;
+  t->g = multiloop_gen_of(L);
   t->what = what;
   luaL_setmetatable(L, THREAD_MT);
   t->co = lua_newthread(L);                        /* ud co */
@@ -121,14 +124,14 @@ static multiloop_thread_t *new_thread(lua_State *L, multiloop_worker_t *w, const
 }
 
 static void link_live(multiloop_thread_t *t) {
-  multiloop_worker_t *w = t->w;
+  multiloop_gen_t *g = t->g;
   t->live = 1;
   t->prev = NULL;
-  t->next = w->th.live;
-  if (w->th.live) w->th.live->prev = t;
-  w->th.live = t;
-  w->th.count++;
-  publish(w);
+  t->next = g->th.live;
+  if (g->th.live) g->th.live->prev = t;
+  g->th.live = t;
+  g->th.count++;
+  publish(t->w);
 }
 
 /* Sets user value n of t's object to the value on top of `from` (popped).
@@ -142,11 +145,14 @@ static void set_uv(lua_State *from, multiloop_thread_t *t, int n) {
 
 static void timer_close_cb(uv_handle_t *h) {
   multiloop_thread_t *t = h->data;
+  multiloop_gen_t *g = t->g;
   int ref = t->ref;
   free(h);
   t->timer = NULL;
   t->ref = LUA_NOREF;
-  luaL_unref(t->w->L, LUA_REGISTRYINDEX, ref);     /* may free t: touch nothing after */
+  luaL_unref(g->L, LUA_REGISTRYINDEX, ref);        /* may free t: touch nothing after */
+  g->pending--;
+  multiloop_gen_check(g);
 }
 
 static void ready_cb(uv_idle_t *h);
@@ -159,13 +165,13 @@ static void cancel_queued(multiloop_thread_t *t, void *data) {
  * of the loop: with true when push is NULL (nil, "stopped" once closing).
  * Whatever it awaited is forgotten: kill or close now take it off the queue. */
 void multiloop_thread_ready(multiloop_thread_t *t, multiloop_push_fn push, void *ev) {
-  multiloop_worker_t *w = t->w;
+  multiloop_gen_t *g = t->g;
   unqueue(t);
   t->cancel = cancel_queued;
   t->ready_push = push;
   t->await_data = ev;
-  enqueue(&w->th.ready, t);
-  if (w->th.open) uv_idle_start(&w->th.ready_idle, ready_cb);
+  enqueue(&g->th.ready, t);
+  if (g->th.open) uv_idle_start(&g->th.ready_idle, ready_cb);
 }
 
 static int push_wait(lua_State *L, void *ev);
@@ -176,6 +182,7 @@ static int push_stopped(lua_State *L, void *ev);
  * dropped (after its timer's close, if it has one). */
 static void end_thread(multiloop_thread_t *t, lua_State *from) {
   multiloop_worker_t *w = t->w;
+  multiloop_gen_t *g = t->g;
   t->ended = 1;
   t->running = 0;
   t->cancel = NULL;
@@ -184,10 +191,10 @@ static void end_thread(multiloop_thread_t *t, lua_State *from) {
   if (t->live) {
     t->live = 0;
     if (t->prev) t->prev->next = t->next;
-    else w->th.live = t->next;
+    else g->th.live = t->next;
     if (t->next) t->next->prev = t->prev;
     t->prev = t->next = NULL;
-    w->th.count--;
+    g->th.count--;
     publish(w);
   }
   while (t->waiters.head) multiloop_thread_ready(t->waiters.head, push_wait, t->waiters.head);
@@ -204,13 +211,15 @@ static void end_thread(multiloop_thread_t *t, lua_State *from) {
   }
   if (t->timer_open) {
     t->timer_open = 0;
+    g->pending++;                                  /* its close callback uses g->L */
     uv_close((uv_handle_t *)t->timer, timer_close_cb);
   } else {
     int ref = t->ref;
     t->ref = LUA_NOREF;
     luaL_unref(from, LUA_REGISTRYINDEX, ref);      /* may free t */
   }
-  if (w->stopping && !w->closing && w->th.count == 0) multiloop_worker_drained(w);
+  if (w->stopping && !w->closing && g->th.count == 0) multiloop_worker_drained(w);
+  multiloop_gen_check(g);
 }
 
 /* Closes t's coroutine (its to-be-closed variables run; an error in one is
@@ -299,11 +308,11 @@ static void wake_thread(multiloop_thread_t *t, int nargs, multiloop_push_fn push
     lua_pop(t->co, nargs);
     if (!t->running) {
       t->ok = 0;
-      end_thread(t, t->w->L);
+      end_thread(t, t->g->L);
     }
     return;
   }
-  resume_thread(t, t->w->L, nargs, push, ev);
+  resume_thread(t, t->g->L, nargs, push, ev);
 }
 
 void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn push, void *ev) {
@@ -312,17 +321,17 @@ void multiloop_thread_wake(multiloop_thread_t *t, int nargs, multiloop_push_fn p
 
 lua_State *multiloop_thread_co(multiloop_thread_t *t) { return t->co; }
 
-int multiloop_threads_closing(multiloop_worker_t *w) { return w->th.closing; }
+int multiloop_threads_closing(lua_State *L) { return multiloop_gen_of(L)->th.closing; }
 
 /* The ready queue: each thread queued before this turn, resumed once. */
 static void ready_cb(uv_idle_t *h) {
-  multiloop_worker_t *w = h->data;
-  int n = w->th.ready.n;
-  while (n-- > 0 && w->th.ready.head) {
-    multiloop_thread_t *t = w->th.ready.head;
+  multiloop_gen_t *g = h->data;
+  int n = g->th.ready.n;
+  while (n-- > 0 && g->th.ready.head) {
+    multiloop_thread_t *t = g->th.ready.head;
     multiloop_push_fn push = t->ready_push;
     unqueue(t);
-    if (push == NULL && w->th.closing) push = push_stopped;
+    if (push == NULL && g->th.closing) push = push_stopped;
     if (push) {
       wake_thread(t, 0, push, t->await_data);
     } else {                                       /* sleep(0): true, or "stopped" */
@@ -330,7 +339,7 @@ static void ready_cb(uv_idle_t *h) {
       wake_thread(t, 1, NULL, NULL);
     }
   }
-  if (w->th.ready.head == NULL) uv_idle_stop(h);
+  if (g->th.ready.head == NULL) uv_idle_stop(h);
 }
 
 /* --- the Lua API ------------------------------------------------------------ */
@@ -435,7 +444,7 @@ static int core_sleep(lua_State *L) {
                       lua_type(L, 1) == LUA_TNUMBER ? luaL_tolstring(L, 1, NULL)
                                                     : luaL_typename(L, 1));
   t = multiloop_thread_self(L, "worker.sleep");
-  if (w->th.closing) return push_stopped(L, NULL);
+  if (t->g->th.closing) return push_stopped(L, NULL);
   if (ms == 0) {                                   /* once round the loop */
     multiloop_thread_ready(t, NULL, NULL);
     return multiloop_await(L, t, cancel_queued, NULL, NULL);
@@ -519,94 +528,102 @@ void multiloop_thread_register(lua_State *L) {
 
 /* Protected: a new spare thread. */
 static int spare_body(lua_State *L) {
-  multiloop_worker_t *w = lua_touserdata(L, 1);
-  multiloop_thread_t *t = new_thread(L, w, "timer");
+  multiloop_gen_t *g = lua_touserdata(L, 1);
+  multiloop_thread_t *t = new_thread(L, g->w, "timer");
   t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  w->th.spare = t;
+  g->th.spare = t;
   return 0;
 }
 
-lua_State *multiloop_thread_spare(multiloop_worker_t *w) {
-  if (w->th.spare == NULL && multiloop_enter(w, spare_body, w, NULL, "timer") != LUA_OK)
+lua_State *multiloop_thread_spare(multiloop_gen_t *g) {
+  if (g->th.spare == NULL && multiloop_enter(g, spare_body, g, NULL, "timer") != LUA_OK)
     return NULL;
-  return w->th.spare->co;
+  return g->th.spare->co;
 }
 
-void multiloop_thread_run(multiloop_worker_t *w, int nargs, const char *what,
+void multiloop_thread_run(multiloop_gen_t *g, int nargs, const char *what,
                           multiloop_thread_end_fn on_end, void *data, int pin_ref) {
-  multiloop_thread_t *t = w->th.spare;
+  multiloop_worker_t *w = g->w;
+  multiloop_thread_t *t = g->th.spare;
   int nres = 0, status;
   t->what = what;
   t->on_end = on_end;
   t->on_end_data = data;
   t->running = 1;
-  status = multiloop_resume(w, w->L, t->co, nargs, NULL, NULL, &nres, NULL, what);
+  status = multiloop_resume(w, g->L, t->co, nargs, NULL, NULL, &nres, NULL, what);
   if (status == LUA_OK) {                          /* the fast path: kept for the next */
     t->running = 0;
     t->on_end = NULL;
     lua_settop(t->co, 0);
     return;
   }
-  w->th.spare = NULL;
+  g->th.spare = NULL;
   if (status == LUA_YIELD) {
     link_live(t);
-    lua_rawgeti(w->L, LUA_REGISTRYINDEX, pin_ref);   /* nil for LUA_NOREF */
-    set_uv(w->L, t, 2);
+    lua_rawgeti(g->L, LUA_REGISTRYINDEX, pin_ref);   /* nil for LUA_NOREF */
+    set_uv(g->L, t, 2);
   }
-  settled(t, w->L, status, nres);
+  settled(t, g->L, status, nres);
 }
 
 /* --- the worker's start and end ----------------------------------------------- */
 
-void multiloop_threads_init(multiloop_worker_t *w) {
-  memset(&w->th, 0, sizeof w->th);
-  uv_idle_init(&w->loop, &w->th.ready_idle);       /* cannot fail */
-  w->th.ready_idle.data = w;
-  w->th.open = 1;
-  atomic_store_explicit(&w->nthreads, 0, memory_order_relaxed);
+void multiloop_threads_init(multiloop_gen_t *g) {
+  memset(&g->th, 0, sizeof g->th);
+  uv_idle_init(&g->w->loop, &g->th.ready_idle);    /* cannot fail */
+  g->th.ready_idle.data = g;
+  g->th.open = 1;
+  publish(g->w);
 }
 
-/* The worker is closing: each sleeping thread is resumed with nil,
- * "stopped" on the next turn of the loop, and sleep returns that at once
- * from now on. Threads waiting for another stay (it ends, or is closed). */
-void multiloop_threads_stop(multiloop_worker_t *w) {
+/* The worker (or a generation that drains past drain_timeout) is closing:
+ * each sleeping thread is resumed with nil, "stopped" on the next turn of
+ * the loop, and sleep returns that at once from now on. Threads waiting for
+ * another stay (it ends, or is closed). */
+void multiloop_threads_stop(multiloop_gen_t *g) {
   multiloop_thread_t *t;
-  if (w->th.closing) return;
-  w->th.closing = 1;
-  for (t = w->th.live; t; t = t->next) {
+  if (g->th.closing || !g->th.open) return;
+  g->th.closing = 1;
+  for (t = g->th.live; t; t = t->next) {
     if (t->cancel == cancel_sleep) {
       uv_timer_stop(t->timer);
       multiloop_thread_ready(t, push_stopped, NULL);
-    } else if (t->queue == &w->th.ready && t->ready_push == NULL) {
+    } else if (t->queue == &g->th.ready && t->ready_push == NULL) {
       t->ready_push = push_stopped;                /* sleep(0) */
     }
   }
 }
 
-static void idle_close_cb(uv_handle_t *h) { (void)h; }
+static void idle_close_cb(uv_handle_t *h) {
+  multiloop_gen_t *g = h->data;
+  g->pending--;
+  multiloop_gen_check(g);
+}
 
-/* After the loop has run dry: every thread still suspended (waiting for a
- * thread that never ends, say) is closed, its to-be-closed variables run;
- * then the idle handle, the spare and any sleep timer are closed. The caller
- * runs the loop again for their close callbacks. */
-void multiloop_threads_close(multiloop_worker_t *w) {
-  lua_State *L = w->L;
-  if (!w->th.open) return;
-  w->th.closing = 1;
-  while (L && w->th.live) {
-    multiloop_thread_t *t = w->th.live;
+/* After the loop has run dry (or as a drained generation closes): every
+ * thread still suspended (waiting for a thread that never ends, say) is
+ * closed, its to-be-closed variables run; then the idle handle, the spare
+ * and any sleep timer are closed. Their close callbacks run later (counted
+ * in g->pending). */
+void multiloop_threads_close(multiloop_gen_t *g) {
+  lua_State *L = g->L;
+  if (!g->th.open) return;
+  g->th.closing = 1;
+  while (L && g->th.live) {
+    multiloop_thread_t *t = g->th.live;
     if (t->cancel) t->cancel(t, t->await_data);
     t->cancel = NULL;
     close_co(t, L);                                /* leaves it empty: wait gets false */
     t->ok = 0;
     end_thread(t, L);
   }
-  while (w->th.ready.head) unqueue(w->th.ready.head);
-  if (L && w->th.spare) {
-    multiloop_thread_t *t = w->th.spare;
-    w->th.spare = NULL;
+  while (g->th.ready.head) unqueue(g->th.ready.head);
+  if (L && g->th.spare) {
+    multiloop_thread_t *t = g->th.spare;
+    g->th.spare = NULL;
     end_thread(t, L);
   }
-  uv_close((uv_handle_t *)&w->th.ready_idle, idle_close_cb);
-  w->th.open = 0;
+  g->pending++;
+  uv_close((uv_handle_t *)&g->th.ready_idle, idle_close_cb);
+  g->th.open = 0;
 }

@@ -10,7 +10,7 @@
  * timer is a full userdata with the uv_timer_t embedded; its callback lives
  * in the userdata's one user value. While the handle is open a registry ref
  * pins the userdata, so the garbage collector cannot free memory libuv is
- * using, and an open timer sits in its worker's list (w->timers).
+ * using, and an open timer sits in its generation's list (g->timers).
  *
  * A timer is open from creation until it is done: a once timer when it has
  * fired, any timer on :stop(), on a Lua error in its callback (reported by
@@ -35,7 +35,8 @@
 struct multiloop_timer_s {
   uv_timer_t h;                        /* first: libuv hands us &h */
   multiloop_worker_t *w;
-  multiloop_timer_t *prev, *next;      /* the worker's list of open timers */
+  multiloop_gen_t *g;                  /* its state's generation (worker.c) */
+  multiloop_timer_t *prev, *next;      /* the generation's list of open timers */
   uint64_t ms;
   int ref;                             /* pins the userdata while the handle is open */
   unsigned repeat : 1;                 /* every(), not timer() */
@@ -46,7 +47,8 @@ struct multiloop_timer_s {
 
 static void close_cb(uv_handle_t *h) {
   multiloop_timer_t *t = h->data;
-  lua_State *L = t->w->L;
+  multiloop_gen_t *g = t->g;
+  lua_State *L = g->L;
   int ref = t->ref;
   /* Forget the callback too: a stopped timer that Lua still holds should not
    * keep its closure (and whatever that captures) alive. No allocation here. */
@@ -56,24 +58,38 @@ static void close_cb(uv_handle_t *h) {
   lua_pop(L, 1);
   t->ref = LUA_NOREF;
   luaL_unref(L, LUA_REGISTRYINDEX, ref);      /* may free t: touch nothing after */
+  g->pending--;
+  multiloop_gen_check(g);
 }
 
 /* Stops for good. Returns 1 when the timer was still open. */
 static int timer_close(multiloop_timer_t *t) {
-  multiloop_worker_t *w = t->w;
+  multiloop_gen_t *g = t->g;
   if (t->closing) return 0;
   t->closing = 1;
   if (t->prev) t->prev->next = t->next;
-  else w->timers = t->next;
+  else g->timers = t->next;
   if (t->next) t->next->prev = t->prev;
   t->prev = t->next = NULL;
+  g->pending++;                                /* close_cb uses g->L */
   uv_close((uv_handle_t *)&t->h, close_cb);
   return 1;
 }
 
-/* worker.c: the worker is closing, or never started: close every timer. */
-void multiloop_timers_close(multiloop_worker_t *w) {
-  while (w->timers) timer_close(w->timers);
+/* worker.c: the worker (or a generation) is closing, or never started:
+ * close every timer of g. */
+void multiloop_timers_close(multiloop_gen_t *g) {
+  while (g->timers) timer_close(g->timers);
+}
+
+/* worker.c: a reload switched away from g: its `every` timers stop (its
+ * once timers still fire while it drains). */
+void multiloop_timers_stop_every(multiloop_gen_t *g) {
+  multiloop_timer_t *t = g->timers, *next;
+  for (; t; t = next) {
+    next = t->next;
+    if (t->repeat) timer_close(t);
+  }
 }
 
 /* --- firing ---------------------------------------------------------------- */
@@ -94,14 +110,14 @@ static void timer_cb(uv_timer_t *h) {
    * returns false. The ref (and so t) lives until close_cb, which runs on a
    * later turn of the loop. */
   if (!t->repeat) timer_close(t);
-  if ((co = multiloop_thread_spare(t->w)) == NULL) {   /* no memory: reported */
+  if ((co = multiloop_thread_spare(t->g)) == NULL) {   /* no memory: reported */
     timer_close(t);
     return;
   }
   lua_rawgeti(co, LUA_REGISTRYINDEX, t->ref);  /* timer */
   lua_getiuservalue(co, -1, 1);                /* timer fn */
   lua_insert(co, -2);                          /* fn timer */
-  multiloop_thread_run(t->w, 1, "timer", fire_ended, t, t->ref);
+  multiloop_thread_run(t->g, 1, "timer", fire_ended, t, t->ref);
 }
 
 /* --- the Lua API ----------------------------------------------------------- */
@@ -120,6 +136,7 @@ static const char *shown(lua_State *L, int arg) {
 
 static int start_timer(lua_State *L, int repeat) {
   multiloop_worker_t *w = lua_touserdata(L, lua_upvalueindex(1));
+  multiloop_gen_t *g = multiloop_gen_of(L);
   const char *who = repeat ? "worker.every" : "worker.timer";
   int ok = 0;
   lua_Integer ms = lua_type(L, 1) == LUA_TNUMBER ? lua_tointegerx(L, 1, &ok) : 0;
@@ -139,6 +156,7 @@ static int start_timer(lua_State *L, int repeat) {
   t->closing = 1;                              /* closed until libuv has it */
   t->ref = LUA_NOREF;
   t->w = w;
+  t->g = g;
   luaL_setmetatable(L, TIMER_MT);
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, -2, 1);
@@ -150,9 +168,9 @@ static int start_timer(lua_State *L, int repeat) {
   t->ms = (uint64_t)ms;
   t->repeat = repeat;
   t->closing = 0;
-  t->next = w->timers;
-  if (w->timers) w->timers->prev = t;
-  w->timers = t;
+  t->next = g->timers;
+  if (g->timers) g->timers->prev = t;
+  g->timers = t;
   uv_timer_start(&t->h, timer_cb, (uint64_t)ms, repeat ? (uint64_t)ms : 0);
   return 1;
 }

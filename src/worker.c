@@ -12,10 +12,15 @@
  * from its own listening socket (reuseport). Connection callbacks, timers
  * and messages are then called from C directly: worker.lua runs at start.
  *
- * Threads: multiloop_worker_start, _request_stop and _join are called by the
- * main thread; everything else runs on the worker thread, which alone uses the
- * loop and the Lua state and closes both: the loop runs dry first (every
- * handle closed, uv_loop_close returns 0), then lua_close.
+ * A reload (server:reload: "generations and reload" below) builds a second
+ * state the same way, from the handler and config the reload names, while
+ * the first keeps serving; the worker then holds up to two states.
+ *
+ * Threads: multiloop_worker_start, _request_stop, _request_reload and _join
+ * are called by the main thread; everything else runs on the worker thread,
+ * which alone uses the loop and the Lua states and closes them: the loop runs
+ * dry first (every handle closed, uv_loop_close returns 0), then lua_close
+ * (an old generation's once it has drained, on a loop callback).
  *
  * Every connection that holds a slot for this worker (slots.c: taken by the
  * acceptor as it picked this worker, or here as our own reuseport listener
@@ -79,7 +84,16 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar) {
 void multiloop_worker_interrupt(multiloop_worker_t *w) {
   if (w->start_phase >= MULTILOOP_START_OPENING) return;   /* done with Lua: wait */
   w->interrupted = 1;
-  if (w->start_phase != MULTILOOP_START_NEW) lua_sethook(w->L, interrupt_hook, LUA_MASKCOUNT, 1);
+  if (w->start_phase != MULTILOOP_START_NEW)
+    lua_sethook(w->gen[0].L, interrupt_hook, LUA_MASKCOUNT, 1);
+}
+
+/* Main thread, holding rt->start_lock, past the start timeout of a reload:
+ * a worker still loading the new version gets the hook, as at start. */
+void multiloop_worker_reload_interrupt(multiloop_worker_t *w) {
+  if (w->reload_answered) return;
+  w->reload_interrupted = 1;
+  if (w->reload_L) lua_sethook(w->reload_L, interrupt_hook, LUA_MASKCOUNT, 1);
 }
 
 /* Protected: pushes the function lua/multiloop/worker.lua returns, found
@@ -131,14 +145,14 @@ static const luaL_Reg worker_funcs[] = {
 /* Protected: the worker's core table: its id, count and copied config, and
  * the C primitives of timer.c and message.c, each closing over the worker.
  * worker.lua builds the public `worker` object from it. */
-static void push_core(lua_State *L, multiloop_worker_t *w) {
+static void push_core(lua_State *L, multiloop_worker_t *w, const multiloop_reload_t *src) {
   const multiloop_config_t *cfg = w->cfg;
   lua_createtable(L, 0, 8);
   lua_pushinteger(L, w->id);
   lua_setfield(L, -2, "id");
   lua_pushinteger(L, cfg->nworkers);
   lua_setfield(L, -2, "count");
-  multiloop_copy_decode(L, cfg->config, cfg->config_len);
+  multiloop_copy_decode(L, src->config, src->config_len);
   lua_setfield(L, -2, "config");
   lua_pushlightuserdata(L, w);
   luaL_setfuncs(L, multiloop_timer_funcs, 1);      /* timer, every, now */
@@ -159,9 +173,18 @@ static void push_core(lua_State *L, multiloop_worker_t *w) {
 /* Protected (run by lua_pcall): prepares the state, builds the `worker`
  * object (lua/multiloop/worker.lua over the core table) and loads the
  * handler. */
+typedef struct {
+  multiloop_gen_t *g;
+  const multiloop_reload_t *src;       /* what to load: the handler and the config */
+  int starting;                        /* the worker's start (its phases), not a reload */
+} load_ev;
+
 static int load_handler(lua_State *L) {
-  multiloop_worker_t *w = lua_touserdata(L, 1);
+  load_ev *ev = lua_touserdata(L, 1);
+  multiloop_gen_t *g = ev->g;
+  multiloop_worker_t *w = g->w;
   const multiloop_config_t *cfg = w->cfg;
+  const multiloop_reload_t *src = ev->src;
   int worker, handler;
 
   luaL_openlibs(L);
@@ -177,7 +200,7 @@ static int load_handler(lua_State *L) {
   multiloop_thread_register(L);
 
   load_front(L);                                   /* build */
-  push_core(L, w);                                 /* build core */
+  push_core(L, w, src);                            /* build core */
   lua_call(L, 1, 1);                               /* worker */
   if (!lua_istable(L, -1))
     return luaL_error(L, "multiloop.worker: must build a table (got %s)", luaL_typename(L, -1));
@@ -185,18 +208,18 @@ static int load_handler(lua_State *L) {
   lua_pushvalue(L, worker);                        /* core.worker() returns it */
   lua_setfield(L, LUA_REGISTRYINDEX, MULTILOOP_WORKER_KEY);
 
-  switch (cfg->handler_kind) {
+  switch (src->kind) {
     case MULTILOOP_HANDLER_MODULE:
       lua_getglobal(L, "require");
-      lua_pushstring(L, cfg->handler);
+      lua_pushstring(L, src->handler);
       lua_call(L, 1, 1);
       break;
     case MULTILOOP_HANDLER_PATH:
-      if (luaL_loadfilex(L, cfg->handler, NULL) != LUA_OK) lua_error(L);
+      if (luaL_loadfilex(L, src->handler, NULL) != LUA_OK) lua_error(L);
       lua_call(L, 0, 1);
       break;
     case MULTILOOP_HANDLER_BYTECODE:
-      if (luaL_loadbufferx(L, cfg->handler, cfg->handler_len, "=handler", "b") != LUA_OK)
+      if (luaL_loadbufferx(L, src->handler, src->handler_len, "=handler", "b") != LUA_OK)
         lua_error(L);
       break;
   }
@@ -222,12 +245,12 @@ static int load_handler(lua_State *L) {
                                ? "the handler must have a connect or a serve function"
                                : "the handler's connect must be a function (got %s)",
                         luaL_typename(L, -2));
-    w->serve = serve == LUA_TFUNCTION;
+    g->serve = serve == LUA_TFUNCTION;
   }
   switch (lua_getfield(L, handler, "init")) {
     case LUA_TNIL: break;
     case LUA_TFUNCTION:
-      start_phase(w, MULTILOOP_START_INIT);        /* interrupted: the hook raises */
+      if (ev->starting) start_phase(w, MULTILOOP_START_INIT);   /* interrupted: the hook raises */
       lua_pushvalue(L, worker);
       lua_call(L, 1, 0);
       break;
@@ -236,8 +259,8 @@ static int load_handler(lua_State *L) {
                         luaL_typename(L, -1));
   }
   lua_settop(L, handler);
-  w->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  w->worker_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  g->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  g->worker_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
 }
 
@@ -410,17 +433,22 @@ static void drop_queued(multiloop_worker_t *w, multiloop_msg_t *msg) {
 }
 
 /* Closes every handle the worker still has; the loop then runs dry and the
- * thread ends. Connections are all closing by now. */
+ * thread ends. Connections are all closing by now. Both generations go (an
+ * old one still draining too). */
 static void finish(multiloop_worker_t *w) {
+  int i;
   if (w->closing) return;
-  multiloop_pools_close(w);                        /* before the deadlines go */
-  multiloop_outbound_stop(w);                      /* connects in flight: "stopped" */
+  for (i = 0; i < 2; i++)
+    if (w->gen[i].L) multiloop_pools_close(&w->gen[i]);   /* before the deadlines go */
+  multiloop_outbound_stop(w, NULL);                /* connects in flight: "stopped" */
   w->closing = 1;
   multiloop_resolver_stop(w);
   multiloop_tls_worker_close(w);
   multiloop_deadlines_close(w);
-  multiloop_timers_close(w);
-  multiloop_threads_stop(w);                       /* sleepers get "stopped" */
+  for (i = 0; i < 2; i++) {
+    multiloop_timers_close(&w->gen[i]);
+    multiloop_threads_stop(&w->gen[i]);            /* sleepers get "stopped" */
+  }
   drop_queued(w, multiloop_inbox_close(&w->inbox));
   multiloop_listener_close(&w->listener);
   if (w->pipe.loop != NULL && !uv_is_closing((uv_handle_t *)&w->pipe)) {
@@ -428,12 +456,17 @@ static void finish(multiloop_worker_t *w) {
     uv_close((uv_handle_t *)&w->pipe, NULL);
   }
   close_if_open((uv_handle_t *)&w->grace_timer);
+  close_if_open((uv_handle_t *)&w->drain_timer);
+}
+
+static int threads_left(multiloop_worker_t *w) {
+  return w->gen[0].th.count + w->gen[1].th.count;
 }
 
 /* conn.c: the last connection closed while stopping; thread.c: the last
  * light thread ended while stopping. The stop ends once both are gone. */
 void multiloop_worker_drained(multiloop_worker_t *w) {
-  if (w->stopping && w->conns == NULL && w->th.count == 0) finish(w);
+  if (w->stopping && w->conns == NULL && threads_left(w) == 0) finish(w);
 }
 
 static void grace_timer_cb(uv_timer_t *t) {
@@ -442,12 +475,12 @@ static void grace_timer_cb(uv_timer_t *t) {
   finish(w);
 }
 
-/* Protected: the handler's optional shutdown(worker) hook. */
+/* Protected: the handler's optional shutdown(worker) hook, in g's state. */
 static int shutdown_body(lua_State *L) {
-  multiloop_worker_t *w = lua_touserdata(L, 1);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
+  multiloop_gen_t *g = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, g->handler_ref);
   if (lua_getfield(L, -1, "shutdown") != LUA_TFUNCTION) return 0;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->worker_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, g->worker_ref);
   lua_call(L, 1, 0);
   return 0;
 }
@@ -455,20 +488,250 @@ static int shutdown_body(lua_State *L) {
 /* Stop: take no new connections, tell the handler, then let the connections
  * close and the light threads end by themselves for up to `timeout` ms (0:
  * close them now; sleeping threads get nil, "stopped": thread.c). A second
- * stop with timeout 0 cuts a graceful one short. */
+ * stop with timeout 0 cuts a graceful one short. An old generation still
+ * draining had its shutdown hook at the reload; its connections are waited
+ * for (or closed) as the current one's are. */
 static void begin_stop(multiloop_worker_t *w, uint64_t timeout) {
   if (w->closing) return;
   if (!w->stopping) {
+    int i;
     w->stopping = 1;
     multiloop_listener_close(&w->listener);        /* the pipe closes in finish() */
-    multiloop_enter(w, shutdown_body, w, NULL, "shutdown");
-    multiloop_pools_close(w);                      /* idle pooled conns hold no one up */
+    multiloop_enter(&w->gen[w->cur], shutdown_body, &w->gen[w->cur], NULL, "shutdown");
+    for (i = 0; i < 2; i++)                        /* idle pooled conns hold no one up */
+      if (w->gen[i].L) multiloop_pools_close(&w->gen[i]);
   }
-  if (timeout == 0 || (w->conns == NULL && w->th.count == 0)) {
+  if (timeout == 0 || (w->conns == NULL && threads_left(w) == 0)) {
     multiloop_conn_close_all(w);
     finish(w);
   } else if (!uv_is_active((uv_handle_t *)&w->grace_timer)) {
     uv_timer_start(&w->grace_timer, grace_timer_cb, timeout, 0);
+  }
+}
+
+/* --- generations and reload ---------------------------------------------------
+ *
+ * A reload comes as three inbox messages from server:reload (server.c), each
+ * answered under rt->start_lock as the start is: PREPARE builds a new state
+ * in the free slot (gen[!cur]) from rt->reload (the handler and config to
+ * load: init runs there) while the current one serves on; then either
+ * COMMIT (every worker built its state) switches: cur moves to the new one,
+ * and the old one is retired: its shutdown(worker) hook runs, its `every`
+ * timers stop, its idle pooled connections close (a setkeepalive there
+ * closes instead of pooling), and it drains: the connections and light
+ * threads it has go on in it until they end, or until drain_timeout, when
+ * its connections close with reason "reload" and its threads are closed.
+ * Or ABORT (some worker failed): the new state is dropped the same way,
+ * and nothing changed. A drained generation is closed from drain_cb (a
+ * loop callback, so never under a Lua call of its own), after its timers,
+ * threads and idle handle have closed (g->pending), with lua_close; the
+ * slot is then free.
+ *
+ * Never more than two states: a PREPARE that finds the old generation still
+ * draining first closes it at once (its connections: reason "reload") and
+ * builds the new state once its slot is free, a few turns of the loop
+ * later, whatever that reload's outcome. */
+
+enum { RELOAD_PREPARE = MULTILOOP_RELOAD_PREPARE, RELOAD_COMMIT = MULTILOOP_RELOAD_COMMIT,
+       RELOAD_ABORT = MULTILOOP_RELOAD_ABORT };
+
+/* Makes g's state: luaL_newstate's allocator with g as its userdata
+ * (multiloop_gen_of), and its light threads' idle handle. Returns 0, or -1
+ * with g->L NULL (out of memory). */
+static int gen_open(multiloop_worker_t *w, multiloop_gen_t *g, uint64_t number) {
+  memset(g, 0, sizeof *g);
+  g->w = w;
+  g->handler_ref = g->worker_ref = LUA_NOREF;
+  g->number = number;
+  multiloop_threads_init(g);
+  g->L = luaL_newstate();
+  if (g->L == NULL) return -1;
+  lua_setallocf(g->L, lua_getallocf(g->L, NULL), g);   /* l_alloc ignores its userdata */
+  /* Not a light thread: coroutines copy this, and thread.c sets its own. */
+  *(void **)lua_getextraspace(g->L) = NULL;
+  return 0;
+}
+
+static int gen_busy(const multiloop_gen_t *g) {
+  return g->nconns > 0 || g->nconnects > 0 || (!g->forced && g->th.count > 0);
+}
+
+static void drain_cb(uv_timer_t *t);
+
+void multiloop_gen_check(multiloop_gen_t *g) {
+  multiloop_worker_t *w = g->w;
+  if (!g->retired || g->L == NULL || w->closing) return;
+  if (g->closed ? g->pending > 0 : gen_busy(g)) return;
+  uv_timer_start(&w->drain_timer, drain_cb, 0, 0);   /* from a clean stack */
+}
+
+/* Everything of g's closes now: connections (reason "reload"), connects,
+ * idle pooled connections, sleepers ("stopped"); its threads are closed
+ * once its connections are gone. */
+static void gen_force(multiloop_gen_t *g) {
+  g->forced = 1;
+  multiloop_conn_close_gen(g);
+  multiloop_outbound_stop(g->w, g);
+  multiloop_pools_close(g);
+  multiloop_threads_stop(g);
+  multiloop_gen_check(g);
+}
+
+static void reload_prepare(multiloop_worker_t *w);
+
+static void gen_free(multiloop_gen_t *g) {
+  multiloop_worker_t *w = g->w;
+  lua_close(g->L);
+  g->L = NULL;
+  g->retired = g->forced = g->closed = 0;
+  atomic_store_explicit(&w->old_conns, 0, memory_order_relaxed);
+  if (w->reload_deferred) {                        /* a prepare waited for this slot */
+    w->reload_deferred = 0;
+    reload_prepare(w);
+  }
+}
+
+/* The retired generation (there is at most one: gen[!cur]) drained, or its
+ * drain_timeout came. */
+static void drain_cb(uv_timer_t *t) {
+  multiloop_worker_t *w = t->data;
+  multiloop_gen_t *g = &w->gen[!w->cur];
+  uint64_t now = uv_now(&w->loop);
+  if (g->L == NULL || !g->retired || w->closing) return;
+  if (!g->forced && now >= g->drain_due) {
+    if (g->nconns > 0 || g->th.count > 0)
+      multiloop_log(w, MULTILOOP_LOG_INFO, 0, "reload: drain_timeout: closing generation %llu "
+                    "(%d connections, %d threads)", (unsigned long long)g->number, g->nconns,
+                    g->th.count);
+    gen_force(g);
+  }
+  if (!g->closed) {
+    if (gen_busy(g)) {
+      if (!g->forced) uv_timer_start(t, drain_cb, g->drain_due - now, 0);
+      return;                                      /* forced: each close checks again */
+    }
+    g->closed = 1;
+    g->pending++;                                  /* no free from inside these */
+    multiloop_timers_close(g);
+    multiloop_threads_close(g);
+    g->pending--;
+  }
+  if (g->pending == 0) gen_free(g);
+}
+
+/* Sets g aside: it takes nothing new and closes once it has drained. */
+static void gen_retire(multiloop_gen_t *g, int run_shutdown) {
+  multiloop_worker_t *w = g->w;
+  g->retired = 1;
+  if (run_shutdown) multiloop_enter(g, shutdown_body, g, NULL, "shutdown");
+  multiloop_timers_stop_every(g);
+  multiloop_pools_close(g);
+  g->drain_due = uv_now(&w->loop) + w->cfg->drain_timeout;
+  atomic_store_explicit(&w->old_conns, g->nconns, memory_order_relaxed);
+  uv_timer_start(&w->drain_timer, drain_cb, w->cfg->drain_timeout, 0);
+  multiloop_gen_check(g);
+}
+
+/* Tells the main thread (server.c) this worker has done the step it asked.
+ * The message's copy goes into w->reload_error, which the next answer or
+ * runtime_free (after the join) frees: gcc's analyzer loses it there (a
+ * false positive, as with fail()'s w->error when the store is reached
+ * through its callers), so its leak check is off for this function alone;
+ * ASan and valgrind see no leak (reload_spec's failing versions). */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wanalyzer-malloc-leak"
+#endif
+static void reload_answer(multiloop_worker_t *w, const char *error) {
+  multiloop_runtime_t *rt = w->rt;
+  char *copy = error ? strdup(error) : NULL, *old;  /* NULL for an error: no memory left */
+  uv_mutex_lock(&rt->start_lock);
+  w->reload_failed = error != NULL;
+  old = w->reload_error;
+  w->reload_error = copy;
+  w->reload_answered = 1;
+  rt->nreload++;
+  uv_cond_signal(&rt->start_cond);
+  uv_mutex_unlock(&rt->start_lock);
+  free(old);
+}
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#pragma GCC diagnostic pop
+#endif
+
+/* PREPARE: the new state, in the free slot, loaded from rt->reload. */
+static void reload_prepare(multiloop_worker_t *w) {
+  multiloop_gen_t *g = &w->gen[!w->cur];
+  load_ev ev;
+  const char *err = NULL;
+  char late[96];
+  if (g->L != NULL) {                              /* the last reload's old one still drains */
+    w->reload_deferred = 1;
+    if (!g->forced) gen_force(g);
+    return;
+  }
+  if (gen_open(w, g, w->gen[w->cur].number + 1) != 0) {
+    err = "not enough memory";
+  } else {
+    ev.g = g;
+    ev.src = w->rt->reload;
+    ev.starting = 0;
+    int given_up;
+    uv_mutex_lock(&w->rt->start_lock);
+    w->reload_L = g->L;                            /* start_timeout's hook may be set now */
+    given_up = w->reload_interrupted;              /* while it waited for the old one */
+    uv_mutex_unlock(&w->rt->start_lock);
+    lua_pushcfunction(g->L, load_handler);
+    lua_pushlightuserdata(g->L, &ev);
+    if (!given_up && lua_pcall(g->L, 1, 0, 0) != LUA_OK) err = lua_tostring(g->L, -1);
+    uv_mutex_lock(&w->rt->start_lock);             /* no hook can be set after this */
+    w->reload_L = NULL;
+    if (w->reload_interrupted) {                   /* whatever the hook made it raise */
+      lua_sethook(g->L, NULL, 0, 0);
+      snprintf(late, sizeof late, "the new version did not load within %llu ms "
+               "(start_timeout)", (unsigned long long)w->cfg->start_timeout);
+      err = late;
+    }
+    uv_mutex_unlock(&w->rt->start_lock);
+  }
+  if (err != NULL) {
+    reload_answer(w, err);                         /* before the state (and err) goes */
+    if (g->L) {
+      lua_settop(g->L, 0);
+      gen_retire(g, 0);
+      gen_force(g);
+    } else {
+      multiloop_threads_close(g);                  /* its idle handle */
+    }
+    return;
+  }
+  lua_settop(g->L, 0);
+  reload_answer(w, NULL);
+}
+
+static void reload_step(multiloop_worker_t *w, int step) {
+  multiloop_gen_t *next = &w->gen[!w->cur];
+  switch (step) {
+    case RELOAD_PREPARE:
+      if (w->stopping) reload_answer(w, "stopping");
+      else reload_prepare(w);
+      break;
+    case RELOAD_COMMIT:
+      if (next->L != NULL && !next->retired && !w->stopping) {
+        multiloop_gen_t *old = &w->gen[w->cur];
+        w->cur = !w->cur;
+        atomic_store_explicit(&w->generation, next->number, memory_order_relaxed);
+        gen_retire(old, 1);
+      }
+      reload_answer(w, NULL);
+      break;
+    case RELOAD_ABORT:
+      if (next->L != NULL && !next->retired) {
+        gen_retire(next, 0);
+        gen_force(next);
+      }
+      reload_answer(w, NULL);
+      break;
   }
 }
 
@@ -485,6 +748,9 @@ static void inbox_cb(multiloop_worker_t *w, multiloop_msg_t *msg) {
     case MULTILOOP_MSG_STOP:
       begin_stop(w, msg->timeout);
       break;                                     /* stop_msg is kept: see msg->keep */
+    case MULTILOOP_MSG_RELOAD:
+      reload_step(w, (int)msg->timeout);
+      break;
   }
   multiloop_msg_free(msg);
 }
@@ -502,9 +768,12 @@ static int open_handles(multiloop_worker_t *w) {
   int rc;
   uv_timer_init(&w->loop, &w->grace_timer);
   w->grace_timer.data = w;
+  uv_timer_init(&w->loop, &w->drain_timer);
+  w->drain_timer.data = w;
   multiloop_deadlines_init(w);
   if ((rc = multiloop_inbox_init(&w->inbox, &w->loop, w, inbox_cb)) != 0) {
     close_if_open((uv_handle_t *)&w->grace_timer);
+    close_if_open((uv_handle_t *)&w->drain_timer);
     multiloop_deadlines_close(w);
     return rc;
   }
@@ -528,7 +797,7 @@ static int open_handles(multiloop_worker_t *w) {
 
 static void worker_main(void *arg) {
   multiloop_worker_t *w = arg;
-  int rc;
+  int rc, i;
   char why[128];
 
   /* Out of fds, the loop cannot be made: fail the start with the reason;
@@ -541,24 +810,27 @@ static void worker_main(void *arg) {
     return;
   }
   w->loop.data = w;                    /* how a stream finds its worker (stream.h) */
-  multiloop_threads_init(w);
+  w->cur = 0;
   w->read_buffer = malloc(MULTILOOP_READ_BUFFER_SIZE);
-  w->L = luaL_newstate();
-  w->handler_ref = w->worker_ref = LUA_NOREF;
-  /* Not a light thread: coroutines copy this, and thread.c sets its own. */
-  if (w->L) *(void **)lua_getextraspace(w->L) = NULL;
-  if (w->read_buffer == NULL || w->L == NULL) {
+  gen_open(w, &w->gen[0], 1);
+  atomic_store_explicit(&w->generation, 1, memory_order_relaxed);
+  if (w->read_buffer == NULL || w->gen[0].L == NULL) {
     fail(w, "not enough memory");
   } else if (start_phase(w, MULTILOOP_START_LOADING)) {
     fail(w, "start_timeout: interrupted");          /* given up before it began */
   } else {
-    lua_pushcfunction(w->L, load_handler);
-    lua_pushlightuserdata(w->L, w);
-    if (lua_pcall(w->L, 1, 0, 0) != LUA_OK) fail(w, lua_tostring(w->L, -1));
-    lua_settop(w->L, 0);
+    lua_State *L = w->gen[0].L;
+    const multiloop_config_t *cfg = w->cfg;
+    multiloop_reload_t src = { cfg->handler_kind, cfg->handler, cfg->handler_len,
+                               cfg->config, cfg->config_len };
+    load_ev ev = { &w->gen[0], &src, 1 };
+    lua_pushcfunction(L, load_handler);
+    lua_pushlightuserdata(L, &ev);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) fail(w, lua_tostring(L, -1));
+    lua_settop(L, 0);
     uv_mutex_lock(&w->rt->start_lock);             /* no hook can be set after this */
     if (w->interrupted) {
-      lua_sethook(w->L, NULL, 0, 0);
+      lua_sethook(L, NULL, 0, 0);
       if (!w->failed) fail(w, "start_timeout: interrupted");
     }
     w->start_phase = MULTILOOP_START_OPENING;      /* no longer interrupted */
@@ -570,20 +842,23 @@ static void worker_main(void *arg) {
     fail(w, why);
   }
   if (w->failed) {                                 /* any init() started: the loop must end */
-    multiloop_timers_close(w);
-    multiloop_threads_stop(w);
+    multiloop_timers_close(&w->gen[0]);
+    multiloop_threads_stop(&w->gen[0]);
   }
   else multiloop_message_open(w);                  /* other threads may post to us now */
   start_phase(w, MULTILOOP_START_DONE);            /* up, or failed for good */
 
   uv_run(&w->loop, UV_RUN_DEFAULT);
-  multiloop_threads_close(w);                      /* what is still suspended */
+  for (i = 0; i < 2; i++)
+    multiloop_threads_close(&w->gen[i]);           /* what is still suspended */
   uv_run(&w->loop, UV_RUN_DEFAULT);                /* their close callbacks */
   if ((rc = uv_loop_close(&w->loop)) != 0)
     multiloop_log(w, MULTILOOP_LOG_ERROR, 0, "loop closed with handles open: %s",
                   uv_err_name(rc));
-  if (w->L) lua_close(w->L);
-  w->L = NULL;
+  for (i = 0; i < 2; i++) {
+    if (w->gen[i].L) lua_close(w->gen[i].L);
+    w->gen[i].L = NULL;
+  }
   multiloop_resolver_free(w);
   multiloop_tls_worker_free(w);
   free(w->read_buffer);
@@ -621,6 +896,22 @@ int multiloop_worker_request_stop(multiloop_worker_t *w, uint64_t timeout) {
   msg->timeout = timeout;
   rc = multiloop_inbox_post(&w->inbox, msg);
   if (rc != 0 && msg != w->stop_msg) free(msg);
+  return rc;
+}
+
+/* Main thread, holding no lock: posts reload step `step` (worker.c's
+ * RELOAD_*); the worker answers with reload_answer. Returns 0, or a uv
+ * error (no memory, the worker has ended or is stopping). */
+int multiloop_worker_request_reload(multiloop_worker_t *w, int step) {
+  multiloop_msg_t *msg;
+  int rc;
+  if (!w->thread_started || w->failed) return UV_ECANCELED;
+  if ((msg = calloc(1, sizeof *msg)) == NULL) return UV_ENOMEM;
+  msg->kind = MULTILOOP_MSG_RELOAD;
+  msg->fd = -1;
+  msg->timeout = (uint64_t)step;
+  rc = multiloop_inbox_post(&w->inbox, msg);
+  if (rc != 0) free(msg);
   return rc;
 }
 

@@ -124,6 +124,7 @@ local checks = {
   end,
   workers = function(v) return integer_in("workers", v, 1, MAX_WORKERS) end,
   start_timeout = function(v) return integer_in("start_timeout", v, 1, MAX_MS) end,
+  drain_timeout = function(v) return integer_in("drain_timeout", v, 0, MAX_MS) end,
   backlog = function(v) return integer_in("backlog", v, 1, 65535) end,
   config = function(v) return v end,       -- copied (and checked) by the core
   idle_timeout = function(v) return integer_in("idle_timeout", v, 0, MAX_MS) end,
@@ -234,6 +235,7 @@ local defaults = {
   write_high_water = 1024 * 1024,
   inbox_limit = 64 * 1024 * 1024,          -- src/multiloop.h says the same
   start_timeout = 30000,
+  drain_timeout = 30000,                   -- so does src/server.c
   receive_limit = 1024 * 1024,             -- src/multiloop.h says the same
   dns_cache_ttl = 30000,                   -- so does it for these two
   dns_max_lookups = 4,
@@ -429,6 +431,9 @@ local METRICS = {
   { "tls_handshakes", "counter", "TLS handshakes completed, server and client side." },
   { "tls_errors", "counter", "TLS handshakes that failed or timed out, bad records, fatal alerts." },
   { "proxy_errors", "counter", "Connections refused in the PROXY protocol phase." },
+  { "generation", "gauge", "The handler code's generation: 1 at start, one more at each reload." },
+  { "old_connections", "gauge", "Connections still served by the code before the last reload." },
+  { "reloads", "counter", "Reloads that switched every worker to new code." },
 }
 local METRIC = {}
 for _, m in ipairs(METRICS) do METRIC[m[1]] = m end
@@ -504,7 +509,8 @@ end
 -- runs in this state every `every` ms while it serves. An error in either
 -- stops the server at once and is raised. Returns the first signal's name
 -- and how many signals arrived during run(). SIGUSR1 reopens the log file
--- (option log) and is not counted.
+-- (option log) and SIGHUP reloads the handler (server:reload(), its outcome
+-- logged); neither is counted.
 local run_options = { timeout = true, every = true, tick = true, ready = true }
 function Server:run(opts)
   check_server(self, "run")
@@ -550,7 +556,12 @@ function Server:run(opts)
   local sig
   repeat
     sig = signals:wait(false, every)         -- nil, "timeout" once `every` ms pass
-    if sig == nil then call("tick", tick) end
+    if sig == nil then
+      call("tick", tick)
+    elseif sig == "SIGHUP" then              -- reload; the outcome is logged ("main")
+      self._core:reload(nil, nil, false, nil, "SIGHUP")
+      sig = nil
+    end
   until sig
   if timeout > 0 then
     self._core:stop_begin(timeout)
@@ -558,6 +569,43 @@ function Server:run(opts)
   end
   self._core:stop()
   return sig, signals:count()
+end
+
+--- Reloads the handler code without closing a connection or a listening
+-- socket: every worker loads the handler (opts.handler, or the server's own
+-- again: a module is require()d afresh, a file read again) into a new Lua
+-- state with opts.config (or the server's), and runs its init there, while
+-- the old code keeps serving. If any worker fails, every new state is
+-- dropped and nothing changes: nil, "worker N: <error>". Otherwise every
+-- worker switches (new connections, timers and messages go to the new
+-- code) and true is returned; the old state runs its shutdown(worker)
+-- hook and keeps the connections it has until they close, or drain_timeout
+-- closes them with reason "reload". The server keeps the new handler and
+-- config for a restart and the next reload.
+local reload_options = { handler = true, config = true }
+function Server:reload(opts)
+  check_server(self, "reload")
+  if opts ~= nil and type(opts) ~= "table" then
+    error("multiloop.server: reload: expected nil or a table { handler = ..., config = ... } "
+      .. "(got " .. type(opts) .. ")", 2)
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if not reload_options[k] then
+      error(("multiloop.server: reload: unknown option '%s'"):format(tostring(k)), 2)
+    end
+  end
+  local kind, payload
+  if opts.handler ~= nil then
+    local ok, k, p = pcall(check_handler, opts.handler)
+    if not ok then error((k:gsub("multiloop.server: option", "multiloop.server: reload: option")), 2) end
+    kind, payload = k, p
+  end
+  local ok, err = self._core:reload(kind, payload, opts.config ~= nil, opts.config)
+  if ok and opts.handler ~= nil then
+    self.handler = type(opts.handler) == "string" and opts.handler or "function"
+  end
+  return ok, err
 end
 
 --- Sends a copy of value (nil, booleans, integers and floats kept apart,
