@@ -9,9 +9,11 @@
  *   - the transport: one SSL per connection over a BIO of ours that reads
  *     the ciphertext straight from the worker's read buffer and writes into
  *     one per-worker output buffer, which goes to the socket at once
- *     (uv_try_write) and only the rest is copied into a queued write. Above
- *     it the stream sees plaintext: both handler styles, pipes and pools
- *     work unchanged;
+ *     (uv_try_write) and only the rest is copied into a queued write. What
+ *     the socket does not take stays plaintext, the owner's, and is
+ *     encrypted as the queue drains (TLS_QUEUE_AHEAD), so a big send is
+ *     never copied whole. Above it the stream sees plaintext: both handler
+ *     styles, pipes and pools work unchanged;
  *   - the Lua side: conn:tls() and conn:sslhandshake() (outbound, and
  *     STARTTLS on an accepted connection of a server with tls.starttls).
  *
@@ -54,10 +56,19 @@
 /* Plaintext handed to the owner at once, at most (several records). */
 #define TLS_PLAIN_SIZE (64 * 1024)
 /* Plaintext encrypted in one go by a write: a queued write's ciphertext
- * then stays near this size, and a 16 MiB send is not copied whole. */
+ * then stays near this size. */
 #define TLS_WRITE_CHUNK (64 * 1024)
+/* The owner's writes are encrypted as the socket takes them: more only
+ * while less than this is queued, so a 64 MiB send is not copied whole as
+ * ciphertext (its plaintext is the owner's until `written`). */
+#define TLS_QUEUE_AHEAD (2 * TLS_WRITE_CHUNK)
 /* The output buffer kept between uses, at most. */
 #define TLS_OUT_KEEP (160 * 1024)
+/* What the transport's reading made (handshake flights, alerts, KeyUpdate
+ * answers) queued for a peer that does not read, at most: then the socket
+ * is not read until it drains. Without it a KeyUpdate storm from a client
+ * that never reads grows the queue as fast as the client sends. */
+#define TLS_OWN_MAX (64 * 1024)
 #define SESSION_MT "multiloop.ssl_session"
 
 /* --- contexts (main thread) ------------------------------------------------ */
@@ -449,10 +460,12 @@ typedef struct {
 typedef struct {
   uv_write_t req;
   multiloop_stream_write_t *owner;
+  size_t own;                          /* bytes counted in the connection's own_queued */
   char data[];
 } tls_wreq_t;
 
-/* An owner's write held until the handshake ends. */
+/* An owner's write not yet encrypted whole (the handshake runs, or the
+ * queue is over TLS_QUEUE_AHEAD): buf/len is what is left of it. */
 typedef struct held_s {
   struct held_s *next;
   multiloop_stream_write_t *wr;
@@ -467,6 +480,7 @@ struct tls_conn_s {
   size_t in_len;
   char *stash;                         /* ciphertext read while the owner did not read */
   size_t stash_len, stash_cap;
+  size_t own_queued;                   /* queued bytes its reading made (TLS_OWN_MAX) */
   held_t *held, *held_tail;
   multiloop_deadline_t hs_dl;          /* handshake_timeout */
   hs_wait_t *wait;
@@ -490,8 +504,12 @@ static uv_once_t bio_once = UV_ONCE_INIT;
 static tls_conn_t *TC(const multiloop_stream_t *s) { return (tls_conn_t *)s->ext->tp_state; }
 
 static multiloop_tls_worker_t *tls_worker(multiloop_worker_t *w);
-static int flush(tls_conn_t *tc, int try_first);
+/* flush's flags: try the socket first; the bytes are the reading's own. */
+enum { FLUSH_TRY = 1, FLUSH_OWN = 2 };
+static int flush(tls_conn_t *tc, int flags);
 static void idle_cb(uv_idle_t *h);
+static void sync_reading(tls_conn_t *tc);
+static int drain_held(tls_conn_t *tc);
 
 static int bio_write(BIO *b, const char *data, int len) {
   tls_conn_t *tc = BIO_get_data(b);
@@ -598,27 +616,37 @@ static void wreq_cb(uv_write_t *req, int status) {
   tls_wreq_t *r = (tls_wreq_t *)req;
   multiloop_stream_t *s = (multiloop_stream_t *)req->handle;
   multiloop_stream_write_t *owner = r->owner;
+  size_t own = r->own;
+  int rc;
   free(r);
+  if (own > 0) TC(s)->own_queued -= own;   /* the state lives until the close callback */
   multiloop_stream_write_done(s, owner, status);
+  if (s->closing) return;
+  if (own > 0) sync_reading(TC(s));        /* under TLS_OWN_MAX again? */
+  if (TC(s)->held && (rc = drain_held(TC(s))) != 0) multiloop_stream_close(s, rc);
 }
 
-/* Queues `len` bytes of ciphertext, a copy, done with `owner`. */
-static int queue_bytes(tls_conn_t *tc, const char *p, size_t len, multiloop_stream_write_t *owner) {
+/* Queues `len` bytes of ciphertext, a copy, done with `owner`; `own`:
+ * counted in own_queued. */
+static int queue_bytes(tls_conn_t *tc, const char *p, size_t len, multiloop_stream_write_t *owner,
+                       int own) {
   tls_wreq_t *r = malloc(sizeof *r + len);
   uv_buf_t b;
   int rc;
   if (r == NULL) return UV_ENOMEM;
   r->owner = owner;
+  r->own = own ? len : 0;
   memcpy(r->data, p, len);
   b = uv_buf_init(r->data, (unsigned)len);
   if ((rc = uv_write(&r->req, &tc->s->h.stream, &b, 1, wreq_cb)) != 0) free(r);
+  else tc->own_queued += r->own;
   return rc;
 }
 
 /* Sends tc's ciphertext in the output buffer: what the socket takes now
- * (with `try_first` and nothing queued before it), the rest queued. 0 or a
- * libuv error (the caller closes). */
-static int flush(tls_conn_t *tc, int try_first) {
+ * (with FLUSH_TRY and nothing queued before it), the rest queued (counted
+ * in own_queued with FLUSH_OWN). 0 or a libuv error (the caller closes). */
+static int flush(tls_conn_t *tc, int flags) {
   multiloop_tls_worker_t *tw = multiloop_stream_worker(tc->s)->tls;
   size_t off = 0, len;
   int rc = 0;
@@ -626,13 +654,13 @@ static int flush(tls_conn_t *tc, int try_first) {
   len = tw->out_len;
   tw->out_len = 0;
   if (tc->s->closing) return 0;
-  if (try_first && tc->s->h.stream.write_queue_size == 0) {
+  if ((flags & FLUSH_TRY) && tc->s->h.stream.write_queue_size == 0) {
     uv_buf_t b = uv_buf_init(tw->out, (unsigned)len);
     int n = uv_try_write(&tc->s->h.stream, &b, 1);
     if (n < 0 && n != UV_EAGAIN) rc = n;
     else if (n > 0) off = (size_t)n;
   }
-  if (rc == 0 && off < len) rc = queue_bytes(tc, tw->out + off, len - off, NULL);
+  if (rc == 0 && off < len) rc = queue_bytes(tc, tw->out + off, len - off, NULL, flags & FLUSH_OWN);
   if (tw->out_cap > TLS_OUT_KEEP) {
     free(tw->out);
     tw->out = NULL;
@@ -641,33 +669,56 @@ static int flush(tls_conn_t *tc, int try_first) {
   return rc;
 }
 
-/* Encrypts `len` bytes in chunks; each chunk's ciphertext is sent (tried
- * first when `owner` is NULL) or queued, the last with `owner`. */
-static int encrypt(tls_conn_t *tc, const char *buf, size_t len, multiloop_stream_write_t *owner) {
+/* The ciphertext of wr's last chunk: what the socket takes now (nothing
+ * queued before it), the rest (maybe none) queued with wr, so that wr is
+ * done (`written`, from a callback: never from inside the owner's call)
+ * once its last byte is out. */
+static int flush_write(tls_conn_t *tc, multiloop_stream_write_t *wr) {
   multiloop_tls_worker_t *tw = multiloop_stream_worker(tc->s)->tls;
-  size_t off = 0;
-  do {
-    size_t n = len - off < TLS_WRITE_CHUNK ? len - off : TLS_WRITE_CHUNK;
-    int rc, last = off + n == len;
+  size_t len = tw->out_owner == tc ? tw->out_len : 0, off = 0;
+  if (len > 0) tw->out_len = 0;
+  if (len > 0 && tc->s->h.stream.write_queue_size == 0) {
+    uv_buf_t b = uv_buf_init(tw->out, (unsigned)len);
+    int n = uv_try_write(&tc->s->h.stream, &b, 1);
+    if (n < 0 && n != UV_EAGAIN) return n;
+    if (n > 0) off = (size_t)n;
+  }
+  return queue_bytes(tc, len > off ? tw->out + off : "", len - off, wr, 0);
+}
+
+static void shutdown_now(tls_conn_t *tc);
+
+/* Encrypts the held writes, a chunk at a time, while the handshake is
+ * done and less than TLS_QUEUE_AHEAD is queued; then a shutdown asked
+ * meanwhile. Called again as queued writes finish. 0 or an error (the
+ * caller closes; a write not queued yet stays held, for release). */
+static int drain_held(tls_conn_t *tc) {
+  multiloop_stream_t *s = tc->s;
+  held_t *h;
+  while ((h = tc->held) != NULL && tc->handshaken && !s->closing &&
+         s->h.stream.write_queue_size < TLS_QUEUE_AHEAD) {
+    size_t n = h->len < TLS_WRITE_CHUNK ? h->len : TLS_WRITE_CHUNK;
+    int rc;
     clear_errors();
-    if (n > 0 && SSL_write(tc->ssl, buf + off, (int)n) <= 0) {
+    if (n > 0 && SSL_write(tc->ssl, h->buf, (int)n) <= 0) {
       ssl_reason(tc->err, sizeof tc->err);
       return MULTILOOP_REASON_TLS;
     }
-    off += n;
-    if (last && owner) {
-      if (tw->out_owner == tc && tw->out_len > 0) {
-        size_t l = tw->out_len;
-        tw->out_len = 0;
-        rc = queue_bytes(tc, tw->out, l, owner);
-      } else {                            /* nothing to send (0 bytes): done now */
-        rc = queue_bytes(tc, "", 0, owner);
-      }
-    } else {
-      rc = flush(tc, owner == NULL);
+    h->buf += n;
+    h->len -= n;
+    s->ext->held -= n;
+    if (h->len > 0) {
+      if ((rc = flush(tc, FLUSH_TRY)) != 0) return rc;
+      continue;
     }
-    if (rc != 0) return rc;
-  } while (off < len);
+    if ((rc = flush_write(tc, h->wr)) != 0) return rc;
+    if ((tc->held = h->next) == NULL) tc->held_tail = NULL;
+    free(h);
+  }
+  if (tc->held == NULL && tc->want_shutdown && tc->handshaken && !s->closing) {
+    tc->want_shutdown = 0;
+    shutdown_now(tc);
+  }
   return 0;
 }
 
@@ -702,10 +753,12 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf);
 
 /* The socket is read while the handshake runs, then while the owner reads
- * and nothing is stashed. */
+ * and nothing is stashed; either way not while what reading made waits
+ * for a peer that does not read (TLS_OWN_MAX). */
 static void sync_reading(tls_conn_t *tc) {
   multiloop_stream_t *s = tc->s;
-  int want = !s->closing && !tc->eof && (!tc->handshaken || (tc->want_read && tc->stash_len == 0));
+  int want = !s->closing && !tc->eof && tc->own_queued <= TLS_OWN_MAX &&
+             (!tc->handshaken || (tc->want_read && tc->stash_len == 0));
   if (want && !tc->uv_reading) {
     int rc = uv_read_start(&s->h.stream, alloc_cb, read_cb);
     if (rc != 0) {
@@ -723,7 +776,7 @@ static void fail(tls_conn_t *tc, int reason) {
   if (tc->err[0] == 0) ssl_reason(tc->err, sizeof tc->err);
   if (!tc->failed) count_error(tc);
   tc->failed = 1;
-  (void)flush(tc, 1);                    /* the alert, if OpenSSL made one */
+  (void)flush(tc, FLUSH_TRY);            /* the alert, if OpenSSL made one */
   multiloop_stream_close(tc->s, reason);
 }
 
@@ -740,37 +793,23 @@ static void handshake_failed(tls_conn_t *tc) {
   fail(tc, MULTILOOP_REASON_TLS);
 }
 
-static void shutdown_now(tls_conn_t *tc);
-
 /* The handshake is done: the owner's held writes go out, a shutdown asked
  * meanwhile follows, a waiting sslhandshake is woken (from the idle
  * callback: not from inside this read). */
 static void handshake_done(tls_conn_t *tc) {
   multiloop_stream_t *s = tc->s;
-  held_t *h;
+  int rc;
   tc->handshaken = 1;
   multiloop_deadline_remove(&tc->hs_dl);
   atomic_fetch_add_explicit(&multiloop_stream_worker(s)->tls_handshakes, 1, memory_order_relaxed);
-  if (flush(tc, 1) != 0) {
+  if (flush(tc, FLUSH_TRY | FLUSH_OWN) != 0) {
     multiloop_stream_close(s, UV_EPIPE);
     return;
   }
-  while ((h = tc->held) != NULL && !s->closing) {
-    int rc;
-    tc->held = h->next;
-    s->ext->held -= h->len;
-    rc = encrypt(tc, h->buf, h->len, h->wr);
-    if (rc != 0) {
-      /* wr is the owner's again: done with the error, the rest in release */
-      multiloop_stream_write_done(s, h->wr, rc == MULTILOOP_REASON_TLS ? UV_EPROTO : rc);
-      free(h);
-      multiloop_stream_close(s, rc);
-      return;
-    }
-    free(h);
+  if ((rc = drain_held(tc)) != 0) {       /* and the shutdown asked meanwhile */
+    multiloop_stream_close(s, rc);
+    return;
   }
-  if (tc->held == NULL) tc->held_tail = NULL;
-  if (tc->want_shutdown && !s->closing) shutdown_now(tc);
   if (tc->wait && !s->closing) defer(tc);
 }
 
@@ -785,7 +824,7 @@ static void pump(tls_conn_t *tc) {
     if (r != 1) {
       int e = SSL_get_error(tc->ssl, r);
       if (e == SSL_ERROR_WANT_READ && !tc->eof) {
-        if (flush(tc, 1) != 0) multiloop_stream_close(s, UV_EPIPE);
+        if (flush(tc, FLUSH_TRY | FLUSH_OWN) != 0) multiloop_stream_close(s, UV_EPIPE);
         return;
       }
       if (tc->eof && e != SSL_ERROR_SSL) {
@@ -816,7 +855,7 @@ static void pump(tls_conn_t *tc) {
       }
       got += (size_t)r;
     }
-    if (flush(tc, 1) != 0) {             /* what a read may make (a KeyUpdate's answer) */
+    if (flush(tc, FLUSH_TRY | FLUSH_OWN) != 0) {   /* what a read may make (a KeyUpdate's answer) */
       multiloop_stream_close(s, UV_EPIPE);
       return;
     }
@@ -917,9 +956,15 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
 }
 
 /* The owner reads again: what is stashed, decrypted in OpenSSL, or the EOF
- * not yet told, goes to it from here. Also wakes a waiting sslhandshake. */
+ * not yet told, goes to it from here. Also wakes a waiting sslhandshake,
+ * and encrypts writes made since the last turn (tls_write). */
 static void run_deferred(tls_conn_t *tc) {
   multiloop_stream_t *s = tc->s;
+  int rc;
+  if (tc->held && (rc = drain_held(tc)) != 0) {
+    multiloop_stream_close(s, rc);
+    return;
+  }
   if (tc->wait && tc->handshaken) {
     hs_wait_t *wt = tc->wait;
     tc->wait = NULL;
@@ -935,7 +980,9 @@ static void run_deferred(tls_conn_t *tc) {
     multiloop_thread_wake(wt->t, 0, NULL, NULL);   /* k makes the results */
     if (s->closing) return;
   }
-  if (!tc->want_read) return;
+  if (!tc->want_read || !tc->handshaken ||
+      !(tc->stash_len > 0 || SSL_pending(tc->ssl) > 0 || tc->eof))
+    return;                              /* (deferred for a write only) */
   if (tc->stash_len > 0) {
     size_t n = tc->stash_len;
     tc->stash_len = 0;
@@ -978,6 +1025,9 @@ static void tls_read_stop(multiloop_stream_t *s) {
   sync_reading(tc);
 }
 
+/* Encrypts while the socket takes all of it: the plaintext bytes taken
+ * (their ciphertext is out, the last chunk's maybe partly queued), so the
+ * rest comes to tls_write and is encrypted as the socket drains. */
 static int tls_try_write(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n) {
   tls_conn_t *tc = TC(s);
   size_t total = 0;
@@ -985,29 +1035,42 @@ static int tls_try_write(multiloop_stream_t *s, const uv_buf_t *bufs, unsigned n
   int rc;
   if (!tc->handshaken || tc->held || (SSL_get_shutdown(tc->ssl) & SSL_SENT_SHUTDOWN)) return 0;
   for (i = 0; i < n; i++) {
-    if ((rc = encrypt(tc, bufs[i].base, bufs[i].len, NULL)) != 0) return rc;
-    total += bufs[i].len;
+    size_t off = 0;
+    while (off < bufs[i].len) {
+      size_t c = bufs[i].len - off < TLS_WRITE_CHUNK ? bufs[i].len - off : TLS_WRITE_CHUNK;
+      if (total > (size_t)INT_MAX - c) return (int)total;   /* what the int return can say */
+      clear_errors();
+      if (SSL_write(tc->ssl, bufs[i].base + off, (int)c) <= 0) {
+        ssl_reason(tc->err, sizeof tc->err);
+        return MULTILOOP_REASON_TLS;
+      }
+      off += c;
+      total += c;
+      if ((rc = flush(tc, FLUSH_TRY)) != 0) return rc;
+      if (s->h.stream.write_queue_size > 0) return (int)total;   /* the socket is full */
+    }
   }
-  return total > INT_MAX ? INT_MAX : (int)total;
+  return (int)total;
 }
 
+/* Held, and encrypted from the idle callback once the handshake is done
+ * (never here: a failure then would close the stream inside the owner's
+ * call, with wr queued), then as the queue drains. */
 static int tls_write(multiloop_stream_t *s, multiloop_stream_write_t *wr, const char *buf,
                      size_t len) {
   tls_conn_t *tc = TC(s);
-  if (!tc->handshaken || tc->held) {
-    held_t *h = malloc(sizeof *h);
-    if (h == NULL) return UV_ENOMEM;
-    h->next = NULL;
-    h->wr = wr;
-    h->buf = buf;
-    h->len = len;
-    if (tc->held_tail) tc->held_tail->next = h;
-    else tc->held = h;
-    tc->held_tail = h;
-    s->ext->held += len;
-    return 0;
-  }
-  return encrypt(tc, buf, len, wr);
+  held_t *h = malloc(sizeof *h);
+  if (h == NULL) return UV_ENOMEM;
+  h->next = NULL;
+  h->wr = wr;
+  h->buf = buf;
+  h->len = len;
+  if (tc->held_tail) tc->held_tail->next = h;
+  else tc->held = h;
+  tc->held_tail = h;
+  s->ext->held += len;
+  if (tc->handshaken) defer(tc);
+  return 0;
 }
 
 static void shutdown_now(tls_conn_t *tc) {
@@ -1022,7 +1085,7 @@ static void shutdown_now(tls_conn_t *tc) {
    * client that never read our session tickets resets as it closes), and a
    * clean close reached on_close as "ENOTCONN" or "EPIPE" (tls_spec, 20
    * clients and 10: most runs). */
-  if ((rc = flush(tc, 1)) != 0) {
+  if ((rc = flush(tc, FLUSH_TRY)) != 0) {
     multiloop_stream_close(s, s->read_ended ? 0 : rc);
     return;
   }
@@ -1035,8 +1098,8 @@ static void shutdown_now(tls_conn_t *tc) {
 
 static int tls_shutdown(multiloop_stream_t *s) {
   tls_conn_t *tc = TC(s);
-  if (!tc->handshaken) {
-    tc->want_shutdown = 1;               /* once it ends, after the held writes */
+  if (!tc->handshaken || tc->held) {
+    tc->want_shutdown = 1;               /* after the held writes (drain_held) */
     return 0;
   }
   shutdown_now(tc);
@@ -1048,7 +1111,8 @@ static void tls_close(multiloop_stream_t *s) {
   multiloop_tls_worker_t *tw = multiloop_stream_worker(s)->tls;
   multiloop_deadline_remove(&tc->hs_dl);
   undefer(tc);
-  if (tc->handshaken && s->reason >= 0 && s->h.stream.write_queue_size == 0 &&
+  /* close_notify, but not over writes dropped unsent */
+  if (tc->handshaken && s->reason >= 0 && s->h.stream.write_queue_size == 0 && tc->held == NULL &&
       !(SSL_get_shutdown(tc->ssl) & SSL_SENT_SHUTDOWN)) {
     clear_errors();
     (void)SSL_shutdown(tc->ssl);         /* close_notify, if the socket takes it now */
@@ -1280,7 +1344,13 @@ int multiloop_tls_sslhandshake(lua_State *L) {
     lua_pushliteral(L, "socket busy: a handshake is running");
     return 2;
   }
-  if (multiloop_stream_kept(s, &kept) != NULL)
+  /* Bytes behind the command that asked for TLS came in the clear: a reader
+   * would take them for the first plaintext (STARTTLS command injection).
+   * They are the stream's kept bytes, or those of the read event the
+   * caller runs in (serve.c's view, kept only once the event ends). */
+  if (w->view.conn == c) kept = w->view.len - w->view.used;
+  else (void)multiloop_stream_kept(s, &kept);
+  if (kept > 0)
     return luaL_error(L, "conn:sslhandshake: %d bytes were received and not read before it",
                       (int)kept);
   if (c->outbound) {
@@ -1297,6 +1367,14 @@ int multiloop_tls_sslhandshake(lua_State *L) {
                            "option tls = { starttls = true, ... }");
     ctx = tt->ctx;
     timeout = tt->handshake_timeout;
+  }
+  /* Sends of this read event held back (serve's cork) are plaintext that
+   * goes before the handshake (a STARTTLS reply), not through it. */
+  if (c->serve) multiloop_serve_uncork(c);
+  if (s->closing) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
   }
   if ((wt = calloc(1, sizeof *wt)) == NULL) return luaL_error(L, "not enough memory");
   if (s->ext == NULL || s->ext->tp == NULL) uv_read_stop(&s->h.stream);   /* the plain reads */
