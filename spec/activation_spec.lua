@@ -67,6 +67,12 @@ local function activate(addrs, extra, args)
   end
   local listen = {}
   for i, a in ipairs(addrs) do listen[i] = "-l " .. a end
+  -- It passes on only the environment -E names: the module's paths (a fresh
+  -- clone under `make asan` has no ./build for the fixture's fallback) and,
+  -- under a sanitizer, its runtime and options.
+  for _, v in ipairs { "LUA_PATH", "LUA_CPATH", "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do
+    if os.getenv(v) then listen[#listen + 1] = "-E " .. v end
+  end
   local child = start_child(("systemd-socket-activate %s %s %s spec/fixtures/activated.lua %s")
     :format(table.concat(listen, " "), extra or "", LUA, args))
   local up = helper.eventually(function()
