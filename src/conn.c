@@ -760,14 +760,7 @@ static int conn_proxy(lua_State *L) {
       uv_tcp_getpeername(&c->s.h.tcp, (struct sockaddr *)&ss, &len) != 0) {
     lua_pushnil(L);                         /* a Unix socket's proxy has no address */
   } else {
-    char ip[INET6_ADDRSTRLEN];
-    uv_ip_name((struct sockaddr *)&ss, ip, sizeof ip);
-    lua_createtable(L, 0, 2);
-    lua_pushstring(L, ip);
-    lua_setfield(L, -2, "ip");
-    lua_pushinteger(L, ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-                                                : ntohs(((struct sockaddr_in *)&ss)->sin_port));
-    lua_setfield(L, -2, "port");
+    multiloop_proxy_push_ipport(L, &ss);
   }
   via = lua_gettop(L);
   multiloop_proxy_push_info(L, info, via);

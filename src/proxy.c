@@ -340,7 +340,7 @@ int multiloop_proxy_parse(const char *data, size_t len, multiloop_proxy_info_t *
 
 /* --- Lua ------------------------------------------------------------------- */
 
-static void push_ipport(lua_State *L, const struct sockaddr_storage *ss) {
+void multiloop_proxy_push_ipport(lua_State *L, const struct sockaddr_storage *ss) {
   char ip[INET6_ADDRSTRLEN];
   uv_ip_name((const struct sockaddr *)ss, ip, sizeof ip);
   lua_createtable(L, 0, 2);
@@ -373,9 +373,9 @@ void multiloop_proxy_push_info(lua_State *L, const multiloop_proxy_info_t *info,
                                       : (info->command_local ? "LOCAL" : "PROXY"));
   lua_setfield(L, -2, "command");
   if (!info->local) {
-    push_ipport(L, &info->src);
+    multiloop_proxy_push_ipport(L, &info->src);
     lua_setfield(L, -2, "src");
-    push_ipport(L, &info->dst);
+    multiloop_proxy_push_ipport(L, &info->dst);
     lua_setfield(L, -2, "dst");
   }
   lua_pushvalue(L, via);

@@ -34,6 +34,8 @@ int multiloop_proxy_trusted(const multiloop_config_t *cfg, const struct sockaddr
  * length), 0 (not whole yet), -1 (refused: err says why). */
 int multiloop_proxy_parse(const char *data, size_t len, multiloop_proxy_info_t **out,
                           size_t *hlen, char *err, size_t errlen);
+/* { ip = ..., port = ... } of an IPv4 or IPv6 address (conn:proxy()'s fields). */
+void multiloop_proxy_push_ipport(lua_State *L, const struct sockaddr_storage *ss);
 /* conn:peer() as the header reported it: ip, port. */
 int multiloop_proxy_push_peer(lua_State *L, const multiloop_proxy_info_t *info);
 /* conn:proxy(): the table, with `via` (a table at that index) as is. */

@@ -35,7 +35,6 @@
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
-#include <arpa/inet.h>
 
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -1261,11 +1260,6 @@ static void push_session(lua_State *L, session_box_t *b) {
 
 /* --- conn:sslhandshake ----------------------------------------------------- */
 
-static int is_ip(const char *name) {
-  unsigned char a[16];
-  return inet_pton(AF_INET, name, a) == 1 || inet_pton(AF_INET6, name, a) == 1;
-}
-
 static void hs_cancel(multiloop_thread_t *t, void *data) {
   hs_wait_t *wt = data;
   (void)t;
@@ -1384,7 +1378,8 @@ int multiloop_tls_sslhandshake(lua_State *L) {
     return luaL_error(L, "not enough memory");
   }
   if (c->outbound) {
-    if (name && !is_ip(name)) SSL_set_tlsext_host_name(tc->ssl, name);   /* no SNI for an address */
+    struct sockaddr_storage numeric;      /* no SNI for an address (RFC 6066) */
+    if (name && !multiloop_numeric_addr(name, 0, &numeric)) SSL_set_tlsext_host_name(tc->ssl, name);
     if (verify) {
       SSL_set_verify(tc->ssl, SSL_VERIFY_PEER, NULL);
       if (name) SSL_set1_host(tc->ssl, name);
