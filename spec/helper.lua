@@ -221,6 +221,32 @@ function M.server(opts)
   return s, port
 end
 
+-- A started server (helper.server) stopped when the test ends (with
+-- `checked`: by stop_checked, which also finds light threads left behind);
+-- server, port.
+function M.served(opts, checked)
+  local s, port = M.server(opts)
+  M.defer(function()
+    if checked then M.stop_checked(s) else s:stop() end
+  end)
+  return s, port
+end
+
+-- A client connected to port, closed when the test ends.
+function M.client(port, host)
+  local c = M.connect(port, host)
+  M.defer(function() c:close() end)
+  return c
+end
+
+-- A PROXY protocol v2 header (HAProxy's doc/proxy-protocol.txt): command
+-- (0 LOCAL, 1 PROXY), the family/protocol byte, and the body after the
+-- length (addresses, TLVs) as raw bytes.
+M.PROXY_V2_SIG = "\r\n\r\n\0\r\nQUIT\n"
+function M.proxy_v2(cmd, fam, body)
+  return M.PROXY_V2_SIG .. string.char(0x20 | cmd, fam) .. string.pack(">I2", #body) .. body
+end
+
 -- A fresh Unix socket path for this process (removed now and when the test
 -- ends), and a client connected to one.
 local nsock = 0

@@ -5,14 +5,11 @@ local helper = require("spec.helper")
 local socket = require("socket")
 local multiloop = require("multiloop")
 
-local V2_SIG = "\r\n\r\n\0\r\nQUIT\n"
 
 local function server(opts)
   opts.workers = opts.workers or 1
   opts.handler = opts.handler or "spec.fixtures.proxy_info"
-  local s, port = helper.server(opts)
-  helper.defer(function() helper.stop_checked(s) end)
-  return s, port
+  return helper.served(opts, true)
 end
 
 -- Sends each of `parts` as its own write (a pause between, so that each is
@@ -29,9 +26,7 @@ local function ask(port, parts)
   return line or err
 end
 
-local function v2(cmd, fam, body)
-  return V2_SIG .. string.char(0x20 | cmd, fam) .. string.pack(">I2", #body) .. body
-end
+local v2 = helper.proxy_v2
 
 local V1 = "PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
 local V2 = v2(1, 0x11, "\10\1\2\3" .. "\10\9\9\9" .. string.pack(">I2I2", 4000, 8443)

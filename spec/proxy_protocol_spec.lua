@@ -9,14 +9,12 @@ local helper = require("spec.helper")
 local socket = require("socket")
 local multiloop = require("multiloop")
 
-local V2_SIG = "\r\n\r\n\0\r\nQUIT\n"
+local V2_SIG = helper.PROXY_V2_SIG
 
 local function server(opts)
   opts.workers = opts.workers or 1
   opts.handler = opts.handler or "spec.fixtures.proxy_info"
-  local s, port = helper.server(opts)
-  helper.defer(function() helper.stop_checked(s) end)
-  return s, port
+  return helper.served(opts, true)
 end
 
 -- Sends `bytes` (with `split`: one byte a write up to its last line, which
@@ -40,9 +38,7 @@ local function ask(port, bytes, split)
   return line or err
 end
 
-local function v2(cmd, fam, body)
-  return V2_SIG .. string.char(0x20 | cmd, fam) .. string.pack(">I2", #body) .. body
-end
+local v2 = helper.proxy_v2
 
 local function ipv4(a, b, c, d) return string.char(a, b, c, d) end
 

@@ -384,11 +384,7 @@ describe("examples/kv_redis.lua: two instances sharing one redis-server", functi
     return port
   end
 
-  local function client(port)
-    local c = helper.connect(port)
-    helper.defer(function() c:close() end)
-    return c
-  end
+  local client = helper.client
 
   -- Whether to run: the packages. Each test gets a key prefix of its own.
   local function skip()

@@ -29,17 +29,11 @@ local function say(c, data)
   return got
 end
 
-local function client(port)
-  local c = helper.connect(port)
-  helper.defer(function() c:close() end)
-  return c
-end
+local client = helper.client
 
 local function server(opts)
   opts.workers = opts.workers or 2
-  local s, port = helper.server(opts)
-  helper.defer(function() s:stop() end)
-  return s, port
+  return helper.served(opts)
 end
 
 local function rss_kb()
