@@ -5,7 +5,6 @@ local helper = require("spec.helper")
 local socket = require("socket")
 local multiloop = require("multiloop")
 
-
 local function server(opts)
   opts.workers = opts.workers or 1
   opts.handler = opts.handler or "spec.fixtures.proxy_info"
